@@ -1,0 +1,153 @@
+"""The `quill` command. Each subcommand is a thin shell over the library; errors are one line and exit 2.
+
+Subsystems with commands of their own (training, serving, export, benchmarks) expose `register(subparsers)`
+and are listed in COMMAND_MODULES, so each keeps its flags beside its code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import sys
+from collections.abc import Sequence
+
+COMMAND_MODULES: tuple[str, ...] = ()
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """MODEL plus how to load it: shared by every command that loads a model."""
+    p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The sampling controls of `SamplingParams` as flags."""
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0, help="0 means greedy")
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--typical-p", type=float, default=1.0)
+    p.add_argument("--repetition-penalty", type=float, default=1.0)
+    p.add_argument("--presence-penalty", type=float, default=0.0)
+    p.add_argument("--frequency-penalty", type=float, default=0.0)
+    p.add_argument("--no-repeat-ngram-size", type=int, default=0)
+    p.add_argument("--min-tokens", type=int, default=0)
+    p.add_argument("--ignore-eos", action="store_true")
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+
+
+def sampling_kwargs(args: argparse.Namespace) -> dict:
+    names = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+             "frequency_penalty", "no_repeat_ngram_size", "min_tokens", "ignore_eos", "seed")
+    return {n: getattr(args, n) for n in names}
+
+
+def load_engine(args: argparse.Namespace):
+    import quill
+
+    return quill.load(args.model, dtype=args.dtype, device=args.device)
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    engine = load_engine(args)
+    kw = sampling_kwargs(args)
+    if args.stream:
+        for piece in engine.stream(args.prompt, args.max_tokens, stop=args.stop, **kw):
+            print(piece, end="", flush=True)
+        print()
+        return
+    out = engine.generate(args.prompt, args.max_tokens, stop=args.stop, **kw)
+    print(out.text)
+    u = out.usage
+    print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, {u.flops:.3e} FLOPs, "
+          f"{u.seconds:.2f} s, {u.completion_tokens / max(u.seconds, 1e-9):.1f} tok/s, "
+          f"finish: {out.finish_reason}]", file=sys.stderr)
+
+
+def cmd_tokenize(args: argparse.Namespace) -> None:
+    from quill.engine import resolve
+    from quill.tokenizer import Tokenizer
+
+    tok = Tokenizer.gpt2() if args.model == "gpt2" else Tokenizer.load(resolve(args.model))
+    ids = tok.encode(args.text)
+    print(json.dumps({"ids": ids, "pieces": [tok.id_to_piece(i) for i in ids]}, ensure_ascii=False))
+
+
+def cmd_info(args: argparse.Namespace) -> None:
+    from quill.engine import resolve
+    from quill.weights import load_config
+
+    path = resolve(args.model)
+    cfg = load_config(path)
+    n = cfg.num_params()
+    info = {"path": str(path), "config": cfg.to_hf(), "parameters": n,
+            "bytes": {"float32": 4 * n, "bfloat16": 2 * n, "int8": n}}
+    print(json.dumps(info, indent=2))
+
+
+def cmd_eval(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from tqdm import tqdm
+
+    engine = load_engine(args)
+    text = Path(args.text).read_text()
+    ids = engine.tokenizer.encode(text)
+    with tqdm(total=max(len(ids) - 1, 0), unit="tok", desc="scoring") as bar:
+        score = engine.score(ids, stride=args.stride, progress=bar.update)
+    print(json.dumps({"tokens": len(score.tokens), "scored": len(score.logprobs), "mean_nll": score.mean_nll,
+                      "perplexity": score.perplexity}))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="quill", description="Fast GPT-2-family inference, serving and training.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="generate text from a prompt")
+    add_model_args(p)
+    p.add_argument("prompt")
+    add_sampling_args(p)
+    p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
+    p.add_argument("model", help="model folder or name, or 'gpt2' for the built-in GPT-2 tokenizer")
+    p.add_argument("text")
+    p.set_defaults(func=cmd_tokenize)
+
+    p = sub.add_parser("info", help="config, parameter count and size of a model")
+    p.add_argument("model")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("eval", help="perplexity of a text with a sliding window")
+    add_model_args(p)
+    p.add_argument("--text", required=True, help="text file to score")
+    p.add_argument("--stride", type=int, default=None, help="window step in tokens (default: the context)")
+    p.set_defaults(func=cmd_eval)
+
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: run one subcommand, turning Quill's typed errors into a one-line message and exit 2."""
+    from quill.errors import QuillError
+
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except (QuillError, FileNotFoundError, IsADirectoryError) as e:
+        print(f"quill: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

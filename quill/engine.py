@@ -1,0 +1,205 @@
+"""`quill.load`: a model, its tokenizer and the calls users make on them (generate, stream, score)."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import torch
+
+from quill.errors import InvalidParameter, QuillError
+from quill.generate import GenerationRequest, StepEvent, TokenLogprob, Usage, run
+from quill.model import GPT, GPTConfig
+from quill.sampling import SamplingParams
+from quill.tokenizer import Tokenizer
+from quill.weights import load_model
+
+BUNDLED_DIR = Path(__file__).parent / "models"
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+_SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
+
+
+class ModelNotFound(QuillError):
+    """A model name that is neither a checkpoint folder nor a bundled or stored model."""
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """'float32' / 'bf16' / torch.float16 ... as a torch dtype; anything else is an error naming `dtype`."""
+    if isinstance(dtype, torch.dtype) and dtype in DTYPES.values():
+        return dtype
+    if isinstance(dtype, str) and dtype.lower() in DTYPES:
+        return DTYPES[dtype.lower()]
+    raise InvalidParameter(f"dtype must be one of float32, bfloat16, float16, got {dtype!r}", "dtype")
+
+
+def bundled_models() -> list[str]:
+    """Names of the models shipped inside the package."""
+    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").exists()) if BUNDLED_DIR.is_dir() else []
+
+
+def resolve(path_or_name: str | os.PathLike) -> Path:
+    """A checkpoint folder for a path or a bundled model's name."""
+    path = Path(path_or_name).expanduser()
+    if path.is_dir():
+        return path
+    if isinstance(path_or_name, str) and path_or_name in bundled_models():
+        return BUNDLED_DIR / path_or_name
+    known = ", ".join(bundled_models()) or "none"
+    raise ModelNotFound(f"no model folder or bundled model named {str(path_or_name)!r} (bundled: {known})")
+
+
+@dataclass
+class Choice:
+    """One generated continuation."""
+
+    index: int
+    text: str
+    tokens: list[int]
+    finish_reason: str
+    logprobs: list[TokenLogprob] | None = None
+    prompt_logprobs: list[TokenLogprob] | None = None
+
+
+@dataclass
+class Completion:
+    """The result of `Engine.generate`: the choices and what they cost; `.text` etc. are choice 0's."""
+
+    choices: list[Choice]
+    usage: Usage
+    prompt_tokens: list[int]
+
+    @property
+    def text(self) -> str:
+        return self.choices[0].text
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.choices[0].tokens
+
+    @property
+    def finish_reason(self) -> str:
+        return self.choices[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[TokenLogprob] | None:
+        return self.choices[0].logprobs
+
+
+@dataclass
+class Score:
+    """Per-token log-probabilities of a text (the first token has none) and its perplexity."""
+
+    tokens: list[int]
+    logprobs: list[float]  # logprobs[i] is log p(tokens[i+1] | tokens[:i+1])
+    mean_nll: float
+    perplexity: float
+
+
+class Engine:
+    """A loaded model with its tokenizer: what `quill.load` returns."""
+
+    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", path: Path | None = None):
+        self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
+
+    @property
+    def config(self) -> GPTConfig:
+        return self.model.config
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt, or the ids themselves when given ids."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt)
+        if isinstance(prompt, (list, tuple)) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
+            return list(prompt)
+        raise InvalidParameter("prompt must be a string or a list of token ids", "prompt")
+
+    def request(self, prompt: str | list[int], max_tokens: int | None = 16, *, stop: str | list[str] | None = None,
+                stop_token_ids: list[int] | None = None, include_stop: bool = False, logprobs: int | None = None,
+                echo: bool = False, **sampling) -> GenerationRequest:
+        """Build and validate a generation request; sampling keywords are `SamplingParams` fields."""
+        unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
+        if unknown:
+            raise InvalidParameter(f"unknown generation parameter {unknown[0]!r}", unknown[0])
+        req = GenerationRequest(
+            prompt_ids=self.encode(prompt), max_tokens=max_tokens, sampling=SamplingParams(**sampling),
+            stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids or []),
+            include_stop=include_stop, logprobs=logprobs, echo=echo)
+        req.validate(self.model)
+        return req
+
+    def events(self, prompt: str | list[int], max_tokens: int | None = 16, n: int = 1, **kw) -> Iterator[StepEvent]:
+        """Every token of `n` samples as it is generated (the lowest-level streaming call)."""
+        return run(self.model, self.tokenizer, self.request(prompt, max_tokens, **kw), n)
+
+    def generate(self, prompt: str | list[int], max_tokens: int | None = 16, n: int = 1, **kw) -> Completion:
+        """Generate `n` continuations of a prompt (text or token ids) and report their cost."""
+        t0 = time.perf_counter()
+        seqs = {}
+        for ev in self.events(prompt, max_tokens, n, **kw):
+            seqs[ev.seq.index] = ev.seq
+        usage = Usage(prompt_tokens=len(seqs[0].request.prompt_ids))
+        choices = []
+        for i, seq in sorted(seqs.items()):
+            usage.completion_tokens += seq.usage.completion_tokens
+            usage.flops += seq.usage.flops
+            choices.append(Choice(i, "".join(seq.text), seq.generated, seq.finish_reason,
+                                  seq.logprobs if seq.request.logprobs is not None else None,
+                                  seq.prompt_logprobs or None))
+        usage.seconds = time.perf_counter() - t0
+        return Completion(choices, usage, seqs[0].request.prompt_ids)
+
+    def stream(self, prompt: str | list[int], max_tokens: int | None = 16, **kw) -> Iterator[str]:
+        """Text pieces of one continuation as they are generated; their concatenation is `generate(...).text`."""
+        for ev in self.events(prompt, max_tokens, 1, **kw):
+            if ev.text:
+                yield ev.text
+
+    @torch.inference_mode()
+    def score(self, text: str | list[int], stride: int | None = None,
+              progress: Callable[[int], None] | None = None) -> Score:
+        """Log-probability of every token given all before it, with a sliding window of the model's context.
+
+        Each window of n_positions tokens advances by `stride` (default: the whole window); only tokens not
+        scored by an earlier window are scored, each seeing at least n_positions - stride tokens of context.
+        """
+        ids = self.encode(text)
+        window = self.config.n_positions
+        stride = stride or window
+        if not 0 < stride <= window:
+            raise InvalidParameter(f"stride must be in [1, {window}]", "stride")
+        if len(ids) < 2:
+            raise InvalidParameter("text must have at least two tokens to score", "text")
+        logprobs: list[float] = []
+        done = 1  # tokens[0] has no prediction
+        begin = 0
+        while done < len(ids):
+            end = min(begin + window, len(ids))
+            chunk = torch.tensor([ids[begin:end]], device=self.model.device)
+            logits = self.model(chunk)[0].float().log_softmax(-1)  # [T, V]
+            targets = chunk[0, done - begin:]
+            picked = logits[done - begin - 1: end - begin - 1].gather(-1, targets[:, None])[:, 0]
+            logprobs.extend(picked.tolist())
+            if progress is not None:
+                progress(end - done)
+            done = end
+            begin += stride
+        nll = -sum(logprobs) / len(logprobs)
+        return Score(ids, logprobs, nll, math.exp(nll))
+
+
+def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
+         quantize: str | None = None) -> Engine:
+    """Load a Hugging Face GPT-2 checkpoint folder (or a bundled model by name) ready to generate."""
+    path = resolve(path_or_name)
+    if device == "cuda" and not torch.cuda.is_available():
+        raise InvalidParameter("device 'cuda' was asked for but CUDA is not available", "device")
+    model = load_model(path, parse_dtype(dtype), device)
+    if quantize is not None:
+        raise InvalidParameter(f"unknown quantize mode {quantize!r}", "quantize")
+    name = path.name if isinstance(path_or_name, os.PathLike) or os.sep in str(path_or_name) else str(path_or_name)
+    return Engine(model, Tokenizer.load(path), name=name, path=path)

@@ -1,0 +1,39 @@
+"""Typed exceptions: every bad input surfaces as one of these, naming what was wrong."""
+
+from __future__ import annotations
+
+
+class QuillError(Exception):
+    """Base of every error Quill raises on purpose."""
+
+
+class ConfigError(QuillError, ValueError):
+    """A model configuration that Quill cannot run; `field` names the offending key."""
+
+    def __init__(self, message: str, field: str | None = None):
+        super().__init__(message)
+        self.field = field
+
+
+class CheckpointError(QuillError):
+    """A checkpoint file that is missing, truncated, corrupt or does not match its config."""
+
+    def __init__(self, message: str, file: str | None = None):
+        super().__init__(message)
+        self.file = file
+
+
+class TokenizerError(QuillError):
+    """A tokenizer that cannot be loaded or built."""
+
+
+class InvalidParameter(QuillError, ValueError):
+    """A request parameter outside its allowed range; `param` names it (as the HTTP API does)."""
+
+    def __init__(self, message: str, param: str | None = None):
+        super().__init__(message)
+        self.param = param
+
+
+class ContextLengthError(InvalidParameter):
+    """A prompt (plus requested tokens) that does not fit in the model's context window."""

@@ -1,0 +1,314 @@
+"""Token generation: requests, per-sequence state, and a batch that decodes many sequences in one forward.
+
+`DecodeBatch` is the one decode loop in Quill. A single library call is a batch of one; `n` samples share
+one prefill by copying its KV cache row; the server's scheduler adds and removes sequences between steps
+(continuous batching). Each row of the batch sits at its own position (ragged), so nothing is padded.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from quill.cost import forward_flops
+from quill.errors import ContextLengthError, InvalidParameter
+from quill.model import GPT, KVCache
+from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
+from quill.stopping import StopStrings
+from quill.tokenizer import Tokenizer
+
+MAX_LOGPROBS = 20  # top alternatives per token, as the OpenAI API allows
+
+
+@dataclass
+class GenerationRequest:
+    """Everything that decides which tokens a generation produces, validated before any work is done."""
+
+    prompt_ids: list[int]
+    max_tokens: int | None = 16  # None: up to the end of the context
+    sampling: SamplingParams = field(default_factory=SamplingParams)
+    stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)
+    include_stop: bool = False
+    logprobs: int | None = None  # None: off; N: chosen-token logprob plus the top N alternatives
+    echo: bool = False  # also score the prompt tokens
+
+    def validate(self, model: GPT) -> None:
+        """Raise InvalidParameter (naming the parameter) for anything the model cannot honour."""
+        cfg = model.config
+        if not self.prompt_ids:
+            raise InvalidParameter("prompt must contain at least one token", "prompt")
+        if any(not 0 <= t < cfg.vocab_size for t in self.prompt_ids):
+            raise InvalidParameter(f"prompt token ids must lie in [0, {cfg.vocab_size})", "prompt")
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 0):
+            raise InvalidParameter(f"max_tokens must be a non-negative integer, got {self.max_tokens!r}",
+                                   "max_tokens")
+        wanted = len(self.prompt_ids) + (self.max_tokens or 0)
+        if len(self.prompt_ids) > cfg.n_positions or wanted > cfg.n_positions:
+            raise ContextLengthError(
+                f"this model's context is {cfg.n_positions} tokens, but the prompt has {len(self.prompt_ids)} "
+                f"tokens and max_tokens asks for {self.max_tokens or 0} more ({wanted} in all)",
+                "max_tokens" if len(self.prompt_ids) <= cfg.n_positions else "prompt")
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
+            raise InvalidParameter(f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        if any(not 0 <= t < cfg.vocab_size for t in self.stop_token_ids):
+            raise InvalidParameter(f"stop_token_ids must lie in [0, {cfg.vocab_size})", "stop_token_ids")
+        self.sampling.validate(cfg.vocab_size)
+        StopStrings(self.stop, self.include_stop)  # validates the stop list
+
+    @property
+    def limit(self) -> int:
+        return self.max_tokens if self.max_tokens is not None else 1 << 62
+
+
+@dataclass
+class TokenLogprob:
+    """A token with its log-probability under the model and the top alternatives at its position."""
+
+    token: int
+    logprob: float | None
+    top: list[tuple[int, float]] = field(default_factory=list)
+
+
+@dataclass
+class Usage:
+    """What a call cost: tokens in and out, floating-point operations and wall-clock seconds."""
+
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    flops: int = 0
+    seconds: float = 0.0
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+    def add(self, other: Usage) -> None:
+        self.prompt_tokens += other.prompt_tokens
+        self.completion_tokens += other.completion_tokens
+        self.flops += other.flops
+        self.seconds += other.seconds
+
+
+@dataclass
+class StepEvent:
+    """One generated token of one sequence: the text it released (after stop-string hold-back)."""
+
+    seq: Sequence
+    token: int
+    text: str
+    logprob: TokenLogprob | None
+    finished: bool
+
+
+class Sequence:
+    """The running state of one generated sequence: its tokens, sampler, detokeniser and stop matcher."""
+
+    def __init__(self, request: GenerationRequest, tokenizer: Tokenizer, context: int, eos_ids: list[int],
+                 generator: torch.Generator | None, index: int = 0):
+        self.request, self.index = request, index
+        self.prompt_len = len(request.prompt_ids)
+        self.tokens: list[int] = list(request.prompt_ids)
+        self.max_len = min(self.prompt_len + request.limit, context)  # the context this row may fill
+        self._history = torch.zeros(1, self.max_len, dtype=torch.long)  # [1, max_len], for the penalties
+        self._history[0, : self.prompt_len] = torch.tensor(request.prompt_ids)
+        self.generator = generator
+        self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids)
+        self.greedy = request.sampling.greedy and self.pipeline.is_identity
+        self.stop_ids = set(request.stop_token_ids) | (set() if request.sampling.ignore_eos else set(eos_ids))
+        self.decoder = tokenizer.stream_decoder()
+        self.matcher = StopStrings(request.stop, request.include_stop).matcher() if request.stop else None
+        self.text: list[str] = []
+        self.logprobs: list[TokenLogprob] = []
+        self.prompt_logprobs: list[TokenLogprob] = []
+        self.finish_reason: str | None = None
+        self.usage = Usage(prompt_tokens=self.prompt_len)
+
+    @property
+    def generated(self) -> list[int]:
+        return self.tokens[self.prompt_len:]
+
+    @property
+    def history(self) -> Tensor:
+        """Prompt and generated ids so far, [1, t]: what repetition penalties look at."""
+        return self._history[:, : len(self.tokens)]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    def choose(self, logits: Tensor) -> Tensor:
+        """Process one row of logits [1, V] with this sequence's pipeline; returns the token id tensor [1]."""
+        if self.greedy:
+            return logits.argmax(-1)
+        processed = self.pipeline(logits, self.history, self.prompt_len)
+        return sample(processed, self.request.sampling.greedy, self.generator)
+
+    def accept(self, token: int, logprob: TokenLogprob | None) -> str:
+        """Append a token, update the stop conditions, and return the text it makes safe to emit."""
+        self.tokens.append(token)
+        self._history[0, len(self.tokens) - 1] = token
+        self.usage.completion_tokens += 1
+        if logprob is not None:
+            self.logprobs.append(logprob)
+        if token in self.stop_ids:  # EOS or a stop token: its own text is not part of the output
+            self.finish_reason = "stop"
+            released = self._drain()
+        else:
+            released = self.decoder.push(token)
+            if self.matcher is not None:
+                released, hit = self.matcher.push(released)
+                if hit:
+                    self.finish_reason = "stop"
+            if self.finish_reason is None and (len(self.generated) >= self.request.limit
+                                               or len(self.tokens) >= self.max_len):
+                self.finish_reason = "length"
+                released += self._drain()
+        self.text.append(released)
+        return released
+
+    def _drain(self) -> str:
+        """Text still held by the detokeniser and the stop matcher when the sequence ends without a stop string."""
+        tail = self.decoder.flush()
+        if self.matcher is None:
+            return tail
+        released, hit = self.matcher.push(tail)
+        return released + ("" if hit else self.matcher.flush())
+
+
+class DecodeBatch:
+    """Up to `capacity` sequences decoded together against one KV cache; active rows are 0..n-1."""
+
+    def __init__(self, model: GPT, capacity: int, max_len: int | None = None):
+        self.model = model
+        self.cache: KVCache = model.new_cache(capacity, max_len)
+        self.rows: list[Sequence] = []
+
+    @property
+    def capacity(self) -> int:
+        return self.cache.batch
+
+    @property
+    def free(self) -> int:
+        return self.capacity - len(self.rows)
+
+    def _emit(self, seq: Sequence, logits: Tensor) -> StepEvent:
+        """Choose, record and report the next token of `seq` from its logits [1, V]."""
+        token_t = seq.choose(logits)
+        token = int(token_t)
+        lp = None
+        if seq.request.logprobs is not None:
+            chosen, top = top_logprobs(logits, token_t, seq.request.logprobs)
+            lp = TokenLogprob(token, float(chosen[0]), [(int(i), float(v)) for i, v in zip(*top)][: seq.request.logprobs])
+        text = seq.accept(token, lp)
+        return StepEvent(seq, token, text, lp, seq.finished)
+
+    @torch.inference_mode()
+    def add(self, seqs: list[Sequence]) -> list[StepEvent]:
+        """Prefill the shared prompt of `seqs` once (they are samples of one request) and emit each one's first token."""
+        if len(seqs) > self.free:
+            raise RuntimeError(f"batch has {self.free} free rows, {len(seqs)} requested")
+        prompt = seqs[0].request.prompt_ids
+        row = len(self.rows)
+        t0 = time.perf_counter()
+        idx = torch.tensor([prompt], device=self.model.device)
+        want_all = seqs[0].request.echo
+        logits = self.model(idx, 0, self.cache.rows(slice(row, row + 1)), last_only=not want_all)[0].float()
+        if len(seqs) > 1:
+            self.cache.copy_rows(slice(row + 1, row + len(seqs)), slice(row, row + 1))
+        if want_all:
+            seqs[0].prompt_logprobs = prompt_logprobs(logits, prompt, seqs[0].request.logprobs or 0)
+            for s in seqs[1:]:
+                s.prompt_logprobs = seqs[0].prompt_logprobs
+        flops = forward_flops(self.model.config, len(prompt), 0, len(prompt) if want_all else 1)
+        seconds = time.perf_counter() - t0
+        events = []
+        for i, seq in enumerate(seqs):
+            seq.usage.flops += flops if i == 0 else 0
+            seq.usage.seconds += seconds / len(seqs)
+            self.rows.append(seq)
+            if seq.request.max_tokens == 0:
+                seq.finish_reason = "length"
+                events.append(StepEvent(seq, -1, "", None, True))
+            else:
+                events.append(self._emit(seq, logits[-1:]))
+        self._compact()
+        return events
+
+    @torch.inference_mode()
+    def step(self) -> list[StepEvent]:
+        """One decode step for every active row: feed each row's last token, emit each row's next token."""
+        n = len(self.rows)
+        if n == 0:
+            return []
+        t0 = time.perf_counter()
+        device = self.model.device
+        last = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)  # [n, 1]
+        lengths = [len(s.tokens) - 1 for s in self.rows]  # position of each row's last token
+        start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
+        logits = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1].float()  # [n, V]
+        seconds = (time.perf_counter() - t0) / n
+        events = []
+        for i, seq in enumerate(self.rows):
+            seq.usage.flops += forward_flops(self.model.config, 1, lengths[i], 1)
+            seq.usage.seconds += seconds
+            events.append(self._emit(seq, logits[i:i + 1]))
+        self._compact()
+        return events
+
+    def remove(self, seq: Sequence) -> None:
+        """Drop a sequence (finished or cancelled) and free its row."""
+        if seq.finish_reason is None:
+            seq.finish_reason = "cancelled"
+        self._compact()
+
+    def _compact(self) -> None:
+        """Keep active rows contiguous: move the last active row into each finished row's place."""
+        i = 0
+        while i < len(self.rows):
+            if self.rows[i].finished:
+                last = len(self.rows) - 1
+                if i != last:
+                    self.cache.copy_rows(slice(i, i + 1), slice(last, last + 1))
+                    self.rows[i] = self.rows[last]
+                self.rows.pop()
+            else:
+                i += 1
+
+
+def prompt_logprobs(logits: Tensor, prompt: list[int], top_n: int) -> list[TokenLogprob]:
+    """Log-probability of every prompt token given the ones before it (the first has none), from logits [T, V]."""
+    out = [TokenLogprob(prompt[0], None)]
+    if len(prompt) > 1:
+        targets = torch.tensor(prompt[1:], device=logits.device)
+        chosen, (top_ids, top_vals) = top_logprobs(logits[:-1], targets, top_n)
+        for j, tok in enumerate(prompt[1:]):
+            top = list(zip(top_ids[j].tolist(), top_vals[j].tolist())) if top_n else []
+            out.append(TokenLogprob(tok, float(chosen[j]), top))
+    return out
+
+
+def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1) -> Iterator[StepEvent]:
+    """Generate `n` samples of one request, yielding each token as it is chosen."""
+    request.validate(model)
+    if not isinstance(n, int) or n < 1:
+        raise InvalidParameter(f"n must be a positive integer, got {n!r}", "n")
+    seqs = [Sequence(request, tokenizer, model.config.n_positions, model.config.eos_token_ids,
+                     make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
+    batch = DecodeBatch(model, n, len(request.prompt_ids) + request.limit)
+    yield from batch.add(seqs)
+    while batch.rows:
+        yield from batch.step()
+
+
+def make_generator(seed: int | None, index: int, model: GPT) -> torch.Generator | None:
+    """The random stream of sample `index` of a request: sample 0 of seed s is the same as a lone request with s."""
+    if seed is None:
+        return None
+    g = torch.Generator(device=model.device)
+    g.manual_seed((seed + index * 0x9E3779B97F4A7C15) % (1 << 63))
+    return g

@@ -1,0 +1,333 @@
+"""GPT-2 in one sitting: the config, the blocks and a preallocated KV cache.
+
+Module names mirror Hugging Face's `GPT2LMHeadModel` (transformer.wte, transformer.h.0.attn.c_attn, ...) so
+that the checkpoint mapping in `weights.py` is a rename-free, shape-checked copy. Linear layers are plain
+`nn.Linear` ([out, in] weights; HF's Conv1D stores [in, out]), which lets `quantize.py` swap them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from quill.errors import ConfigError
+
+ACTIVATIONS = {
+    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu": F.gelu,
+    "relu": F.relu,
+}
+
+# config.json keys that carry no meaning for inference (bookkeeping, task heads, dropout, tokenizer ids).
+_IGNORED_HF_KEYS = {
+    "architectures", "model_type", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "initializer_range", "use_cache", "n_ctx", "task_specific_params", "summary_type", "summary_use_proj",
+    "summary_activation", "summary_proj_to_labels", "summary_first_dropout", "pad_token_id", "id2label",
+    "label2id", "output_past", "gradient_checkpointing", "return_dict", "output_hidden_states",
+    "output_attentions", "torchscript", "tie_encoder_decoder", "is_decoder", "is_encoder_decoder",
+    "chunk_size_feed_forward", "problem_type", "prefix", "finetuning_task", "tokenizer_class",
+    "decoder_start_token_id", "sep_token_id", "cross_attention_hidden_size", "pruned_heads",
+    "bad_words_ids", "add_cross_attention", "do_sample", "max_length", "min_length", "num_beams",
+    "temperature", "top_k", "top_p", "repetition_penalty", "length_penalty", "no_repeat_ngram_size",
+    "early_stopping", "num_return_sequences", "quill", "quantization_config",
+}
+_REQUIRED_HF_KEYS = ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head")
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    """Shape and numerics of a GPT-2 model; field names are those of transformers' `GPT2Config`."""
+
+    vocab_size: int = 50257
+    n_positions: int = 1024
+    n_embd: int = 768
+    n_layer: int = 12
+    n_head: int = 12
+    n_inner: int | None = None
+    activation_function: str = "gelu_new"
+    layer_norm_epsilon: float = 1e-5
+    tie_word_embeddings: bool = True
+    scale_attn_weights: bool = True
+    scale_attn_by_inverse_layer_idx: bool = False
+    reorder_and_upcast_attn: bool = False
+    resid_pdrop: float = 0.0
+    embd_pdrop: float = 0.0
+    attn_pdrop: float = 0.0
+    bos_token_id: int | None = 50256
+    eos_token_id: int | list[int] | None = 50256
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ConfigError(f"config field {name!r} must be a positive integer, got {value!r}", name)
+        if self.n_embd % self.n_head:
+            raise ConfigError(f"n_embd ({self.n_embd}) must be divisible by n_head ({self.n_head})", "n_embd")
+        if self.activation_function not in ACTIVATIONS:
+            raise ConfigError(
+                f"unsupported activation_function {self.activation_function!r} "
+                f"(supported: {', '.join(sorted(ACTIVATIONS))})",
+                "activation_function",
+            )
+        if self.n_inner is not None and (not isinstance(self.n_inner, int) or self.n_inner <= 0):
+            raise ConfigError(f"config field 'n_inner' must be a positive integer or null, got {self.n_inner!r}",
+                              "n_inner")
+        if not self.layer_norm_epsilon > 0:
+            raise ConfigError("config field 'layer_norm_epsilon' must be positive", "layer_norm_epsilon")
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def inner_dim(self) -> int:
+        return self.n_inner or 4 * self.n_embd
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        eos = self.eos_token_id
+        return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+
+    @classmethod
+    def from_hf(cls, cfg: dict[str, Any]) -> GPTConfig:
+        """Validate a transformers `config.json` dict: unknown or unsupported keys are errors naming the key."""
+        if cfg.get("model_type", "gpt2") != "gpt2":
+            raise ConfigError(f"model_type {cfg.get('model_type')!r} is not supported (only 'gpt2')", "model_type")
+        if cfg.get("add_cross_attention"):
+            raise ConfigError("add_cross_attention=true is not supported", "add_cross_attention")
+        for key in _REQUIRED_HF_KEYS:
+            if key not in cfg and not (key == "n_positions" and "n_ctx" in cfg):
+                raise ConfigError(f"config.json is missing required key {key!r}", key)
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(k for k in cfg if k not in fields and k not in _IGNORED_HF_KEYS)
+        if unknown:
+            raise ConfigError(f"unsupported config key {unknown[0]!r}", unknown[0])
+        kwargs = {k: v for k, v in cfg.items() if k in fields}
+        kwargs.setdefault("n_positions", cfg.get("n_ctx"))
+        return cls(**kwargs)
+
+    def to_hf(self) -> dict[str, Any]:
+        """The transformers `config.json` for this model."""
+        d = dataclasses.asdict(self)
+        d.update(model_type="gpt2", architectures=["GPT2LMHeadModel"], n_ctx=self.n_positions)
+        return d
+
+    def num_params(self) -> int:
+        """Parameter count, counting a tied embedding/lm_head once."""
+        c, v, p, i, n = self.n_embd, self.vocab_size, self.n_positions, self.inner_dim, self.n_layer
+        per_block = 2 * 2 * c + (c * 3 * c + 3 * c) + (c * c + c) + (c * i + i) + (i * c + c)
+        head = 0 if self.tie_word_embeddings else v * c
+        return v * c + p * c + n * per_block + 2 * c + head
+
+
+class KVCache:
+    """Preallocated keys and values, [n_layer, batch, n_head, max_len, head_dim], written in place.
+
+    Each batch row holds one sequence starting at cache index 0; rows may be at different lengths
+    (ragged decoding), which the attention mask accounts for.
+    """
+
+    def __init__(self, config: GPTConfig, batch: int, max_len: int, dtype: torch.dtype,
+                 device: torch.device | str = "cpu"):
+        shape = (config.n_layer, batch, config.n_head, max_len, config.head_dim)
+        self.k = torch.zeros(shape, dtype=dtype, device=device)
+        self.v = torch.zeros(shape, dtype=dtype, device=device)
+
+    @classmethod
+    def _wrap(cls, k: Tensor, v: Tensor) -> KVCache:
+        cache = cls.__new__(cls)
+        cache.k, cache.v = k, v
+        return cache
+
+    @property
+    def batch(self) -> int:
+        return self.k.shape[1]
+
+    @property
+    def max_len(self) -> int:
+        return self.k.shape[3]
+
+    def rows(self, index: slice | Tensor) -> KVCache:
+        """A view (slice) or a copy (index tensor) of some batch rows."""
+        return KVCache._wrap(self.k[:, index], self.v[:, index])
+
+    def copy_rows(self, dst: Tensor | slice, src: Tensor | slice) -> None:
+        """Overwrite rows `dst` with rows `src` (beam reordering, compaction of finished rows)."""
+        self.k[:, dst] = self.k[:, src]
+        self.v[:, dst] = self.v[:, src]
+
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
+
+@dataclass
+class Positions:
+    """Where the T new tokens of each row go: `start` is an int (all rows alike) or a LongTensor [B]."""
+
+    start: int | Tensor
+    length: int  # T, tokens per row in this forward
+
+    @property
+    def ragged(self) -> bool:
+        return isinstance(self.start, Tensor)
+
+    def end(self) -> int:
+        """Cache length the attention must read: the furthest row's last position + 1."""
+        if self.ragged:
+            return int(self.start.max()) + self.length
+        return self.start + self.length
+
+    def ids(self, device: torch.device) -> Tensor:
+        """Absolute positions, [T] (uniform) or [B, T] (ragged)."""
+        steps = torch.arange(self.length, device=device)
+        return steps + self.start if not self.ragged else self.start[:, None] + steps
+
+    def mask(self, kv_len: int, device: torch.device) -> Tensor | None:
+        """Boolean attention mask (True = attend) for keys 0..kv_len-1, or None where none is needed."""
+        if not self.ragged and (self.length == 1 or self.start == 0):
+            return None  # one query sees every cached key; a fresh prefill is plain causal attention
+        q = self.ids(device)  # [T] or [B, T]
+        mask = torch.arange(kv_len, device=device) <= q[..., None]  # [T, L] or [B, T, L]
+        return mask if not self.ragged else mask[:, None]  # [B, 1, T, L]
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.n_head, self.head_dim = config.n_head, config.head_dim
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.resid_dropout = nn.Dropout(config.resid_pdrop)
+        self.attn_pdrop = config.attn_pdrop
+        scale = 1 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
+        if config.scale_attn_by_inverse_layer_idx:
+            scale /= layer_idx + 1
+        self.scale = scale
+        self.upcast = config.reorder_and_upcast_attn
+
+    def forward(self, x: Tensor, pos: Positions | None, k_cache: Tensor | None, v_cache: Tensor | None,
+                mask: Tensor | None) -> Tensor:
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x[B,H,T,D]
+        if k_cache is not None:
+            if pos.ragged:  # each row writes at its own position
+                rows = torch.arange(B, device=x.device)[:, None]
+                cols = pos.ids(x.device)  # [B, T]
+                k_cache[rows, :, cols] = k.transpose(1, 2)
+                v_cache[rows, :, cols] = v.transpose(1, 2)
+            else:
+                k_cache[:, :, pos.start:pos.start + T] = k
+                v_cache[:, :, pos.start:pos.start + T] = v
+            kv_len = pos.end()
+            k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, H, L, D] views
+        dtype = q.dtype
+        if self.upcast:
+            q, k, v = q.float(), k.float(), v.float()
+        causal = mask is None and T > 1
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+            dropout_p=self.attn_pdrop if self.training else 0.0,
+        ).to(dtype)  # [B, H, T, D]
+        y = y.transpose(1, 2).reshape(B, T, C)
+        return self.resid_dropout(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
+        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.act = ACTIVATIONS[config.activation_function]
+        self.dropout = nn.Dropout(config.resid_pdrop)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    def __init__(self, config: GPTConfig, layer_idx: int):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.attn = CausalSelfAttention(config, layer_idx)
+        self.ln_2 = nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon)
+        self.mlp = MLP(config)
+
+    def forward(self, x: Tensor, pos: Positions | None, k_cache: Tensor | None, v_cache: Tensor | None,
+                mask: Tensor | None) -> Tensor:
+        x = x + self.attn(self.ln_1(x), pos, k_cache, v_cache, mask)
+        return x + self.mlp(self.ln_2(x))
+
+
+class GPT(nn.Module):
+    """GPT-2 language model. `forward` runs a full sequence, or T new tokens against a KV cache."""
+
+    def __init__(self, config: GPTConfig):
+        super().__init__()
+        self.config = config
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(config.vocab_size, config.n_embd),
+            wpe=nn.Embedding(config.n_positions, config.n_embd),
+            drop=nn.Dropout(config.embd_pdrop),
+            h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
+            ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
+        ))
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.apply(self._init_weights)
+
+    def tie_weights(self) -> None:
+        """Share the token embedding with the output head when the config says so."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.transformer.wte.weight
+
+    def _init_weights(self, module: nn.Module) -> None:
+        # GPT-2's initialisation (normal 0.02, zero biases), as in transformers, for training from scratch.
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    @property
+    def device(self) -> torch.device:
+        return self.transformer.wte.weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.transformer.ln_f.weight.dtype
+
+    def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
+        """A KV cache for `batch` sequences of up to `max_len` (default n_positions) tokens."""
+        max_len = min(max_len or self.config.n_positions, self.config.n_positions)
+        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+
+    def forward(self, idx: Tensor, start: int | Tensor = 0, cache: KVCache | None = None,
+                last_only: bool = False) -> Tensor:
+        """Logits for tokens `idx` [B, T] placed at positions start..start+T-1 (per row if `start` is [B]).
+
+        With a cache, keys and values of these tokens are written into it and attention reads every cached
+        position before them. `last_only` computes the head for the final position only ([B, 1, V]).
+        """
+        B, T = idx.shape
+        pos = Positions(start, T)
+        limit = cache.max_len if cache is not None else self.config.n_positions
+        if pos.end() > limit:
+            raise ValueError(f"positions up to {pos.end()} exceed the context of {limit} tokens")
+        if cache is None and (pos.ragged or pos.start != 0):
+            raise ValueError("a forward without a cache must start at position 0")
+        x = self.transformer.wte(idx) + self.transformer.wpe(pos.ids(idx.device))  # [B, T, C]
+        x = self.transformer.drop(x)
+        mask = pos.mask(pos.end(), idx.device) if cache is not None else None
+        for i, block in enumerate(self.transformer.h):
+            kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+            x = block(x, pos if cache is not None else None, kc, vc, mask)
+        x = self.transformer.ln_f(x)
+        if last_only:
+            x = x[:, -1:]
+        return self.lm_head(x)  # [B, T or 1, V]
