@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import time
@@ -12,7 +13,8 @@ from pathlib import Path
 import torch
 
 from quill.errors import InvalidParameter, QuillError
-from quill.generate import GenerationRequest, StepEvent, TokenLogprob, Usage, run
+from quill.continuation import ContinuationStore
+from quill.generate import GenerationRequest, Sequence, StepEvent, TokenLogprob, Usage, resume, run
 from quill.model import GPT, GPTConfig
 from quill.sampling import SamplingParams
 from quill.tokenizer import Tokenizer
@@ -63,6 +65,7 @@ class Choice:
     finish_reason: str
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
+    continuation: str | None = None  # when finish_reason is "budget": the handle a later call resumes from
 
 
 @dataclass
@@ -89,6 +92,10 @@ class Completion:
     def logprobs(self) -> list[TokenLogprob] | None:
         return self.choices[0].logprobs
 
+    @property
+    def continuation(self) -> str | None:
+        return self.choices[0].continuation
+
 
 @dataclass
 class Score:
@@ -103,8 +110,10 @@ class Score:
 class Engine:
     """A loaded model with its tokenizer: what `quill.load` returns."""
 
-    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", path: Path | None = None):
+    def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", path: Path | None = None,
+                 continuations: ContinuationStore | None = None):
         self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
+        self.continuations = continuations or ContinuationStore()
 
     @property
     def config(self) -> GPTConfig:
@@ -120,7 +129,7 @@ class Engine:
 
     def request(self, prompt: str | list[int], max_tokens: int | None = 16, *, stop: str | list[str] | None = None,
                 stop_token_ids: list[int] | None = None, include_stop: bool = False, logprobs: int | None = None,
-                echo: bool = False, **sampling) -> GenerationRequest:
+                echo: bool = False, max_flops: int | None = None, **sampling) -> GenerationRequest:
         """Build and validate a generation request; sampling keywords are `SamplingParams` fields."""
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
         if unknown:
@@ -128,28 +137,50 @@ class Engine:
         req = GenerationRequest(
             prompt_ids=self.encode(prompt), max_tokens=max_tokens, sampling=SamplingParams(**sampling),
             stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids or []),
-            include_stop=include_stop, logprobs=logprobs, echo=echo)
+            include_stop=include_stop, logprobs=logprobs, echo=echo, max_flops=max_flops)
         req.validate(self.model)
         return req
 
-    def events(self, prompt: str | list[int], max_tokens: int | None = 16, n: int = 1, **kw) -> Iterator[StepEvent]:
-        """Every token of `n` samples as it is generated (the lowest-level streaming call)."""
-        return run(self.model, self.tokenizer, self.request(prompt, max_tokens, **kw), n)
+    def events(self, prompt: str | list[int] | None = None, max_tokens: int | None = 16, n: int = 1, *,
+               continuation: str | None = None, owner: str = "", **kw) -> Iterator[StepEvent]:
+        """Every token of `n` samples as it is generated (the lowest-level streaming call).
 
-    def generate(self, prompt: str | list[int], max_tokens: int | None = 16, n: int = 1, **kw) -> Completion:
-        """Generate `n` continuations of a prompt (text or token ids) and report their cost."""
+        With `continuation` (a handle from a call its budget ended) instead of a prompt, the paused sequence
+        carries on exactly where it stopped; only a new `max_flops` may be given with it.
+        """
+        if continuation is None:
+            return run(self.model, self.tokenizer, self.request(prompt, max_tokens, **kw), n)
+        extra = sorted(k for k in kw if k != "max_flops")
+        if prompt is not None or extra or n != 1:
+            raise InvalidParameter("a continuation carries its own prompt and settings: give only max_flops "
+                                   "with it", "continuation")
+        state = self.continuations.get(continuation, owner, self.name)
+        return resume(self.model, self.tokenizer, state, kw.get("max_flops"))
+
+    def pause(self, seq: Sequence, owner: str = "") -> str:
+        """Keep a sequence that its budget ended; returns the handle that continues it."""
+        return self.continuations.put(dataclasses.replace(seq.state(), kv=seq.kv), owner, self.name)
+
+    def generate(self, prompt: str | list[int] | None = None, max_tokens: int | None = 16, n: int = 1, *,
+                 owner: str = "", **kw) -> Completion:
+        """Generate `n` continuations of a prompt (text or token ids) and report their cost.
+
+        With `max_flops`, a choice that the budget ends has finish_reason "budget" and a `continuation` handle.
+        """
         t0 = time.perf_counter()
         seqs = {}
-        for ev in self.events(prompt, max_tokens, n, **kw):
+        for ev in self.events(prompt, max_tokens, n, owner=owner, **kw):
             seqs[ev.seq.index] = ev.seq
-        usage = Usage(prompt_tokens=len(seqs[0].request.prompt_ids))
+        usage = Usage()
         choices = []
         for i, seq in sorted(seqs.items()):
+            usage.prompt_tokens = max(usage.prompt_tokens, seq.usage.prompt_tokens)
             usage.completion_tokens += seq.usage.completion_tokens
             usage.flops += seq.usage.flops
-            choices.append(Choice(i, "".join(seq.text), seq.generated, seq.finish_reason,
-                                  seq.logprobs if seq.request.logprobs is not None else None,
-                                  seq.prompt_logprobs or None))
+            handle = self.pause(seq, owner) if seq.finish_reason == "budget" else None
+            choices.append(Choice(i, "".join(seq.text), seq.tokens[len(seq.tokens) - seq.usage.completion_tokens:],
+                                  seq.finish_reason, seq.logprobs if seq.request.logprobs is not None else None,
+                                  seq.prompt_logprobs or None, handle))
         usage.seconds = time.perf_counter() - t0
         return Completion(choices, usage, seqs[0].request.prompt_ids)
 

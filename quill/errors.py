@@ -37,3 +37,19 @@ class InvalidParameter(QuillError, ValueError):
 
 class ContextLengthError(InvalidParameter):
     """A prompt (plus requested tokens) that does not fit in the model's context window."""
+
+
+class BudgetError(InvalidParameter):
+    """A FLOP budget too small for the work that must come first; `minimum` is what would do."""
+
+    def __init__(self, message: str, param: str | None = "max_flops", minimum: int = 0):
+        super().__init__(message, param)
+        self.minimum = minimum
+
+
+class ContinuationError(InvalidParameter):
+    """A continuation handle that is unknown, expired, another key's, or another model's; `code` says which."""
+
+    def __init__(self, message: str, code: str):
+        super().__init__(message, "continuation")
+        self.code = code

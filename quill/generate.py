@@ -7,6 +7,7 @@ one prefill by copying its KV cache row; the server's scheduler adds and removes
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -15,7 +16,7 @@ import torch
 from torch import Tensor
 
 from quill.cost import forward_flops
-from quill.errors import ContextLengthError, InvalidParameter
+from quill.errors import BudgetError, ContextLengthError, InvalidParameter
 from quill.model import GPT, KVCache
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
 from quill.stopping import StopStrings
@@ -36,6 +37,7 @@ class GenerationRequest:
     include_stop: bool = False
     logprobs: int | None = None  # None: off; N: chosen-token logprob plus the top N alternatives
     echo: bool = False  # also score the prompt tokens
+    max_flops: int | None = None  # per-call budget; the call ends with finish_reason "budget" before exceeding it
 
     def validate(self, model: GPT) -> None:
         """Raise InvalidParameter (naming the parameter) for anything the model cannot honour."""
@@ -55,6 +57,8 @@ class GenerationRequest:
                 "max_tokens" if len(self.prompt_ids) <= cfg.n_positions else "prompt")
         if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
             raise InvalidParameter(f"logprobs must be between 0 and {MAX_LOGPROBS}", "logprobs")
+        if self.max_flops is not None and (not isinstance(self.max_flops, int) or self.max_flops <= 0):
+            raise InvalidParameter(f"max_flops must be a positive integer, got {self.max_flops!r}", "max_flops")
         if any(not 0 <= t < cfg.vocab_size for t in self.stop_token_ids):
             raise InvalidParameter(f"stop_token_ids must lie in [0, {cfg.vocab_size})", "stop_token_ids")
         self.sampling.validate(cfg.vocab_size)
@@ -105,6 +109,20 @@ class StepEvent:
     finished: bool
 
 
+@dataclass
+class SequenceState:
+    """A paused sequence: its request, tokens, random stream, detokeniser and stop-matcher state, and
+    optionally its KV cache ([n_layer, n_head, len(tokens) - 1, head_dim] keys and values)."""
+
+    request: GenerationRequest
+    tokens: list[int]
+    generator_state: Tensor | None
+    decoder_ids: list[int]
+    decoder_read: int
+    held: str
+    kv: tuple[Tensor, Tensor] | None = None
+
+
 class Sequence:
     """The running state of one generated sequence: its tokens, sampler, detokeniser and stop matcher."""
 
@@ -126,7 +144,8 @@ class Sequence:
         self.logprobs: list[TokenLogprob] = []
         self.prompt_logprobs: list[TokenLogprob] = []
         self.finish_reason: str | None = None
-        self.usage = Usage(prompt_tokens=self.prompt_len)
+        self.usage = Usage(prompt_tokens=self.prompt_len)  # this call's cost
+        self.kv: tuple[Tensor, Tensor] | None = None  # the cache, saved when the budget ends the call
 
     @property
     def generated(self) -> list[int]:
@@ -140,6 +159,37 @@ class Sequence:
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    def fits(self, flops: int) -> bool:
+        """Whether `flops` more still fit in this call's budget."""
+        budget = self.request.max_flops
+        return budget is None or self.usage.flops + flops <= budget
+
+    def state(self) -> SequenceState:
+        """Everything needed to continue this sequence later (the KV cache is attached by the batch)."""
+        return SequenceState(self.request, list(self.tokens),
+                             self.generator.get_state() if self.generator is not None else None,
+                             list(self.decoder.ids), self.decoder.read,
+                             self.matcher.held if self.matcher is not None else "")
+
+    @classmethod
+    def resume(cls, state: SequenceState, tokenizer: Tokenizer, model: GPT, max_flops: int | None) -> Sequence:
+        """A sequence that carries on from `state` exactly where it stopped, with a new budget."""
+        request = dataclasses.replace(state.request, max_flops=max_flops)
+        if max_flops is not None and (not isinstance(max_flops, int) or max_flops <= 0):
+            raise InvalidParameter(f"max_flops must be a positive integer, got {max_flops!r}", "max_flops")
+        generator = None
+        if state.generator_state is not None:
+            generator = torch.Generator(device=model.device)
+            generator.set_state(state.generator_state)
+        seq = cls(request, tokenizer, model.config.n_positions, model.config.eos_token_ids, generator)
+        seq.tokens = list(state.tokens)
+        seq._history[0, : len(seq.tokens)] = torch.tensor(seq.tokens)
+        seq.decoder.ids, seq.decoder.read = list(state.decoder_ids), state.decoder_read
+        if seq.matcher is not None:
+            seq.matcher.held = state.held
+        seq.usage.prompt_tokens = 0
+        return seq
 
     def choose(self, logits: Tensor) -> Tensor:
         """Process one row of logits [1, V] with this sequence's pipeline; returns the token id tensor [1]."""
@@ -203,7 +253,7 @@ class DecodeBatch:
         lp = None
         if seq.request.logprobs is not None:
             chosen, top = top_logprobs(logits, token_t, seq.request.logprobs)
-            lp = TokenLogprob(token, float(chosen[0]), [(int(i), float(v)) for i, v in zip(*top)][: seq.request.logprobs])
+            lp = TokenLogprob(token, float(chosen[0]), list(zip(top[0][0].tolist(), top[1][0].tolist())))
         text = seq.accept(token, lp)
         return StepEvent(seq, token, text, lp, seq.finished)
 
@@ -213,10 +263,12 @@ class DecodeBatch:
         if len(seqs) > self.free:
             raise RuntimeError(f"batch has {self.free} free rows, {len(seqs)} requested")
         prompt = seqs[0].request.prompt_ids
+        want_all = seqs[0].request.echo
+        flops = forward_flops(self.model.config, len(prompt), 0, len(prompt) if want_all else 1)
+        self._check_budget(seqs[0], flops, f"the prefill of {len(prompt)} prompt tokens")
         row = len(self.rows)
         t0 = time.perf_counter()
         idx = torch.tensor([prompt], device=self.model.device)
-        want_all = seqs[0].request.echo
         logits = self.model(idx, 0, self.cache.rows(slice(row, row + 1)), last_only=not want_all)[0].float()
         if len(seqs) > 1:
             self.cache.copy_rows(slice(row + 1, row + len(seqs)), slice(row, row + 1))
@@ -224,7 +276,6 @@ class DecodeBatch:
             seqs[0].prompt_logprobs = prompt_logprobs(logits, prompt, seqs[0].request.logprobs or 0)
             for s in seqs[1:]:
                 s.prompt_logprobs = seqs[0].prompt_logprobs
-        flops = forward_flops(self.model.config, len(prompt), 0, len(prompt) if want_all else 1)
         seconds = time.perf_counter() - t0
         events = []
         for i, seq in enumerate(seqs):
@@ -239,12 +290,58 @@ class DecodeBatch:
         self._compact()
         return events
 
+    def _step_flops(self, seq: Sequence) -> int:
+        """FLOPs of the decode step that feeds `seq`'s last token."""
+        return forward_flops(self.model.config, 1, len(seq.tokens) - 1, 1)
+
+    def _check_budget(self, seq: Sequence, flops: int, what: str) -> None:
+        if not seq.fits(flops):
+            raise BudgetError(f"max_flops={seq.request.max_flops} cannot pay for {what}: "
+                              f"at least {flops} FLOPs are needed", "max_flops", minimum=flops)
+
+    @torch.inference_mode()
+    def resume(self, seq: Sequence, kv: tuple[Tensor, Tensor] | None) -> None:
+        """Put a continued sequence back into a free row: copy its saved KV cache, or recompute it.
+
+        Refused up front (BudgetError) when the budget cannot pay for the recomputation and one step.
+        """
+        if self.free < 1:
+            raise RuntimeError("batch has no free row")
+        cached = len(seq.tokens) - 1  # the last token has not been fed yet
+        recompute = forward_flops(self.model.config, cached, 0, 1) if kv is None else 0
+        self._check_budget(seq, recompute + self._step_flops(seq),
+                           ("recomputing the context of " + f"{cached} tokens and " if kv is None else "") + "one step")
+        row = len(self.rows)
+        if kv is None:
+            t0 = time.perf_counter()
+            idx = torch.tensor([seq.tokens[:-1]], device=self.model.device)
+            self.model(idx, 0, self.cache.rows(slice(row, row + 1)), last_only=True)
+            seq.usage.flops += recompute
+            seq.usage.seconds += time.perf_counter() - t0
+        else:
+            self.cache.k[:, row, :, :cached] = kv[0]
+            self.cache.v[:, row, :, :cached] = kv[1]
+        self.rows.append(seq)
+
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
-        """One decode step for every active row: feed each row's last token, emit each row's next token."""
+        """One decode step for every active row: feed each row's last token, emit each row's next token.
+
+        A row whose budget cannot pay for the step ends first, with finish_reason "budget" and its KV cache
+        saved in `seq.kv` so that a later call can continue it.
+        """
+        events = []
+        for i, seq in enumerate(self.rows):
+            if not seq.fits(self._step_flops(seq)):
+                seq.finish_reason = "budget"
+                cached = len(seq.tokens) - 1
+                seq.kv = (self.cache.k[:, i, :, :cached].clone(), self.cache.v[:, i, :, :cached].clone())
+                events.append(StepEvent(seq, -1, "", None, True))
+        if events:
+            self._compact()
         n = len(self.rows)
         if n == 0:
-            return []
+            return events
         t0 = time.perf_counter()
         device = self.model.device
         last = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)  # [n, 1]
@@ -252,7 +349,6 @@ class DecodeBatch:
         start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
         logits = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1].float()  # [n, V]
         seconds = (time.perf_counter() - t0) / n
-        events = []
         for i, seq in enumerate(self.rows):
             seq.usage.flops += forward_flops(self.model.config, 1, lengths[i], 1)
             seq.usage.seconds += seconds
@@ -301,6 +397,15 @@ def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1
                      make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
     batch = DecodeBatch(model, n, len(request.prompt_ids) + request.limit)
     yield from batch.add(seqs)
+    while batch.rows:
+        yield from batch.step()
+
+
+def resume(model: GPT, tokenizer: Tokenizer, state: SequenceState, max_flops: int | None) -> Iterator[StepEvent]:
+    """Continue a sequence paused by its budget, yielding each further token."""
+    seq = Sequence.resume(state, tokenizer, model, max_flops)
+    batch = DecodeBatch(model, 1, seq.max_len)
+    batch.resume(seq, state.kv)
     while batch.rows:
         yield from batch.step()
 

@@ -21,7 +21,7 @@ from quill.errors import InvalidParameter
 NEG_INF = float("-inf")
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_PENALTY = 2.0  # OpenAI's range for presence/frequency penalties
-_SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts
+_SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts (end exclusive)
 
 
 @dataclass
@@ -73,12 +73,6 @@ class SamplingParams:
             raise InvalidParameter(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", param="ignore_eos")
         if self.seed is not None:
             _check_int("seed", self.seed, low=_SEED_RANGE[0], high=_SEED_RANGE[1] - 1)
-
-    def generator(self, device: torch.device | str = "cpu") -> torch.Generator | None:
-        """A generator seeded with `seed` (None when unseeded: sampling then uses torch's global RNG)."""
-        if self.seed is None:
-            return None
-        return torch.Generator(device=device).manual_seed(self.seed)
 
 
 def _is_number(value: object) -> bool:
@@ -271,10 +265,10 @@ class TypicalLogitsWarper:
         entropy = -(logp * logp.exp()).nansum(dim=-1, keepdim=True)
         atypicality, order = (-logp - entropy).abs().sort(dim=-1)
         cumulative = logits.gather(-1, order).softmax(dim=-1).cumsum(dim=-1)
-        # Keep everything up to (and tied with) the first token at which the cumulative mass reaches `mass`.
+        # Keep everything up to (and tied with) the first token at which the cumulative mass reaches `mass`;
+        # the most typical token is never above that threshold, so min_tokens_to_keep=1 holds by itself.
         last = (cumulative < self.mass).sum(dim=-1, keepdim=True).clamp_(max=logits.shape[-1] - 1)
         drop = atypicality > atypicality.gather(-1, last)
-        drop[:, 0] = False
         return logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
 
 

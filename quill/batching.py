@@ -1,0 +1,355 @@
+"""Continuous batching: one scheduler thread per loaded model decodes every running request together.
+
+The scheduler owns a `DecodeBatch(model, capacity=max_batch)`. Between decode steps it drops cancelled rows,
+admits waiting requests in FIFO order (a request's `n` samples are prefilled together by `DecodeBatch.add`,
+which also emits their first tokens), then runs one `step()` for every active row. Each request gets its
+events through a `Ticket`: an asyncio queue fed with `loop.call_soon_threadsafe` (or a plain thread queue
+when submitted without an event loop), so torch work never runs on the server's event loop.
+
+Admission is strictly first in, first out: a request whose samples do not fit in the free rows waits,
+and nothing behind it jumps the queue. Greedy results do not depend on what else is in the batch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+
+from quill.errors import InvalidParameter, QuillError
+from quill.generate import DecodeBatch, GenerationRequest, Sequence, StepEvent, Usage, make_generator
+
+log = logging.getLogger("quill.batching")
+
+_DONE = object()  # end of a ticket's event stream
+
+
+class QueueFull(QuillError):
+    """The scheduler's waiting queue is full; try again after `retry_after` seconds."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class SchedulerClosed(QuillError):
+    """The scheduler was stopped (the model is being unloaded or the server is shutting down)."""
+
+
+class SchedulerObserver:
+    """Hooks the scheduler calls from its thread (metrics); the base class ignores them all."""
+
+    def occupancy(self, active_rows: int, queued: int) -> None:
+        """Rows decoding and requests waiting, after every change."""
+
+    def first_token(self, seconds: float) -> None:
+        """Seconds from a request's submission to its first token."""
+
+    def token_interval(self, seconds: float) -> None:
+        """Seconds between two consecutive tokens of one sequence."""
+
+    def finished(self, ticket: Ticket) -> None:
+        """A request ended (done, cancelled or failed); `ticket.usage` says what it cost."""
+
+
+class Ticket:
+    """One submitted request: its `n` sequences and the stream of their StepEvents.
+
+    Iterate it (`async for ev in ticket` on the event loop it was submitted from, or `for ev in ticket` when
+    submitted without a loop); the stream ends after every sequence finished, or raises the scheduler's
+    error. `cancel()` frees its rows before the next decode step.
+    """
+
+    def __init__(self, request: GenerationRequest, seqs: list[Sequence], loop: asyncio.AbstractEventLoop | None):
+        self.request, self.seqs, self.n = request, seqs, len(seqs)
+        self.submitted = time.perf_counter()
+        self.first_token_at: float | None = None
+        self.finished_at: float | None = None
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self._loop = loop
+        self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        self._scheduler: Scheduler | None = None
+        self._last: dict[int, float] = {}  # seq index -> time of its last token
+        self._open = self.n  # sequences not finished yet
+
+    # ---- consumer side --------------------------------------------------------------------------------------
+
+    def cancel(self) -> None:
+        """Stop generating (idempotent, thread-safe): a queued ticket leaves the queue, a running one its rows."""
+        if self.cancelled or self.finished_at is not None:
+            return
+        self.cancelled = True
+        if self._scheduler is not None:
+            self._scheduler._cancelled(self)
+
+    @property
+    def done(self) -> bool:
+        return self.finished_at is not None
+
+    @property
+    def usage(self) -> Usage:
+        """Prompt tokens once, generated tokens and FLOPs of every sample, seconds from submission to the end."""
+        u = Usage(prompt_tokens=len(self.request.prompt_ids))
+        for s in self.seqs:
+            u.completion_tokens += s.usage.completion_tokens
+            u.flops += s.usage.flops
+        u.seconds = (self.finished_at or time.perf_counter()) - self.submitted
+        return u
+
+    async def __aiter__(self) -> AsyncIterator[StepEvent]:
+        assert isinstance(self._queue, asyncio.Queue), "submitted without an event loop: iterate synchronously"
+        while True:
+            item = await self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            for ev in item:
+                yield ev
+
+    def __iter__(self) -> Iterator[StepEvent]:
+        assert isinstance(self._queue, queue.SimpleQueue), "submitted from an event loop: use `async for`"
+        while True:
+            item = self._queue.get()
+            if item is _DONE:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield from item
+
+    # ---- scheduler side (its thread) -------------------------------------------------------------------------
+
+    def _put(self, item) -> None:
+        if self._loop is None:
+            self._queue.put(item)
+            return
+        try:
+            self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+        except RuntimeError:  # the loop is closed: nobody is listening any more
+            self.cancelled = True
+
+
+class Scheduler:
+    """Decodes all running requests of one model together in a background thread."""
+
+    def __init__(self, engine, max_batch: int = 8, max_queue: int = 64, observer: SchedulerObserver | None = None,
+                 name: str | None = None):
+        if max_batch < 1:
+            raise InvalidParameter("max_batch must be at least 1", "max_batch")
+        if max_queue < 0:
+            raise InvalidParameter("max_queue must be non-negative", "max_queue")
+        self.engine = engine
+        self.name = name or getattr(engine, "name", "model")
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.observer = observer or SchedulerObserver()
+        self._batch = DecodeBatch(engine.model, max_batch)
+        self._waiting: collections.deque[Ticket] = collections.deque()
+        self._running: list[Ticket] = []
+        self._owner: dict[int, Ticket] = {}  # id(seq) -> its ticket
+        self._cond = threading.Condition()
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+        self._mean_request_seconds = 1.0  # running estimate for Retry-After
+
+    # ---- public API -------------------------------------------------------------------------------------------
+
+    @property
+    def active_rows(self) -> int:
+        return len(self._batch.rows)
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting)
+
+    def start(self) -> Scheduler:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name=f"quill-scheduler-{self.name}", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float | None = 10.0) -> None:
+        """Stop the thread; every waiting or running ticket ends with SchedulerClosed."""
+        with self._cond:
+            self._stopping = True
+            self._cond.notify_all()
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    def submit(self, request: GenerationRequest, n: int = 1, loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+        """Queue a validated request for `n` samples; raises QueueFull when the waiting queue is full.
+
+        Called on an event loop, the ticket delivers to that loop (pass `loop` to choose another); with no
+        running loop it delivers to a thread queue.
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise InvalidParameter(f"n must be a positive integer, got {n!r}", "n")
+        if n > self.max_batch:
+            raise InvalidParameter(f"n must be at most {self.max_batch} (this server's --max-batch)", "n")
+        request.validate(self.engine.model)
+        if loop is None:
+            try:
+                loop = asyncio.get_running_loop()
+            except RuntimeError:
+                loop = None
+        model = self.engine.model
+        seqs = [Sequence(request, self.engine.tokenizer, model.config.n_positions, model.config.eos_token_ids,
+                         make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
+        ticket = Ticket(request, seqs, loop)
+        with self._cond:
+            if self._stopping:
+                raise SchedulerClosed(f"model {self.name!r} is shutting down")
+            if self._blocked(n) > self.max_queue:
+                raise QueueFull(f"model {self.name!r} is busy: {len(self._waiting)} requests are waiting",
+                                self.retry_after())
+            ticket._scheduler = self
+            self._waiting.append(ticket)
+            self._cond.notify_all()
+        self._observe()
+        return ticket
+
+    def _blocked(self, n: int) -> int:
+        """How many requests would wait (not fit in the free rows, in FIFO order) with one more of `n` samples."""
+        free, blocked = self._batch.free, 0
+        for need in [t.n for t in self._waiting] + [n]:
+            if blocked or need > free:
+                blocked += 1
+            else:
+                free -= need
+        return blocked
+
+    def retry_after(self) -> int:
+        """Whole seconds a rejected client should wait: the queue ahead of it at the recent request rate."""
+        per_slot = self._mean_request_seconds * (len(self._waiting) + 1) / self.max_batch
+        return max(1, min(60, round(per_slot)))
+
+    # ---- thread ----------------------------------------------------------------------------------------------
+
+    def _cancelled(self, ticket: Ticket) -> None:
+        with self._cond:
+            if ticket in self._waiting:  # never started: leave the queue now
+                self._waiting.remove(ticket)
+                queued = True
+            else:
+                queued = False
+            self._cond.notify_all()
+        if queued:
+            self._finish(ticket)
+            self._observe()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                with self._cond:
+                    while not (self._stopping or self._waiting or self._batch.rows or self._has_cancelled()):
+                        self._cond.wait()
+                    if self._stopping:
+                        break
+                admitted: list[Ticket] = []
+                try:
+                    self._drop_cancelled()
+                    with self._cond:
+                        free = self._batch.free
+                        while self._waiting and self._waiting[0].n <= free:  # FIFO: nobody jumps the queue
+                            t = self._waiting.popleft()
+                            free -= t.n
+                            admitted.append(t)
+                    while admitted:
+                        t = admitted.pop(0)
+                        if t.cancelled:
+                            self._finish(t)
+                            continue
+                        self._running.append(t)
+                        for s in t.seqs:
+                            self._owner[id(s)] = t
+                        self._route(self._batch.add(t.seqs))
+                        self._observe()
+                    if self._batch.rows:
+                        self._route(self._batch.step())
+                except Exception as e:  # a failed forward or sampler: fail every running request, start afresh
+                    log.exception("scheduler for %s failed", self.name)
+                    self._fail_all(e)
+                    with self._cond:  # admitted but not started: back to the head of the queue, in order
+                        self._waiting.extendleft(reversed(admitted))
+        finally:
+            with self._cond:
+                waiting, self._waiting = list(self._waiting), collections.deque()
+            closed = SchedulerClosed(f"model {self.name!r} was unloaded or the server is shutting down")
+            for t in waiting + self._running:
+                t.error = closed
+                t._put(closed)
+                self._finish(t, put_done=False)
+            self._running.clear()
+            self._observe()
+
+    def _has_cancelled(self) -> bool:
+        return any(t.cancelled for t in self._running)
+
+    def _drop_cancelled(self) -> None:
+        dropped = [t for t in self._running if t.cancelled]
+        for t in dropped:
+            for s in t.seqs:
+                if not s.finished:
+                    self._batch.remove(s)
+            self._finish(t)
+        if dropped:
+            self._observe()
+
+    def _route(self, events: list[StepEvent]) -> None:
+        """Hand each ticket its events in one call, and retire the tickets whose sequences all finished."""
+        now = time.perf_counter()
+        per_ticket: dict[int, tuple[Ticket, list[StepEvent]]] = {}
+        for ev in events:
+            t = self._owner[id(ev.seq)]
+            per_ticket.setdefault(id(t), (t, []))[1].append(ev)
+            if t.first_token_at is None:
+                t.first_token_at = now
+                self.observer.first_token(now - t.submitted)
+            elif ev.seq.index in t._last:
+                self.observer.token_interval(now - t._last[ev.seq.index])
+            t._last[ev.seq.index] = now
+            if ev.finished:
+                t._open -= 1
+                self._owner.pop(id(ev.seq), None)
+        for t, evs in per_ticket.values():
+            if not t.cancelled:
+                t._put(evs)
+            if t._open == 0:
+                self._finish(t)
+        self._observe()
+
+    def _finish(self, t: Ticket, put_done: bool = True) -> None:
+        if t.finished_at is not None:
+            return
+        t.finished_at = time.perf_counter()
+        if t in self._running:
+            self._running.remove(t)
+        for s in t.seqs:
+            self._owner.pop(id(s), None)
+        if put_done:
+            t._put(_DONE)
+        if t.first_token_at is not None and not t.cancelled:
+            self._mean_request_seconds = 0.8 * self._mean_request_seconds + 0.2 * (t.finished_at - t.submitted)
+        try:
+            self.observer.finished(t)
+        except Exception:
+            log.exception("scheduler observer failed")
+
+    def _fail_all(self, error: Exception) -> None:
+        for t in list(self._running):
+            t.error = error
+            t._put(error)
+            self._finish(t, put_done=False)
+        self._owner.clear()
+        self._batch = DecodeBatch(self.engine.model, self.max_batch)
+        self._observe()
+
+    def _observe(self) -> None:
+        try:
+            self.observer.occupancy(len(self._batch.rows), len(self._waiting))
+        except Exception:
+            log.exception("scheduler observer failed")

@@ -1,0 +1,127 @@
+"""What a running server holds: its configuration, the loaded models with their schedulers, and hooks.
+
+One `AppState` lives on `app.state.quill`. Routers reach it with the `get_state` dependency. Other parts of
+Quill extend the server through it without editing the server's modules:
+
+- `add_model(name, engine)` / `remove_model(name)`: load or unload models at run time (the model store);
+- `admission_checks`: callables `(ctx: GenerationContext) -> None` (sync or async) run before a generation
+  is queued; raise `quill.server.errors.APIError` to refuse it (e.g. a FLOP budget);
+- `usage_listeners`: callables `(ctx: GenerationContext, usage: Usage) -> None` run once a generation ended
+  (finished, cancelled or failed), on the event loop: metering;
+- `startup_hooks` / `shutdown_hooks`: callables (sync or async) run by the app's lifespan;
+- `body_limit_exempt`: path prefixes whose request bodies may exceed `config.max_body_bytes` (uploads).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+
+from quill.batching import Scheduler
+from quill.engine import Engine
+from quill.generate import GenerationRequest
+
+DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
+
+
+@dataclass
+class ServerConfig:
+    """Settings of one server, from `quill serve`'s flags."""
+
+    api_keys: tuple[str, ...] = ()  # empty: /v1 is open
+    admin_keys: tuple[str, ...] = ()  # empty: admin routes are disabled
+    store_dir: Path | None = None  # the model store's folder (--store)
+    max_batch: int = 8  # rows decoded together per model
+    max_queue: int = 64  # requests waiting per model before 429
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    dtype: str = "float32"
+    device: str = "cpu"
+
+
+@dataclass
+class LoadedModel:
+    """A served model: its engine (model + tokenizer) and the scheduler decoding its requests."""
+
+    name: str
+    engine: Engine
+    scheduler: Scheduler
+    created: int = field(default_factory=lambda: int(time.time()))
+
+    @property
+    def context_length(self) -> int:
+        return self.engine.config.n_positions
+
+
+@dataclass
+class GenerationContext:
+    """One generation request as the hooks see it."""
+
+    route: str  # "completions", "chat.completions", "inference"
+    model: LoadedModel
+    request: GenerationRequest
+    n: int
+    http: Request
+    principal: str | None  # who is calling: "key:<hash prefix>", "admin", or None on an open server
+    extra: dict[str, Any] = field(default_factory=dict)  # merged into the response body (and the last chunk)
+
+
+class AppState:
+    """The server's models, configuration and extension hooks (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig | None = None, metrics=None):
+        from quill.server.metrics import Metrics
+
+        self.config = config or ServerConfig()
+        self.metrics = metrics or Metrics()
+        self.models: dict[str, LoadedModel] = {}
+        self.admission_checks: list[Callable] = []
+        self.usage_listeners: list[Callable] = []
+        self.startup_hooks: list[Callable] = []
+        self.shutdown_hooks: list[Callable] = []
+        self.body_limit_exempt: list[str] = []
+        self.started = False
+
+    @property
+    def default_model(self) -> str | None:
+        """The model used when a request names none: the first one loaded."""
+        return next(iter(self.models), None)
+
+    def add_model(self, name: str, engine: Engine) -> LoadedModel:
+        """Serve `engine` as `name` (replacing a model of that name); its scheduler starts with the server."""
+        if name in self.models:
+            self.remove_model(name)
+        scheduler = Scheduler(engine, self.config.max_batch, self.config.max_queue,
+                              observer=self.metrics.observer(name, self.config.max_batch), name=name)
+        loaded = LoadedModel(name, engine, scheduler)
+        self.models[name] = loaded
+        if self.started:
+            scheduler.start()
+        return loaded
+
+    def remove_model(self, name: str) -> LoadedModel | None:
+        """Stop serving `name`: its waiting and running requests end with an error."""
+        loaded = self.models.pop(name, None)
+        if loaded is not None:
+            loaded.scheduler.stop()
+            self.metrics.forget_model(name)
+        return loaded
+
+    def start(self) -> None:
+        self.started = True
+        for m in self.models.values():
+            m.scheduler.start()
+
+    def stop(self) -> None:
+        self.started = False
+        for m in self.models.values():
+            m.scheduler.stop()
+
+
+def get_state(request: Request) -> AppState:
+    """FastAPI dependency: the AppState of the app serving this request."""
+    return request.app.state.quill
