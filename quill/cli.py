@@ -12,7 +12,7 @@ import json
 import sys
 from collections.abc import Sequence
 
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli",)
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -17,6 +17,7 @@ from quill.continuation import ContinuationStore
 from quill.generate import GenerationRequest, Sequence, StepEvent, TokenLogprob, Usage, resume, run
 from quill.model import GPT, GPTConfig
 from quill.sampling import SamplingParams
+from quill.search import SearchParams, run_search
 from quill.tokenizer import Tokenizer
 from quill.weights import load_model
 
@@ -66,6 +67,7 @@ class Choice:
     logprobs: list[TokenLogprob] | None = None
     prompt_logprobs: list[TokenLogprob] | None = None
     continuation: str | None = None  # when finish_reason is "budget": the handle a later call resumes from
+    score: float | None = None  # beam search: the hypothesis' score (transformers' sequences_scores)
 
 
 @dataclass
@@ -147,9 +149,15 @@ class Engine:
 
         With `continuation` (a handle from a call its budget ended) instead of a prompt, the paused sequence
         carries on exactly where it stopped; only a new `max_flops` may be given with it.
+        Search keywords (num_beams, num_beam_groups, diversity_penalty, length_penalty, early_stopping,
+        penalty_alpha) select a `quill.search` strategy.
         """
         if continuation is None:
-            return run(self.model, self.tokenizer, self.request(prompt, max_tokens, **kw), n)
+            search = SearchParams.pop_from(kw)
+            request = self.request(prompt, max_tokens, **kw)
+            if search is not None:
+                return run_search(self.model, self.tokenizer, request, search, n)
+            return run(self.model, self.tokenizer, request, n)
         extra = sorted(k for k in kw if k != "max_flops")
         if prompt is not None or extra or n != 1:
             raise InvalidParameter("a continuation carries its own prompt and settings: give only max_flops "
@@ -180,7 +188,7 @@ class Engine:
             handle = self.pause(seq, owner) if seq.finish_reason == "budget" else None
             choices.append(Choice(i, "".join(seq.text), seq.tokens[len(seq.tokens) - seq.usage.completion_tokens:],
                                   seq.finish_reason, seq.logprobs if seq.request.logprobs is not None else None,
-                                  seq.prompt_logprobs or None, handle))
+                                  seq.prompt_logprobs or None, handle, getattr(seq, "score", None)))
         usage.seconds = time.perf_counter() - t0
         return Completion(choices, usage, seqs[0].request.prompt_ids)
 

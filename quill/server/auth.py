@@ -1,0 +1,92 @@
+"""Bearer-key authentication: `require_api_key` guards /v1, `require_admin` guards admin routes.
+
+Keys are compared in constant time, each against every configured key (no early exit), so timing tells
+nothing about which key or how much of it matched. The admin key is also accepted wherever an API key is.
+Route modules attach them as dependencies: `APIRouter(dependencies=[Depends(require_api_key)])`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+from pathlib import Path
+
+from fastapi import Depends, Request
+
+from quill.errors import InvalidParameter
+from quill.server.errors import APIError
+from quill.server.state import AppState, get_state
+
+_CHALLENGE = {"WWW-Authenticate": "Bearer"}
+
+
+def bearer_token(request: Request) -> str | None:
+    """The KEY of an `Authorization: Bearer KEY` header, or None."""
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, token = header.partition(" ")
+    return token.strip() or None if scheme.lower() == "bearer" else None
+
+
+def matches(token: str | None, keys: tuple[str, ...]) -> str | None:
+    """The configured key equal to `token` (constant time over all keys), or None."""
+    if token is None:
+        return None
+    given = token.encode()
+    found = None
+    for key in keys:
+        if hmac.compare_digest(given, key.encode()) and found is None:
+            found = key
+    return found
+
+
+def principal(key: str) -> str:
+    """A stable, non-secret name for a key (for metering and logs)."""
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+async def require_api_key(request: Request, state: AppState = Depends(get_state)) -> str | None:
+    """Allow the request when no API key is configured, or it carries a configured (or the admin) key.
+
+    Sets `request.state.principal` ("key:<hash prefix>", "admin", or None on an open server).
+    """
+    request.state.principal = None
+    cfg = state.config
+    if not cfg.api_keys:
+        return None
+    token = bearer_token(request)
+    if matches(token, cfg.admin_keys) is not None:
+        request.state.principal = "admin"
+        return "admin"
+    key = matches(token, cfg.api_keys)
+    if key is None:
+        message = ("missing API key: send 'Authorization: Bearer KEY'" if token is None
+                   else "invalid API key")
+        raise APIError(401, message, code="invalid_api_key", headers=_CHALLENGE)
+    request.state.principal = principal(key)
+    return request.state.principal
+
+
+async def require_admin(request: Request, state: AppState = Depends(get_state)) -> str:
+    """Allow only requests carrying the admin key (`--admin-key`); with none configured admin routes are off (403)."""
+    cfg = state.config
+    if not cfg.admin_keys:
+        raise APIError(403, "admin routes are disabled: start the server with --admin-key", code="admin_disabled")
+    if matches(bearer_token(request), cfg.admin_keys) is None:
+        raise APIError(401, "this route needs the admin key: send 'Authorization: Bearer ADMIN_KEY'",
+                       code="invalid_admin_key", headers=_CHALLENGE)
+    request.state.principal = "admin"
+    return "admin"
+
+
+def read_key_file(path: str | Path) -> tuple[str, ...]:
+    """API keys from a file, one per line; blank lines and lines starting with '#' are skipped."""
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except OSError as e:
+        raise InvalidParameter(f"cannot read API key file {path}: {e.strerror or e}", "api_key_file") from e
+    keys = tuple(k for k in (line.strip() for line in lines) if k and not k.startswith("#"))
+    if not keys:
+        raise InvalidParameter(f"API key file {path} holds no keys", "api_key_file")
+    return keys

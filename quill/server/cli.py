@@ -1,0 +1,99 @@
+"""`quill serve`: load models and serve them over HTTP (FastAPI + uvicorn)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+from pathlib import Path
+
+DEFAULT_MODEL = "shakespeare"
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
+                              description="Serve models over an OpenAI-compatible HTTP API with continuous batching. "
+                                          "MODEL is a checkpoint folder or a bundled model's name, optionally "
+                                          "NAME=MODEL to choose the id clients use (default: the folder's name).")
+    p.add_argument("models", nargs="*", metavar="MODEL", help=f"models to serve (default: {DEFAULT_MODEL})")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    keys = p.add_mutually_exclusive_group()
+    keys.add_argument("--api-key", action="append", default=None, metavar="KEY",
+                      help="require 'Authorization: Bearer KEY' on /v1 (repeatable)")
+    keys.add_argument("--api-key-file", metavar="FILE", help="file of API keys, one per line")
+    p.add_argument("--admin-key", action="append", default=None, metavar="KEY",
+                   help="key for admin routes (without one they are disabled)")
+    p.add_argument("--store", metavar="DIR", default=None, help="model store folder")
+    p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
+    p.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 429 (default 64)")
+    p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 2 MiB)")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    p.set_defaults(func=cmd_serve)
+
+
+def split_model_arg(arg: str) -> tuple[str | None, str]:
+    """'name=path' -> (name, path); a plain path or name -> (None, it)."""
+    name, sep, path = arg.partition("=")
+    if sep and name and os.sep not in name and not Path(arg).exists():
+        return name, path
+    return None, arg
+
+
+def build_state(args: argparse.Namespace):
+    """Load the models named on the command line into an AppState (errors are QuillErrors, exit 2)."""
+    import quill
+    from quill.engine import bundled_models
+    from quill.errors import InvalidParameter, QuillError
+    from quill.server.auth import read_key_file
+    from quill.server.state import DEFAULT_MAX_BODY_BYTES, AppState, ServerConfig
+
+    for flag in ("max_batch", "port"):
+        if getattr(args, flag) < 1:
+            raise InvalidParameter(f"--{flag.replace('_', '-')} must be at least 1", flag)
+    if args.max_queue < 0:
+        raise InvalidParameter("--max-queue must be at least 0", "max_queue")
+    api_keys = read_key_file(args.api_key_file) if args.api_key_file else tuple(k for k in args.api_key or () if k)
+    config = ServerConfig(api_keys=api_keys, admin_keys=tuple(k for k in args.admin_key or () if k),
+                          store_dir=Path(args.store).expanduser() if args.store else None,
+                          max_batch=args.max_batch, max_queue=args.max_queue,
+                          max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
+                          dtype=args.dtype, device=args.device)
+    models = args.models
+    if not models:
+        if DEFAULT_MODEL not in bundled_models():
+            raise QuillError(f"no MODEL given and the bundled model {DEFAULT_MODEL!r} is not installed "
+                             f"(quill/models/{DEFAULT_MODEL}); name a checkpoint folder: quill serve PATH")
+        models = [DEFAULT_MODEL]
+    state = AppState(config)
+    for arg in models:
+        name, path = split_model_arg(arg)
+        engine = quill.load(path, dtype=args.dtype, device=args.device)
+        name = name or engine.name
+        if name in state.models:
+            raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
+        state.add_model(name, engine)
+    return state
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    if args.threads is not None:
+        import torch
+
+        torch.set_num_threads(max(1, args.threads))
+    logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
+    from quill.server.app import create_app
+
+    state = build_state(args)
+    app = create_app(state)
+    names = ", ".join(state.models)
+    logging.getLogger("quill.server").info("serving %s on http://%s:%d (max batch %d, queue %d, auth %s)", names,
+                                           args.host, args.port, state.config.max_batch, state.config.max_queue,
+                                           "on" if state.config.api_keys else "off")
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
+                access_log=args.log_level == "debug")

@@ -1,0 +1,258 @@
+"""Request and response bodies of the HTTP API (pydantic 2), OpenAI's field names and defaults.
+
+Unknown request fields are ignored, as vLLM and llama.cpp do, so any OpenAI client works. Ranges are checked
+by Quill's own validation (`GenerationRequest.validate`), which names the offending parameter.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from quill.generate import MAX_LOGPROBS
+
+Prompt = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+class SamplingFields(_Request):
+    """Sampling controls shared by every generating endpoint: OpenAI's plus llama.cpp/vLLM extras."""
+
+    model: str | None = Field(None, description="a served model's id; default: the first one loaded")
+    n: StrictInt = Field(1, description="samples to generate (at most --max-batch)")
+    seed: StrictInt | None = None
+    temperature: float | None = Field(None, description="0 is greedy; default 1")
+    top_p: float | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    user: str | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    # Extras of llama.cpp / vLLM:
+    top_k: StrictInt | None = None
+    min_p: float | None = None
+    typical_p: float | None = None
+    repetition_penalty: float | None = None
+    no_repeat_ngram_size: StrictInt | None = None
+    min_tokens: StrictInt | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[StrictInt] | None = None
+
+    def sampling(self) -> dict[str, Any]:
+        """The `SamplingParams` keywords this request sets (None means: keep Quill's default)."""
+        names = ("temperature", "top_p", "top_k", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "no_repeat_ngram_size", "min_tokens", "ignore_eos", "seed")
+        out = {k: getattr(self, k) for k in names if getattr(self, k) is not None}
+        if self.logit_bias:
+            out["logit_bias"] = parse_logit_bias(self.logit_bias)
+        return out
+
+
+def parse_logit_bias(bias: dict[str, float]) -> dict[int, float]:
+    from quill.errors import InvalidParameter
+
+    out = {}
+    for key, value in bias.items():
+        try:
+            out[int(key)] = value
+        except ValueError:
+            raise InvalidParameter(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+    return out
+
+
+class CompletionRequest(SamplingFields):
+    """POST /v1/completions."""
+
+    prompt: Prompt = Field(..., description="text, token ids, or a list holding one of them")
+    max_tokens: StrictInt | None = Field(16, description="tokens to generate; null: up to the end of the context")
+    stop: StrictStr | list[StrictStr] | None = None
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+    echo: bool = False
+    suffix: str | None = None
+    best_of: StrictInt | None = None
+
+
+class ContentPart(_Request):
+    type: str
+    text: str | None = None
+
+
+class ChatMessage(_Request):
+    role: StrictStr
+    content: StrictStr | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(SamplingFields):
+    """POST /v1/chat/completions."""
+
+    messages: list[ChatMessage] = Field(..., min_length=1)
+    max_tokens: StrictInt | None = Field(None, description="default: up to the end of the context")
+    max_completion_tokens: StrictInt | None = None
+    stop: StrictStr | list[StrictStr] | None = None
+    logprobs: bool = False
+    top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+class TokenizeRequest(_Request):
+    """POST /v1/tokenize: a text (or chat messages, rendered with the model's template)."""
+
+    model: str | None = None
+    text: StrictStr | None = Field(None, validation_alias=AliasChoices("text", "prompt", "content"))
+    messages: list[ChatMessage] | None = None
+
+
+class DetokenizeRequest(_Request):
+    """POST /v1/detokenize."""
+
+    model: str | None = None
+    tokens: list[StrictInt] = Field(..., validation_alias=AliasChoices("tokens", "ids"))
+    skip_special_tokens: bool = False
+
+
+class InferenceRequest(SamplingFields):
+    """POST /v1/inference: token ids in, token ids out."""
+
+    tokens: list[StrictInt] = Field(..., validation_alias=AliasChoices("tokens", "prompt", "ids"))
+    max_tokens: StrictInt | None = 16
+    logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
+
+
+# ---- responses ---------------------------------------------------------------------------------------------------
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+    flops: int = Field(description="floating-point operations spent (Quill extra)")
+    seconds: float = Field(description="wall-clock seconds from arrival to the last token (Quill extra)")
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "quill"
+    context_length: int
+    vocab_size: int
+    parameters: int
+    has_chat_template: bool
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class LegacyLogprobs(BaseModel):
+    tokens: list[str]
+    token_logprobs: list[float | None]
+    top_logprobs: list[dict[str, float] | None]
+    text_offset: list[int]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: LegacyLogprobs | None = None
+    finish_reason: str | None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo
+    model_config = ConfigDict(extra="allow")
+
+
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
+class ChatResponseMessage(BaseModel):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: ChatResponseMessage
+    logprobs: ChatLogprobs | None = None
+    finish_reason: str | None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int
+    model: str
+    choices: list[ChatChoice]
+    usage: UsageInfo
+    model_config = ConfigDict(extra="allow")
+
+
+class TokenizeResponse(BaseModel):
+    model: str
+    tokens: list[int]
+    pieces: list[str]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeResponse(BaseModel):
+    model: str
+    text: str
+
+
+class InferenceTopLogprob(BaseModel):
+    token: int
+    logprob: float
+
+
+class InferenceLogprob(InferenceTopLogprob):
+    top_logprobs: list[InferenceTopLogprob]
+
+
+class InferenceChoice(BaseModel):
+    index: int
+    tokens: list[int]
+    finish_reason: str | None
+    logprobs: list[InferenceLogprob] | None = None
+
+
+class InferenceResponse(BaseModel):
+    id: str
+    object: Literal["inference"] = "inference"
+    created: int
+    model: str
+    choices: list[InferenceChoice]
+    usage: UsageInfo
+    model_config = ConfigDict(extra="allow")
+
+
+class Health(BaseModel):
+    status: str
+    models: list[str]

@@ -1,0 +1,136 @@
+"""Shared fixtures: tiny random checkpoint folders and real `quill serve` processes on loopback.
+
+- `make_tiny_model(folder, tokenizer=..., **config)`: a random-initialised transformers GPT-2 plus a tokenizer
+  saved beside it (a character tokenizer by default: small vocabulary, fast);
+- `tiny_model_dir` (character tokenizer with a Jinja chat template) and `tiny_gpt2_dir` (the GPT-2 tokenizer,
+  no chat template): session-scoped folders;
+- `serve(*args)`: starts `python -m quill.cli serve ... --port <free port>` and returns a `ServerProcess`
+  (call `.wait_ready()`); every process it started is stopped at the end of the session.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach a hub
+
+import httpx
+import pytest
+
+CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-\n<>|/"
+CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_tiny_model(folder: str | os.PathLike, tokenizer: str = "chars", chat_template: str | None = None,
+                    seed: int = 0, **config) -> Path:
+    """Save a random GPT-2 (n_embd 32, 2 layers, 2 heads by default) and its tokenizer into `folder`.
+
+    tokenizer: "chars" (a character tokenizer over CHARS; eos = bos = '|') or "gpt2" (the 50257-token GPT-2
+    BPE). A larger `initializer_range` (default 0.2) keeps greedy choices well separated.
+    """
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from quill.tokenizer import Tokenizer
+
+    folder = Path(folder)
+    if tokenizer == "chars":
+        tok = Tokenizer.characters(CHARS)
+        eos = tok.token_to_id("|")
+    elif tokenizer == "gpt2":
+        tok = Tokenizer.gpt2()
+        eos = tok.eos_token_id
+    else:
+        raise ValueError(f"unknown tokenizer {tokenizer!r}")
+    if chat_template is not None:
+        tok = dataclasses.replace(tok, chat_template=chat_template)
+    kw = dict(n_embd=32, n_layer=2, n_head=2, n_positions=128, initializer_range=0.2)
+    kw.update(config)
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=tok.vocab_size, bos_token_id=eos, eos_token_id=eos, **kw))
+    model.save_pretrained(folder)
+    tok.save(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """Character-level tiny model (context 128) whose tokenizer has a Jinja chat template."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny", chat_template=CHAT_TEMPLATE)
+
+
+@pytest.fixture(scope="session")
+def tiny_gpt2_dir(tmp_path_factory) -> Path:
+    """Tiny model with the real GPT-2 tokenizer (vocab 50257, context 64) and no chat template."""
+    return make_tiny_model(tmp_path_factory.mktemp("models") / "tiny-gpt2", tokenizer="gpt2", n_positions=64)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class ServerProcess:
+    """A `quill serve` subprocess on 127.0.0.1; its output goes to `log`."""
+
+    def __init__(self, args: list[str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = log
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        cmd = [sys.executable, "-m", "quill.cli", "serve", *map(str, args), "--host", "127.0.0.1",
+               "--port", str(self.port), "--threads", "1", "--log-level", "warning"]
+        self._out = open(log, "wb")
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=self._out, stderr=subprocess.STDOUT)
+
+    def output(self) -> str:
+        return self.log.read_text(errors="replace")
+
+    def wait_ready(self, timeout: float = 90.0) -> ServerProcess:
+        """Poll GET /health until it answers 200 (fails early if the process exits)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.output()}")
+            try:
+                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.1)
+        raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._out.close()
+
+
+@pytest.fixture(scope="session")
+def serve(tmp_path_factory):
+    """Factory: `serve(MODEL, "--api-key", "k", ...)` starts a server (not yet ready: call `.wait_ready()`)."""
+    started: list[ServerProcess] = []
+
+    def start(*args) -> ServerProcess:
+        log = tmp_path_factory.mktemp("server") / "server.log"
+        server = ServerProcess(list(args), log)
+        started.append(server)
+        return server
+
+    yield start
+    for server in started:
+        server.stop()
