@@ -11,6 +11,7 @@ import importlib
 import json
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli",)
 
@@ -53,19 +54,35 @@ def load_engine(args: argparse.Namespace):
 
 
 def cmd_generate(args: argparse.Namespace) -> None:
+    from platformdirs import user_data_dir
+
+    from quill.continuation import ContinuationStore
+    from quill.errors import InvalidParameter
+
+    if (args.prompt is None) == (args.continue_from is None):
+        raise InvalidParameter("give a prompt or --continue HANDLE (not both)", "prompt")
     engine = load_engine(args)
-    kw = sampling_kwargs(args)
-    if args.stream:
-        for piece in engine.stream(args.prompt, args.max_tokens, stop=args.stop, **kw):
+    # Handles must outlive this process: keep paused generations in the user's data directory.
+    engine.continuations = ContinuationStore(Path(user_data_dir("quill")) / "continuations")
+    if args.continue_from is not None:
+        out = engine.generate(continuation=args.continue_from, max_flops=args.max_flops)
+        print(out.text)
+    elif args.stream and args.max_flops is None:
+        for piece in engine.stream(args.prompt, args.max_tokens, stop=args.stop, **sampling_kwargs(args)):
             print(piece, end="", flush=True)
         print()
         return
-    out = engine.generate(args.prompt, args.max_tokens, stop=args.stop, **kw)
-    print(out.text)
+    else:
+        out = engine.generate(args.prompt, args.max_tokens, stop=args.stop, max_flops=args.max_flops,
+                              **sampling_kwargs(args))
+        print(out.text)
     u = out.usage
-    print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, {u.flops:.3e} FLOPs, "
+    print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, {u.flops:,} FLOPs, "
           f"{u.seconds:.2f} s, {u.completion_tokens / max(u.seconds, 1e-9):.1f} tok/s, "
           f"finish: {out.finish_reason}]", file=sys.stderr)
+    if out.continuation:
+        print(f"[budget spent: continue with  quill generate {args.model} --continue {out.continuation} "
+              f"--max-flops N]", file=sys.stderr)
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
@@ -90,8 +107,6 @@ def cmd_info(args: argparse.Namespace) -> None:
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
     from tqdm import tqdm
 
     engine = load_engine(args)
@@ -109,9 +124,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate text from a prompt")
     add_model_args(p)
-    p.add_argument("prompt")
+    p.add_argument("prompt", nargs="?", help="the prompt (omit with --continue)")
     add_sampling_args(p)
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
+    p.add_argument("--max-flops", type=int, default=None, help="FLOP budget of this call")
+    p.add_argument("--continue", dest="continue_from", metavar="HANDLE", default=None,
+                   help="resume a generation that its budget ended")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
