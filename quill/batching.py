@@ -20,8 +20,8 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from quill.errors import InvalidParameter, QuillError
-from quill.generate import DecodeBatch, GenerationRequest, Sequence, StepEvent, Usage, make_generator
+from quill.errors import BudgetError, InvalidParameter, QuillError
+from quill.generate import DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, make_generator
 
 log = logging.getLogger("quill.batching")
 
@@ -76,6 +76,7 @@ class Ticket:
         self._scheduler: Scheduler | None = None
         self._last: dict[int, float] = {}  # seq index -> time of its last token
         self._open = self.n  # sequences not finished yet
+        self._resume: SequenceState | None = None  # a continued sequence's saved state, placed on admission
 
     # ---- consumer side --------------------------------------------------------------------------------------
 
@@ -94,7 +95,7 @@ class Ticket:
     @property
     def usage(self) -> Usage:
         """Prompt tokens once, generated tokens and FLOPs of every sample, seconds from submission to the end."""
-        u = Usage(prompt_tokens=len(self.request.prompt_ids))
+        u = Usage(prompt_tokens=max(s.usage.prompt_tokens for s in self.seqs))
         for s in self.seqs:
             u.completion_tokens += s.usage.completion_tokens
             u.flops += s.usage.flops
@@ -132,6 +133,16 @@ class Ticket:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancelled = True
+
+
+def _loop(loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop | None:
+    """The loop a ticket delivers to: the one given, else the running one, else none (a thread queue)."""
+    if loop is not None:
+        return loop
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
 
 
 class Scheduler:
@@ -191,15 +202,25 @@ class Scheduler:
         if n > self.max_batch:
             raise InvalidParameter(f"n must be at most {self.max_batch} (this server's --max-batch)", "n")
         request.validate(self.engine.model)
-        if loop is None:
-            try:
-                loop = asyncio.get_running_loop()
-            except RuntimeError:
-                loop = None
         model = self.engine.model
         seqs = [Sequence(request, self.engine.tokenizer, model.config.n_positions, model.config.eos_token_ids,
                          make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
-        ticket = Ticket(request, seqs, loop)
+        return self._enqueue(Ticket(request, seqs, _loop(loop)))
+
+    def resume(self, state: SequenceState, max_flops: int | None = None,
+               loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
+        """Queue a sequence that a FLOP budget paused (a continuation), to carry on exactly where it stopped.
+
+        Its saved KV cache is copied into a row, or recomputed from its tokens when gone; a budget too small
+        for that and one step ends the ticket with BudgetError before anything runs.
+        """
+        seq = Sequence.resume(state, self.engine.tokenizer, self.engine.model, max_flops)
+        ticket = Ticket(seq.request, [seq], _loop(loop))
+        ticket._resume = state
+        return self._enqueue(ticket)
+
+    def _enqueue(self, ticket: Ticket) -> Ticket:
+        n = ticket.n
         with self._cond:
             if self._stopping:
                 raise SchedulerClosed(f"model {self.name!r} is shutting down")
@@ -263,10 +284,12 @@ class Scheduler:
                         if t.cancelled:
                             self._finish(t)
                             continue
-                        self._running.append(t)
-                        for s in t.seqs:
-                            self._owner[id(s)] = t
-                        self._route(self._batch.add(t.seqs))
+                        try:
+                            events = self._admit(t)
+                        except BudgetError as e:  # refused before touching the batch: only this request fails
+                            self._fail(t, e)
+                            continue
+                        self._route(events)
                         self._observe()
                     if self._batch.rows:
                         self._route(self._batch.step())
@@ -285,6 +308,23 @@ class Scheduler:
                 self._finish(t, put_done=False)
             self._running.clear()
             self._observe()
+
+    def _admit(self, t: Ticket) -> list[StepEvent]:
+        """Prefill a new request (its first tokens come back) or place a continued sequence (tokens on next step)."""
+        if t._resume is not None:
+            self._batch.resume(t.seqs[0], t._resume.kv)
+            events: list[StepEvent] = []
+        else:
+            events = self._batch.add(t.seqs)
+        self._running.append(t)
+        for s in t.seqs:
+            self._owner[id(s)] = t
+        return events
+
+    def _fail(self, t: Ticket, error: BaseException) -> None:
+        t.error = error
+        t._put(error)
+        self._finish(t, put_done=False)
 
     def _has_cancelled(self) -> bool:
         return any(t.cancelled for t in self._running)
@@ -341,9 +381,7 @@ class Scheduler:
 
     def _fail_all(self, error: Exception) -> None:
         for t in list(self._running):
-            t.error = error
-            t._put(error)
-            self._finish(t, put_done=False)
+            self._fail(t, error)
         self._owner.clear()
         self._batch = DecodeBatch(self.engine.model, self.max_batch)
         self._observe()

@@ -52,6 +52,11 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
         return path
     if isinstance(path_or_name, str) and path_or_name in bundled_models():
         return BUNDLED_DIR / path_or_name
+    from quill.store import find_stored  # a model published to the default model store (quill/store.py)
+
+    stored = find_stored(str(path_or_name))
+    if stored is not None:
+        return stored
     known = ", ".join(bundled_models()) or "none"
     raise ModelNotFound(f"no model folder or bundled model named {str(path_or_name)!r} (bundled: {known})")
 

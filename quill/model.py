@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import threading
 from dataclasses import dataclass
 from typing import Any
 
@@ -16,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from quill import kernels
 from quill.errors import ConfigError
 
 ACTIVATIONS = {
@@ -294,6 +296,10 @@ class GPT(nn.Module):
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
+    # Decode steps (one token per row, CPU, no autograd) run through quill.kernels when they are available;
+    # set False to force the plain torch path (torch.compile does, and tests compare the two).
+    use_kernels: bool = True
+
     @property
     def device(self) -> torch.device:
         return self.transformer.wte.weight.device
@@ -321,6 +327,11 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {pos.end()} exceed the context of {limit} tokens")
         if cache is None and (pos.ragged or pos.start != 0):
             raise ValueError("a forward without a cache must start at position 0")
+        if T == 1 and cache is not None and self.use_kernels and self._decode_ok(idx, pos, cache):
+            try:
+                return self._decode(idx, pos, cache)
+            except _Unsupported:  # a layer the kernels cannot run: redo the step (same cache writes) in torch
+                pass
         x = self.transformer.wte(idx) + self.transformer.wpe(pos.ids(idx.device))  # [B, T, C]
         x = self.transformer.drop(x)
         mask = pos.mask(pos.end(), idx.device) if cache is not None else None
@@ -331,3 +342,83 @@ class GPT(nn.Module):
         if last_only:
             x = x[:, -1:]
         return self.lm_head(x)  # [B, T or 1, V]
+
+    # ---- the decode fast path -----------------------------------------------------------------------------
+
+    def _decode_ok(self, idx: Tensor, pos: Positions, cache: KVCache) -> bool:
+        """Whether this one-token-per-row step can run on the fused CPU kernels (else the torch path runs)."""
+        if self.training or torch.is_grad_enabled() or idx.device.type != "cpu" or idx.shape[0] > kernels.MAX_ROWS:
+            return False
+        if cache.k.dtype != self.dtype or cache.k.dtype not in kernels.FLOAT_DTYPES or cache.k.stride(-1) != 1:
+            return False
+        if pos.ragged and (pos.start.device.type != "cpu" or pos.start.dtype != torch.long):
+            return False
+        return kernels.available()
+
+    def _decode(self, idx: Tensor, pos: Positions, cache: KVCache) -> Tensor:
+        """One token per row through the fused kernels: LayerNorm folded into the following projection,
+        residual adds folded into the output projections, and the cache written inside the attention kernel.
+        Same result as the torch path up to float rounding."""
+        cfg, tr = self.config, self.transformer
+        B, C = idx.shape[0], cfg.n_embd
+        dtype = self.dtype
+        ws = self._workspace(B, dtype)
+        x, qkv, att, hidden = ws["x"], ws["qkv"], ws["att"], ws["hidden"]
+        start = pos.start.contiguous() if pos.ragged else pos.start
+        torch.add(tr.wte(idx[:, 0]), tr.wpe.weight[start], out=x)
+        act = self._act_inplace
+        for i, block in enumerate(tr.h):
+            attn, mlp = block.attn, block.mlp
+            _klinear(attn.c_attn, x, out=qkv, ln=block.ln_1)
+            kernels.attn_decode(qkv, cache.k[i], cache.v[i], start, attn.n_head, attn.scale, att)
+            _klinear(attn.c_proj, att, out=x, residual=x)
+            _klinear(mlp.c_fc, x, out=hidden, ln=block.ln_2)
+            act(hidden)
+            _klinear(mlp.c_proj, hidden, out=x, residual=x)
+        logits = _klinear(self.lm_head, x, ln=tr.ln_f)  # fresh: callers keep logits across steps
+        return logits[:, None]
+
+    def _workspace(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
+        """Preallocated activations of a decode step, reused across steps (keyed by batch size and dtype)."""
+        key = (batch, dtype, threading.get_ident())  # per thread: concurrent generations must not share
+        cache = self.__dict__.setdefault("_decode_buffers", {})
+        ws = cache.get(key)
+        if ws is None:
+            if len(cache) >= 64:
+                cache.clear()
+            c = self.config
+            ws = {"x": torch.empty(batch, c.n_embd, dtype=dtype), "qkv": torch.empty(batch, 3 * c.n_embd, dtype=dtype),
+                  "att": torch.empty(batch, c.n_embd, dtype=dtype),
+                  "hidden": torch.empty(batch, c.inner_dim, dtype=dtype)}
+            cache[key] = ws
+        return ws
+
+    @property
+    def _act_inplace(self):
+        name = self.config.activation_function
+        if name in ("gelu_new", "gelu_pytorch_tanh"):
+            return lambda t: torch.ops.aten.gelu_(t, approximate="tanh")
+        if name == "gelu":
+            return torch.ops.aten.gelu_
+        return torch.relu_
+
+
+class _Unsupported(Exception):
+    """A module the decode kernels cannot run (the step falls back to the torch path)."""
+
+
+def _klinear(m: nn.Module, x: Tensor, out: Tensor | None = None, residual: Tensor | None = None,
+             ln: nn.LayerNorm | None = None) -> Tensor:
+    """Run a projection module on the kernels: a plain nn.Linear, or any module with `kernel_args()` returning
+    (weight [N, K], per-row scale or None, bias or None) - quill.quantize's int8 layers do."""
+    if type(m) is nn.Linear:
+        weight, scale, bias = m.weight, None, m.bias
+    elif hasattr(m, "kernel_args"):
+        weight, scale, bias = m.kernel_args()
+    else:
+        raise _Unsupported(type(m).__name__)
+    if weight.dtype not in kernels.DTYPE_CODES or weight.device.type != "cpu" or not weight.is_contiguous():
+        raise _Unsupported("weight layout")
+    if ln is not None and (type(ln) is not nn.LayerNorm or ln.weight is None):
+        raise _Unsupported("layer norm")
+    return kernels.linear(x, weight, bias, scale, residual=residual, out=out, ln=ln)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from types import SimpleNamespace
@@ -30,6 +29,17 @@ AUTH = {"Authorization": f"Bearer {KEYS[0]}"}
 # ---- fixtures ----------------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Library-side reference generations on one thread: tiny models decode far faster so on a busy machine."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def servers(serve, tiny_model_dir, tiny_gpt2_dir, tmp_path_factory):
     work = tmp_path_factory.mktemp("serve")
@@ -38,7 +48,8 @@ def servers(serve, tiny_model_dir, tiny_gpt2_dir, tmp_path_factory):
     long_dir = make_tiny_model(work / "long", n_positions=4096, n_embd=64)
     main = serve(f"tiny={tiny_model_dir}", f"tiny-gpt2={tiny_gpt2_dir}", "--api-key-file", key_file,
                  "--admin-key", ADMIN, "--max-batch", 8, "--store", work / "store")
-    tight = serve(f"long={long_dir}", "--max-batch", 1, "--max-queue", 1, "--max-body-bytes", 4096)
+    tight = serve(f"long={long_dir}", "--max-batch", 1, "--max-queue", 1, "--max-body-bytes", 4096,
+                  "--store", work / "store-tight")
     return SimpleNamespace(main=main.wait_ready(), tight=tight.wait_ready())
 
 
@@ -323,7 +334,7 @@ def test_auth(server, client):
         openai.OpenAI(base_url=f"{url}/v1", api_key="nope", max_retries=0).models.list()
 
 
-def test_request_errors(http):
+def test_request_errors(http, server):
     def post(body, path="/v1/completions"):
         return http.post(path, json=body)
 
@@ -358,7 +369,7 @@ def test_request_errors(http):
     assert_error(http.get("/v1/nothing-here"), 404, "not_found")
     assert_error(http.get("/v1/completions"), 405, "method_not_allowed")
     # the official client surfaces the same errors
-    c = openai.OpenAI(base_url=str(http.base_url) + "v1", api_key=KEYS[0], max_retries=0)
+    c = openai.OpenAI(base_url=server.url + "/v1", api_key=KEYS[0], max_retries=0)
     with pytest.raises(openai.BadRequestError) as e:
         c.completions.create(model="tiny", prompt="Hello", max_tokens=1000)
     assert e.value.code == "context_length_exceeded" and e.value.param == "max_tokens"
@@ -415,6 +426,20 @@ def test_queue_full_and_disconnect_frees_slot(tight):
     assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 2
 
 
+def test_non_streaming_disconnect_cancels(tight):
+    def sample(name, *labels):
+        return metrics(tight.url).get((name, ("model", "long"), *labels), 0.0)
+
+    before = sample("quill_generations_total", ("outcome", "cancelled"))
+    body = {"model": "long", "prompt": "a", "max_tokens": 4000, "ignore_eos": True}
+    with pytest.raises(httpx.ReadTimeout):  # the client gives up and hangs up while the server generates
+        httpx.post(tight.url + "/v1/completions", json=body, timeout=httpx.Timeout(30, read=0.5))
+    wait_for(lambda: sample("quill_generations_total", ("outcome", "cancelled")) == before + 1, what="a cancel")
+    assert sample("quill_active_slots") == 0
+    r = httpx.post(tight.url + "/v1/completions", json={"model": "long", "prompt": "e", "max_tokens": 2})
+    assert r.status_code == 200
+
+
 # ---- metrics -----------------------------------------------------------------------------------------------------
 
 
@@ -457,13 +482,15 @@ def test_admin_dependency_and_extra_routers():
     async def ping():
         return {"pong": True}
 
-    app = create_app(AppState(ServerConfig(api_keys=("user",), admin_keys=("boss",))), routers=[admin])
+    mine = ("quill.server.routes_openai", "quill.server.routes_tokens", "quill.server.metrics")
+    app = create_app(AppState(ServerConfig(api_keys=("user",), admin_keys=("boss",))), routers=[admin],
+                     router_modules=mine)
     with TestClient(app) as c:
         assert_error(c.get("/admin/ping"), 401, "invalid_admin_key")
         assert_error(c.get("/admin/ping", headers={"Authorization": "Bearer user"}), 401, "invalid_admin_key")
         assert c.get("/admin/ping", headers={"Authorization": "Bearer boss"}).json() == {"pong": True}
         assert c.get("/v1/models", headers={"Authorization": "Bearer user"}).json() == {"object": "list", "data": []}
-    with TestClient(create_app(AppState(), routers=[admin])) as c:
+    with TestClient(create_app(AppState(), routers=[admin], router_modules=mine)) as c:
         assert_error(c.get("/admin/ping", headers={"Authorization": "Bearer boss"}), 403, "admin_disabled")
         assert c.get("/v1/models").status_code == 200  # no keys: open
 

@@ -34,6 +34,8 @@ ROUTER_MODULES: tuple[str, ...] = (
     "quill.server.routes_openai",
     "quill.server.routes_tokens",
     "quill.server.metrics",
+    "quill.server.routes_web",
+    "quill.server.routes_store",
 )
 
 system = APIRouter(tags=["system"])

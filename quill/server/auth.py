@@ -49,13 +49,15 @@ def principal(key: str) -> str:
 async def require_api_key(request: Request, state: AppState = Depends(get_state)) -> str | None:
     """Allow the request when no API key is configured, or it carries a configured (or the admin) key.
 
-    Sets `request.state.principal` ("key:<hash prefix>", "admin", or None on an open server).
+    Sets `request.state.principal` ("key:<hash prefix>", "admin", or None on an open server) and
+    `request.state.api_key` (the key itself, e.g. for `quill.continuation.owner_id`; None when open).
     """
-    request.state.principal = None
+    request.state.principal = request.state.api_key = None
     cfg = state.config
     if not cfg.api_keys:
         return None
     token = bearer_token(request)
+    request.state.api_key = token
     if matches(token, cfg.admin_keys) is not None:
         request.state.principal = "admin"
         return "admin"
@@ -63,6 +65,7 @@ async def require_api_key(request: Request, state: AppState = Depends(get_state)
     if key is None:
         message = ("missing API key: send 'Authorization: Bearer KEY'" if token is None
                    else "invalid API key")
+        request.state.api_key = None
         raise APIError(401, message, code="invalid_api_key", headers=_CHALLENGE)
     request.state.principal = principal(key)
     return request.state.principal
@@ -76,7 +79,7 @@ async def require_admin(request: Request, state: AppState = Depends(get_state)) 
     if matches(bearer_token(request), cfg.admin_keys) is None:
         raise APIError(401, "this route needs the admin key: send 'Authorization: Bearer ADMIN_KEY'",
                        code="invalid_admin_key", headers=_CHALLENGE)
-    request.state.principal = "admin"
+    request.state.principal, request.state.api_key = "admin", bearer_token(request)
     return "admin"
 
 

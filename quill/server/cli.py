@@ -25,6 +25,8 @@ def register(subparsers) -> None:
     p.add_argument("--admin-key", action="append", default=None, metavar="KEY",
                    help="key for admin routes (without one they are disabled)")
     p.add_argument("--store", metavar="DIR", default=None, help="model store folder")
+    p.add_argument("--load", action="append", default=None, metavar="NAME",
+                   help="serve a model of the store (--store, or the default store) from the start (repeatable)")
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 2 MiB)")
@@ -63,7 +65,7 @@ def build_state(args: argparse.Namespace):
                           max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
                           dtype=args.dtype, device=args.device)
     models = args.models
-    if not models:
+    if not models and not (args.store or args.load):  # with a store, models can come later (quill push)
         if DEFAULT_MODEL not in bundled_models():
             raise QuillError(f"no MODEL given and the bundled model {DEFAULT_MODEL!r} is not installed "
                              f"(quill/models/{DEFAULT_MODEL}); name a checkpoint folder: quill serve PATH")
@@ -76,6 +78,12 @@ def build_state(args: argparse.Namespace):
         if name in state.models:
             raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
         state.add_model(name, engine)
+    for name in args.load or ():  # models of the store (quill/store.py)
+        from quill.store import load_stored
+
+        if name in state.models:
+            raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
+        state.add_model(name, load_stored(name, config.store_dir, dtype=args.dtype, device=args.device))
     return state
 
 

@@ -23,6 +23,7 @@ from quill.tokenizer import Tokenizer
 
 log = logging.getLogger("quill.server")
 DISCONNECT_POLL_SECONDS = 0.1
+LONG_TEXT = 16384  # characters: longer texts are tokenized off the event loop
 
 
 def new_id(prefix: str) -> str:
@@ -31,6 +32,16 @@ def new_id(prefix: str) -> str:
 
 def now() -> int:
     return int(time.time())
+
+
+async def encode(tokenizer: Tokenizer, text: str, param: str) -> list[int]:
+    """Token ids of a text; long texts are encoded on a worker thread so the event loop keeps serving."""
+    try:
+        if len(text) > LONG_TEXT:
+            return await asyncio.to_thread(tokenizer.encode, text)
+        return tokenizer.encode(text)
+    except Exception as e:
+        raise APIError(400, f"cannot tokenize {param}: {e}", param=param, code="invalid_value") from e
 
 
 def get_model(state: AppState, name: str | None) -> LoadedModel:

@@ -29,7 +29,9 @@ def model_card(m: LoadedModel) -> ModelCard:
 
 @router.get("/models", response_model=ModelList)
 async def list_models(state: AppState = Depends(get_state)) -> ModelList:
-    return ModelList(data=[model_card(m) for m in state.models.values()])
+    listing = ModelList(data=[model_card(m) for m in state.models.values()])
+    extend = getattr(state, "extend_model_list", None)  # the model store adds stored models (routes_store.mount)
+    return listing if extend is None else JSONResponse(extend(listing.model_dump()))
 
 
 @router.get("/models/{model_id:path}", response_model=ModelCard)
@@ -49,7 +51,8 @@ def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int
 
 
 def context(route: str, model: LoadedModel, request, n: int, http: Request) -> GenerationContext:
-    return GenerationContext(route, model, request, n, http, getattr(http.state, "principal", None))
+    return GenerationContext(route, model, request, n, http, getattr(http.state, "principal", None),
+                             getattr(http.state, "api_key", None))
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------------------
@@ -88,7 +91,7 @@ def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> list[dict[str, Any
 # ---- completions -------------------------------------------------------------------------------------------------
 
 
-def completion_prompt(model: LoadedModel, prompt) -> tuple[list[int], str | None]:
+async def completion_prompt(model: LoadedModel, prompt) -> tuple[list[int], str | None]:
     """Token ids of an OpenAI `prompt` (text, ids, or a list of one of them) and its text when given as text."""
     if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
         if len(prompt) != 1:
@@ -102,10 +105,7 @@ def completion_prompt(model: LoadedModel, prompt) -> tuple[list[int], str | None
                 raise APIError(400, "prompt is empty and the model has no BOS token to start from", param="prompt",
                                code="invalid_value")
             return [tok.bos_token_id], ""
-        try:
-            return tok.encode(prompt), prompt
-        except Exception as e:
-            raise APIError(400, f"cannot tokenize prompt: {e}", param="prompt", code="invalid_value") from e
+        return await g.encode(tok, prompt, "prompt"), prompt
     return list(prompt), None
 
 
@@ -117,7 +117,7 @@ async def completions(body: CompletionRequest, http: Request, state: AppState = 
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported (it may only equal n)", param="best_of",
                        code="unsupported_parameter")
-    prompt_ids, prompt_text = completion_prompt(model, body.prompt)
+    prompt_ids, prompt_text = await completion_prompt(model, body.prompt)
     req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
                         echo=body.echo)
     if body.echo and prompt_text is None:
@@ -212,10 +212,7 @@ def render_messages(model: LoadedModel, messages) -> tuple[str, list[int]]:
 async def chat_completions(body: ChatCompletionRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
     text, stop_ids = render_messages(model, body.messages)
-    try:
-        prompt_ids = model.engine.tokenizer.encode(text)
-    except Exception as e:
-        raise APIError(400, f"cannot tokenize messages: {e}", param="messages", code="invalid_value") from e
+    prompt_ids = await g.encode(model.engine.tokenizer, text, "messages")
     max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     req = build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,

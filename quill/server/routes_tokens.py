@@ -27,10 +27,7 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(get_state)) 
         raise APIError(400, "give exactly one of 'text' and 'messages'", param="text", code="invalid_value")
     text = body.text if body.text is not None else render_messages(model, body.messages)[0]
     tok = model.engine.tokenizer
-    try:
-        ids = tok.encode(text)
-    except Exception as e:
-        raise APIError(400, f"cannot tokenize text: {e}", param="text", code="invalid_value") from e
+    ids = await g.encode(tok, text, "text" if body.text is not None else "messages")
     return TokenizeResponse(model=model.name, tokens=ids, pieces=[tok.id_to_piece(i) for i in ids], count=len(ids),
                             max_model_len=model.context_length)
 

@@ -9,7 +9,8 @@ Quill extend the server through it without editing the server's modules:
 - `usage_listeners`: callables `(ctx: GenerationContext, usage: Usage) -> None` run once a generation ended
   (finished, cancelled or failed), on the event loop: metering;
 - `startup_hooks` / `shutdown_hooks`: callables (sync or async) run by the app's lifespan;
-- `body_limit_exempt`: path prefixes whose request bodies may exceed `config.max_body_bytes` (uploads).
+- `body_limit_exempt`: path prefixes whose request bodies may exceed `config.max_body_bytes` (uploads);
+- `extend_model_list`: `(listing: dict) -> dict` applied to GET /v1/models' answer (stored models).
 """
 
 from __future__ import annotations
@@ -67,6 +68,7 @@ class GenerationContext:
     n: int
     http: Request
     principal: str | None  # who is calling: "key:<hash prefix>", "admin", or None on an open server
+    api_key: str | None = None  # the caller's key itself (None on an open server)
     extra: dict[str, Any] = field(default_factory=dict)  # merged into the response body (and the last chunk)
 
 
@@ -84,6 +86,8 @@ class AppState:
         self.startup_hooks: list[Callable] = []
         self.shutdown_hooks: list[Callable] = []
         self.body_limit_exempt: list[str] = []
+        self.extend_model_list: Callable[[dict], dict] | None = None  # GET /v1/models listing -> listing
+        self.model_store: Any = None  # the model store service, when mounted
         self.started = False
 
     @property

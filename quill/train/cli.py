@@ -30,6 +30,7 @@ FIELD_HELP = {
     "grad_clip": "max global gradient norm (0: no clipping)",
     "eval_interval": "steps between evaluations and checkpoints",
     "eval_iters": "batches per split per evaluation",
+    "checkpoint_interval": "also checkpoint (without evaluating) every N steps",
     "target_val_loss": "stop once the val loss is at or below this",
     "max_minutes": "stop (with a checkpoint) at the first evaluation past this many minutes",
     "dtype": "float32, bfloat16 (autocast) or float16 (autocast + GradScaler, CUDA only)",

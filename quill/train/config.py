@@ -55,6 +55,7 @@ class TrainConfig:
     eval_iters: int = 50                # batches per split per evaluation
     log_interval: int = 10              # steps between log lines
     always_save_checkpoint: bool = True  # checkpoint at every evaluation, not only when val loss improves
+    checkpoint_interval: int | None = None  # also checkpoint (without evaluating) every this many steps
     target_val_loss: float | None = None  # stop early once val loss reaches this
     max_minutes: float | None = None    # stop (with a checkpoint) at the first evaluation past this wall time
     # system
@@ -92,6 +93,8 @@ class TrainConfig:
             raise ConfigError(f"device must be one of {', '.join(DEVICES)}, got {self.device!r}", "device")
         if self.threads is not None and self.threads <= 0:
             raise ConfigError("threads must be positive", "threads")
+        if self.checkpoint_interval is not None and self.checkpoint_interval <= 0:
+            raise ConfigError("checkpoint_interval must be positive", "checkpoint_interval")
         if self.lr_decay_iters is not None and self.lr_decay_iters < 0:
             raise ConfigError("lr_decay_iters must not be negative", "lr_decay_iters")
 

@@ -13,7 +13,9 @@ import inspect
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -148,6 +150,8 @@ class Trainer:
         self.elapsed_before = 0.0
         self.history: dict[str, Any] = {"config": cfg.to_dict(), "train": [], "eval": []}
         self._skip_eval_at: int | None = None
+        self._evaluated_at: int | None = None
+        self._stop_signal: int | None = None
         if state is not None:
             self._restore(state)
 
@@ -173,7 +177,8 @@ class Trainer:
         self.elapsed_before = state.get("elapsed_s", 0.0)
         self.history["train"] = list(state["history"]["train"])
         self.history["eval"] = list(state["history"]["eval"])
-        self._skip_eval_at = self.iter  # that evaluation is in the history already
+        self._skip_eval_at = state.get("evaluated_at", self.iter)  # that evaluation is in the history already
+        self._evaluated_at = self._skip_eval_at
         per_rank = state["rng"]
         if len(per_rank) == self.dist.world_size:
             mine = per_rank[self.dist.rank]
@@ -189,6 +194,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scaler": self.scaler.state_dict() if self.scaler.is_enabled() else {},
             "iter": self.iter,
+            "evaluated_at": self._evaluated_at,
             "best_val_loss": self.best_val,
             "elapsed_s": elapsed,
             "model_config": dataclasses.asdict(self.model.config),
@@ -269,6 +275,7 @@ class Trainer:
         say = (lambda s: bar.write(s)) if bar is not None else self._print
         start = time.perf_counter()
         window_t, window_n = start, 0
+        previous = self._install_signal_handlers()
         try:
             while True:
                 last = self.iter >= cfg.max_iters
@@ -296,10 +303,48 @@ class Trainer:
                             say(f"step {self.iter}/{cfg.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
                                 f"{tok_s:,.0f} tok/s | eta {_hms(eta)}")
                         window_t, window_n = now, 0
+                interrupted = self._interrupted()
+                if interrupted or (cfg.checkpoint_interval and self.iter % cfg.checkpoint_interval == 0
+                                   and self.iter % cfg.eval_interval != 0 and self.iter < cfg.max_iters):
+                    self._checkpoint(self.elapsed_before + time.perf_counter() - start)
+                if interrupted:
+                    if main:
+                        say(f"stopping on signal {self._stop_signal or 'from rank 0'} at step {self.iter}: "
+                            f"checkpoint saved, resume with --init-from resume")
+                    break
         finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
             if bar is not None:
                 bar.close()
         return self.history
+
+    def _install_signal_handlers(self) -> dict:
+        """SIGINT/SIGTERM finish the current step, write a checkpoint and stop (a preemptible run)."""
+        if threading.current_thread() is not threading.main_thread():
+            return {}
+
+        def handler(signum, _frame):
+            self._stop_signal = signum
+
+        previous = {}
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            previous[sig] = signal.signal(sig, handler)
+        return previous
+
+    def _interrupted(self) -> bool:
+        flag = self._stop_signal is not None
+        if self.dist.enabled:  # any rank's signal stops every rank at the same step
+            t = torch.tensor([1.0 if flag else 0.0], device=self.device)
+            flag = ddp.all_reduce_sum(t, self.dist).item() > 0
+        return flag
+
+    def _checkpoint(self, elapsed: float) -> None:
+        """Write ckpt.pt for the current step (a collective: every rank must call it)."""
+        rngs = ddp.gather_objects(ckpt_io.rng_state(self.sampler.state_dict()), self.dist)
+        if self.dist.is_main:
+            ckpt_io.save(self.out_dir / ckpt_io.CKPT_FILE, self._state(rngs, elapsed))
+            self.write_log(elapsed, None)
 
     def _evaluate_and_checkpoint(self, start: float, say: Callable[[str], None]) -> bool:
         """Evaluate, record, checkpoint; returns whether training should stop."""
@@ -309,6 +354,7 @@ class Trainer:
         tokens = self.iter * cfg.batch_size * cfg.block_size * cfg.grad_accum * self.dist.world_size
         self.history["eval"].append({"iter": self.iter, "train_loss": losses["train"], "val_loss": losses["val"],
                                      "elapsed_s": round(elapsed, 2), "tokens": tokens})
+        self._evaluated_at = self.iter
         improved = losses["val"] < self.best_val
         if improved:
             self.best_val = losses["val"]
