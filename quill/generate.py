@@ -17,7 +17,7 @@ from torch import Tensor
 
 from quill.cost import forward_flops
 from quill.errors import BudgetError, ContextLengthError, InvalidParameter
-from quill.model import GPT, KVCache
+from quill.model import GPT, GPTConfig, KVCache
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
 from quill.stopping import StopStrings
 from quill.tokenizer import Tokenizer
@@ -63,6 +63,12 @@ class GenerationRequest:
             raise InvalidParameter(f"stop_token_ids must lie in [0, {cfg.vocab_size})", "stop_token_ids")
         self.sampling.validate(cfg.vocab_size)
         StopStrings(self.stop, self.include_stop)  # validates the stop list
+        check_budget(self.max_flops, self.prefill_flops(cfg), f"the prefill of {len(self.prompt_ids)} prompt tokens")
+
+    def prefill_flops(self, config: GPTConfig) -> int:
+        """FLOPs of this request's prefill (every prompt position goes through the head with echo)."""
+        n = len(self.prompt_ids)
+        return forward_flops(config, n, 0, n if self.echo else 1)
 
     @property
     def limit(self) -> int:
@@ -178,6 +184,9 @@ class Sequence:
         request = dataclasses.replace(state.request, max_flops=max_flops)
         if max_flops is not None and (not isinstance(max_flops, int) or max_flops <= 0):
             raise InvalidParameter(f"max_flops must be a positive integer, got {max_flops!r}", "max_flops")
+        cached = len(state.tokens) - 1
+        what = (f"recomputing the context of {cached} tokens and " if state.kv is None else "") + "one step"
+        check_budget(max_flops, resume_flops(model.config, state), what)
         generator = None
         if state.generator_state is not None:
             generator = torch.Generator(device=model.device)
@@ -264,8 +273,7 @@ class DecodeBatch:
             raise RuntimeError(f"batch has {self.free} free rows, {len(seqs)} requested")
         prompt = seqs[0].request.prompt_ids
         want_all = seqs[0].request.echo
-        flops = forward_flops(self.model.config, len(prompt), 0, len(prompt) if want_all else 1)
-        self._check_budget(seqs[0], flops, f"the prefill of {len(prompt)} prompt tokens")
+        flops = seqs[0].request.prefill_flops(self.model.config)
         row = len(self.rows)
         t0 = time.perf_counter()
         idx = torch.tensor([prompt], device=self.model.device)
@@ -294,29 +302,18 @@ class DecodeBatch:
         """FLOPs of the decode step that feeds `seq`'s last token."""
         return forward_flops(self.model.config, 1, len(seq.tokens) - 1, 1)
 
-    def _check_budget(self, seq: Sequence, flops: int, what: str) -> None:
-        if not seq.fits(flops):
-            raise BudgetError(f"max_flops={seq.request.max_flops} cannot pay for {what}: "
-                              f"at least {flops} FLOPs are needed", "max_flops", minimum=flops)
-
     @torch.inference_mode()
     def resume(self, seq: Sequence, kv: tuple[Tensor, Tensor] | None) -> None:
-        """Put a continued sequence back into a free row: copy its saved KV cache, or recompute it.
-
-        Refused up front (BudgetError) when the budget cannot pay for the recomputation and one step.
-        """
+        """Put a continued sequence back into a free row: copy its saved KV cache, or recompute it."""
         if self.free < 1:
             raise RuntimeError("batch has no free row")
         cached = len(seq.tokens) - 1  # the last token has not been fed yet
-        recompute = forward_flops(self.model.config, cached, 0, 1) if kv is None else 0
-        self._check_budget(seq, recompute + self._step_flops(seq),
-                           ("recomputing the context of " + f"{cached} tokens and " if kv is None else "") + "one step")
         row = len(self.rows)
         if kv is None:
             t0 = time.perf_counter()
             idx = torch.tensor([seq.tokens[:-1]], device=self.model.device)
             self.model(idx, 0, self.cache.rows(slice(row, row + 1)), last_only=True)
-            seq.usage.flops += recompute
+            seq.usage.flops += forward_flops(self.model.config, cached, 0, 1)
             seq.usage.seconds += time.perf_counter() - t0
         else:
             self.cache.k[:, row, :, :cached] = kv[0]
@@ -386,6 +383,19 @@ def prompt_logprobs(logits: Tensor, prompt: list[int], top_n: int) -> list[Token
             top = list(zip(top_ids[j].tolist(), top_vals[j].tolist())) if top_n else []
             out.append(TokenLogprob(tok, float(chosen[j]), top))
     return out
+
+
+def check_budget(max_flops: int | None, flops: int, what: str) -> None:
+    """Refuse, before any work, a budget that cannot pay for `what` (the work that must come first)."""
+    if max_flops is not None and flops > max_flops:
+        raise BudgetError(f"max_flops={max_flops} cannot pay for {what}: at least {flops} FLOPs are needed",
+                          "max_flops", minimum=flops)
+
+
+def resume_flops(config: GPTConfig, state: SequenceState) -> int:
+    """The least a continuation's call must pay: recomputing a lost KV cache, then one decode step."""
+    cached = len(state.tokens) - 1
+    return (forward_flops(config, cached, 0, 1) if state.kv is None else 0) + forward_flops(config, 1, cached, 1)
 
 
 def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1) -> Iterator[StepEvent]:

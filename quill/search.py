@@ -181,6 +181,7 @@ class _Setup:
         sampling = request.sampling
         ends = list(dict.fromkeys(([] if sampling.ignore_eos else self.eos_ids) + list(request.stop_token_ids)))
         self.end_list = ends
+        self.end_set = set(ends)
         self.end_ids = torch.tensor(ends, dtype=torch.long, device=model.device)
         self.prompt = list(request.prompt_ids)
         self.P = len(self.prompt)
@@ -208,9 +209,13 @@ class _Setup:
         self.flops += forward_flops(self.model.config, self.P, 0, self.P if req.echo else 1)
         return logits[-1]
 
+    def stop_hit(self, generated: list[int]) -> bool:
+        """Whether the text of these generated tokens contains a stop string."""
+        return self.stops.truncate(self.tokenizer.decode(generated))[1]
+
     def stop_hits(self, seqs: Tensor, length: int) -> Tensor:
         """Bool [rows]: whose generated text (tokens P..length-1 of `seqs`) contains a stop string."""
-        hits = [self.stops.truncate(self.tokenizer.decode(row))[1] for row in seqs[:, self.P:length].tolist()]
+        hits = [self.stop_hit(row) for row in seqs[:, self.P:length].tolist()]
         return torch.tensor(hits, dtype=torch.bool, device=seqs.device)
 
     def ends(self, tokens: Tensor) -> Tensor:
@@ -425,31 +430,29 @@ def _group_beam_search(s: _Setup, params: SearchParams, n: int) -> list[Hypothes
                 new_tok = torch.full((S,), pad, dtype=torch.long, device=device)
                 new_idx = torch.zeros(S, dtype=torch.long, device=device)
             else:
-                cand = seqs[lo + idx]
-                cand[:, cur] = tok
-                ended = s.ends(tok)
-                if s.stops is not None:
-                    ended |= s.stop_hits(cand, cur + 1)
-                ended_l, tok_l, idx_l, score_l = ended.tolist(), tok.tolist(), idx.tolist(), top_s.tolist()
-                keep: list[int] = []
-                for rank in range(K):
-                    if ended_l[rank]:
-                        if rank >= S:
-                            continue
-                        row = lo + idx_l[rank]
-                        tokens = cand[rank, P:cur + 1].tolist()
-                        lp = None
-                        if lps is not None:
-                            one = lps.take(torch.tensor([row], device=device))
-                            one.record(cur - P, logp_all, torch.tensor([row], device=device), tok[rank:rank + 1])
-                            lp = one.row(0, tokens)
-                        hyps[g].add(tokens, score_l[rank], cur + 1 - P, lp)
+                score_l, tok_l, idx_l = top_s.tolist(), tok.tolist(), idx.tolist()
+                keep: list[int] = []  # ranks of the candidates that run on
+                rank = 0
+                while len(keep) < S:
+                    if rank == len(score_l):  # stop strings ended every candidate so far: look further down
+                        if rank == flat.numel():
+                            raise RuntimeError("every continuation ends the sequence")
+                        top_s, top_i = torch.topk(flat, min(flat.numel(), 2 * rank))
+                        idx, tok = top_i // V, top_i % V
+                        score_l, tok_l, idx_l = top_s.tolist(), tok.tolist(), idx.tolist()
+                    row, token = lo + idx_l[rank], tok_l[rank]
+                    tokens = seqs[row, P:cur].tolist() + [token]
+                    if token in s.end_set or (s.stops is not None and s.stop_hit(tokens)):
+                        if rank < S:  # only the top group_size candidates may finish
+                            lp = None
+                            if lps is not None:
+                                one = lps.take(torch.tensor([row], device=device))
+                                one.record(cur - P, logp_all, torch.tensor([row], device=device), tok[rank:rank + 1])
+                                lp = one.row(0, tokens)
+                            hyps[g].add(tokens, score_l[rank], cur + 1 - P, lp)
                     else:
                         keep.append(rank)
-                    if len(keep) == S:
-                        break
-                if len(keep) < S:  # only possible when stop strings end many candidates: take the next best
-                    raise RuntimeError("diverse beam search ran out of unfinished candidates")
+                    rank += 1
                 keep_t = torch.tensor(keep, device=device)
                 new_scores, new_tok, new_idx = top_s[keep_t], tok[keep_t], idx[keep_t]
                 done[g] = done[g] or hyps[g].is_done(score_l[0], cur + 1, P)

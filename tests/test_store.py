@@ -24,7 +24,7 @@ import httpx
 import pytest
 from tusclient.client import TusClient
 
-from conftest import ROOT, free_port, make_tiny_model
+from conftest import ROOT, free_port
 
 K = "store-admin-key"
 AUTH = {"Authorization": f"Bearer {K}"}
@@ -42,6 +42,9 @@ class StoreServer:
         self.runs = 0
 
     def start(self, *extra: str) -> StoreServer:
+        return self.spawn(*extra).wait()
+
+    def spawn(self, *extra: str) -> StoreServer:
         self.runs += 1
         self.log = self.log_dir / f"server-{self.runs}.log"
         env = {**os.environ, **LIMITS, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
@@ -49,6 +52,9 @@ class StoreServer:
                "--host", "127.0.0.1", "--port", str(self.port), "--threads", "1", "--log-level", "warning"]
         with open(self.log, "wb") as out:
             self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        return self
+
+    def wait(self) -> StoreServer:
         deadline = time.monotonic() + 90
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -76,17 +82,19 @@ class StoreServer:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return make_tiny_model(tmp_path_factory.mktemp("store-models") / "tiny", seed=3)
+def model_dir(tiny_model_dir) -> Path:
+    return tiny_model_dir  # conftest's: a character-level tiny model with a chat template
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, request):
     base = tmp_path_factory.mktemp("store-server")
-    srv = StoreServer(base / "store", base)
-    srv.start()
-    yield srv
-    srv.stop()
+    srv = StoreServer(base / "store", base).spawn()
+    try:
+        request.getfixturevalue("model_dir")  # built while the server starts
+        yield srv.wait()
+    finally:
+        srv.stop()
 
 
 # ---- helpers -------------------------------------------------------------------------------------------------------

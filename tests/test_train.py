@@ -132,6 +132,15 @@ def test_prepare_char_dataset(dataset):
     assert tok.decode(val_ids.tolist()) == val_text
 
 
+def test_prepare_gpt2_bpe_dataset(tmp_path):
+    (tmp_path / "t.txt").write_text(_text(50))
+    meta = prepare(tmp_path / "t.txt", tmp_path / "bpe", tokenizer="gpt2")
+    assert meta["vocab_size"] == 50257 and meta["eos_token_id"] == 50256
+    tok = Tokenizer.load(tmp_path / "bpe")
+    _, val_text = split_text(_text(50))
+    assert tok.decode(load_tokens(tmp_path / "bpe", "val").tolist()) == val_text
+
+
 def test_batch_sampler_resumes_exactly(dataset):
     tokens = load_tokens(dataset, "train")
     a = BatchSampler(tokens, 16, 4, seed=3)

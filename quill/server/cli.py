@@ -30,6 +30,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-batch", type=int, default=8, help="sequences decoded together per model (default 8)")
     p.add_argument("--max-queue", type=int, default=64, help="requests waiting per model before 429 (default 64)")
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 2 MiB)")
+    p.add_argument("--continuation-ttl", type=float, default=None, metavar="SECONDS",
+                   help="how long a budget's continuation handle stays valid (default one hour)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
@@ -63,7 +65,8 @@ def build_state(args: argparse.Namespace):
                           store_dir=Path(args.store).expanduser() if args.store else None,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
-                          dtype=args.dtype, device=args.device)
+                          dtype=args.dtype, device=args.device,
+                          **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}))
     models = args.models
     if not models and not (args.store or args.load):  # with a store, models can come later (quill push)
         if DEFAULT_MODEL not in bundled_models():

@@ -11,7 +11,8 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from quill.batching import QueueFull, SchedulerClosed
-from quill.errors import ContextLengthError, InvalidParameter, QuillError, TokenizerError
+from quill.errors import (BudgetError, ContextLengthError, ContinuationError, InvalidParameter, QuillError,
+                          TokenizerError)
 
 log = logging.getLogger("quill.server")
 
@@ -38,12 +39,19 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
+_CONTINUATION_STATUS = {"continuation_not_found": 404, "continuation_expired": 410, "continuation_forbidden": 403}
+
+
 def from_exception(e: BaseException) -> APIError:
     """The APIError a Quill exception (or anything else) is answered with."""
     if isinstance(e, APIError):
         return e
     if isinstance(e, ContextLengthError):
         return APIError(400, str(e), param=e.param, code="context_length_exceeded")
+    if isinstance(e, ContinuationError):
+        return APIError(_CONTINUATION_STATUS.get(e.code, 400), str(e), param=e.param, code=e.code)
+    if isinstance(e, BudgetError):
+        return APIError(400, str(e), param=e.param, code="budget_too_small")
     if isinstance(e, InvalidParameter):
         return APIError(400, str(e), param=e.param, code="invalid_value")
     if isinstance(e, TokenizerError):

@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from quill.batching import Ticket
+from quill.continuation import owner_id
 from quill.generate import TokenLogprob
 from quill.server import generation as g
 from quill.server.auth import require_api_key
@@ -47,7 +48,30 @@ def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int
                        code="invalid_value")
     return model.engine.request(prompt_ids, max_tokens, stop=stop,
                                 stop_token_ids=list(stop_token_ids or []) + list(body.stop_token_ids or []),
-                                logprobs=logprobs, echo=echo, **body.sampling())
+                                logprobs=logprobs, echo=echo, max_flops=body.max_flops, **body.sampling())
+
+
+def pause(ctx: GenerationContext, seq) -> str | None:
+    """The continuation handle of a sequence its budget ended (bound to the caller's API key), else None."""
+    if seq.finish_reason != "budget":
+        return None
+    return ctx.model.engine.pause(seq, owner_id(ctx.api_key))
+
+
+async def resume(state: AppState, body: CompletionRequest, model: LoadedModel, http: Request):
+    """Queue the continuation of a paused generation: only `max_flops` (and stream settings) may come with it."""
+    fields = body.model_fields_set - {"model", "continuation", "max_flops", "stream", "stream_options", "user"}
+    if fields:
+        raise APIError(400, f"a continuation carries its own prompt and settings; {sorted(fields)[0]!r} cannot be "
+                       "given with it", param=sorted(fields)[0], code="invalid_value")
+    ctx = context("completions", model, None, 1, http)
+    paused = model.engine.continuations.get(body.continuation, owner_id(ctx.api_key), model.name)
+    try:
+        ticket = model.scheduler.resume(paused, body.max_flops)
+    except Exception as e:
+        raise g.from_exception(e) from e
+    ctx.request = ticket.request
+    return ctx, ticket
 
 
 def context(route: str, model: LoadedModel, request, n: int, http: Request) -> GenerationContext:
@@ -117,13 +141,19 @@ async def completions(body: CompletionRequest, http: Request, state: AppState = 
     if body.best_of is not None and body.best_of != body.n:
         raise APIError(400, "best_of is not supported (it may only equal n)", param="best_of",
                        code="unsupported_parameter")
-    prompt_ids, prompt_text = await completion_prompt(model, body.prompt)
-    req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
-                        echo=body.echo)
-    if body.echo and prompt_text is None:
-        prompt_text = model.engine.tokenizer.decode(prompt_ids)
-    ctx = context("completions", model, req, body.n, http)
-    ticket = await g.submit(state, ctx)
+    if body.continuation is not None:
+        ctx, ticket = await resume(state, body, model, http)
+        prompt_text = None
+    elif body.prompt is None:
+        raise APIError(400, "prompt is required (or a continuation handle)", param="prompt", code="missing")
+    else:
+        prompt_ids, prompt_text = await completion_prompt(model, body.prompt)
+        req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
+                            echo=body.echo)
+        if body.echo and prompt_text is None:
+            prompt_text = model.engine.tokenizer.decode(prompt_ids)
+        ctx = context("completions", model, req, body.n, http)
+        ticket = await g.submit(state, ctx)
     rid, created = g.new_id("cmpl"), g.now()
     if body.stream:
         return g.EventStream(_stream_completion(body, model, ctx, ticket, rid, created, prompt_text),
@@ -140,9 +170,10 @@ async def completions(body: CompletionRequest, http: Request, state: AppState = 
             builder = LegacyLogprobBuilder(model.engine.tokenizer)
             lp = builder.build((seq.prompt_logprobs if body.echo else []) + seq.logprobs)
         choices.append({"index": seq.index, "text": (prompt_text if body.echo else "") + text, "logprobs": lp,
-                        "finish_reason": seq.finish_reason})
+                        "finish_reason": seq.finish_reason, "continuation": pause(ctx, seq)})
     return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model.name,
-                         "choices": choices, "usage": g.usage_body(ticket), **ctx.extra})
+                         "choices": choices, "usage": g.usage_body(ticket),
+                         "continuation": choices[0]["continuation"], **ctx.extra})
 
 
 async def _close(state: AppState, ctx: GenerationContext, ticket: Ticket) -> None:
@@ -156,10 +187,11 @@ async def _stream_completion(body: CompletionRequest, model: LoadedModel, ctx: G
     builders = {i: LegacyLogprobBuilder(tok) for i in range(body.n)} if body.logprobs is not None else {}
     echoed: set[int] = set()
 
-    def chunk(index: int, text: str, logprobs, finish_reason) -> bytes:
+    def chunk(index: int, text: str, logprobs, finish_reason, handle: str | None = None) -> bytes:
+        extra = {"continuation": handle} if handle else {}
         return g.sse({"id": rid, "object": "text_completion", "created": created, "model": model.name,
                       "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                   "finish_reason": finish_reason}]})
+                                   "finish_reason": finish_reason, **extra}], **extra})
 
     try:
         async for ev in ticket:
@@ -170,7 +202,8 @@ async def _stream_completion(body: CompletionRequest, model: LoadedModel, ctx: G
                 yield chunk(i, prompt_text or "", lp, None)
             lp = builders[i].build([ev.logprob]) if builders and ev.logprob is not None else None
             if ev.text or lp or ev.finished:
-                yield chunk(i, ev.text, lp, ev.seq.finish_reason if ev.finished else None)
+                yield chunk(i, ev.text, lp, ev.seq.finish_reason if ev.finished else None,
+                            pause(ctx, ev.seq) if ev.finished else None)
         if body.stream_options is not None and body.stream_options.include_usage:
             yield g.sse({"id": rid, "object": "text_completion", "created": created, "model": model.name,
                          "choices": [], "usage": g.usage_body(ticket), **ctx.extra})
@@ -230,7 +263,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: Ap
     tok = model.engine.tokenizer
     choices = [{"index": s.index, "message": {"role": "assistant", "content": "".join(s.text)},
                 "logprobs": {"content": chat_logprobs(tok, s.logprobs)} if body.logprobs else None,
-                "finish_reason": s.finish_reason} for s in ticket.seqs]
+                "finish_reason": s.finish_reason, "continuation": pause(ctx, s)} for s in ticket.seqs]
     return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model.name,
                          "choices": choices, "usage": g.usage_body(ticket), **ctx.extra})
 
@@ -239,10 +272,10 @@ async def _stream_chat(body: ChatCompletionRequest, model: LoadedModel, ctx: Gen
                        rid: str, created: int) -> AsyncIterator[bytes]:
     tok = model.engine.tokenizer
 
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None) -> bytes:
+    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, **extra) -> bytes:
         return g.sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name,
                       "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                   "finish_reason": finish_reason}]})
+                                   "finish_reason": finish_reason, **extra}]})
 
     try:
         for i in range(body.n):
@@ -253,7 +286,8 @@ async def _stream_chat(body: ChatCompletionRequest, model: LoadedModel, ctx: Gen
             if ev.text or lp:
                 yield chunk(i, {"content": ev.text}, lp)
             if ev.finished:
-                yield chunk(i, {}, None, ev.seq.finish_reason)
+                handle = pause(ctx, ev.seq)
+                yield chunk(i, {}, None, ev.seq.finish_reason, **({"continuation": handle} if handle else {}))
         if body.stream_options is not None and body.stream_options.include_usage:
             yield g.sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name,
                          "choices": [], "usage": g.usage_body(ticket), **ctx.extra})

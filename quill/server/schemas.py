@@ -46,6 +46,8 @@ class SamplingFields(_Request):
     min_tokens: StrictInt | None = None
     ignore_eos: bool | None = None
     stop_token_ids: list[StrictInt] | None = None
+    # Quill's metering: a FLOP budget for this call (the call ends with finish_reason "budget" and a handle).
+    max_flops: StrictInt | None = Field(None, description="FLOP budget of this call")
 
     def sampling(self) -> dict[str, Any]:
         """The `SamplingParams` keywords this request sets (None means: keep Quill's default)."""
@@ -72,7 +74,8 @@ def parse_logit_bias(bias: dict[str, float]) -> dict[int, float]:
 class CompletionRequest(SamplingFields):
     """POST /v1/completions."""
 
-    prompt: Prompt = Field(..., description="text, token ids, or a list holding one of them")
+    prompt: Prompt | None = Field(None, description="text, token ids, or a list holding one of them")
+    continuation: StrictStr | None = Field(None, description="resume a call its budget ended (instead of prompt)")
     max_tokens: StrictInt | None = Field(16, description="tokens to generate; null: up to the end of the context")
     stop: StrictStr | list[StrictStr] | None = None
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)

@@ -23,7 +23,10 @@ from typing import Any
 
 from fastapi import Request
 
+from platformdirs import user_data_dir
+
 from quill.batching import Scheduler
+from quill.continuation import DEFAULT_TTL, ContinuationStore
 from quill.engine import Engine
 from quill.generate import GenerationRequest
 
@@ -42,6 +45,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     dtype: str = "float32"
     device: str = "cpu"
+    continuation_ttl: float = DEFAULT_TTL  # seconds a budget's continuation handle stays valid
 
 
 @dataclass
@@ -88,6 +92,10 @@ class AppState:
         self.body_limit_exempt: list[str] = []
         self.extend_model_list: Callable[[dict], dict] | None = None  # GET /v1/models listing -> listing
         self.model_store: Any = None  # the model store service, when mounted
+        # Paused generations of every model, on disk beside the store so handles survive a restart.
+        directory = (self.config.store_dir / ".continuations" if self.config.store_dir is not None
+                     else Path(user_data_dir("quill")) / "continuations")
+        self.continuations = ContinuationStore(directory, ttl=self.config.continuation_ttl)
         self.started = False
 
     @property
@@ -99,6 +107,7 @@ class AppState:
         """Serve `engine` as `name` (replacing a model of that name); its scheduler starts with the server."""
         if name in self.models:
             self.remove_model(name)
+        engine.continuations = self.continuations
         scheduler = Scheduler(engine, self.config.max_batch, self.config.max_queue,
                               observer=self.metrics.observer(name, self.config.max_batch), name=name)
         loaded = LoadedModel(name, engine, scheduler)

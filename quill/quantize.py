@@ -1,0 +1,275 @@
+"""Int8 weight-only quantisation as a module swap, and the int8 checkpoint format.
+
+Every `nn.Linear` of a GPT (the fused qkv, attention output, both MLP projections and the lm_head) becomes an
+`Int8Linear`: int8 weights [out, in] with one fp32 scale per output channel (symmetric, no zero point:
+`w ~= q * scale[:, None]`, `q` in [-127, 127], `scale = max|w_row| / 127`). A tied token embedding becomes
+an `Int8Embedding` that shares the lm_head's int8 matrix and dequantises the rows it gathers. Activations,
+LayerNorms, biases and the position embedding stay in the model's dtype.
+
+Decode steps (a few rows at a time) run on `quill.kernels`, which convert int8 weights to fp32 in
+registers and so read 1 byte per weight; longer inputs (prefill) dequantise each weight matrix to the
+activation dtype and use torch's GEMM, which is compute-bound there (see docs/performance.md).
+
+Checkpoint format (`quill quantize MODEL OUT --int8`, loaded by `quill.load(OUT)`): a folder with the model's
+`config.json` plus a `quantization_config` entry, `model.safetensors` and the source's tokenizer files.
+Tensor names are Hugging Face GPT-2 names. For each quantised layer:
+
+    <layer>.weight        int8    [out_features, in_features]   (nn.Linear layout, NOT HF Conv1D's [in, out])
+    <layer>.weight_scale  float32 [out_features]
+    <layer>.bias          float   [out_features]                (the config's torch_dtype)
+
+The tied embedding is stored once as `transformer.wte.weight` (int8 [vocab, n_embd]) and
+`transformer.wte.weight_scale` (float32 [vocab]); an untied model also has `lm_head.weight`/`weight_scale`
+and keeps `transformer.wte.weight` in float. LayerNorms and `transformer.wpe.weight` are float.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from quill import kernels
+from quill.errors import CheckpointError, InvalidParameter
+from quill.model import GPT
+from quill.weights import CONFIG_FILE, SAFETENSORS_FILE, atomic_write, load_config, read_tensors
+
+QUANT_METHOD = "quill_int8"
+MODES = ("int8",)
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "merges.txt",
+                   "chat_template.jinja", "generation_config.json", "added_tokens.json")
+
+
+def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
+    """Per-output-channel symmetric int8 of a [out, in] matrix: (q int8 [out, in], scale float32 [out])."""
+    w32 = w.detach().float()
+    amax = w32.abs().amax(dim=1)
+    scale = torch.where(amax > 0, amax / 127.0, torch.ones_like(amax))
+    q = torch.round(w32 / scale[:, None]).clamp_(-127, 127).to(torch.int8)
+    return q.contiguous(), scale.contiguous()
+
+
+class Int8Linear(nn.Module):
+    """`y = (x @ q.T) * scale + bias` with int8 `q` [out, in] and fp32 per-output-channel `scale`."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
+        super().__init__()
+        if weight.dtype != torch.int8 or weight.dim() != 2 or scale.shape != weight.shape[:1]:
+            raise ValueError("Int8Linear needs an int8 [out, in] weight and a [out] scale")
+        self.out_features, self.in_features = weight.shape
+        self.register_buffer("weight", weight.contiguous())
+        self.register_buffer("weight_scale", scale.float().contiguous())
+        self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear) -> Int8Linear:
+        q, scale = quantize_weight(linear.weight)
+        return cls(q, scale, linear.bias)
+
+    def kernel_args(self) -> tuple[Tensor, Tensor, Tensor | None]:
+        """(weight, scale, bias) for quill.kernels.linear (the model's decode path calls it directly)."""
+        s = self.weight_scale
+        return self.weight, s if s.dtype == torch.float32 else s.float(), self.bias
+
+    def dequantized(self, dtype: torch.dtype) -> Tensor:
+        """The weight as a float matrix [out, in] in `dtype`."""
+        return (self.weight.to(torch.float32) * self.weight_scale.float()[:, None]).to(dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        rows = x.numel() // max(x.shape[-1], 1)
+        if (x.device.type == "cpu" and rows <= kernels.MAX_ROWS and x.dtype in kernels.FLOAT_DTYPES
+                and not (torch.is_grad_enabled() and x.requires_grad) and kernels.available()):
+            w, s, b = self.kernel_args()
+            x2 = x.reshape(rows, x.shape[-1])
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return kernels.linear(x2, w, b, s).view(*x.shape[:-1], self.out_features)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
+
+
+class Int8Embedding(nn.Module):
+    """Token embedding over an int8 matrix with per-row scales: gathered rows are dequantised on lookup."""
+
+    def __init__(self, weight: Tensor, scale: Tensor, dtype: torch.dtype):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.register_buffer("weight", weight)
+        self.register_buffer("weight_scale", scale)
+        # an empty float buffer that follows model.to(dtype): the dtype lookups return
+        self.register_buffer("_dtype_anchor", torch.empty(0, dtype=dtype, device=weight.device), persistent=False)
+
+    def forward(self, idx: Tensor) -> Tensor:
+        dtype = self._dtype_anchor.dtype
+        if idx.device.type == "cpu" and dtype in kernels.FLOAT_DTYPES and kernels.available():
+            return kernels.gather_int8(self.weight, self.weight_scale.float().contiguous(), idx, dtype)
+        rows = self.weight[idx].to(torch.float32) * self.weight_scale.float()[idx].unsqueeze(-1)
+        return rows.to(dtype)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+
+
+def _linear_names(model: GPT) -> list[str]:
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def quantize_model(model: GPT, mode: str = "int8") -> GPT:
+    """Swap every nn.Linear (and a tied embedding) of `model` for int8 modules, in place; returns the model."""
+    if mode not in MODES:
+        raise InvalidParameter(f"unknown quantize mode {mode!r} (supported: {', '.join(MODES)})", "quantize")
+    if is_quantized_model(model):
+        return model
+    dtype = model.dtype
+    tied = model.config.tie_word_embeddings
+    with torch.no_grad():
+        for name in _linear_names(model):
+            _set_module(model, name, Int8Linear.from_linear(model.get_submodule(name)))
+        if tied:
+            head = model.lm_head
+            model.transformer.wte = Int8Embedding(head.weight, head.weight_scale, dtype)
+    model.__dict__.pop("_decode_buffers", None)
+    return model.eval()
+
+
+def is_quantized_model(model: nn.Module) -> bool:
+    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
+
+
+# ---- checkpoints ------------------------------------------------------------------------------------------
+
+def quantization_config(folder: str | os.PathLike) -> dict | None:
+    """The `quantization_config` entry of a checkpoint's config.json when it is a Quill int8 checkpoint."""
+    try:
+        raw = json.loads((Path(folder) / CONFIG_FILE).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    qc = raw.get("quantization_config") if isinstance(raw, dict) else None
+    if qc is None:
+        return None
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        method = qc.get("quant_method") if isinstance(qc, dict) else qc
+        raise CheckpointError(f"unsupported quantization_config (quant_method {method!r}); Quill reads "
+                              f"{QUANT_METHOD!r} checkpoints", CONFIG_FILE)
+    return qc
+
+
+def save_quantized(model: GPT, folder: str | os.PathLike, source: str | os.PathLike | None = None) -> None:
+    """Write an int8 model as config.json + model.safetensors (+ the tokenizer files of `source`)."""
+    if not is_quantized_model(model):
+        raise ValueError("save_quantized needs a model quantised with quantize_model")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, Tensor] = {}
+    for key, t in model.state_dict().items():
+        if model.config.tie_word_embeddings and key.startswith("lm_head."):
+            continue  # the tied head is transformer.wte.weight / weight_scale
+        tensors[key] = t.detach().cpu().contiguous()
+    config = model.config.to_hf()
+    config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
+    config["quantization_config"] = {
+        "quant_method": QUANT_METHOD, "bits": 8, "symmetric": True, "granularity": "per_output_channel",
+        "weight_layout": "out_in", "scale_suffix": "weight_scale",
+        "modules": "all Linear layers" + (" and the tied token embedding" if model.config.tie_word_embeddings else ""),
+    }
+    atomic_write(folder / SAFETENSORS_FILE,
+                 lambda p: save_file(tensors, p, metadata={"format": "pt", "quantization": QUANT_METHOD}))
+    atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
+    if source is not None and Path(source).resolve() != folder.resolve():
+        for name in TOKENIZER_FILES:
+            if (Path(source) / name).is_file():
+                shutil.copyfile(Path(source) / name, folder / name)
+
+
+def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> GPT:
+    """Build an int8 GPT from a folder written by `save_quantized` (float tensors in `dtype`)."""
+    folder = Path(folder)
+    quantization_config(folder)
+    config = load_config(folder)
+    tensors = dict(read_tensors(folder))
+    with torch.device("meta"):
+        model = GPT(config)
+
+    def take(key: str, want_dtype: torch.dtype | None = None, shape: tuple | None = None) -> Tensor:
+        if key not in tensors:
+            raise CheckpointError(f"tensor {key!r} is missing from the checkpoint", SAFETENSORS_FILE)
+        t = tensors.pop(key)
+        if want_dtype is not None and t.dtype != want_dtype:
+            raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}, expected {want_dtype}", SAFETENSORS_FILE)
+        if shape is not None and tuple(t.shape) != tuple(shape):
+            raise CheckpointError(f"tensor {key!r} has shape {tuple(t.shape)}, expected {tuple(shape)}",
+                                  SAFETENSORS_FILE)
+        return t.to(device)
+
+    tied = config.tie_word_embeddings
+    for name in _linear_names(model):
+        if tied and name == "lm_head":
+            continue
+        meta = model.get_submodule(name)
+        out_f, in_f = meta.weight.shape
+        q = take(f"{name}.weight", torch.int8, (out_f, in_f))
+        s = take(f"{name}.weight_scale", torch.float32, (out_f,))
+        b = take(f"{name}.bias", None, (out_f,)).to(dtype) if meta.bias is not None else None
+        _set_module(model, name, Int8Linear(q, s, b))
+    if tied:
+        v, c = config.vocab_size, config.n_embd
+        q = take("transformer.wte.weight", torch.int8, (v, c))
+        s = take("transformer.wte.weight_scale", torch.float32, (v,))
+        head = Int8Linear(q, s, None)
+        model.lm_head = head
+        model.transformer.wte = Int8Embedding(head.weight, head.weight_scale, dtype)
+    rest = {}
+    for key, p in model.state_dict().items():  # the float parameters still on the meta device
+        if p.device.type == "meta":
+            t = take(key, None, tuple(p.shape))
+            if not t.is_floating_point():
+                raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}, expected a floating-point type")
+            rest[key] = t.to(dtype)
+    if tensors:
+        raise CheckpointError(f"unexpected tensor {sorted(tensors)[0]!r} in checkpoint", SAFETENSORS_FILE)
+    model.load_state_dict(rest, strict=False, assign=True)
+    return model.eval()
+
+
+# ---- command line -----------------------------------------------------------------------------------------
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    from quill.engine import resolve
+    from quill.weights import load_model
+
+    src = resolve(args.model)
+    if quantization_config(src) is not None:
+        raise InvalidParameter(f"{src} is already quantised", "model")
+    model = load_model(src, torch.float32)
+    quantize_model(model, "int8")
+    save_quantized(model, args.out, source=src)
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.suffix == ".safetensors")
+    print(json.dumps({"out": str(args.out), "mode": "int8", "bytes": size}))
+
+
+def register(sub) -> None:
+    p = sub.add_parser("quantize", help="write an int8 (weight-only, per-channel) copy of a model")
+    p.add_argument("model", help="checkpoint folder or bundled model name")
+    p.add_argument("out", help="output folder (loadable with quill.load / --model)")
+    p.add_argument("--int8", action="store_true", default=True, help="int8 weights, fp32 per-channel scales (default)")
+    p.set_defaults(func=cmd_quantize)
+
+
+__all__ = ["Int8Linear", "Int8Embedding", "quantize_model", "quantize_weight", "save_quantized", "load_quantized",
+           "quantization_config", "is_quantized_model", "QUANT_METHOD"]
