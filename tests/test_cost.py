@@ -24,8 +24,10 @@ CONFIGS = [
 
 
 def counted(model: GPT, idx: torch.Tensor, cached: int, last_only: bool) -> int:
-    """FLOPs torch's FlopCounterMode sees for one forward after `cached` tokens (attention via the math kernel,
-    whose matmuls the counter can see)."""
+    """FLOPs torch's FlopCounterMode sees for one forward after `cached` tokens: on the plain torch path, with
+    attention through the math kernel, whose matmuls the counter can see (the fused decode kernels compute the
+    same products outside torch)."""
+    model.use_kernels = False
     cache = model.new_cache()
     with torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         if cached:
