@@ -20,7 +20,7 @@ import threading
 import time
 from collections.abc import AsyncIterator, Iterator
 
-from quill.errors import BudgetError, InvalidParameter, QuillError
+from quill.errors import InvalidParameter, QuillError
 from quill.generate import DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, make_generator
 
 log = logging.getLogger("quill.batching")
@@ -212,7 +212,7 @@ class Scheduler:
         """Queue a sequence that a FLOP budget paused (a continuation), to carry on exactly where it stopped.
 
         Its saved KV cache is copied into a row, or recomputed from its tokens when gone; a budget too small
-        for that and one step ends the ticket with BudgetError before anything runs.
+        for that and one step raises BudgetError here, before anything is queued.
         """
         seq = Sequence.resume(state, self.engine.tokenizer, self.engine.model, max_flops)
         ticket = Ticket(seq.request, [seq], _loop(loop))
@@ -284,12 +284,7 @@ class Scheduler:
                         if t.cancelled:
                             self._finish(t)
                             continue
-                        try:
-                            events = self._admit(t)
-                        except BudgetError as e:  # refused before touching the batch: only this request fails
-                            self._fail(t, e)
-                            continue
-                        self._route(events)
+                        self._route(self._admit(t))  # budgets were checked before the request was queued
                         self._observe()
                     if self._batch.rows:
                         self._route(self._batch.step())

@@ -54,7 +54,7 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
         return BUNDLED_DIR / path_or_name
     from quill.store import find_stored  # a model published to the default model store (quill/store.py)
 
-    stored = find_stored(str(path_or_name))
+    stored = find_stored(path_or_name) if isinstance(path_or_name, str) else None
     if stored is not None:
         return stored
     known = ", ".join(bundled_models()) or "none"
@@ -237,13 +237,28 @@ class Engine:
 
 
 def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
-         quantize: str | None = None) -> Engine:
-    """Load a Hugging Face GPT-2 checkpoint folder (or a bundled model by name) ready to generate."""
+         quantize: str | None = None, compile: bool = False) -> Engine:
+    """Load a Hugging Face GPT-2 checkpoint folder (or a bundled model by name) ready to generate.
+
+    `quantize="int8"` quantises every Linear (and a tied embedding) to int8 weights on load; a folder written
+    by `quill quantize` loads as int8 by itself. `compile=True` runs the model through torch.compile.
+    """
+    from quill import quantize as quantization
+    from quill.model import compile_model
+
     path = resolve(path_or_name)
     if device == "cuda" and not torch.cuda.is_available():
         raise InvalidParameter("device 'cuda' was asked for but CUDA is not available", "device")
-    model = load_model(path, parse_dtype(dtype), device)
-    if quantize is not None:
-        raise InvalidParameter(f"unknown quantize mode {quantize!r}", "quantize")
+    if quantize is not None and quantize not in quantization.MODES:
+        raise InvalidParameter(f"unknown quantize mode {quantize!r} (supported: {', '.join(quantization.MODES)})",
+                               "quantize")
+    if quantization.quantization_config(path) is not None:
+        model = quantization.load_quantized(path, parse_dtype(dtype), device)
+    else:
+        model = load_model(path, parse_dtype(dtype), device)
+        if quantize is not None:
+            model = quantization.quantize_model(model, quantize)
+    if compile:
+        model = compile_model(model)
     name = path.name if isinstance(path_or_name, os.PathLike) or os.sep in str(path_or_name) else str(path_or_name)
     return Engine(model, Tokenizer.load(path), name=name, path=path)

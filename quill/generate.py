@@ -255,10 +255,13 @@ class DecodeBatch:
     def free(self) -> int:
         return self.capacity - len(self.rows)
 
-    def _emit(self, seq: Sequence, logits: Tensor) -> StepEvent:
-        """Choose, record and report the next token of `seq` from its logits [1, V]."""
-        token_t = seq.choose(logits)
-        token = int(token_t)
+    def _emit(self, seq: Sequence, logits: Tensor, token: int | None = None) -> StepEvent:
+        """Choose, record and report the next token of `seq` from its logits [1, V] (`token`: already chosen)."""
+        if token is None:
+            token_t = seq.choose(logits)
+            token = int(token_t)
+        else:
+            token_t = torch.tensor([token], device=logits.device)
         lp = None
         if seq.request.logprobs is not None:
             chosen, top = top_logprobs(logits, token_t, seq.request.logprobs)
@@ -345,11 +348,13 @@ class DecodeBatch:
         lengths = [len(s.tokens) - 1 for s in self.rows]  # position of each row's last token
         start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
         logits = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1].float()  # [n, V]
+        # greedy rows are chosen together: one argmax over [n, V] and one transfer, not one per row
+        greedy = logits.argmax(-1).tolist() if any(s.greedy for s in self.rows) else None
         seconds = (time.perf_counter() - t0) / n
         for i, seq in enumerate(self.rows):
             seq.usage.flops += forward_flops(self.model.config, 1, lengths[i], 1)
             seq.usage.seconds += seconds
-            events.append(self._emit(seq, logits[i:i + 1]))
+            events.append(self._emit(seq, logits[i:i + 1], greedy[i] if seq.greedy else None))
         self._compact()
         return events
 

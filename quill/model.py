@@ -422,3 +422,14 @@ def _klinear(m: nn.Module, x: Tensor, out: Tensor | None = None, residual: Tenso
     if ln is not None and (type(ln) is not nn.LayerNorm or ln.weight is None):
         raise _Unsupported("layer norm")
     return kernels.linear(x, weight, bias, scale, residual=residual, out=out, ln=ln)
+
+
+def compile_model(model: GPT, **options: Any) -> GPT:
+    """Run the model's forward through `torch.compile` (dynamic shapes: one graph for every cache length).
+
+    The compiled graph replaces the fused decode kernels (`use_kernels` is switched off: their ctypes calls
+    would split the graph); docs/performance.md has what each choice measured.
+    """
+    model.use_kernels = False
+    model.forward = torch.compile(model.forward, dynamic=True, **options)
+    return model

@@ -116,6 +116,7 @@ def _server_message(e: Exception) -> str:
         message = json.loads(body)["error"]["message"]
     except (TypeError, ValueError, KeyError):
         message = (body.decode(errors="replace").strip() if isinstance(body, bytes) and body else None) or str(e)
+    message = " ".join(str(message).split())  # one line
     return f"HTTP {status}: {message}" if status else message
 
 
@@ -139,7 +140,9 @@ def upload_file(client, path: Path, name: str, sha256: str, chunk_size: int, res
             uploader = client.uploader(file_path=str(path), url=stored, chunk_size=chunk_size, metadata=metadata,
                                        upload_checksum=True, retries=2, retry_delay=1)
             _print(quiet, f"{path.name}: resuming at {uploader.offset} of {size} bytes")
-        except (TusCommunicationError, TusUploadFailed):
+        except (TusCommunicationError, TusUploadFailed) as e:
+            if getattr(e, "status_code", None) not in (404, 410):
+                raise PushError(f"cannot resume {path.name}: {_server_message(e)}") from None
             uploader = None  # gone (committed, expired or deleted): start again
             resume.set(key, None)
     try:
@@ -193,7 +196,7 @@ def push(model_dir: str | os.PathLike, name: str, url: str, admin_key: str | Non
                                 f"{_error(_json(r), r)}")
             answer["loaded"] = True
     except requests.RequestException as e:
-        raise PushError(f"cannot reach {url}: {e.__class__.__name__}: {e}") from None
+        raise PushError(" ".join(f"cannot reach {url}: {e.__class__.__name__}: {e}".split())) from None
     return answer
 
 

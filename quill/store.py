@@ -20,7 +20,6 @@ server start) removes what a crash left half-done. An upload's sidecar never cla
 from __future__ import annotations
 
 import errno
-import fcntl
 import hashlib
 import json
 import logging
@@ -37,6 +36,11 @@ from typing import Any
 
 from quill.errors import CheckpointError, ConfigError, QuillError, TokenizerError
 
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no store lock
+    fcntl = None
+
 log = logging.getLogger("quill.store")
 
 MANIFEST = "quill-store.json"
@@ -50,8 +54,7 @@ MAX_HEADER_BYTES = 100_000_000  # a safetensors JSON header larger than this is 
 JSON_FILES = {"config.json", "generation_config.json", "model.safetensors.index.json", "tokenizer.json",
               "tokenizer_config.json", "special_tokens_map.json", "vocab.json", "added_tokens.json"}
 TEXT_FILES = {"merges.txt", "README.md", "chat_template.jinja"}
-QUANTIZED_FILES = {"model.int8.safetensors", "model.int4.safetensors"}  # quantised variants (header-checked)
-SAFETENSORS_FILES = {"model.safetensors"} | QUANTIZED_FILES
+SAFETENSORS_FILES = {"model.safetensors"}  # int8 models (`quill quantize`) are whole checkpoints of their own
 SHARD_RE = re.compile(r"model-(\d{5})-of-(\d{5})\.safetensors")
 MODEL_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 REFUSED_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".h5", ".msgpack", ".npz", ".npy", ".joblib")
@@ -344,7 +347,6 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     import torch
 
     from quill.model import GPT
-    from quill.tokenizer import Tokenizer
     from quill.weights import hf_to_quill, load_config
 
     files = sorted(files if files is not None else (p.name for p in folder.iterdir() if p.is_file()))
@@ -369,6 +371,14 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     try:
         cfg = load_config(folder)
     except (ConfigError, CheckpointError) as e:
+        raise StoreError(f"config.json: {e}", 400, "invalid_config", "config.json") from None
+    try:
+        from quill import quantize as quantization
+    except ImportError:  # pragma: no cover - an installation without int8 support
+        quantization = None
+    try:
+        quantized = quantization is not None and quantization.quantization_config(folder) is not None
+    except CheckpointError as e:
         raise StoreError(f"config.json: {e}", 400, "invalid_config", "config.json") from None
 
     # weights
@@ -401,6 +411,13 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
         raise StoreError("no weights: expected model.safetensors, or shards with model.safetensors.index.json", 400,
                          "missing_file", "model.safetensors")
     where = {t: f for f in weight_files for t in headers[f]}
+    if quantized:  # an int8 checkpoint of `quill quantize`: its own strict loader checks names, dtypes, shapes
+        try:
+            quantization.load_quantized(folder)
+        except CheckpointError as e:
+            raise StoreError(f"{main} does not match config.json: {e}", 400, "weights_mismatch", main) from None
+        return {**_tokenizer_fields(folder, files, cfg), "parameters": cfg.num_params(),
+                "context_length": cfg.n_positions, "vocab_size": cfg.vocab_size, "dtype": "int8"}
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
     tensors = {t: torch.empty(shape, dtype=dtypes.get(dt, torch.uint8), device="meta")
                for f in weight_files for t, (dt, shape) in headers[f].items()}
@@ -420,8 +437,15 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
                              "weights_mismatch", where[name])
         if dt is not None:
             stored_dtypes.add(_ST_NAMES[dt])
+    return {**_tokenizer_fields(folder, files, cfg), "parameters": cfg.num_params(),
+            "context_length": cfg.n_positions, "vocab_size": cfg.vocab_size,
+            "dtype": ",".join(sorted(stored_dtypes)) or None}
 
-    # tokenizer
+
+def _tokenizer_fields(folder: Path, files: list[str], cfg) -> dict[str, Any]:
+    """Check that the tokenizer loads and fits the model's vocabulary."""
+    from quill.tokenizer import Tokenizer
+
     tok_file = "tokenizer.json" if "tokenizer.json" in files else "vocab.json" if "vocab.json" in files else None
     if tok_file is None:
         raise StoreError("no tokenizer: expected tokenizer.json (or vocab.json + merges.txt)", 400, "missing_file",
@@ -434,9 +458,7 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     if tok.vocab_size > cfg.vocab_size:
         raise StoreError(f"{tok_file}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size is "
                          f"{cfg.vocab_size}", 400, "invalid_tokenizer", tok_file)
-    return {"parameters": cfg.num_params(), "context_length": cfg.n_positions, "vocab_size": cfg.vocab_size,
-            "dtype": ",".join(sorted(stored_dtypes)) or None, "has_chat_template": tok.has_chat_template,
-            "variants": sorted(f.split(".")[1] for f in files if f in QUANTIZED_FILES)}
+    return {"has_chat_template": tok.has_chat_template}
 
 
 # ---- the store ---------------------------------------------------------------------------------------------------
@@ -464,7 +486,7 @@ class Store:
 
     def acquire(self) -> bool:
         """Take the store's lock (flock on <root>/.lock) for this process; False when another process holds it."""
-        if self._lock_fd is not None:
+        if self._lock_fd is not None or fcntl is None:
             return True
         fd = os.open(self.root / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         try:

@@ -214,6 +214,10 @@ def test_push_and_plain_tus_publish_models_that_generate_like_the_folder(server,
 
     if importlib.util.find_spec("quill.quantize") is None:
         assert_error(r, 400, "invalid_value", "dtype")
+    else:
+        assert r.status_code == 200, r.text
+        assert listing(server.url)["plain"]["precision"] == "int8"
+        assert len(tokens_from_server(server.url, "plain", ids)) > 0
     assert httpx.post(f"{server.url}/v1/models/plain/unload", headers=AUTH).status_code == 200
     assert listing(server.url)["plain"]["loaded"] is False
     assert_error(httpx.post(f"{server.url}/v1/models/plain/unload", headers=AUTH), 404, "model_not_found")
@@ -230,6 +234,9 @@ def test_push_and_plain_tus_publish_models_that_generate_like_the_folder(server,
                      "--replace"]) == 0
     assert cli.main(["push", str(model_dir), "pushed", "--url", server.url, "--admin-key", "wrong"]) == 2
     assert "HTTP 401" in capsys.readouterr().err
+    assert cli.main(["push", str(model_dir), "x", "--url", f"http://127.0.0.1:{free_port()}", "--admin-key", K]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("quill: error: upload of ") and err.count("\n") == 1
 
 
 def test_failed_commits_name_the_file_and_change_nothing(server, model_dir):
@@ -274,6 +281,26 @@ def test_failed_commits_name_the_file_and_change_nothing(server, model_dir):
     assert httpx.delete(f"{server.url}/v1/models/broken", headers=AUTH).status_code == 200
     assert (listing(server.url), published_files(server.store)) == before
     assert_error(httpx.delete(f"{server.url}/v1/models/broken", headers=AUTH), 404, "model_not_found")
+
+
+def test_int8_checkpoint_publishes_and_loads_as_int8(server, model_dir, tmp_path, monkeypatch):
+    quantize = pytest.importorskip("quill.quantize")
+    from quill import cli
+    from quill.weights import load_model
+
+    out = tmp_path / "int8"
+    quantize.save_quantized(quantize.quantize_model(load_model(model_dir), "int8"), out, source=model_dir)
+    monkeypatch.setenv("QUILL_PUSH_RESUME", str(tmp_path / "resume.json"))
+    assert cli.main(["push", str(out), "tiny-int8", "--url", server.url, "--admin-key", K, "--quiet", "--load"]) == 0
+    m = listing(server.url)["tiny-int8"]
+    assert (m["dtype"], m["precision"], m["loaded"]) == ("int8", "int8", True)
+    import quill
+
+    ids, _ = expected_tokens(model_dir)
+    want = quill.load(out).generate(ids, 12, temperature=0).tokens
+    assert tokens_from_server(server.url, "tiny-int8", ids) == want
+    assert httpx.delete(f"{server.url}/v1/models/tiny-int8", headers=AUTH).status_code == 200
+    assert "tiny-int8" not in listing(server.url)
 
 
 # ---- safety --------------------------------------------------------------------------------------------------------
@@ -501,10 +528,10 @@ def test_names():
     for bad in ("", "../x", "x/y", ".x", "-x", "a..b", "A" * 65, "x\\y", "x y", None, 3):
         with pytest.raises(StoreError):
             validate_model_name(bad)
-    for ok in ("config.json", "model.safetensors", "model-00001-of-00002.safetensors", "model.int8.safetensors",
-               "tokenizer.json", "merges.txt", "README.md", "model.safetensors.index.json"):
+    for ok in ("config.json", "model.safetensors", "model-00001-of-00002.safetensors", "tokenizer.json", "merges.txt", "README.md", "model.safetensors.index.json"):
         assert validate_file_name(ok) == ok
     for bad in ("model-00003-of-00002.safetensors", "model-1-of-2.safetensors", "x.json", "pytorch_model.bin",
+                "model.int8.safetensors",
                 "/etc/passwd", "a/config.json", "config.json\0", "model.ckpt"):
         with pytest.raises(StoreError):
             validate_file_name(bad)

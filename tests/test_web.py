@@ -197,16 +197,23 @@ def test_stop_long_generation(page, server):
     pg = page.page
     pg.select_option("#model", "long")
     page.fill(prompt="The", max_tokens=4000, temperature=0)  # greedy: this model never picks EOS
+    # The page stays responsive while tokens pour in: the longest gap between 20 ms timer ticks.
+    pg.evaluate("""() => {
+        window.__gap = 0;
+        let last = performance.now();
+        setInterval(() => { const now = performance.now(); window.__gap = Math.max(window.__gap, now - last); last = now; }, 20);
+    }""")
     page.generate()
     expect(pg.locator("#stop-button")).to_be_enabled()
     expect(pg.locator("#generate")).to_be_disabled()
-    expect(pg.locator("#out-text")).to_have_text(re.compile(r"[\s\S]{30,}"))
+    expect(pg.locator("#out-text")).to_have_text(re.compile(r"[\s\S]{300,}"))
+    assert pg.evaluate("window.__gap") < 2000, "the page froze while streaming"
     pg.click("#stop-button")
     assert page.wait_finished("stopped") == "stopped"
     expect(pg.locator("#stat-finish")).to_contain_text("stopped")
     expect(pg.locator("#stop-button")).to_be_disabled()
     stopped_at = len(page.output())
-    assert 30 < stopped_at < 4000
+    assert 300 <= stopped_at < 4000
     deadline = time.monotonic() + 10  # the server frees the slot when the client hangs up
     while active_slots(server, "long") > 0 and time.monotonic() < deadline:
         time.sleep(0.1)

@@ -222,6 +222,13 @@ class StoreService:
             return None
         if name in self.precision:
             return self.precision[name]
+        try:
+            from quill.quantize import is_quantized_model
+
+            if is_quantized_model(m.engine.model):
+                return "int8"
+        except ImportError:  # pragma: no cover
+            pass
         p = next(m.engine.model.parameters(), None)
         return None if p is None else str(p.dtype).removeprefix("torch.")
 
@@ -243,8 +250,7 @@ class StoreService:
         return {"stored": m is not None, "loaded": name in self.state.models,
                 "bytes": m.get("bytes") if m else None, "dtype": m.get("dtype") if m else None,
                 "precision": self.loaded_precision(name),
-                "files": {f: v.get("bytes") for f, v in m.get("files", {}).items()} if m else None,
-                "variants": m.get("variants", []) if m else []}
+                "files": {f: v.get("bytes") for f, v in m.get("files", {}).items()} if m else None}
 
 
 def get_service(state: AppState = Depends(get_state)) -> StoreService:
@@ -385,8 +391,10 @@ async def load_model(name: str, body: LoadRequest | None = None, state: AppState
     engine = await run_in_threadpool(lambda: quill.load(service.store.path(name), **kw))
     engine.name = name
     state.add_model(name, engine)
-    service.precision[name] = "int8" if dtype == "int8" else str(kw["dtype"]).removeprefix("torch.")
-    return {"object": "model", "id": name, "loaded": True, "precision": service.precision[name]}
+    service.precision.pop(name, None)
+    if dtype == "int8":
+        service.precision[name] = "int8"
+    return {"object": "model", "id": name, "loaded": True, "precision": service.loaded_precision(name)}
 
 
 @router.post("/{name}/unload")

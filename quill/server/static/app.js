@@ -360,6 +360,8 @@
   // ---- output --------------------------------------------------------------------------------------------------
 
   function resetOutput(promptText) {
+    pending.text = "";
+    pending.tokens = [];
     ui.outPrompt.textContent = promptText;
     ui.outText.textContent = "";
     state.tokens = [];
@@ -376,10 +378,37 @@
     $("stat-finish").className = "";
   }
 
-  function appendText(text) {
-    const atBottom = ui.output.scrollHeight - ui.output.scrollTop - ui.output.clientHeight < 24;
-    ui.outText.append(text);
-    if (atBottom) ui.output.scrollTop = ui.output.scrollHeight;
+  // Streamed text and tokens reach the DOM at most once a frame: one layout per frame, however fast the
+  // tokens come, so the page stays responsive during long, fast generations.
+  const pending = { text: "", tokens: [], scheduled: false, node: null };
+
+  function queueOutput(text, entries) {
+    pending.text += text;
+    for (const t of entries) pending.tokens.push(t);
+    if (pending.scheduled) return;
+    pending.scheduled = true;
+    const go = () => { if (pending.scheduled) flushOutput(); };
+    requestAnimationFrame(go);
+    setTimeout(go, 100);  // rAF does not fire in a hidden tab
+  }
+
+  function flushOutput() {
+    pending.scheduled = false;
+    if (pending.text) {
+      const atBottom = ui.output.scrollHeight - ui.output.scrollTop - ui.output.clientHeight < 24;
+      if (!pending.node || pending.node.parentNode !== ui.outText) {
+        pending.node = document.createTextNode("");
+        ui.outText.append(pending.node);
+      }
+      pending.node.appendData(pending.text);
+      pending.text = "";
+      if (atBottom) ui.output.scrollTop = ui.output.scrollHeight;
+    }
+    if (pending.tokens.length) {
+      addTokens(pending.tokens);
+      pending.tokens = [];
+    }
+    if (state.run) renderStats(state.run, false);
   }
 
   function tokenTitle(t) {
@@ -512,8 +541,7 @@
       const text = choice.text ?? (choice.delta && choice.delta.content) ?? "";
       const entries = tokenEntries(choice.logprobs);
       if ((text || entries.length) && run.tFirst === null) run.tFirst = performance.now();
-      if (text) appendText(text);
-      if (entries.length) addTokens(entries);
+      if (text || entries.length) queueOutput(text, entries);
       run.count += entries.length || (text ? 1 : 0);
       if (typeof choice.continuation === "string") run.handle = choice.continuation;
       if (choice.finish_reason) run.finish = choice.finish_reason;
@@ -537,7 +565,6 @@
         if (data === "[DONE]") return;
         handleChunk(JSON.parse(data), run);
       }
-      renderStats(run, false);
     }
   }
 
@@ -587,6 +614,7 @@
       }
     } finally {
       run.tEnd = performance.now();
+      flushOutput();
       state.run = null;
       setBusy(false);
       if (run.tFirst !== null || run.finish) renderStats(run, true);
