@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push")
+COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.quantize")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

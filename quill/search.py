@@ -244,13 +244,19 @@ class _Logprobs:
         out.top_vals = torch.cat([self.top_vals, other.top_vals])
         return out
 
-    def record(self, step: int, logp: Tensor, rows: Tensor, tokens: Tensor) -> None:
-        """Row i chose tokens[i] from the raw log-probabilities logp[rows[i]] at generated step `step`."""
+    def top(self, logp: Tensor) -> tuple[Tensor, Tensor] | None:
+        """The top-N alternatives of every row of the raw log-probabilities logp [rows, V] (None when N = 0)."""
+        if not self.n:
+            return None
+        top = logp.topk(self.n, dim=-1)
+        return top.indices, top.values
+
+    def record(self, step: int, logp: Tensor, rows: Tensor, tokens: Tensor, top: tuple[Tensor, Tensor] | None) -> None:
+        """Row i chose tokens[i] from logp[rows[i]] (with alternatives top[.][rows[i]]) at generated step `step`."""
         self.chosen[:, step] = logp[rows, tokens]
-        if self.n:
-            top = logp.topk(self.n, dim=-1)
-            self.top_ids[:, step] = top.indices[rows]
-            self.top_vals[:, step] = top.values[rows]
+        if top is not None:
+            self.top_ids[:, step] = top[0][rows]
+            self.top_vals[:, step] = top[1][rows]
 
     def row(self, i: int, tokens: list[int]) -> list[TokenLogprob]:
         chosen = self.chosen[i, :len(tokens)].tolist()
@@ -310,7 +316,7 @@ def _beam_search(s: _Setup, params: SearchParams, n: int) -> list[Hypothesis]:
         cand_lps = None
         if lps is not None:
             cand_lps = lps.take(src)
-            cand_lps.record(cur - P, logp, src, tok)
+            cand_lps.record(cur - P, logp, src, tok, lps.top(logp))
         # e. the best num_beams unfinished continuations run on
         masked = topk_lp + hits.to(torch.float32) * _NEG
         keep = torch.topk(masked, B).indices
@@ -412,6 +418,7 @@ def _group_beam_search(s: _Setup, params: SearchParams, n: int) -> list[Hypothes
         current = torch.zeros(B, dtype=torch.long, device=device)
         reorder = torch.zeros(B, dtype=torch.long, device=device)
         logp_all = torch.log_softmax(logits.float(), dim=-1)
+        top = lps.top(logp_all) if lps is not None else None
         new_seqs = seqs.clone()
         new_lps = lps.take(torch.arange(B, device=device)) if lps is not None else None
         for g in range(G):
@@ -447,7 +454,8 @@ def _group_beam_search(s: _Setup, params: SearchParams, n: int) -> list[Hypothes
                             lp = None
                             if lps is not None:
                                 one = lps.take(torch.tensor([row], device=device))
-                                one.record(cur - P, logp_all, torch.tensor([row], device=device), tok[rank:rank + 1])
+                                one.record(cur - P, logp_all, torch.tensor([row], device=device),
+                                           torch.tensor([token], device=device), top)
                                 lp = one.row(0, tokens)
                             hyps[g].add(tokens, score_l[rank], cur + 1 - P, lp)
                     else:
@@ -462,7 +470,7 @@ def _group_beam_search(s: _Setup, params: SearchParams, n: int) -> list[Hypothes
             new_seqs[group, cur] = new_tok
             if lps is not None:
                 taken = lps.take(src)
-                taken.record(cur - P, logp_all, src, new_tok)
+                taken.record(cur - P, logp_all, src, new_tok, top)
                 new_lps.chosen[group], new_lps.top_ids[group], new_lps.top_vals[group] = (
                     taken.chosen, taken.top_ids, taken.top_vals)
             current[group] = new_tok

@@ -414,7 +414,7 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     if quantized:  # an int8 checkpoint of `quill quantize`: its own strict loader checks names, dtypes, shapes
         try:
             quantization.load_quantized(folder)
-        except CheckpointError as e:
+        except (CheckpointError, ValueError, RuntimeError) as e:
             raise StoreError(f"{main} does not match config.json: {e}", 400, "weights_mismatch", main) from None
         return {**_tokenizer_fields(folder, files, cfg), "parameters": cfg.num_params(),
                 "context_length": cfg.n_positions, "vocab_size": cfg.vocab_size, "dtype": "int8"}
@@ -452,7 +452,7 @@ def _tokenizer_fields(folder: Path, files: list[str], cfg) -> dict[str, Any]:
                          "tokenizer.json")
     try:
         tok = Tokenizer.load(folder)
-    except TokenizerError as e:
+    except (TokenizerError, ValueError, TypeError, KeyError, OSError) as e:
         msg = str(e).replace(str(folder) + os.sep, "").replace(str(folder), "the model folder")
         raise StoreError(f"{tok_file}: the tokenizer does not load: {msg}", 400, "invalid_tokenizer", tok_file) from None
     if tok.vocab_size > cfg.vocab_size:

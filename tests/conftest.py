@@ -19,7 +19,14 @@ import sys
 import time
 from pathlib import Path
 
+import tempfile
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach a hub
+# Hermetic: the default model store, continuation handles and `quill push` resume files go to a scratch folder
+# for this test session (servers started below inherit it), never to the user's home.
+_SCRATCH = tempfile.mkdtemp(prefix="quill-tests-")
+os.environ["XDG_DATA_HOME"] = os.path.join(_SCRATCH, "data")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_SCRATCH, "cache")
 
 import httpx
 import pytest

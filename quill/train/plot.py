@@ -18,11 +18,13 @@ def plot_losses(history: dict[str, Any], path: str | Path, title: str | None = N
     losses = [r["loss"] for r in history.get("train", [])]
     if steps:
         ax.plot(steps, losses, color="tab:blue", alpha=0.25, linewidth=0.6, label="train (per step)")
-        smooth, ema = [], losses[0]
-        for v in losses:
-            ema = 0.95 * ema + 0.05 * v
-            smooth.append(ema)
-        ax.plot(steps, smooth, color="tab:blue", linewidth=1.2, label="train (moving average)")
+        w = max(1, len(losses) // 40)  # centred moving average: no lag, w steps wide
+        if w > 1:
+            import numpy as np
+
+            smooth = np.convolve(losses, np.ones(w) / w, mode="valid")
+            ax.plot(steps[(w - 1) // 2:(w - 1) // 2 + len(smooth)], smooth, color="tab:blue", linewidth=1.2,
+                    label=f"train ({w}-step average)")
     evals = history.get("eval", [])
     if evals:
         ax.plot([r["iter"] for r in evals], [r["train_loss"] for r in evals], "o-", color="tab:green",

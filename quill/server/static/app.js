@@ -487,9 +487,14 @@
     if (run.model) $("stat-model").textContent = run.model;
     if (run.tFirst !== null) $("stat-ttft").textContent = `${Math.round(run.tFirst - run.t0)} ms`;
     const n = run.usage ? run.usage.completion_tokens ?? run.count : run.count;
-    if (run.tFirst !== null && n > 1 && now > run.tFirst) {
-      const rate = (n - 1) / ((now - run.tFirst) / 1000);
+    // Live: tokens arriving per second here; at the end: completion tokens / the server's seconds for the call.
+    const serverSecs = run.usage && typeof run.usage.seconds === "number" ? run.usage.seconds : null;
+    const rate = final && serverSecs ? n / serverSecs
+      : run.tFirst !== null && n > 1 && now > run.tFirst ? (n - 1) / ((now - run.tFirst) / 1000) : null;
+    if (rate !== null && n > 0) {
       $("stat-speed").textContent = `${rate >= 100 ? Math.round(rate) : rate.toFixed(1)} tokens/s`;
+      $("stat-speed").title = final && serverSecs ? "completion tokens / server time of this call"
+        : "tokens received per second";
     }
     const total = s.tokens + n;
     $("stat-tokens").textContent = s.calls ? `${total} (${s.calls + 1} calls)` : String(n);
@@ -594,6 +599,12 @@
       state.session = { tokens: 0, flops: 0, seconds: 0, calls: 0 };
     } else {
       ui.cont.hidden = true;
+      flushOutput();
+      const mark = document.createElement("span");  // where this piece begins (no text: textContent stays exact)
+      mark.className = "resume-mark";
+      mark.title = `resumed from the continuation handle (call ${state.session.calls + 1})`;
+      ui.outText.append(mark);
+      pending.node = null;
     }
     const run = {
       controller: new AbortController(), t0: performance.now(), tFirst: null, tEnd: null, count: 0,

@@ -1,0 +1,222 @@
+"""The fast paths against the plain torch path: fused decode kernels, bf16, batched decoding, torch.compile.
+
+Tolerances are relative to the largest logit magnitude (`rel_err`):
+- fp32 kernels vs torch: 1e-5. Both accumulate in fp32; only the summation order differs (~1e-7 per op).
+- bf16 vs fp32: 5e-2. bf16 keeps 8 significant bits, so every rounded activation carries up to 2^-9 (0.2%)
+  relative error; a few dozen roundings through LayerNorm, attention and the MLP of a random tiny model
+  (initialiser std 0.2, so large activations) add up to a few percent of the largest logit. Greedy tokens
+  are not compared in bf16 (near-ties legitimately flip).
+- bf16 kernels vs bf16 torch: 5e-2 as well: the kernels keep fp32 between fused ops where torch rounds
+  to bf16, so they are closer to fp32 than torch's bf16 path, not bit-equal to it.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from quill import kernels
+from quill.generate import DecodeBatch, GenerationRequest, Sequence
+from quill.model import GPT, GPTConfig, compile_model
+from quill.sampling import SamplingParams
+from quill.tokenizer import Tokenizer
+
+needs_kernels = pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable (no AVX2 or no C compiler)")
+
+CONFIGS = {
+    "odd": GPTConfig(vocab_size=101, n_positions=40, n_embd=48, n_head=3, n_layer=2),
+    "relu-scaled-inner": GPTConfig(vocab_size=77, n_positions=48, n_embd=36, n_head=2, n_layer=2,
+                                   activation_function="relu", scale_attn_by_inverse_layer_idx=True, n_inner=84),
+    "untied-gelu-upcast": GPTConfig(vocab_size=90, n_positions=32, n_embd=40, n_head=5, n_layer=2,
+                                    activation_function="gelu", scale_attn_weights=False,
+                                    reorder_and_upcast_attn=True, layer_norm_epsilon=1e-3,
+                                    tie_word_embeddings=False),
+}
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def make_model(cfg: GPTConfig, dtype=torch.float32, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias") and "ln" not in name:
+                p.normal_(0, 0.05)
+            elif "ln" in name:
+                p.normal_(1.0 if name.endswith("weight") else 0.0, 0.1)
+            else:
+                p.normal_(0, 0.2)
+    return model.to(dtype)
+
+
+def decode_both(model: GPT, prompt: torch.Tensor, starts, token: torch.Tensor):
+    """One decode step after a prefill, on the kernels and on the torch path; returns (torch, kernels, caches)."""
+    out, caches = [], []
+    for use in (False, True):
+        model.use_kernels = use
+        cache = model.new_cache(prompt.shape[0])
+        with torch.inference_mode():
+            model(prompt, 0, cache)
+            out.append(model(token, starts, cache))
+        caches.append(cache)
+    model.use_kernels = True
+    return out[0], out[1], caches
+
+
+@needs_kernels
+@pytest.mark.parametrize("name", CONFIGS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_kernels_match_torch_path(name, dtype):
+    cfg = CONFIGS[name]
+    model = make_model(cfg, dtype)
+    prompt = torch.randint(0, cfg.vocab_size, (3, 9))
+    tol = 1e-5 if dtype == torch.float32 else 5e-2
+    # ragged rows (each at its own position) and a shared int position
+    for starts in (torch.tensor([8, 3, 5]), 9):
+        token = torch.randint(0, cfg.vocab_size, (3, 1))
+        ref, fast, (c_ref, c_fast) = decode_both(model, prompt, starts, token)
+        assert fast.shape == ref.shape == (3, 1, cfg.vocab_size) and fast.dtype == ref.dtype
+        assert rel_err(ref, fast) <= tol, (name, dtype, starts)
+        assert rel_err(c_ref.k, c_fast.k) <= tol and rel_err(c_ref.v, c_fast.v) <= tol
+
+
+@needs_kernels
+def test_decode_kernels_fall_back_for_unknown_modules():
+    """A projection the kernels do not know (a subclass with its own forward) sends the step to torch."""
+    cfg = CONFIGS["odd"]
+    model = make_model(cfg)
+
+    class Doubled(nn.Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    old = model.transformer.h[1].mlp.c_fc
+    new = Doubled(old.in_features, old.out_features)
+    new.load_state_dict(old.state_dict())
+    model.transformer.h[1].mlp.c_fc = new
+    prompt = torch.randint(0, cfg.vocab_size, (2, 5))
+    ref, fast, _ = decode_both(model, prompt, 5, torch.randint(0, cfg.vocab_size, (2, 1)))
+    assert rel_err(ref, fast) <= 1e-5
+
+
+@needs_kernels
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_linear_kernel_matches_torch(wdtype, xdtype):
+    torch.manual_seed(0)
+    for m, n, k in [(1, 37, 45), (2, 130, 64), (5, 9, 300), (kernels.MAX_ROWS, 64, 24)]:
+        x = torch.randn(m, k).to(xdtype)
+        w = torch.randn(n, k)
+        scale = None
+        if wdtype == torch.int8:
+            scale = torch.rand(n) + 0.5
+            w = torch.randint(-127, 128, (n, k)).to(torch.int8)
+            dense = w.float() * scale[:, None]
+        else:
+            w = w.to(wdtype)
+            dense = w.float()
+        bias, residual = torch.randn(n).to(xdtype), torch.randn(m, n).to(xdtype)
+        ref = residual.float() + x.float() @ dense.t() + bias.float()
+        out = kernels.linear(x, w, bias, scale, residual=residual)
+        assert out.dtype == xdtype
+        assert rel_err(ref, out) <= (1e-5 if xdtype == torch.float32 else 1e-2)
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_kernel_writes_cache_and_matches_sdpa(dtype):
+    torch.manual_seed(0)
+    B, H, D, L = 3, 4, 12, 20
+    k_cache, v_cache = torch.randn(B, H, L, D).to(dtype), torch.randn(B, H, L, D).to(dtype)
+    qkv = torch.randn(B, 3 * H * D).to(dtype)
+    pos = torch.tensor([5, 0, 19])
+    out = torch.empty(B, H * D, dtype=dtype)
+    kc, vc = k_cache.clone(), v_cache.clone()
+    kernels.attn_decode(qkv, kc, vc, pos, H, 0.3, out)
+    for b in range(B):
+        p = int(pos[b])
+        q, k, v = qkv[b].view(3, H, 1, D)
+        assert torch.equal(kc[b, :, p], k[:, 0]) and torch.equal(vc[b, :, p], v[:, 0])
+        ref = F.scaled_dot_product_attention(q.float(), kc[b, :, :p + 1].float(), vc[b, :, :p + 1].float(), scale=0.3)
+        assert rel_err(ref.reshape(-1), out[b]) <= (1e-5 if dtype == torch.float32 else 1e-2)
+    untouched = torch.ones(L, dtype=torch.bool)
+    untouched[[0, 5, 19]] = False
+    assert torch.equal(kc[:, :, untouched][:, :, 1:], k_cache[:, :, untouched][:, :, 1:])
+
+
+@pytest.mark.parametrize("name", ["odd", "untied-gelu-upcast"])
+def test_bf16_logits_close_to_fp32(name):
+    cfg = CONFIGS[name]
+    model = make_model(cfg)
+    x = torch.randint(0, cfg.vocab_size, (2, 11))
+    with torch.inference_mode():
+        ref = model(x)
+        cache_ref = model.new_cache(2)
+        model(x[:, :10], 0, cache_ref)
+        step_ref = model(x[:, 10:], 10, cache_ref)
+        model.to(torch.bfloat16)
+        assert rel_err(ref, model(x)) <= 5e-2
+        cache = model.new_cache(2)
+        model(x[:, :10], 0, cache)
+        assert rel_err(step_ref, model(x[:, 10:], 10, cache)) <= 5e-2
+
+
+def _run_batch(model: GPT, tok: Tokenizer, prompts: list[list[int]], capacity: int,
+               stagger: bool) -> list[list[int]]:
+    """Decode `prompts` greedily in one DecodeBatch (optionally adding them one step apart); rows have
+    different lengths (8 + len(prompt) % 5 new tokens) so they finish at different steps."""
+    reqs = [GenerationRequest(prompt_ids=p, max_tokens=8 + len(p) % 5,
+                              sampling=SamplingParams(temperature=0, ignore_eos=True)) for p in prompts]
+    seqs = [Sequence(r, tok, model.config.n_positions, [], None, index=i) for i, r in enumerate(reqs)]
+    batch = DecodeBatch(model, capacity)
+    pending = list(seqs)
+    while pending or batch.rows:
+        if pending and batch.free and (stagger or not batch.rows):
+            for s in (pending[:1] if stagger else pending):
+                batch.add([s])
+            pending = pending[1:] if stagger else []
+        batch.step()
+    return [s.generated for s in seqs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_batched_decoding_equals_one_by_one(dtype):
+    cfg = GPTConfig(vocab_size=len(CHARS), n_positions=64, n_embd=32, n_head=2, n_layer=2)
+    model = make_model(cfg, dtype, seed=1)
+    tok = Tokenizer.characters(CHARS)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (3, 9, 1, 14, 6, 11, 2, 8, 5)]
+    alone = [_run_batch(model, tok, [p], 1, False)[0] for p in prompts]
+    assert _run_batch(model, tok, prompts, len(prompts), False) == alone
+    assert _run_batch(model, tok, prompts, 4, True) == alone  # ragged: rows join and leave mid-way
+
+
+CHARS = "abcdefghijklmnopqrstuvwxyz .,"
+
+
+def _compile_works() -> bool:
+    try:
+        f = torch.compile(lambda t: t * 2 + 1, dynamic=False)
+        return bool(torch.equal(f(torch.ones(3)), torch.full((3,), 3.0)))
+    except Exception:
+        return False
+
+
+@pytest.mark.skipif(not _compile_works(), reason="torch.compile unavailable here")
+def test_compiled_equals_eager():
+    cfg = GPTConfig(vocab_size=53, n_positions=32, n_embd=32, n_head=2, n_layer=1)
+    eager = make_model(cfg)
+    compiled = compile_model(make_model(cfg))
+    x = torch.randint(0, cfg.vocab_size, (2, 7))
+    eager.use_kernels = False  # compare with the torch path the compiled graph was traced from
+    with torch.inference_mode():
+        caches = [eager.new_cache(2), compiled.new_cache(2)]
+        assert rel_err(eager(x[:, :6], 0, caches[0]), compiled(x[:, :6], 0, caches[1])) <= 1e-5
+        assert rel_err(eager(x[:, 6:], 6, caches[0]), compiled(x[:, 6:], 6, caches[1])) <= 1e-5
+        assert rel_err(caches[0].k, caches[1].k) <= 1e-5
