@@ -27,7 +27,6 @@ from quill.model import GPT, GPTConfig
 from quill.quantize import (Int8Embedding, Int8Linear, QUANT_METHOD, is_quantized_model, load_quantized,
                             quantize_model, quantize_weight, save_quantized)
 from quill.tokenizer import Tokenizer
-from quill.weights import save_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,10 +192,14 @@ def _perplexity(model: GPT, ids: torch.Tensor) -> float:
 def test_int8_perplexity_within_one_percent_of_fp32(tmp_path):
     text = "".join((ROOT / "quill" / name).read_text() for name in ("model.py", "generate.py", "weights.py"))
     split = int(len(text) * 0.9)
-    model, tok = _train_char_model(text[:split])
-    held_out = torch.tensor([t for t in tok.encode("".join(c for c in text[split:] if c in text[:split]))])
-    fp32 = _perplexity(model, held_out)
-    save_model(model, tmp_path / "m")
-    int8 = _perplexity(quantize_model(model), held_out)
-    assert fp32 < 12, f"training did not take (perplexity {fp32:.2f})"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is faster, and robust on a busy machine
+    try:
+        model, tok = _train_char_model(text[:split])
+        held_out = torch.tensor(tok.encode("".join(c for c in text[split:] if c in text[:split])))
+        fp32 = _perplexity(model, held_out)
+        int8 = _perplexity(quantize_model(model), held_out)
+    finally:
+        torch.set_num_threads(threads)
+    assert fp32 < tok.vocab_size / 4, f"training did not take (perplexity {fp32:.2f}, vocab {tok.vocab_size})"
     assert abs(int8 - fp32) / fp32 <= 0.01, (fp32, int8)

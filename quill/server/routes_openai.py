@@ -94,9 +94,11 @@ class LegacyLogprobBuilder:
         self.offset = 0
 
     def build(self, lps: list[TokenLogprob]) -> dict[str, list]:
-        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+        out: dict[str, list] = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": [],
+                                "token_ids": []}  # token_ids: Quill's extra, the id of each token
         for lp in lps:
             out["tokens"].append(g.token_text(self.tok, lp.token))
+            out["token_ids"].append(lp.token)
             out["token_logprobs"].append(lp.logprob)
             out["top_logprobs"].append(None if lp.logprob is None else
                                        {g.token_text(self.tok, i): v for i, v in lp.top})
@@ -107,7 +109,8 @@ class LegacyLogprobBuilder:
 
 def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> list[dict[str, Any]]:
     def entry(token: int, logprob: float) -> dict[str, Any]:
-        return {"token": g.token_text(tok, token), "logprob": logprob, "bytes": list(g.token_bytes(tok, token))}
+        return {"token": g.token_text(tok, token), "logprob": logprob, "bytes": list(g.token_bytes(tok, token)),
+                "id": token}  # id: Quill's extra
 
     return [{**entry(lp.token, lp.logprob), "top_logprobs": [entry(i, v) for i, v in lp.top]} for lp in lps]
 

@@ -162,6 +162,7 @@ class LegacyLogprobs(BaseModel):
     token_logprobs: list[float | None]
     top_logprobs: list[dict[str, float] | None]
     text_offset: list[int]
+    token_ids: list[int] = []  # Quill's extra: the id of each token
 
 
 class CompletionChoice(BaseModel):
@@ -185,6 +186,7 @@ class TopLogprob(BaseModel):
     token: str
     logprob: float
     bytes: list[int] | None
+    id: int | None = None  # Quill's extra: the token id
 
 
 class ChatTokenLogprob(TopLogprob):

@@ -14,6 +14,7 @@
     prompt: "prompt", messages: "prompt", model: "model", max_tokens: "max_tokens",
     max_completion_tokens: "max_tokens", temperature: "temperature", top_k: "top_k", top_p: "top_p",
     repetition_penalty: "repetition_penalty", seed: "seed", stop: "stop", max_flops: "max_flops", dtype: "dtype",
+    name: "model",
   };
   const FINISH = {  // finish reason -> what it means
     stop: "end of text or a stop string", length: "max tokens reached", budget: "FLOP budget spent: Continue resumes",
@@ -266,8 +267,11 @@
         range.max = String(m.context_length);
         $("max_tokens").max = String(m.context_length);
       }
-      const p = { fp32: "float32", bf16: "bfloat16" }[precisionOf(m)] ?? precisionOf(m);
-      if (p && [...ui.dtype.options].some((o) => o.value === p)) ui.dtype.value = p;
+      if (state.shown !== m.id) {  // another model: the precision choice starts at its current one
+        state.shown = m.id;
+        const p = { fp32: "float32", bf16: "bfloat16" }[precisionOf(m)] ?? precisionOf(m);
+        if (p && [...ui.dtype.options].some((o) => o.value === p)) ui.dtype.value = p;
+      }
     }
     ui.modelInfo.textContent = bits.join(" · ");
     $("mode-hint").textContent = m && m.has_chat_template === false ? "(this model has no chat template)" : "";
@@ -376,6 +380,7 @@
       $(`stat-${id}`).title = "";
     }
     $("stat-finish").className = "";
+    delete $("stat-finish").dataset.reason;
   }
 
   // Streamed text and tokens reach the DOM at most once a frame: one layout per frame, however fast the
@@ -532,6 +537,7 @@
     ui.cont.disabled = busy;
     ui.stop.disabled = !busy;
     ui.busy.hidden = !busy;
+    if (busy) $("sr-status").textContent = "Generating…";
     ui.caret.hidden = !busy;
     ui.form.setAttribute("aria-busy", String(busy));
   }
@@ -625,10 +631,13 @@
       }
     } finally {
       run.tEnd = performance.now();
-      flushOutput();
       state.run = null;
+      flushOutput();
       setBusy(false);
       if (run.tFirst !== null || run.finish) renderStats(run, true);
+      if (run.finish) {
+        $("sr-status").textContent = `Finished: ${run.finish}, ${$("stat-tokens").textContent} tokens.`;
+      }
       if (run.finish === "budget" && run.handle) {
         state.continuation = { handle: run.handle, model: run.model };
         ui.cont.hidden = false;
@@ -702,6 +711,10 @@
   ui.adminKey.addEventListener("change", () => sessionStorage.setItem(ADMIN_KEY, ui.adminKey.value.trim()));
   $("key-button").addEventListener("click", async () => {
     if (await askKey("")) refreshModels().catch(showError);
+  });
+
+  document.addEventListener("visibilitychange", () => {  // back to the tab: models may have changed meanwhile
+    if (!document.hidden && !state.adminBusy && ui.status.classList.contains("ok")) refreshModels().catch(() => {});
   });
 
   setView("text");
