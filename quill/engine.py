@@ -209,7 +209,9 @@ class Engine:
         """Log-probability of every token given all before it, with a sliding window of the model's context.
 
         Each window of n_positions tokens advances by `stride` (default: the whole window); only tokens not
-        scored by an earlier window are scored, each seeing at least n_positions - stride tokens of context.
+        scored by an earlier window are scored, each seeing at least n_positions - stride tokens of context. As
+        in transformers' perplexity recipe, a window's first token is context only: with stride == window the
+        first token of each later window goes unscored.
         """
         ids = self.encode(text)
         window = self.config.n_positions
@@ -223,10 +225,11 @@ class Engine:
         begin = 0
         while done < len(ids):
             end = min(begin + window, len(ids))
+            first = max(done, begin + 1)  # the first token scored in this window
             chunk = torch.tensor([ids[begin:end]], device=self.model.device)
             logits = self.model(chunk)[0].float().log_softmax(-1)  # [T, V]
-            targets = chunk[0, done - begin:]
-            picked = logits[done - begin - 1: end - begin - 1].gather(-1, targets[:, None])[:, 0]
+            targets = chunk[0, first - begin:]
+            picked = logits[first - begin - 1: end - begin - 1].gather(-1, targets[:, None])[:, 0]
             logprobs.extend(picked.tolist())
             if progress is not None:
                 progress(end - done)

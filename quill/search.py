@@ -41,7 +41,7 @@ from quill.generate import (
     prompt_logprobs,
     run,
 )
-from quill.model import GPT, KVCache
+from quill.model import GPT, KVCache, Positions
 from quill.sampling import LogitsPipeline, SamplingParams
 from quill.stopping import StopStrings
 from quill.tokenizer import Tokenizer
@@ -197,11 +197,19 @@ class _Setup:
         self.flops = 0
         self.prompt_logprobs: list[TokenLogprob] | None = None
 
-    def prefill(self, cache: KVCache, rows: int) -> Tensor:
-        """Run the prompt into cache row 0, copy it to rows 1..rows-1; return the last position's logits [V]."""
+    def prefill(self, cache: KVCache, rows: int, hidden: list | None = None) -> Tensor:
+        """Run the prompt into cache row 0, copy it to rows 1..rows-1; return the last position's logits [V].
+
+        With `hidden` (a list), append the prompt's final hidden states [P, C] to it.
+        """
         req = self.request
         idx = torch.tensor([self.prompt], device=self.model.device)
-        logits = self.model(idx, 0, cache.rows(slice(0, 1)), last_only=not req.echo)[0].float()
+        if hidden is None:
+            logits = self.model(idx, 0, cache.rows(slice(0, 1)), last_only=not req.echo)[0].float()
+        else:
+            logits, states = forward_with_hidden(self.model, idx, 0, cache.rows(slice(0, 1)), last_only=not req.echo)
+            logits = logits[0].float()
+            hidden.append(states[0])
         if rows > 1:
             cache.copy_rows(slice(1, rows), slice(0, 1))
         if req.echo:
@@ -233,7 +241,8 @@ class _Logprobs:
 
     def take(self, index: Tensor) -> _Logprobs:
         out = _Logprobs.__new__(_Logprobs)
-        out.n, out.chosen, out.top_ids, out.top_vals = self.n, self.chosen[index], self.top_ids[index], self.top_vals[index]
+        out.n, out.chosen = self.n, self.chosen[index]
+        out.top_ids, out.top_vals = self.top_ids[index], self.top_vals[index]
         return out
 
     def cat(self, other: _Logprobs) -> _Logprobs:
@@ -349,7 +358,8 @@ def _beam_search(s: _Setup, params: SearchParams, n: int) -> list[Hypothesis]:
         open_beam = not (bool(done_flags.all()) and early is True)
         if not (unsatisfied and open_beam and not bool(hits.all())):
             break
-        cache.copy_rows(rows, beam_src)
+        if not torch.equal(beam_src, rows):
+            cache.copy_rows(rows, beam_src)
         logits = model(running[:, cur - 1:cur], cur - 1, cache)[:, -1]
         s.flops += B * forward_flops(model.config, 1, cur - 1, 1)
     out = []
@@ -476,7 +486,8 @@ def _group_beam_search(s: _Setup, params: SearchParams, n: int) -> list[Hypothes
             current[group] = new_tok
             reorder[group] = src
         seqs, lps = new_seqs, new_lps
-        cache.copy_rows(torch.arange(B, device=device), reorder)
+        if not torch.equal(reorder, torch.arange(B, device=device)):
+            cache.copy_rows(torch.arange(B, device=device), reorder)
         cur += 1
         if all(done) or cur >= max_length:
             break
@@ -529,21 +540,23 @@ def _replay(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | Non
     yield StepEvent(seq, -1, seq._drain(), None, True)
 
 
-class _HiddenCapture:
-    """Keeps the final hidden states (the output of ln_f) of the model's forwards while active."""
+def forward_with_hidden(model: GPT, idx: Tensor, start: int, cache: KVCache,
+                        last_only: bool = False) -> tuple[Tensor, Tensor]:
+    """`GPT.forward`'s torch path that also returns the final hidden states (after ln_f), [B, T, C].
 
-    def __init__(self, model: GPT):
-        self.model, self.value, self._handle = model, None, None
-
-    def __enter__(self) -> _HiddenCapture:
-        def hook(_module, _inputs, output):
-            self.value = output
-
-        self._handle = self.model.transformer.ln_f.register_forward_hook(hook)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._handle.remove()
+    Contrastive search ranks candidates by these; the fused one-token decode path never materialises them
+    (it folds ln_f into the head), so the candidates' step runs the blocks here.
+    """
+    tr = model.transformer
+    pos = Positions(start, idx.shape[1])
+    if pos.end() > cache.max_len:
+        raise ValueError(f"positions up to {pos.end()} exceed the context of {cache.max_len} tokens")
+    x = tr.drop(tr.wte(idx) + tr.wpe(pos.ids(idx.device)))
+    mask = pos.mask(pos.end(), idx.device)
+    for i, block in enumerate(tr.h):
+        x = block(x, pos, cache.k[i], cache.v[i], mask)
+    hidden = tr.ln_f(x)
+    return model.lm_head(hidden[:, -1:] if last_only else hidden), hidden
 
 
 @torch.inference_mode()
@@ -563,43 +576,43 @@ def _contrastive_events(model: GPT, tokenizer: Tokenizer, request: GenerationReq
         yield from _replay(seq, [], None)
         return
     cache = model.new_cache(k, s.max_length)
-    with _HiddenCapture(model) as hidden:
-        logits = s.prefill(cache, k)  # [V]
-        context = hidden.value[0].float()  # [P, C]
-        context = context / context.norm(dim=-1, keepdim=True)
-        seq.prompt_logprobs = s.prompt_logprobs or []
-        history = torch.zeros(1, s.max_length, dtype=torch.long, device=device)
-        history[0, :s.P] = torch.tensor(s.prompt, device=device)
-        rows = torch.arange(k, device=device)
-        pos = s.P
-        while True:
-            processed = logits[None]
-            if s.pipeline is not None:
-                processed = s.pipeline(processed, history[:, :pos], s.P)
-            probs = torch.softmax(processed, dim=-1)[0]
-            top_probs, top_ids = torch.topk(probs, k)
-            cand_logits = model(top_ids[:, None], pos, cache)[:, -1].float()  # [k, V]
-            cand_hidden = hidden.value[:, -1].float()  # [k, C]
-            s.flops += k * forward_flops(model.config, 1, pos, 1)
-            cand_hidden = cand_hidden / cand_hidden.norm(dim=-1, keepdim=True)
-            degeneration = (context @ cand_hidden.T).max(dim=0).values  # [k]
-            choice = int(torch.argmax((1.0 - alpha) * top_probs - alpha * degeneration))
-            token = int(top_ids[choice])
-            lp = None
-            if s.top_n is not None:
-                logp = torch.log_softmax(logits, dim=-1)
-                top = logp.topk(s.top_n)
-                lp = TokenLogprob(token, float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist())))
-            text = seq.accept(token, lp)
-            seq.usage.flops = s.flops
-            seq.usage.seconds += time.perf_counter() - resumed
-            yield StepEvent(seq, token, text, lp, seq.finished)
-            resumed = time.perf_counter()
-            if seq.finished:
-                return
-            history[0, pos] = token
-            context = torch.cat([context, cand_hidden[choice:choice + 1]])
-            logits = cand_logits[choice]
-            # every row continues from the chosen candidate: give them its keys and values
-            cache.copy_rows(rows, torch.full_like(rows, choice))
-            pos += 1
+    prompt_hidden: list[Tensor] = []
+    logits = s.prefill(cache, k, prompt_hidden)  # [V]
+    context = prompt_hidden[0].float()  # [P, C]
+    context = context / context.norm(dim=-1, keepdim=True)
+    seq.prompt_logprobs = s.prompt_logprobs or []
+    history = torch.zeros(1, s.max_length, dtype=torch.long, device=device)
+    history[0, :s.P] = torch.tensor(s.prompt, device=device)
+    rows = torch.arange(k, device=device)
+    pos = s.P
+    while True:
+        processed = logits[None]
+        if s.pipeline is not None:
+            processed = s.pipeline(processed, history[:, :pos], s.P)
+        probs = torch.softmax(processed, dim=-1)[0]
+        top_probs, top_ids = torch.topk(probs, k)
+        cand_logits, cand_hidden = forward_with_hidden(model, top_ids[:, None], pos, cache)
+        cand_logits, cand_hidden = cand_logits[:, -1].float(), cand_hidden[:, -1].float()  # [k, V], [k, C]
+        s.flops += k * forward_flops(model.config, 1, pos, 1)
+        cand_hidden = cand_hidden / cand_hidden.norm(dim=-1, keepdim=True)
+        degeneration = (context @ cand_hidden.T).max(dim=0).values  # [k]
+        choice = int(torch.argmax((1.0 - alpha) * top_probs - alpha * degeneration))
+        token = int(top_ids[choice])
+        lp = None
+        if s.top_n is not None:
+            logp = torch.log_softmax(logits, dim=-1)
+            top = logp.topk(s.top_n)
+            lp = TokenLogprob(token, float(logp[token]), list(zip(top.indices.tolist(), top.values.tolist())))
+        text = seq.accept(token, lp)
+        seq.usage.flops = s.flops
+        seq.usage.seconds += time.perf_counter() - resumed
+        yield StepEvent(seq, token, text, lp, seq.finished)
+        resumed = time.perf_counter()
+        if seq.finished:
+            return
+        history[0, pos] = token
+        context = torch.cat([context, cand_hidden[choice:choice + 1]])
+        logits = cand_logits[choice]
+        # every row continues from the chosen candidate: give them its keys and values
+        cache.copy_rows(rows, torch.full_like(rows, choice))
+        pos += 1

@@ -135,7 +135,7 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     for key, t in state.items():
         if not t.is_floating_point():
             raise CheckpointError(f"tensor {key!r} has dtype {t.dtype}, expected a floating-point type")
-        state[key] = t.to(device=device, dtype=dtype)
+        state[key] = t.to(device=device, dtype=dtype).contiguous()  # Conv1D transposes are views until here
     model.load_state_dict(state, strict=False, assign=True)
     model.tie_weights()
     if not model.config.tie_word_embeddings and "lm_head.weight" not in state:

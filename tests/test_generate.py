@@ -194,9 +194,9 @@ def test_eos_min_tokens_and_ignore_eos(tiny):
 # ---- quill eval -------------------------------------------------------------------------------------------
 
 
-def hf_sliding_window_nll(hf, ids: list[int], window: int, stride: int) -> float:
-    """Mean NLL with transformers' perplexity recipe: windows of `window` tokens every `stride`, each scoring
-    only the tokens no earlier window scored (the rest are context, label -100)."""
+def hf_sliding_window_nll(hf, ids: list[int], window: int, stride: int) -> tuple[float, int]:
+    """Mean NLL and tokens scored with transformers' perplexity recipe: windows of `window` tokens every
+    `stride`, each scoring only the tokens no earlier window scored (the rest are context, label -100)."""
     total, count, prev_end = 0.0, 0, 0
     for begin in range(0, len(ids), stride):
         end = min(begin + window, len(ids))
@@ -212,17 +212,10 @@ def hf_sliding_window_nll(hf, ids: list[int], window: int, stride: int) -> float
         prev_end = end
         if end == len(ids):
             break
-    return total / count
+    return total / count, count
 
 
-_SCORE_BUG = pytest.mark.xfail(
-    raises=RuntimeError, strict=True,
-    reason="Engine.score: with stride == window the next window starts at the first unscored token, which "
-           "then has no context in its window (empty slice); transformers' recipe leaves that token unscored")
-
-
-@pytest.mark.parametrize("stride", [pytest.param(None, marks=_SCORE_BUG), 16, pytest.param(64, marks=_SCORE_BUG),
-                                    5, 63])
+@pytest.mark.parametrize("stride", [None, 16, 64, 5, 63])
 def test_eval_perplexity_matches_transformers(tiny, tmp_path, capsys, stride):
     import quill.cli
 
@@ -234,8 +227,8 @@ def test_eval_perplexity_matches_transformers(tiny, tmp_path, capsys, stride):
     args = ["eval", str(tiny.folder), "--text", str(path)] + (["--stride", str(stride)] if stride else [])
     assert quill.cli.main(args) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    nll = hf_sliding_window_nll(tiny.hf, ids, N_POS, stride or N_POS)
-    assert result["tokens"] == 150 and result["scored"] == 149
+    nll, scored = hf_sliding_window_nll(tiny.hf, ids, N_POS, stride or N_POS)
+    assert result["tokens"] == 150 and result["scored"] == scored
     assert result["mean_nll"] == pytest.approx(nll, rel=1e-5)
     assert result["perplexity"] == pytest.approx(math.exp(nll), rel=1e-5)
     score = tiny.engine.score(text, stride=stride)

@@ -242,6 +242,25 @@ def test_diverse_beam_search_equals_reference(tiny, beams, groups, diversity, le
         assert c.score == pytest.approx(score, rel=1e-5, abs=1e-5)
 
 
+def test_diverse_beam_and_contrastive_logprobs_and_echo(tiny):
+    eng = tiny.engine
+    echo = eng.generate(PROMPT, 0, echo=True, logprobs=2).choices[0].prompt_logprobs
+    outs = [eng.generate(PROMPT, NEW, n=4, num_beams=4, num_beam_groups=2, diversity_penalty=0.5, logprobs=2,
+                         echo=True, stop_token_ids=[tiny.other]),
+            eng.generate(PROMPT, NEW, penalty_alpha=0.6, top_k=4, logprobs=2, echo=True)]
+    assert any(c.tokens[-1] in (tiny.eos, tiny.other) for c in outs[0].choices)  # hypotheses that ended, too
+    for out in outs:
+        for c in out.choices:
+            assert [(t.token, t.logprob, t.top) for t in c.prompt_logprobs] == \
+                   [(t.token, t.logprob, t.top) for t in echo]
+            with torch.no_grad():
+                logp = tiny.hf(torch.tensor([PROMPT + c.tokens])).logits[0, len(PROMPT) - 1:-1].log_softmax(-1)
+            assert [t.token for t in c.logprobs] == c.tokens
+            torch.testing.assert_close(torch.tensor([t.logprob for t in c.logprobs]),
+                                       logp[torch.arange(len(c.tokens)), c.tokens], rtol=0, atol=1e-5)
+            assert [[i for i, _ in t.top] for t in c.logprobs] == logp.topk(2).indices.tolist()
+
+
 def test_diverse_beams_differ_more_than_plain_beams(tiny):
     eng = tiny.engine
     plain = eng.generate(PROMPT, NEW, n=4, num_beams=4, ignore_eos=True)
@@ -277,12 +296,21 @@ def reference_contrastive_search(hf, prompt, ends, max_new, alpha, k, processor=
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("alpha,k", [(0.6, 4), (0.3, 2), (0.9, 8), (1.0, 3)])
-def test_contrastive_search_equals_reference(tiny, alpha, k):
-    ref = reference_contrastive_search(tiny.hf, PROMPT, [tiny.eos], 20, alpha, k)
-    out = tiny.engine.generate(PROMPT, 20, penalty_alpha=alpha, top_k=k)
+@pytest.mark.parametrize("alpha,k,ignore_eos", [(0.6, 4, False), (0.6, 4, True), (0.3, 2, True), (0.9, 8, True),
+                                                (1.0, 3, False), (0.5, 1, True)])
+def test_contrastive_search_equals_reference(tiny, alpha, k, ignore_eos):
+    from transformers.generation.logits_process import SuppressTokensLogitsProcessor
+
+    if ignore_eos:
+        ref = reference_contrastive_search(tiny.hf, PROMPT, [], 20, alpha, k,
+                                           SuppressTokensLogitsProcessor([tiny.eos]))
+    else:
+        ref = reference_contrastive_search(tiny.hf, PROMPT, [tiny.eos], 20, alpha, k)
+    out = tiny.engine.generate(PROMPT, 20, penalty_alpha=alpha, top_k=k, ignore_eos=ignore_eos)
     assert out.tokens == ref
-    assert out.finish_reason == ("stop" if ref[-1] == tiny.eos else "length")
+    assert out.finish_reason == ("stop" if ref[-1] == tiny.eos and not ignore_eos else "length")
+    greedy = tiny.engine.generate(PROMPT, 20, temperature=0, ignore_eos=ignore_eos).tokens
+    assert (out.tokens == greedy) == (k == 1)  # the degeneration penalty changes the choice; with 1 candidate not
 
 
 def test_contrastive_search_with_penalty_streams(tiny):
