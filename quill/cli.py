@@ -13,7 +13,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.quantize")
+COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.quantize", "quill.export", "quill.bench",
+                                     "quill.train.cli")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -174,9 +174,9 @@ def read_gguf_tensors(path: str | Path) -> dict[str, np.ndarray]:
 class _OnnxGPT(nn.Module):
     """GPT-2 with explicit past/present tensors (concatenation instead of the preallocated cache)."""
 
-    def __init__(self, model: GPT):
+    def __init__(self, model: GPT, last_only: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.last_only = model, last_only
 
     def forward(self, input_ids: Tensor, *past: Tensor) -> tuple[Tensor, ...]:
         m, cfg = self.model, self.model.config
@@ -201,7 +201,8 @@ class _OnnxGPT(nn.Module):
             y = (scores.softmax(-1) @ v).transpose(1, 2).reshape(B, T, C)
             x = x + attn.c_proj(y)
             x = x + block.mlp(block.ln_2(x))
-        return (m.lm_head(tr.ln_f(x)), *presents)
+        x = tr.ln_f(x)
+        return (m.lm_head(x[:, -1:] if self.last_only else x), *presents)
 
 
 def onnx_names(n_layer: int) -> tuple[list[str], list[str]]:
@@ -210,15 +211,19 @@ def onnx_names(n_layer: int) -> tuple[list[str], list[str]]:
     return ins, outs
 
 
-def export_onnx(model_path: str | Path, out_dir: str | Path, opset: int = 18) -> Path:
-    """Write DIR/model.onnx (weights in DIR/model.onnx.data) and the tokenizer files; returns the .onnx path."""
+def export_onnx(model_path: str | Path, out_dir: str | Path, opset: int = 18, last_logits_only: bool = False) -> Path:
+    """Write DIR/model.onnx (weights in DIR/model.onnx.data) and the tokenizer files; returns the .onnx path.
+
+    `last_logits_only` computes logits for the final position only ([batch, 1, vocab]), as a generation
+    loop needs (the benchmark uses it so that a 512-token prefill does not pay for 511 unused logits).
+    """
     from quill.quantize import TOKENIZER_FILES
 
     model, path = _load_float_model(model_path)
     cfg = model.config
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    wrapper = _OnnxGPT(model).eval()
+    wrapper = _OnnxGPT(model, last_logits_only).eval()
     ins, outs = onnx_names(cfg.n_layer)
     ids = torch.zeros(1, 3, dtype=torch.long)
     past = [torch.zeros(1, cfg.n_head, 2, cfg.head_dim) for _ in range(2 * cfg.n_layer)]

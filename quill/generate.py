@@ -17,6 +17,7 @@ from torch import Tensor
 
 from quill.cost import forward_flops
 from quill.errors import BudgetError, ContextLengthError, InvalidParameter
+from quill.kernels import argmax_rows, single_threaded
 from quill.model import GPT, GPTConfig, KVCache
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
 from quill.stopping import StopStrings
@@ -347,14 +348,19 @@ class DecodeBatch:
         last = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)  # [n, 1]
         lengths = [len(s.tokens) - 1 for s in self.rows]  # position of each row's last token
         start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
-        logits = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1].float()  # [n, V]
-        # greedy rows are chosen together: one argmax over [n, V] and one transfer, not one per row
-        greedy = logits.argmax(-1).tolist() if any(s.greedy for s in self.rows) else None
-        seconds = (time.perf_counter() - t0) / n
-        for i, seq in enumerate(self.rows):
-            seq.usage.flops += forward_flops(self.model.config, 1, lengths[i], 1)
-            seq.usage.seconds += seconds
-            events.append(self._emit(seq, logits[i:i + 1], greedy[i] if seq.greedy else None))
+        raw = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1]  # [n, V]
+        # Choosing tokens runs on one CPU thread: its ops are small, and waking torch's OpenMP threads for them
+        # costs more than it saves - the woken threads then spin through the next step, stealing its core.
+        with single_threaded(device):
+            # greedy rows are chosen together: one argmax over [n, V] and one transfer, not one per row
+            greedy = argmax_rows(raw) if any(s.greedy for s in self.rows) else None
+            needs_float = greedy is None or any(not s.greedy or s.request.logprobs is not None for s in self.rows)
+            logits = raw.float() if needs_float else raw  # greedy rows without logprobs never read the logits
+            seconds = (time.perf_counter() - t0) / n
+            for i, seq in enumerate(self.rows):
+                seq.usage.flops += forward_flops(self.model.config, 1, lengths[i], 1)
+                seq.usage.seconds += seconds
+                events.append(self._emit(seq, logits[i:i + 1], greedy[i] if seq.greedy else None))
         self._compact()
         return events
 

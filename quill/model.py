@@ -1,15 +1,18 @@
 """GPT-2 in one sitting: the config, the blocks and a preallocated KV cache.
 
 Module names mirror Hugging Face's `GPT2LMHeadModel` (transformer.wte, transformer.h.0.attn.c_attn, ...) so
-that the checkpoint mapping in `weights.py` is a rename-free, shape-checked copy. Linear layers are plain
-`nn.Linear` ([out, in] weights; HF's Conv1D stores [in, out]), which lets `quantize.py` swap them.
+that the checkpoint mapping in `weights.py` is a rename-free, shape-checked copy. Linear layers are
+`nn.Linear`s ([out, in] weights; HF's Conv1D stores [in, out]), which lets `quantize.py` swap them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
+import statistics
+import struct
 import threading
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,6 +29,30 @@ ACTIVATIONS = {
     "gelu": F.gelu,
     "relu": F.relu,
 }
+
+def _cpu_half_gemm(dtype: torch.dtype) -> bool:
+    """Whether this CPU has a fast GEMM for bf16/fp16 (oneDNN with AVX-512-BF16/AMX or AVX512-FP16)."""
+    if dtype == torch.bfloat16:
+        return torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_fp16_supported()
+
+
+class Linear(nn.Linear):
+    """nn.Linear that runs long bf16/fp16 CPU matrix products in fp32 when the CPU has no half GEMM.
+
+    On AVX2-only CPUs torch falls back to a reference bf16 GEMM about 100x slower than MKL's fp32 one
+    (measured: a 512-token bf16 prefill at 5 tok/s); converting the weight costs one pass over it. Short
+    inputs (decode) keep torch's bf16 GEMV, which is fast, or run on quill.kernels.
+    """
+
+    def forward(self, x: Tensor) -> Tensor:
+        w = self.weight
+        if (w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and x.dim() > 1
+                and x.numel() > kernels.MAX_ROWS * x.shape[-1] and not _cpu_half_gemm(w.dtype)):
+            bias = None if self.bias is None else self.bias.float()
+            return F.linear(x.float(), w.float(), bias).to(x.dtype)
+        return F.linear(x, w, self.bias)
+
 
 # config.json keys that carry no meaning for inference (bookkeeping, task heads, dropout, tokenizer ids).
 _IGNORED_HF_KEYS = {
@@ -204,8 +231,8 @@ class CausalSelfAttention(nn.Module):
     def __init__(self, config: GPTConfig, layer_idx: int):
         super().__init__()
         self.n_head, self.head_dim = config.n_head, config.head_dim
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd)  # fused q, k, v
+        self.c_proj = Linear(config.n_embd, config.n_embd)
         self.resid_dropout = nn.Dropout(config.resid_pdrop)
         self.attn_pdrop = config.attn_pdrop
         scale = 1 / math.sqrt(self.head_dim) if config.scale_attn_weights else 1.0
@@ -244,8 +271,8 @@ class CausalSelfAttention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, config: GPTConfig):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, config.inner_dim)
-        self.c_proj = nn.Linear(config.inner_dim, config.n_embd)
+        self.c_fc = Linear(config.n_embd, config.inner_dim)
+        self.c_proj = Linear(config.inner_dim, config.n_embd)
         self.act = ACTIVATIONS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
@@ -280,7 +307,7 @@ class GPT(nn.Module):
             h=nn.ModuleList(Block(config, i) for i in range(config.n_layer)),
             ln_f=nn.LayerNorm(config.n_embd, eps=config.layer_norm_epsilon),
         ))
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, bias=False)
         self.tie_weights()
         self.apply(self._init_weights)
 
@@ -356,27 +383,38 @@ class GPT(nn.Module):
         return kernels.available()
 
     def _decode(self, idx: Tensor, pos: Positions, cache: KVCache) -> Tensor:
-        """One token per row through the fused kernels: LayerNorm folded into the following projection,
-        residual adds folded into the output projections, and the cache written inside the attention kernel.
-        Same result as the torch path up to float rounding."""
-        cfg, tr = self.config, self.transformer
-        B, C = idx.shape[0], cfg.n_embd
+        """One token per row in a single call into quill.kernels: embedding, every block (LayerNorm folded
+        into the following projection, residual adds and GELU into the projections' epilogues, the cache
+        written inside the attention kernel) and the head. Same result as the torch path up to rounding."""
+        plan = self._plan()
+        B = idx.shape[0]
         dtype = self.dtype
         ws = self._workspace(B, dtype)
-        x, qkv, att, hidden = ws["x"], ws["qkv"], ws["att"], ws["hidden"]
         start = pos.start.contiguous() if pos.ragged else pos.start
-        torch.add(tr.wte(idx[:, 0]), tr.wpe.weight[start], out=x)
-        act = self._act_inplace
-        for i, block in enumerate(tr.h):
-            attn, mlp = block.attn, block.mlp
-            _klinear(attn.c_attn, x, out=qkv, ln=block.ln_1)
-            kernels.attn_decode(qkv, cache.k[i], cache.v[i], start, attn.n_head, attn.scale, att)
-            _klinear(attn.c_proj, att, out=x, residual=x)
-            _klinear(mlp.c_fc, x, out=hidden, ln=block.ln_2)
-            act(hidden)
-            _klinear(mlp.c_proj, hidden, out=x, residual=x)
-        logits = _klinear(self.lm_head, x, ln=tr.ln_f)  # fresh: callers keep logits across steps
+        logits = torch.empty(B, self.config.vocab_size, dtype=dtype)  # fresh: callers keep logits across steps
+        threads = self._tuner.choose(B)
+        t0 = time.perf_counter()
+        kernels.decode_step(plan, idx[:, 0].contiguous(), start, cache.k, cache.v, ws, logits, threads)
+        self._tuner.record(B, threads, time.perf_counter() - t0)
         return logits[:, None]
+
+    def _plan(self) -> Tensor:
+        """The model as the int64 words quill_decode_step reads (cached; rebuilt when any weight moves)."""
+        cached = self.__dict__.get("_decode_plan")
+        if cached is not None:
+            plan, refs, ptrs = cached
+            if [t.data_ptr() for t in refs] == ptrs:
+                return plan
+        plan, refs = _build_plan(self)
+        self.__dict__["_decode_plan"] = (plan, refs, [t.data_ptr() for t in refs])
+        return plan
+
+    @property
+    def _tuner(self) -> ThreadTuner:
+        tuner = self.__dict__.get("_thread_tuner")
+        if tuner is None or tuner.max_threads != torch.get_num_threads():
+            tuner = self.__dict__["_thread_tuner"] = ThreadTuner(torch.get_num_threads())
+        return tuner
 
     def _workspace(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
         """Preallocated activations of a decode step, reused across steps (keyed by batch size and dtype)."""
@@ -393,35 +431,101 @@ class GPT(nn.Module):
             cache[key] = ws
         return ws
 
-    @property
-    def _act_inplace(self):
-        name = self.config.activation_function
-        if name in ("gelu_new", "gelu_pytorch_tanh"):
-            return lambda t: torch.ops.aten.gelu_(t, approximate="tanh")
-        if name == "gelu":
-            return torch.ops.aten.gelu_
-        return torch.relu_
-
 
 class _Unsupported(Exception):
     """A module the decode kernels cannot run (the step falls back to the torch path)."""
 
 
-def _klinear(m: nn.Module, x: Tensor, out: Tensor | None = None, residual: Tensor | None = None,
-             ln: nn.LayerNorm | None = None) -> Tensor:
-    """Run a projection module on the kernels: a plain nn.Linear, or any module with `kernel_args()` returning
-    (weight [N, K], per-row scale or None, bias or None) - quill.quantize's int8 layers do."""
-    if type(m) is nn.Linear:
-        weight, scale, bias = m.weight, None, m.bias
-    elif hasattr(m, "kernel_args"):
-        weight, scale, bias = m.kernel_args()
+def _f32_bits(v: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", v))[0]
+
+
+def _build_plan(model: GPT) -> tuple[Tensor, list[Tensor]]:
+    """Words describing `model` for kernels.decode_step, and the tensors they point into."""
+    cfg, tr = model.config, model.transformer
+    refs: list[Tensor] = []
+    code = kernels.DTYPE_CODES
+
+    def ptr(t: Tensor | None) -> int:
+        if t is None:
+            return 0
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in code:
+            raise _Unsupported("tensor layout")
+        refs.append(t)
+        return t.data_ptr()
+
+    def linear(m: nn.Module) -> list[int]:
+        if type(m) is Linear or type(m) is nn.Linear:
+            w, s, b = m.weight, None, m.bias
+        elif hasattr(m, "kernel_args"):
+            w, s, b = m.kernel_args()
+        else:
+            raise _Unsupported(type(m).__name__)
+        if s is not None and s.dtype != torch.float32:
+            raise _Unsupported("scale dtype")
+        return [ptr(w), code[w.dtype], ptr(s), ptr(b), code[b.dtype] if b is not None else 0]
+
+    def norm(ln: nn.Module) -> list[int]:
+        if type(ln) is not nn.LayerNorm or ln.weight is None or ln.eps != cfg.layer_norm_epsilon:
+            raise _Unsupported("layer norm")
+        return [ptr(ln.weight), ptr(ln.bias), code[ln.weight.dtype]]
+
+    wte, wpe = tr.wte, tr.wpe
+    if type(wte) is nn.Embedding:
+        emb = [ptr(wte.weight), code[wte.weight.dtype], 0]
+    elif getattr(wte, "weight", None) is not None and wte.weight.dtype == torch.int8:
+        emb = [ptr(wte.weight), code[torch.int8], ptr(wte.weight_scale)]
     else:
-        raise _Unsupported(type(m).__name__)
-    if weight.dtype not in kernels.DTYPE_CODES or weight.device.type != "cpu" or not weight.is_contiguous():
-        raise _Unsupported("weight layout")
-    if ln is not None and (type(ln) is not nn.LayerNorm or ln.weight is None):
-        raise _Unsupported("layer norm")
-    return kernels.linear(x, weight, bias, scale, residual=residual, out=out, ln=ln)
+        raise _Unsupported(type(wte).__name__)
+    if type(wpe) is not nn.Embedding:
+        raise _Unsupported(type(wpe).__name__)
+    words = [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.inner_dim, cfg.vocab_size,
+             kernels.ACTIVATIONS[cfg.activation_function], code[model.dtype], _f32_bits(cfg.layer_norm_epsilon),
+             *emb, ptr(wpe.weight), code[wpe.weight.dtype], *norm(tr.ln_f), *linear(model.lm_head)]
+    words += [0] * (24 - len(words))
+    for block in tr.h:
+        attn, mlp = block.attn, block.mlp
+        words += [*norm(block.ln_1), *linear(attn.c_attn), *linear(attn.c_proj), *norm(block.ln_2),
+                  *linear(mlp.c_fc), *linear(mlp.c_proj), _f32_bits(attn.scale)]
+    return torch.tensor(words, dtype=torch.int64), refs
+
+
+class ThreadTuner:
+    """Picks the thread count of decode steps from measured step times, per batch size.
+
+    On a machine shared with other work, two threads can be slower than one (measured on the 2-core box:
+    28 vs 20 tok/s while a training run and a test suite were running, the reverse when it is quiet). The
+    tuner times steps with 1 and with all threads (`torch.get_num_threads()`), keeps the faster (median of
+    the last few steps each) and re-checks the other now and then, so it follows the load as it changes.
+    """
+
+    PROBE_EVERY = 48  # steps between re-checks of the other choice
+    WINDOW = 5  # recent step times kept per (batch size, threads)
+
+    def __init__(self, max_threads: int):
+        self.max_threads = max(1, max_threads)
+        self.choices = sorted({1, self.max_threads})
+        self.times: dict[tuple[int, int], list[float]] = {}
+        self.steps: dict[int, int] = {}
+
+    def choose(self, batch: int) -> int:
+        if len(self.choices) == 1:
+            return self.choices[0]
+        n = self.steps.get(batch, 0)
+        self.steps[batch] = n + 1
+        for c in self.choices:  # warm-up: a few samples of each choice first
+            if len(self.times.get((batch, c), ())) < 3:
+                return c
+        best = min(self.choices, key=lambda c: statistics.median(self.times[(batch, c)]))
+        if n % self.PROBE_EVERY == 0:
+            return next(c for c in self.choices if c != best)
+        return best
+
+    def record(self, batch: int, threads: int, seconds: float) -> None:
+        ts = self.times.setdefault((batch, threads), [])
+        ts.append(seconds)
+        if len(ts) > self.WINDOW:
+            del ts[0]
 
 
 def compile_model(model: GPT, **options: Any) -> GPT:

@@ -121,7 +121,9 @@ class Int8Embedding(nn.Module):
 
 
 def _linear_names(model: GPT) -> list[str]:
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    from quill.model import Linear
+
+    return [name for name, m in model.named_modules() if type(m) in (nn.Linear, Linear)]
 
 
 def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:

@@ -147,6 +147,7 @@ def atomic_write(path: Path, write) -> None:
     """Write through `write(tmp_path)` into a temporary sibling, fsync it, then rename over `path`."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; published files are ordinary readable files
     try:
         write(Path(tmp))
         with open(tmp, "rb") as f:

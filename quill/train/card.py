@@ -12,8 +12,6 @@ import argparse
 import json
 import time
 
-import torch
-
 from quill.tokenizer import Tokenizer
 from quill.train.data import split_text
 from quill.train.evaluate import sample, text_loss
@@ -30,7 +28,6 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--train-loss", action="store_true", help="also compute the (slower) training-split loss")
     args = p.parse_args(argv)
-    torch.set_num_threads(torch.get_num_threads())
     model, tok = load_model(args.model), Tokenizer.load(args.model)
     train_text, val_text = split_text(open(args.text, encoding="utf-8").read(), args.val_fraction)
     t = time.perf_counter()

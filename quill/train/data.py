@@ -115,14 +115,4 @@ class BatchSampler:
         self.generator.set_state(state)
 
 
-def sequential_windows(tokens: np.ndarray, block_size: int) -> list[tuple[Tensor, Tensor]]:
-    """The whole array as consecutive, non-overlapping windows (every token predicted once, the final partial
-    window included): the deterministic counterpart of the random-window estimate used during training."""
-    out = []
-    for s in range(0, len(tokens) - 1, block_size):
-        chunk = torch.from_numpy(np.asarray(tokens[s:s + block_size + 1], dtype=np.int64))
-        out.append((chunk[None, :-1], chunk[None, 1:]))
-    return out
-
-
-__all__ = ["prepare", "split_text", "read_meta", "load_tokens", "BatchSampler", "sequential_windows"]
+__all__ = ["prepare", "split_text", "read_meta", "load_tokens", "BatchSampler"]
