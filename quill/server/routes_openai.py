@@ -148,7 +148,8 @@ async def completions(body: CompletionRequest, http: Request, state: AppState = 
         ctx, ticket = await resume(state, body, model, http)
         prompt_text = None
     elif body.prompt is None:
-        raise APIError(400, "prompt is required (or a continuation handle)", param="prompt", code="missing")
+        raise APIError(400, "prompt is required (or a continuation handle)", param="prompt",
+                       code="missing_required_parameter")
     else:
         prompt_ids, prompt_text = await completion_prompt(model, body.prompt)
         req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
