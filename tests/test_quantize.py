@@ -88,8 +88,10 @@ def test_int8_logits_close_to_fp32_and_kernels_match_torch(dtype):
             cache = model.new_cache(2)
             model(x[:, :11], 0, cache)
             steps.append(model(x[:, 11:], torch.tensor([11, 11]), cache))
-        assert rel_err(steps[0], steps[1]) <= (1e-5 if dtype == torch.float32 else 5e-2)
-        assert rel_err(full[:, 11:], steps[0]) <= (1e-5 if dtype == torch.float32 else 5e-2)
+        # the int8 kernels (decode steps, and short prefills such as `full`) round activations to int16 per row:
+        # a relative step of 2^-15 ~ 3e-5 per projection, a few projections deep
+        assert rel_err(steps[0], steps[1]) <= (2e-4 if dtype == torch.float32 else 5e-2)
+        assert rel_err(full[:, 11:], steps[0]) <= (2e-4 if dtype == torch.float32 else 5e-2)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")

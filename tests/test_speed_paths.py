@@ -125,7 +125,13 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
         ref = residual.float() + x.float() @ dense.t() + bias.float()
         out = kernels.linear(x, w, bias, scale, residual=residual)
         assert out.dtype == xdtype
-        assert rel_err(ref, out) <= (1e-5 if xdtype == torch.float32 else 1e-2)
+        if wdtype == torch.int8 and xdtype == torch.float32:
+            # int8 weights meet activations rounded to int16 per row (step max|x|/32767): each output may move by
+            # at most half a step times the row's absolute weight sum, plus fp32 accumulation noise.
+            step_err = x.abs().amax(1, keepdim=True) / 65534 * dense.abs().sum(1)[None]
+            assert ((out - ref).abs() <= step_err + 1e-5 * ref.abs().max()).all()
+        else:
+            assert rel_err(ref, out) <= (1e-5 if xdtype == torch.float32 else 1e-2)
 
 
 @needs_kernels
