@@ -68,6 +68,17 @@ def make_tiny_model(folder: str | os.PathLike, tokenizer: str = "chars", chat_te
     return folder
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """Torch on one thread for a module: tiny models run fastest so (far faster than two on a busy machine)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     """Character-level tiny model (context 128) whose tokenizer has a Jinja chat template."""
