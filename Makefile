@@ -33,7 +33,11 @@ run: install
 test: install-test
 	$(PY) -m pytest -q
 
-bench: install-test
+$(VENV)/.installed-bench: $(VENV)/.installed-test
+	$(PIP) install -q -e '.[test,bench]'
+	touch $@
+
+bench: $(VENV)/.installed-bench
 	$(PY) bench/decode.py
 
 clean:

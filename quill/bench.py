@@ -13,56 +13,66 @@ One run, on this machine, for one model (default: a random-initialised GPT-2 124
 Systems: Quill fp32/bf16/int8; transformers fp32/bf16/dynamic int8 (every Linear incl. lm_head, after
 turning GPT-2's Conv1D layers into Linear); ONNX Runtime fp32/int8 (Quill's exporter, int8 via
 onnxruntime.quantization.quantize_dynamic); llama.cpp f32/f16/q8_0 when llama-cpp-python is installed.
-Every measurement is repeated `--runs` times after a warm-up, with systems interleaved round by round so
-that load from other processes falls on all of them alike; tables report medians. Results go to
-docs/benchmarks/ as JSON, Markdown and a PNG chart.
+
+How: each family runs in a worker process of its own (their thread pools - torch's OpenMP, ORT's, ggml's -
+must not share a process), driven round by round from here so that load from other processes falls on all
+of them alike. Every system runs at the thread count (1 or all cores) that was faster for it in the
+warm-up, chosen separately for decode and prefill. Tables report medians of `--runs` rounds. Results go
+to docs/benchmarks/ as JSON, Markdown and a PNG chart.
+
+This module imports neither torch nor quill at the top: the llama.cpp worker loads it without them.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import json
 import os
 import platform
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 PROMPT_LEN, NEW_TOKENS, PREFILL_LEN = 32, 128, 512
 BATCHES = (1, 4, 8, 16)
 SIZES = {"124M": dict(n_embd=768, n_layer=12, n_head=12), "355M": dict(n_embd=1024, n_layer=24, n_head=16)}
 DEFAULT_OUT = Path(__file__).resolve().parents[1] / "docs" / "benchmarks"
+SLOW_S = 20.0  # a measurement slower than this is taken once (transformers bf16 on CPUs without bf16 GEMM)
+BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1, "f32": 4, "f16": 2, "q8_0": 34 / 32}
 
 
 # ---- machine ----------------------------------------------------------------------------------------------
 
 def memory_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
-    """Read bandwidth in bytes/s: the best of `repeats` sums over a `gib` GiB fp32 tensor (all threads)."""
+    """Read bandwidth in bytes/s: the median of `repeats` sums over a `gib` GiB fp32 tensor (all torch threads)
+    after one warm-up sum."""
+    import torch
+
     t = torch.ones(int(gib * (1 << 30)) // 4)
-    best = float("inf")
-    for _ in range(repeats + 1):
+    t.sum()
+    times = []
+    for _ in range(repeats):
         t0 = time.perf_counter()
         t.sum()
-        best = min(best, time.perf_counter() - t0)
+        times.append(time.perf_counter() - t0)
     n = t.nbytes
     del t
-    return n / best
+    return n / statistics.median(times)
 
 
 def machine_info() -> dict:
-    cpu = ""
+    import torch
+
+    cpu, flags = "", ""
     with contextlib.suppress(OSError):
-        cpu = next((ln.split(":", 1)[1].strip() for ln in open("/proc/cpuinfo") if ln.startswith("model name")), "")
-    flags = ""
-    with contextlib.suppress(OSError):
-        flags = next((ln for ln in open("/proc/cpuinfo") if ln.startswith("flags")), "")
+        lines = open("/proc/cpuinfo").read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        flags = next((ln for ln in lines if ln.startswith("flags")), "")
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "avx512": "avx512f" in flags, "avx2": "avx2" in flags, "python": platform.python_version(),
             "torch": torch.__version__, "platform": platform.platform()}
@@ -74,17 +84,27 @@ def weight_bytes_per_token(cfg, bytes_per_weight: float) -> float:
     return (cfg.n_layer * (3 * c * c + c * c + 2 * c * i) + v * c) * bytes_per_weight
 
 
-# ---- runners ----------------------------------------------------------------------------------------------
+# ---- runners (they live in the worker processes) ---------------------------------------------------------
 
-@dataclass
 class Runner:
-    """One system at one precision; subclasses implement decode/prefill/batched and return seconds."""
+    """One system at one precision. decode/prefill return seconds; `threads` is set before each call."""
 
-    name: str
-    family: str
-    precision: str
-    bytes_per_weight: float
-    batching: bool = True
+    family = ""
+    batching = True
+    compiled = False  # torch.compile'd (Quill's --compile): no kernel profile, compiled during the warm-up
+
+    def __init__(self, name: str, precision: str):
+        self.name, self.precision = name, precision
+
+    def describe(self) -> dict:
+        return {"name": self.name, "family": self.family, "precision": self.precision,
+                "bytes_per_weight": BYTES_PER_WEIGHT[self.precision], "batching": self.batching,
+                "compiled": self.compiled}
+
+    def set_threads(self, n: int) -> None:
+        import torch
+
+        torch.set_num_threads(n)
 
     def decode(self, prompt: list[int], new: int, batch: int = 1) -> float:
         """Seconds from the first generated token to the last (`new` tokens per row, `batch` rows)."""
@@ -94,22 +114,23 @@ class Runner:
         """Seconds from the call to the first generated token."""
         raise NotImplementedError
 
-    def close(self) -> None:
-        pass
-
 
 class QuillRunner(Runner):
-    def __init__(self, folder: Path, precision: str):
+    family = "quill"
+
+    def __init__(self, folder: str, precision: str, compile: bool = False):
         import quill
 
         dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32"}[precision]
-        self.engine = quill.load(folder, dtype=dtype, quantize="int8" if precision == "int8" else None)
-        super().__init__(f"quill {precision}", "quill", precision, {"fp32": 4, "bf16": 2, "int8": 1}[precision])
+        self.engine = quill.load(folder, dtype=dtype, quantize="int8" if precision == "int8" else None,
+                                 compile=compile)
+        self.compiled = compile
+        super().__init__(f"quill {precision}{' compiled' if compile else ''}", precision)
 
     def decode(self, prompt, new, batch=1):
-        events = self.engine.events(prompt, new, n=batch, temperature=0, ignore_eos=True)
-        for i, _ in enumerate(events):
-            if i == batch - 1:
+        t0 = time.perf_counter()
+        for i, _ in enumerate(self.engine.events(prompt, new, n=batch, temperature=0, ignore_eos=True)):
+            if i == batch - 1:  # the prefill has emitted each row's first token
                 t0 = time.perf_counter()
         return time.perf_counter() - t0
 
@@ -118,6 +139,37 @@ class QuillRunner(Runner):
         for _ in self.engine.events(prompt, 1, temperature=0, ignore_eos=True):
             pass
         return time.perf_counter() - t0
+
+    def profile(self, prompt: list[int], new: int) -> dict:
+        """Milliseconds per token in each part of a decode step (the kernels' own clock; QUILL_PROFILE=1)."""
+        from quill import kernels
+
+        t0 = time.perf_counter()
+        for i, _ in enumerate(self.engine.events(prompt, new, temperature=0, ignore_eos=True)):
+            if i == 0:
+                kernels.step_profile()
+                t0 = time.perf_counter()
+        wall = (time.perf_counter() - t0) / (new - 1) * 1e3
+        parts = {k: v / (new - 1) * 1e3 for k, v in kernels.step_profile().items()}
+        parts["rest: Python step, sampling, detokenizer"] = wall - sum(parts.values())
+        parts["whole token"] = wall
+        return parts
+
+    def quality(self, n_tokens: int = 160) -> dict:
+        """Top-1 agreement of bf16 and int8 Quill with this (fp32) engine, teacher-forced on its own greedy text."""
+        import quill
+        import torch
+
+        prompt = list(range(1000, 1000 + PROMPT_LEN))
+        seq = prompt + self.engine.generate(prompt, n_tokens - PROMPT_LEN, temperature=0, ignore_eos=True).tokens
+        ids = torch.tensor([seq])
+        out = {}
+        with torch.inference_mode():
+            want = self.engine.model(ids)[0].float().argmax(-1)
+            for name, kw in (("bf16", dict(dtype="bfloat16")), ("int8", dict(quantize="int8"))):
+                got = quill.load(self.engine.path, **kw).model(ids)[0].float().argmax(-1)
+                out[name] = float((got == want).float().mean())
+        return out
 
 
 class _FirstTokenTimer:
@@ -135,11 +187,12 @@ class _FirstTokenTimer:
         pass
 
 
-def conv1d_to_linear(model: torch.nn.Module) -> None:
+def conv1d_to_linear(model) -> None:
     """Replace transformers' Conv1D ([in, out] weights) by equivalent nn.Linear layers, in place."""
+    import torch
     from transformers.pytorch_utils import Conv1D
 
-    for name, mod in list(model.named_modules()):
+    for _, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, Conv1D):
                 lin = torch.nn.Linear(child.weight.shape[0], child.weight.shape[1])
@@ -149,9 +202,12 @@ def conv1d_to_linear(model: torch.nn.Module) -> None:
 
 
 class TransformersRunner(Runner):
-    def __init__(self, folder: Path, precision: str):
+    family = "transformers"
+
+    def __init__(self, folder: str, precision: str):
         import warnings
 
+        import torch
         from transformers import GPT2LMHeadModel
 
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
@@ -163,11 +219,11 @@ class TransformersRunner(Runner):
                 model = torch.ao.quantization.quantize_dynamic(model, {torch.nn.Linear}, dtype=torch.qint8)
         model.generation_config.pad_token_id = model.config.eos_token_id
         self.model = model
-        name = {"fp32": "fp32", "bf16": "bf16", "int8": "dynamic int8"}[precision]
-        super().__init__(f"transformers {name}", "transformers", precision,
-                         {"fp32": 4, "bf16": 2, "int8": 1}[precision])
+        super().__init__(f"transformers {'dynamic int8' if precision == 'int8' else precision}", precision)
 
     def decode(self, prompt, new, batch=1):
+        import torch
+
         ids = torch.tensor([prompt] * batch)
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True)
         with torch.inference_mode():
@@ -183,6 +239,8 @@ class TransformersRunner(Runner):
         return (t2 - t1) - (t1 - t0)
 
     def prefill(self, prompt):
+        import torch
+
         ids = torch.tensor([prompt])
         with torch.inference_mode():
             t0 = time.perf_counter()
@@ -191,26 +249,35 @@ class TransformersRunner(Runner):
 
 
 class OrtRunner(Runner):
-    def __init__(self, onnx_path: Path, precision: str, threads: int):
+    family = "onnxruntime"
+
+    def __init__(self, onnx_path: str, precision: str):
         import numpy as np
-        import onnxruntime as ort
+        import onnxruntime
 
-        from quill.export import onnx_names
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = threads
-        opts.inter_op_num_threads = 1
-        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-        self.sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
-        past = self.sess.get_inputs()[1].shape  # [batch, n_head, past, head_dim]
+        self.path, self.np, self.ort = onnx_path, np, onnxruntime
+        self.sessions: dict[int, object] = {}
+        self.threads = os.cpu_count() or 1
+        sess = self._session()
+        past = sess.get_inputs()[1].shape  # [batch, n_head, past, head_dim]
         self.n_head, self.head_dim = int(past[1]), int(past[3])
-        self.names = onnx_names((len(self.sess.get_inputs()) - 1) // 2)[0]
-        self.np = np
-        super().__init__(f"onnxruntime {precision}", "onnxruntime", precision, {"fp32": 4, "int8": 1}[precision])
+        self.names = [i.name for i in sess.get_inputs()]
+        super().__init__(f"onnxruntime {precision}", precision)
 
-    def _run(self, ids, past):
-        feed = {"input_ids": ids, **dict(zip(self.names[1:], past))}
-        out = self.sess.run(None, feed)
+    def set_threads(self, n):
+        self.threads = n
+
+    def _session(self):
+        if self.threads not in self.sessions:
+            opts = self.ort.SessionOptions()
+            opts.intra_op_num_threads = self.threads
+            opts.inter_op_num_threads = 1
+            opts.graph_optimization_level = self.ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            self.sessions[self.threads] = self.ort.InferenceSession(self.path, opts, providers=["CPUExecutionProvider"])
+        return self.sessions[self.threads]
+
+    def _run(self, sess, ids, past):
+        out = sess.run(None, {"input_ids": ids, **dict(zip(self.names[1:], past))})
         return out[0][:, -1].argmax(-1), out[1:]
 
     def _empty(self, batch):
@@ -218,29 +285,38 @@ class OrtRunner(Runner):
         return [z] * (len(self.names) - 1)
 
     def decode(self, prompt, new, batch=1):
-        np = self.np
-        tok, past = self._run(np.array([prompt] * batch, dtype=np.int64), self._empty(batch))
+        np, sess = self.np, self._session()
+        tok, past = self._run(sess, np.array([prompt] * batch, dtype=np.int64), self._empty(batch))
         t0 = time.perf_counter()
         for _ in range(new - 1):
-            tok, past = self._run(tok[:, None].astype(np.int64), past)
+            tok, past = self._run(sess, tok[:, None].astype(np.int64), past)
         return time.perf_counter() - t0
 
     def prefill(self, prompt):
+        sess = self._session()
         t0 = time.perf_counter()
-        self._run(self.np.array([prompt], dtype=self.np.int64), self._empty(1))
+        self._run(sess, self.np.array([prompt], dtype=self.np.int64), self._empty(1))
         return time.perf_counter() - t0
 
 
 class LlamaRunner(Runner):
-    def __init__(self, gguf_path: Path, precision: str, threads: int, n_ctx: int):
+    """llama.cpp through llama-cpp-python: eval() the prompt, then one token at a time (greedy argmax)."""
+
+    family = "llama.cpp"
+    batching = False  # llama-cpp-python's Llama decodes one sequence
+
+    def __init__(self, gguf_path: str, precision: str, n_ctx: int):
         import llama_cpp
         import numpy as np
 
-        self.llm = llama_cpp.Llama(model_path=str(gguf_path), n_ctx=n_ctx, n_batch=512, n_ubatch=512,
-                                   n_threads=threads, n_threads_batch=threads, logits_all=False, verbose=False)
+        n = os.cpu_count() or 1
+        self.llm = llama_cpp.Llama(model_path=gguf_path, n_ctx=n_ctx, n_batch=512, n_ubatch=512, n_threads=n,
+                                   n_threads_batch=n, logits_all=False, verbose=False)
         self.np = np
-        super().__init__(f"llama.cpp {precision}", "llama.cpp", precision,
-                         {"f32": 4, "f16": 2, "q8_0": 34 / 32}[precision], batching=False)
+        super().__init__(f"llama.cpp {precision}", precision)
+
+    def set_threads(self, n):
+        self.llm._ctx.set_n_threads(n, n)
 
     def _next(self):
         return int(self.np.argmax(self.llm.scores[self.llm.n_tokens - 1]))
@@ -263,8 +339,105 @@ class LlamaRunner(Runner):
         self._next()
         return time.perf_counter() - t0
 
+
+def _local_runners(family: str, cfg: dict) -> list[Runner]:
+    if family == "quill":
+        return [QuillRunner(cfg["folder"], p) for p in ("fp32", "bf16", "int8")] + (
+            [QuillRunner(cfg["folder"], "fp32", compile=True)] if cfg.get("compile") else [])
+    if family == "transformers":
+        return [TransformersRunner(cfg["folder"], p) for p in ("fp32", "bf16", "int8")]
+    if family == "onnxruntime":
+        return [OrtRunner(cfg["fp32"], "fp32"), OrtRunner(cfg["int8"], "int8")]
+    if family == "llama.cpp":
+        return [LlamaRunner(cfg[t], t, cfg["n_ctx"]) for t in ("f32", "f16", "q8_0")]
+    raise ValueError(family)
+
+
+def worker_main(family: str, cfg_json: str) -> None:
+    """A worker process: build the family's runners, then answer JSON-line requests on the original stdout."""
+    if family == "quill":
+        os.environ["QUILL_PROFILE"] = "1"  # per-part timing of decode steps (a few clock reads per layer)
+    proto = os.fdopen(os.dup(1), "w", buffering=1)
+    os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the protocol
+    runners = {r.name: r for r in _local_runners(family, json.loads(cfg_json))}
+    proto.write(json.dumps({"runners": [r.describe() for r in runners.values()]}) + "\n")
+    for line in sys.stdin:
+        msg = json.loads(line)
+        if msg["op"] == "quit":
+            break
+        try:
+            r = runners[msg["name"]]
+            if "threads" in msg:
+                r.set_threads(msg["threads"])
+            proto.write(json.dumps({"ok": getattr(r, msg["op"])(**msg.get("args", {}))}) + "\n")
+        except Exception as e:  # reported to the driver, which stops with it
+            proto.write(json.dumps({"error": f"{type(e).__name__}: {e}"}) + "\n")
+
+
+class Worker:
+    """The driver's handle on a worker process."""
+
+    def __init__(self, family: str, cfg: dict, log_path: Path):
+        here = Path(__file__).resolve()
+        # loaded as a plain file, not as quill.bench: the llama.cpp worker never imports torch or quill
+        code = ("import importlib.util, sys; spec = importlib.util.spec_from_file_location('quill_bench_worker', "
+                f"{str(here)!r}); m = importlib.util.module_from_spec(spec); sys.modules[spec.name] = m; "
+                "spec.loader.exec_module(m); "
+                "m.worker_main(sys.argv[1], sys.argv[2])")
+        env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parents[1]), os.environ.get("PYTHONPATH", "")])}
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-c", code, family, json.dumps(cfg)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, env=env, text=True, bufsize=1)
+        self.family = family
+
+    def ready(self) -> list[dict]:
+        return self._read()["runners"]
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.family} worker exited (log: {self.log.name})")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"{self.family} worker: {msg['error']}")
+        return msg
+
+    def call(self, name: str, op: str, threads: int | None = None, **args):
+        msg = {"op": op, "name": name, "args": args}
+        if threads is not None:
+            msg["threads"] = threads
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        return self._read()["ok"]
+
     def close(self):
-        self.llm.close()
+        with contextlib.suppress(Exception):
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(30)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.log.close()
+
+
+@dataclass
+class RemoteRunner:
+    """A runner living in a worker, as the driver sees it; threads chosen in the warm-up per metric."""
+
+    worker: Worker
+    name: str
+    family: str
+    precision: str
+    bytes_per_weight: float
+    batching: bool
+    compiled: bool
+    threads: dict[str, int] = field(default_factory=dict)
+
+    def decode(self, prompt, new, batch=1, threads=None):
+        return self.worker.call(self.name, "decode", threads or self.threads.get("decode"), prompt=prompt, new=new,
+                                batch=batch)
+
+    def prefill(self, prompt, threads=None):
+        return self.worker.call(self.name, "prefill", threads or self.threads.get("prefill"), prompt=prompt)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -273,6 +446,7 @@ def random_gpt2(size: str, folder: Path, seed: int = 0) -> Path:
     """A random-initialised GPT-2 of `size` with the GPT-2 tokenizer, saved (once) into `folder`."""
     if (folder / "config.json").exists():
         return folder
+    import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
     from quill.tokenizer import Tokenizer
@@ -297,16 +471,14 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def build_runners(folder: Path, work: Path, systems: set[str], threads: int, n_ctx: int, log) -> list[Runner]:
+def start_workers(folder: Path, work: Path, systems: set[str], n_ctx: int, log, compile: bool = False) -> list[Worker]:
     import importlib.util
 
-    runners: list[Runner] = []
+    configs: dict[str, dict] = {}
     if "quill" in systems:
-        for p in ("fp32", "bf16", "int8"):
-            runners.append(QuillRunner(folder, p))
+        configs["quill"] = {"folder": str(folder), "compile": compile}
     if "transformers" in systems and importlib.util.find_spec("transformers"):
-        for p in ("fp32", "bf16", "int8"):
-            runners.append(TransformersRunner(folder, p))
+        configs["transformers"] = {"folder": str(folder)}
     if "ort" in systems and importlib.util.find_spec("onnxruntime"):
         from quill.export import export_onnx, quantize_onnx_int8
 
@@ -318,51 +490,41 @@ def build_runners(folder: Path, work: Path, systems: set[str], threads: int, n_c
         if not int8.exists():
             log("quantising ONNX (onnxruntime quantize_dynamic) ...")
             quantize_onnx_int8(fp32, int8)
-        runners += [OrtRunner(fp32, "fp32", threads), OrtRunner(int8, "int8", threads)]
+        configs["onnxruntime"] = {"fp32": str(fp32), "int8": str(int8)}
     if "llama" in systems:
         if importlib.util.find_spec("llama_cpp") is None:
             log("llama-cpp-python is not installed: llama.cpp skipped")
         else:
             from quill.export import export_gguf
 
+            paths = {}
             for t in ("f32", "f16", "q8_0"):
                 path = work / f"model-{t}.gguf"
                 if not path.exists():
                     log(f"exporting GGUF {t} ...")
                     export_gguf(folder, path, t)
-                runners.append(LlamaRunner(path, t, threads, n_ctx))
-    return runners
+                paths[t] = str(path)
+            configs["llama.cpp"] = {**paths, "n_ctx": n_ctx}
+    return [Worker(fam, cfg, work / f"worker-{fam}.log") for fam, cfg in configs.items()]
 
 
-def top1_agreement(folder: Path, n_tokens: int = 160) -> dict[str, float]:
-    """Share of positions where bf16 / int8 Quill pick the same next token as fp32 (teacher-forced)."""
-    import quill
-
-    ref = quill.load(folder)
-    prompt = list(range(1000, 1000 + PROMPT_LEN))
-    seq = prompt + ref.generate(prompt, n_tokens - PROMPT_LEN, temperature=0, ignore_eos=True).tokens
-    ids = torch.tensor([seq])
-    with torch.inference_mode():
-        want = ref.model(ids)[0].float().argmax(-1)
-        out = {}
-        for name, kw in (("bf16", dict(dtype="bfloat16")), ("int8", dict(quantize="int8"))):
-            got = quill.load(folder, **kw).model(ids)[0].float().argmax(-1)
-            out[name] = float((got == want).float().mean())
-    return out
-
-
-def run_benchmark(args: argparse.Namespace) -> dict:
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
-    torch.manual_seed(0)
+def benchmark_model(args: argparse.Namespace) -> tuple[Path, str, Path]:
+    """The checkpoint to measure (--model, or a random GPT-2 of --size), its label, and the cache folder."""
     cache_root = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "quill-bench"
     if args.model:
         from quill.engine import resolve
 
         folder = resolve(args.model)
-        label = folder.name
-    else:
-        label = f"gpt2-{args.size}-random"
-        folder = random_gpt2(args.size, cache_root / label)
+        return folder, folder.name, cache_root
+    label = f"gpt2-{args.size}-random"
+    return random_gpt2(args.size, cache_root / label), label, cache_root
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    import torch
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    folder, label, cache_root = benchmark_model(args)
     work = cache_root / f"{label}-exports"
     work.mkdir(parents=True, exist_ok=True)
     from quill.weights import load_config
@@ -374,63 +536,87 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     new_batched = 16 if quick else 64
     batches = (1, 8) if quick else BATCHES
     systems = set(args.systems.split(","))
-    threads = torch.get_num_threads()
+    cores = os.cpu_count() or 1
+    thread_choices = sorted({1, torch.get_num_threads()})
     load_before = os.getloadavg()
-    log(f"model {label}; threads {threads}; load {load_before}; runs {runs}")
-    runners = build_runners(folder, work, systems, threads, PREFILL_LEN + 8, log)
-    prompt = list(range(1000, 1000 + PROMPT_LEN))
-    long_prompt = [(1000 + 7 * i) % cfg.vocab_size for i in range(PREFILL_LEN)]
-    samples = {r.name: Samples() for r in runners}
-    bandwidth: list[float] = []
+    log(f"model {label}; cores {cores}; load {load_before}; runs {runs}")
+    workers = start_workers(folder, work, systems, PREFILL_LEN + 8, log, compile=args.compile)
+    runners: list[RemoteRunner] = []
+    try:
+        for w in workers:
+            runners += [RemoteRunner(w, **d) for d in w.ready()]
+        prompt = list(range(1000, 1000 + PROMPT_LEN))
+        long_prompt = [(1000 + 7 * i) % cfg.vocab_size for i in range(PREFILL_LEN)]
+        samples = {r.name: Samples() for r in runners}
+        bandwidth: list[float] = []
 
-    def one_round(record: bool):
-        bandwidth.append(memory_bandwidth(0.5 if quick else 1.0, repeats=1 if quick else 2))
+        log("warm-up: choosing each system's thread count ...")
+        slow: set[tuple[str, str]] = set()  # measurements over SLOW_S seconds are taken in the first round only
         for r in runners:
-            s = samples[r.name]
-            dt = r.decode(prompt, new)
-            if record:
-                s.decode.append((new - 1) / dt)
-            dt = r.prefill(long_prompt)
-            if record:
-                s.prefill.append(PREFILL_LEN / dt)
-            for b in batches:
-                if b == 1 or not r.batching:
-                    continue
-                tps = b * (new_batched - 1) / r.decode(prompt, new_batched, b)
-                if record:
-                    s.batched.setdefault(b, []).append(tps)
-            gc.collect()
-
-    log("warm-up ...")
-    one_round(record=False)
-    bandwidth.clear()
-    for i in range(runs):
-        t0 = time.perf_counter()
-        one_round(record=True)
-        log(f"round {i + 1}/{runs}: {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
-    for r in runners:
-        r.close()
-    quality = {} if args.no_quality else top1_agreement(folder)
+            if r.compiled:  # compile the graphs of every batch size before anything is timed
+                for b in batches:
+                    r.decode(prompt, 4, b)
+            tried = {n: r.decode(prompt, new, threads=n) for n in thread_choices}
+            r.threads["decode"] = min(tried, key=tried.get)
+            tried = {}
+            for n in thread_choices:
+                tried[n] = r.prefill(long_prompt, threads=n)
+                if tried[n] > SLOW_S:
+                    slow.add((r.name, "prefill"))
+                    break
+            r.threads["prefill"] = min(tried, key=tried.get)
+            if min(tried.values()) > SLOW_S:
+                slow.add((r.name, "prefill"))
+            log(f"  {r.name}: decode {r.threads['decode']} thread(s), prefill {r.threads['prefill']}")
+        for i in range(runs):
+            t0 = time.perf_counter()
+            bandwidth.append(memory_bandwidth())
+            for r in runners:
+                s = samples[r.name]
+                s.decode.append((new - 1) / r.decode(prompt, new))
+                if i == 0 or (r.name, "prefill") not in slow:
+                    s.prefill.append(PREFILL_LEN / r.prefill(long_prompt))
+                for b in batches:
+                    if b > 1 and r.batching and (i == 0 or (r.name, f"batch{b}") not in slow):
+                        t1 = time.perf_counter()
+                        s.batched.setdefault(b, []).append(b * (new_batched - 1) / r.decode(prompt, new_batched, b))
+                        if time.perf_counter() - t1 > SLOW_S:
+                            slow.add((r.name, f"batch{b}"))
+            log(f"round {i + 1}/{runs}: {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
+        quality, profile = {}, {}
+        for r in runners:
+            if r.family == "quill" and not r.compiled:  # where a decode step's time goes, at the thread count chosen above
+                profiles = [r.worker.call(r.name, "profile", r.threads["decode"], prompt=prompt, new=new)
+                            for _ in range(3)]
+                profile[r.name] = min(profiles, key=lambda p: p["whole token"])
+        if not args.no_quality:
+            q = next((r for r in runners if r.name == "quill fp32"), None)
+            if q is not None:
+                quality = q.worker.call(q.name, "quality")
+    finally:
+        for w in workers:
+            w.close()
     bw = _median(bandwidth)
     results = []
     for r in runners:
         s = samples[r.name]
         bound = bw / weight_bytes_per_token(cfg, r.bytes_per_weight)
         d = _median(s.decode)
-        batched = {b: _median(v) for b, v in s.batched.items()}
         results.append({
-            "system": r.name, "family": r.family, "precision": r.precision,
+            "system": r.name, "family": r.family, "precision": r.precision, "threads": dict(r.threads),
             "decode_tok_s": d, "decode_samples": s.decode, "bound_tok_s": bound, "pct_of_bound": 100 * d / bound,
             "prefill_tok_s": _median(s.prefill), "prefill_samples": s.prefill,
-            "batched_tok_s": {1: d, **batched}, "batched_samples": {str(b): v for b, v in s.batched.items()},
+            "batched_tok_s": {1: d, **{b: _median(v) for b, v in s.batched.items()}},
+            "batched_samples": {str(b): v for b, v in s.batched.items()},
         })
     report = {
         "model": label, "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size},
         "settings": {"prompt": PROMPT_LEN, "new_tokens": new, "prefill": PREFILL_LEN, "batched_new_tokens": new_batched,
-                     "batches": list(batches), "runs": runs, "quick": quick, "threads": threads},
+                     "batches": list(batches), "runs": runs, "quick": quick, "thread_choices": thread_choices},
         "machine": machine_info(), "load_before": load_before, "load_after": os.getloadavg(),
         "bandwidth_GBps": bw / 1e9, "bandwidth_samples_GBps": [b / 1e9 for b in bandwidth],
-        "results": results, "top1_agreement_with_fp32": quality, "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+        "results": results, "top1_agreement_with_fp32": quality, "decode_profile_ms": profile,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     report["goals"] = check_goals(results, batches)
     return report
@@ -485,14 +671,16 @@ def format_report(rep: dict) -> str:
              f"{', '.join(f'{b:.1f}' for b in rep['bandwidth_samples_GBps'])}).",
              f"Prompt {rep['settings']['prompt']} tokens, {rep['settings']['new_tokens']} new tokens (greedy, EOS "
              f"ignored), prefill {rep['settings']['prefill']} tokens, batched rows generate "
-             f"{rep['settings']['batched_new_tokens']} tokens each; median of {rep['settings']['runs']} runs after a "
-             "warm-up, systems interleaved.", ""]
-    head = "| system | decode tok/s | % of bound | bound | prefill-512 tok/s | " + " | ".join(
+             f"{rep['settings']['batched_new_tokens']} tokens each; median of {rep['settings']['runs']} rounds after a "
+             "warm-up that picks each system's thread count (1 or all cores), systems interleaved round by round, "
+             f"each family in its own process (measurements over {SLOW_S:.0f} s are taken once). "
+             "Bound = measured bandwidth / weight bytes per token.", ""]
+    head = "| system | threads (decode/prefill) | decode tok/s | % of bound | bound | prefill-512 tok/s | " + " | ".join(
         f"batch {b} tok/s" for b in batches if b != 1) + " | batch 8 / batch 1 |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res:
         bt = r["batched_tok_s"]
-        cells = [r["system"], f"{r['decode_tok_s']:.1f}", f"{r['pct_of_bound']:.0f}%", f"{r['bound_tok_s']:.0f}",
+        cells = [r["system"], f"{r['threads'].get('decode')}/{r['threads'].get('prefill')}", f"{r['decode_tok_s']:.1f}", f"{r['pct_of_bound']:.0f}%", f"{r['bound_tok_s']:.0f}",
                  f"{r['prefill_tok_s']:.0f}"]
         cells += [f"{bt[b]:.1f}" if bt.get(b) else "-" for b in batches if b != 1]
         cells.append(f"{bt[8] / r['decode_tok_s']:.2f}x" if bt.get(8) else "-")
@@ -510,6 +698,15 @@ def format_report(rep: dict) -> str:
         for q in quills:
             lines.append(f"| {q['system']} | " + " | ".join(f"{q['prefill_tok_s'] / p['prefill_tok_s']:.2f}x"
                                                           for p in peers) + " |")
+    prof = rep.get("decode_profile_ms") or {}
+    if prof:
+        names = list(prof)
+        parts = list(next(iter(prof.values())))
+        lines += ["", "Where a Quill decode step's time goes (ms per token, best of 3 runs of "
+                  f"{rep['settings']['new_tokens']} tokens, at the decode thread count above):", "",
+                  "| part | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for part in parts:
+            lines.append(f"| {part} | " + " | ".join(f"{prof[n][part]:.2f}" for n in names) + " |")
     if rep.get("top1_agreement_with_fp32"):
         lines += ["", "Top-1 agreement with Quill fp32 (teacher-forced, 160 positions): " + ", ".join(
             f"{k} {100 * v:.1f}%" for k, v in rep["top1_agreement_with_fp32"].items())]
@@ -577,19 +774,30 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--out", default=str(DEFAULT_OUT), help="folder for the JSON, Markdown and PNG")
     p.add_argument("--work", default=None, help="folder for the random model and exports (default: temp dir)")
     p.add_argument("--no-quality", action="store_true", help="skip the top-1 agreement check")
+    p.add_argument("--compile", action="store_true", help="also measure Quill fp32 through torch.compile")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: Quill (CUDA graphs) against transformers on the GPU (quill/bench_cuda.py)")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    rep = run_benchmark(args)
-    text = format_report(rep)
-    print(text)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"decode-{rep['model']}" + ("-quick" if rep["settings"]["quick"] else "")
+    if args.device == "cuda":
+        from quill.bench_cuda import format_cuda_report, run_cuda_benchmark
+
+        folder, label, _ = benchmark_model(args)
+        rep = run_cuda_benchmark(args, folder, label)
+        text = format_cuda_report(rep)
+        stem = f"decode-{rep['model']}-cuda"
+    else:
+        rep = run_benchmark(args)
+        text = format_report(rep)
+        stem = f"decode-{rep['model']}" + ("-quick" if rep["settings"]["quick"] else "")
+        plot_report(rep, out / f"{stem}.png")
+    print(text)
     (out / f"{stem}.json").write_text(json.dumps(rep, indent=1) + "\n")
     (out / f"{stem}.md").write_text(text)
-    plot_report(rep, out / f"{stem}.png")
-    print(f"wrote {out / stem}.json, .md, .png", file=sys.stderr)
+    print(f"wrote {out / stem}.json and .md", file=sys.stderr)
     return 0
 
 

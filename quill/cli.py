@@ -22,6 +22,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--compile", action="store_true", help="run the model through torch.compile (docs/performance.md)")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -40,18 +41,33 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ignore-eos", action="store_true")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    g = p.add_argument_group("search strategies (instead of sampling; see quill.search)")
+    g.add_argument("--num-beams", type=int, default=None, help="beam search with this many beams")
+    g.add_argument("--num-beam-groups", type=int, default=None, help="diverse beam search: groups of beams")
+    g.add_argument("--diversity-penalty", type=float, default=None, help="diverse beam search: penalty per reuse")
+    g.add_argument("--length-penalty", type=float, default=None, help="beam score = log-prob / length**this")
+    g.add_argument("--early-stopping", choices=("true", "false", "never"), default=None,
+                   help="when beam search stops (transformers' meaning)")
+    g.add_argument("--penalty-alpha", type=float, default=None, help="contrastive search (with --top-k candidates)")
 
 
 def sampling_kwargs(args: argparse.Namespace) -> dict:
+    """SamplingParams keywords from the flags, plus the search keywords that were given."""
+    from quill.search import SEARCH_FIELDS
+
     names = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
              "frequency_penalty", "no_repeat_ngram_size", "min_tokens", "ignore_eos", "seed")
-    return {n: getattr(args, n) for n in names}
+    out = {n: getattr(args, n) for n in names}
+    out.update({n: getattr(args, n) for n in SEARCH_FIELDS if getattr(args, n, None) is not None})
+    if "early_stopping" in out:
+        out["early_stopping"] = {"true": True, "false": False}.get(out["early_stopping"], out["early_stopping"])
+    return out
 
 
 def load_engine(args: argparse.Namespace):
     import quill
 
-    return quill.load(args.model, dtype=args.dtype, device=args.device)
+    return quill.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

@@ -17,6 +17,7 @@ from torch import Tensor
 
 from quill.cost import forward_flops
 from quill.errors import BudgetError, ContextLengthError, InvalidParameter
+from quill.graphs import GraphedStep, graphs_apply
 from quill.kernels import argmax_rows, single_threaded
 from quill.model import GPT, GPTConfig, KVCache
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
@@ -142,7 +143,7 @@ class Sequence:
         self._history = torch.zeros(1, self.max_len, dtype=torch.long)  # [1, max_len], for the penalties
         self._history[0, : self.prompt_len] = torch.tensor(request.prompt_ids)
         self.generator = generator
-        self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids)
+        self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids, stop_token_ids=request.stop_token_ids)
         self.greedy = request.sampling.greedy and self.pipeline.is_identity
         self.stop_ids = set(request.stop_token_ids) | (set() if request.sampling.ignore_eos else set(eos_ids))
         self.decoder = tokenizer.stream_decoder()
@@ -247,6 +248,7 @@ class DecodeBatch:
         self.model = model
         self.cache: KVCache = model.new_cache(capacity, max_len)
         self.rows: list[Sequence] = []
+        self._graphs: dict[int, GraphedStep] = {}  # CUDA: a captured decode step per number of active rows
 
     @property
     def capacity(self) -> int:
@@ -347,8 +349,15 @@ class DecodeBatch:
         device = self.model.device
         last = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)  # [n, 1]
         lengths = [len(s.tokens) - 1 for s in self.rows]  # position of each row's last token
-        start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
-        raw = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1]  # [n, V]
+        if graphs_apply(self.model):
+            positions = torch.tensor(lengths, device=device)
+            graph = self._graphs.get(n)
+            if graph is None:
+                graph = self._graphs[n] = GraphedStep(self.model, self.cache.rows(slice(0, n)), last, positions)
+            raw = graph(last, positions)  # [n, V]
+        else:
+            start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
+            raw = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1]  # [n, V]
         # Choosing tokens runs on one CPU thread: its ops are small, and waking torch's OpenMP threads for them
         # costs more than it saves - the woken threads then spin through the next step, stealing its core.
         with single_threaded(device):

@@ -55,6 +55,7 @@ _SOURCE = r"""
 #include <linux/futex.h>
 #include <sys/syscall.h>
 #include <unistd.h>
+#include <time.h>
 
 enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
@@ -663,9 +664,19 @@ static int lin(const void* x, int xdt, int64_t M, const int64_t* l, const void* 
                       ln ? (int)ln[2] : 0, eps, act);
 }
 
+/* Per-part wall time of decode steps (ns), summed while QUILL_PROFILE=1: embed, qkv, attention, attention
+   projection, MLP up, MLP down, head; read and reset with quill_step_profile. */
+static int prof_on = -1;
+static int64_t prof_ns[8];
+static inline int64_t now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONOTONIC, &t); return t.tv_sec * 1000000000LL + t.tv_nsec; }
+#define PROF(i, stmt) do { if (prof_on) { int64_t t0_ = now_ns(); stmt; prof_ns[i] += now_ns() - t0_; } else { stmt; } } while (0)
+void quill_step_profile(int64_t* out) { for (int i = 0; i < 8; i++) { out[i] = prof_ns[i]; prof_ns[i] = 0; } }
+
 int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, const int64_t* pos, int64_t pos0,
                       char* kbase, char* vbase, int64_t layer_stride, int64_t sb, int64_t sh, int64_t sl,
                       void* x, void* qkv, void* att, void* hidden, void* logits, int logits_dt, int nt) {
+    if (prof_on < 0) { const char* e = getenv("QUILL_PROFILE"); prof_on = e && atoi(e); }
+    const int64_t t_embed = prof_on ? now_ns() : 0;
     const int64_t L = plan[0], C = plan[1], H = plan[2], I = plan[3], V = plan[4];
     const int act = (int)plan[5], adt = (int)plan[6];
     const float eps = f32_bits(plan[7]);
@@ -678,17 +689,18 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
             st(x, adt, b * C + c, ld((const void*)plan[8], (int)plan[9], t * C + c) * s +
                                   ld((const void*)plan[11], (int)plan[12], p * C + c));
     }
+    if (prof_on) prof_ns[0] += now_ns() - t_embed;
     int rc = 0;
     for (int64_t i = 0; i < L && !rc; i++) {
         const int64_t* l = plan + PLAN_HEADER + i * PLAN_LAYER;
-        rc |= lin(x, adt, B, l + 3, NULL, qkv, adt, 3 * C, C, nt, l, eps, ACT_NONE);
-        rc |= attn_run(qkv, adt, B, H, C / H, 3 * C, kbase + i * layer_stride * esz, vbase + i * layer_stride * esz,
-                       sb, sh, sl, pos, pos0, f32_bits(l[26]), att, C, nt);
-        rc |= lin(att, adt, B, l + 8, x, x, adt, C, C, nt, NULL, eps, ACT_NONE);
-        rc |= lin(x, adt, B, l + 16, NULL, hidden, adt, I, C, nt, l + 13, eps, act);
-        rc |= lin(hidden, adt, B, l + 21, x, x, adt, C, I, nt, NULL, eps, ACT_NONE);
+        PROF(1, rc |= lin(x, adt, B, l + 3, NULL, qkv, adt, 3 * C, C, nt, l, eps, ACT_NONE));
+        PROF(2, rc |= attn_run(qkv, adt, B, H, C / H, 3 * C, kbase + i * layer_stride * esz,
+                               vbase + i * layer_stride * esz, sb, sh, sl, pos, pos0, f32_bits(l[26]), att, C, nt));
+        PROF(3, rc |= lin(att, adt, B, l + 8, x, x, adt, C, C, nt, NULL, eps, ACT_NONE));
+        PROF(4, rc |= lin(x, adt, B, l + 16, NULL, hidden, adt, I, C, nt, l + 13, eps, act));
+        PROF(5, rc |= lin(hidden, adt, B, l + 21, x, x, adt, C, I, nt, NULL, eps, ACT_NONE));
     }
-    if (!rc) rc = lin(x, adt, B, plan + 16, NULL, logits, logits_dt, V, C, nt, plan + 13, eps, ACT_NONE);
+    if (!rc) PROF(6, rc = lin(x, adt, B, plan + 16, NULL, logits, logits_dt, V, C, nt, plan + 13, eps, ACT_NONE));
     return rc;
 }
 
@@ -819,6 +831,8 @@ def _load() -> ctypes.CDLL | None:
         lib.quill_decode_step.restype = C
         lib.quill_argmax.argtypes = [P, C, I, I, I, P]
         lib.quill_argmax.restype = None
+        lib.quill_step_profile.argtypes = [P]
+        lib.quill_step_profile.restype = None
         _lib = lib
         return lib
 
@@ -909,6 +923,18 @@ def single_threaded(device: torch.device | str = "cpu"):
         yield
     finally:
         torch.set_num_threads(n)
+
+
+PROFILE_PARTS = ("embedding", "qkv projection (+LayerNorm)", "attention (+cache write)", "attention output projection",
+                 "MLP up (+LayerNorm, GELU)", "MLP down", "lm_head (+final LayerNorm)")
+
+
+def step_profile() -> dict[str, float]:
+    """Seconds spent in each part of decode steps since the last call (needs QUILL_PROFILE=1 at first use)."""
+    lib = _lib if _lib is not None else _load()
+    out = (ctypes.c_int64 * 8)()
+    lib.quill_step_profile(out)
+    return {name: out[i] / 1e9 for i, name in enumerate(PROFILE_PARTS)}
 
 
 def argmax_rows(logits: Tensor) -> list[int]:

@@ -38,17 +38,28 @@ def _cpu_half_gemm(dtype: torch.dtype) -> bool:
 
 
 class Linear(nn.Linear):
-    """nn.Linear that runs long bf16/fp16 CPU matrix products in fp32 when the CPU has no half GEMM.
+    """nn.Linear with CPU inference fast paths (autograd and other devices use F.linear unchanged).
 
-    On AVX2-only CPUs torch falls back to a reference bf16 GEMM about 100x slower than MKL's fp32 one
-    (measured: a 512-token bf16 prefill at 5 tok/s); converting the weight costs one pass over it. Short
-    inputs (decode) keep torch's bf16 GEMV, which is fast, or run on quill.kernels.
+    - up to kernels.MAX_ROWS rows (short prompts, decode outside the fused step): quill.kernels' matrix-vector
+      kernel, which reads the weight once at memory speed (MKL's GEMM is slower below ~16 rows, measured);
+    - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2): computed in fp32. torch's fallback bf16
+      GEMM is about 100x slower than MKL's fp32 one (a 512-token bf16 prefill ran at 5 tok/s); converting
+      the weight costs one pass over it.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
-        if (w.dtype in (torch.bfloat16, torch.float16) and x.device.type == "cpu" and x.dim() > 1
-                and x.numel() > kernels.MAX_ROWS * x.shape[-1] and not _cpu_half_gemm(w.dtype)):
+        if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
+            return F.linear(x, w, self.bias)
+        k = x.shape[-1]
+        rows = x.numel() // k if k else 0
+        if (0 < rows <= kernels.MAX_ROWS and x.dtype in kernels.FLOAT_DTYPES and w.dtype in kernels.FLOAT_DTYPES
+                and w.is_contiguous() and kernels.available()):
+            x2 = x.reshape(rows, k)
+            if x2.stride(-1) != 1:
+                x2 = x2.contiguous()
+            return kernels.linear(x2, w, self.bias).view(*x.shape[:-1], self.out_features)
+        if w.dtype in (torch.bfloat16, torch.float16) and rows > kernels.MAX_ROWS and not _cpu_half_gemm(w.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
         return F.linear(x, w, self.bias)
@@ -202,13 +213,16 @@ class Positions:
 
     start: int | Tensor
     length: int  # T, tokens per row in this forward
+    span: int | None = None  # fixed cache length to attend over (masked): static shapes, no read of `start`
 
     @property
     def ragged(self) -> bool:
         return isinstance(self.start, Tensor)
 
     def end(self) -> int:
-        """Cache length the attention must read: the furthest row's last position + 1."""
+        """Cache length the attention must read: the furthest row's last position + 1 (or the fixed span)."""
+        if self.span is not None:
+            return self.span
         if self.ragged:
             return int(self.start.max()) + self.length
         return self.start + self.length
@@ -220,7 +234,7 @@ class Positions:
 
     def mask(self, kv_len: int, device: torch.device) -> Tensor | None:
         """Boolean attention mask (True = attend) for keys 0..kv_len-1, or None where none is needed."""
-        if not self.ragged and (self.length == 1 or self.start == 0):
+        if self.span is None and not self.ragged and (self.length == 1 or self.start == 0):
             return None  # one query sees every cached key; a fresh prefill is plain causal attention
         q = self.ids(device)  # [T] or [B, T]
         mask = torch.arange(kv_len, device=device) <= q[..., None]  # [T, L] or [B, T, L]
@@ -326,6 +340,8 @@ class GPT(nn.Module):
     # Decode steps (one token per row, CPU, no autograd) run through quill.kernels when they are available;
     # set False to force the plain torch path (torch.compile does, and tests compare the two).
     use_kernels: bool = True
+    # On CUDA, generation replays decode steps from captured CUDA graphs (quill.graphs); False: eager steps.
+    use_cuda_graphs: bool = True
 
     @property
     def device(self) -> torch.device:
@@ -341,14 +357,16 @@ class GPT(nn.Module):
         return KVCache(self.config, batch, max_len, self.dtype, self.device)
 
     def forward(self, idx: Tensor, start: int | Tensor = 0, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
+                last_only: bool = False, span: int | None = None) -> Tensor:
         """Logits for tokens `idx` [B, T] placed at positions start..start+T-1 (per row if `start` is [B]).
 
         With a cache, keys and values of these tokens are written into it and attention reads every cached
         position before them. `last_only` computes the head for the final position only ([B, 1, V]).
+        `span` makes the attention read that many cache positions under a mask instead of exactly the
+        positions in use: the same result, with shapes that do not change from step to step (CUDA graphs).
         """
         B, T = idx.shape
-        pos = Positions(start, T)
+        pos = Positions(start, T, span)
         limit = cache.max_len if cache is not None else self.config.n_positions
         if pos.end() > limit:
             raise ValueError(f"positions up to {pos.end()} exceed the context of {limit} tokens")
@@ -403,7 +421,7 @@ class GPT(nn.Module):
         cached = self.__dict__.get("_decode_plan")
         if cached is not None:
             plan, refs, ptrs = cached
-            if [t.data_ptr() for t in refs] == ptrs:
+            if list(map(Tensor.data_ptr, refs)) == ptrs:
                 return plan
         plan, refs = _build_plan(self)
         self.__dict__["_decode_plan"] = (plan, refs, [t.data_ptr() for t in refs])
@@ -411,9 +429,12 @@ class GPT(nn.Module):
 
     @property
     def _tuner(self) -> ThreadTuner:
-        tuner = self.__dict__.get("_thread_tuner")
-        if tuner is None or tuner.max_threads != torch.get_num_threads():
-            tuner = self.__dict__["_thread_tuner"] = ThreadTuner(torch.get_num_threads())
+        """The decode thread tuner for the current torch thread count (one per count, kept)."""
+        tuners = self.__dict__.setdefault("_thread_tuners", {})
+        n = torch.get_num_threads()
+        tuner = tuners.get(n)
+        if tuner is None:
+            tuner = tuners[n] = ThreadTuner(n)
         return tuner
 
     def _workspace(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:

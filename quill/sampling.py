@@ -280,12 +280,14 @@ class LogitsPipeline:
 
     @classmethod
     def from_params(
-        cls, params: SamplingParams, eos_token_ids: list[int] | tuple[int, ...], device: torch.device | str = "cpu"
+        cls, params: SamplingParams, eos_token_ids: list[int] | tuple[int, ...], device: torch.device | str = "cpu",
+        stop_token_ids: list[int] | tuple[int, ...] = (),
     ) -> LogitsPipeline:
         """Build the pipeline, skipping neutral settings (greedy without penalties is a bare argmax).
 
-        `eos_token_ids` are the ids that end generation (EOS plus any stop token ids): `min_tokens`
-        suppresses them early and `ignore_eos` bans them throughout. Warpers only apply when sampling.
+        `min_tokens` suppresses every id that would end generation early (the model's EOS ids, unless
+        `ignore_eos`, and the request's `stop_token_ids`); `ignore_eos` bans the EOS ids throughout, as in
+        vLLM. Warpers only apply when sampling.
         """
         procs: list[LogitsProcessor] = []
         if params.logit_bias:
@@ -296,8 +298,9 @@ class LogitsPipeline:
             procs.append(PresenceFrequencyPenaltyLogitsProcessor(params.presence_penalty, params.frequency_penalty))
         if params.no_repeat_ngram_size > 0:
             procs.append(NoRepeatNGramLogitsProcessor(params.no_repeat_ngram_size))
-        if params.min_tokens > 0 and eos_token_ids and not params.ignore_eos:
-            procs.append(MinNewTokensLengthLogitsProcessor(params.min_tokens, _id_tensor(eos_token_ids, device)))
+        ends = sorted(set(stop_token_ids) | (set() if params.ignore_eos else set(eos_token_ids)))
+        if params.min_tokens > 0 and ends:
+            procs.append(MinNewTokensLengthLogitsProcessor(params.min_tokens, _id_tensor(ends, device)))
         banned = set(params.banned_tokens) | (set(eos_token_ids) if params.ignore_eos else set())
         if banned:
             procs.append(SuppressTokensLogitsProcessor(_id_tensor(sorted(banned), device)))

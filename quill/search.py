@@ -188,7 +188,7 @@ class _Setup:
         self.max_length = min(self.P + request.limit, cfg.n_positions)  # prompt + generated, at most
         # No warpers: temperature 0 gives the penalties-and-bans part of the pipeline only.
         greedy = dataclasses.replace(sampling, temperature=0.0, top_k=0)
-        pipeline = LogitsPipeline.from_params(greedy, self.eos_ids, model.device)
+        pipeline = LogitsPipeline.from_params(greedy, self.eos_ids, model.device, request.stop_token_ids)
         self.pipeline = None if pipeline.is_identity else pipeline
         self.stops = StopStrings(request.stop, request.include_stop) if request.stop else None
         if self.stops is not None and tokenizer is None:

@@ -100,11 +100,11 @@ def free_port() -> int:
 class ServerProcess:
     """A `quill serve` subprocess on 127.0.0.1; its output goes to `log`."""
 
-    def __init__(self, args: list[str], log: Path):
-        self.port = free_port()
+    def __init__(self, args: list[str], log: Path, port: int | None = None, env: dict[str, str] | None = None):
+        self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
         cmd = [sys.executable, "-m", "quill.cli", "serve", *map(str, args), "--host", "127.0.0.1",
                "--port", str(self.port), "--threads", "1", "--log-level", "warning"]
         self._out = open(log, "wb")
@@ -126,6 +126,12 @@ class ServerProcess:
                 pass
             time.sleep(0.1)
         raise RuntimeError(f"server not ready after {timeout} s:\n{self.output()}")
+
+    def kill9(self) -> None:
+        """SIGKILL: no shutdown handlers run (a crash, as far as the server's files can tell)."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+        self._out.close()
 
     def stop(self) -> None:
         if self.proc.poll() is None:

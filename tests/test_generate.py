@@ -166,6 +166,29 @@ def test_stop_token_ids(tiny, free_text):
     assert out.text == tiny.engine.tokenizer.decode(tokens[:first])  # the stop token's own text is left out
 
 
+def test_min_tokens_suppresses_stop_token_ids(tiny):
+    """min_tokens holds back stop token ids as well as EOS, greedy and sampled (transformers' min_new_tokens
+    suppresses every id in eos_token_id; its suppress_tokens plays ignore_eos)."""
+    eng, eos = tiny.engine, tiny.eos
+    free = eng.generate(PROMPT, max_tokens=20, temperature=0, ignore_eos=True).tokens
+    stop_tok = free[1]
+    m = free.index(stop_tok) + 4
+    for ignore_eos in (True, False):
+        out = eng.generate(PROMPT, max_tokens=20, temperature=0, min_tokens=m, stop_token_ids=[stop_tok],
+                           ignore_eos=ignore_eos)
+        ends = [stop_tok] if ignore_eos else [stop_tok, eos]
+        with torch.no_grad():
+            ref = tiny.hf.generate(torch.tensor([PROMPT]), attention_mask=torch.ones(1, len(PROMPT), dtype=torch.long),
+                                   do_sample=False, max_new_tokens=20, min_new_tokens=m, eos_token_id=ends,
+                                   pad_token_id=eos, suppress_tokens=[eos] if ignore_eos else None)
+        ref = ref[0, len(PROMPT):].tolist()
+        assert out.tokens == ref[: len(out.tokens)] and set(ref[len(out.tokens):]) <= {eos}
+        assert not set(out.tokens[:m]) & set(ends) and len(out.tokens) > m
+        for seed in range(3):
+            sampled = eng.generate(PROMPT, max_tokens=20, seed=seed, min_tokens=m, stop_token_ids=[stop_tok])
+            assert not set(sampled.tokens[:m]) & {stop_tok, eos}
+
+
 def test_eos_min_tokens_and_ignore_eos(tiny):
     eng, eos = tiny.engine, tiny.eos
     plain = eng.generate(PROMPT, max_tokens=20, temperature=0)

@@ -49,7 +49,7 @@ def tiny(tmp_path_factory):
     folder = tmp_path_factory.mktemp("search") / "model"
     hf.save_pretrained(folder)
     _save_char_tokenizer(folder, V)
-    return SimpleNamespace(hf=hf, engine=quill.load(folder), eos=eos, other=other)
+    return SimpleNamespace(hf=hf, engine=quill.load(folder), eos=eos, other=other, folder=folder)
 
 
 def hf_beam(hf, ends, **kw):
@@ -378,3 +378,26 @@ def test_neutral_search_settings_are_plain_decoding(tiny):
     # beam search accepts the explicit neutral sampling values and ignores the seed
     a = eng.generate(PROMPT, 8, num_beams=2, temperature=1.0, top_p=1.0, seed=3)
     assert a.tokens == eng.generate(PROMPT, 8, num_beams=2, temperature=0).tokens
+
+
+@pytest.mark.parametrize("flags,kw", [
+    (["--num-beams", "3", "--length-penalty", "0.5", "--early-stopping", "true"],
+     dict(num_beams=3, length_penalty=0.5, early_stopping=True)),
+    (["--num-beams", "4", "--num-beam-groups", "2", "--diversity-penalty", "1.5", "--early-stopping", "never"],
+     dict(num_beams=4, num_beam_groups=2, diversity_penalty=1.5, early_stopping="never")),
+    (["--penalty-alpha", "0.6", "--top-k", "4"], dict(penalty_alpha=0.6, top_k=4)),
+])
+def test_cli_search_flags_equal_the_library(tiny, capsys, flags, kw):
+    import quill.cli
+
+    text = "".join(chr(0x100 + t) for t in PROMPT)
+    assert quill.cli.main(["generate", str(tiny.folder), text, "--max-tokens", "6", *flags]) == 0
+    assert capsys.readouterr().out == tiny.engine.generate(text, 6, **kw).text + "\n"
+
+
+def test_cli_search_flags_bad_combination_is_one_line_error(tiny, capsys):
+    import quill.cli
+
+    assert quill.cli.main(["generate", str(tiny.folder), "x", "--num-beams", "2", "--top-p", "0.5"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("quill: error:") and "top_p" in err and "\n" not in err

@@ -356,6 +356,11 @@ def test_request_errors(http, server):
     assert_error(post({"model": "tiny", "prompt": "a", "logit_bias": {"x": 1}}), 400, "invalid_value", "logit_bias")
     assert_error(post({"model": "tiny", "prompt": "a", "logit_bias": {"5": 500}}), 400, "invalid_value", "logit_bias")
     assert_error(post({"model": "tiny", "prompt": "a", "stop": [""]}), 400, "invalid_value", "stop")
+    for search in ({"num_beams": 3}, {"penalty_alpha": 0.6, "top_k": 4}, {"use_beam_search": True}):
+        assert_error(post({"model": "tiny", "prompt": "a", **search}), 400, "unsupported_parameter", next(iter(search)))
+    assert_error(post({"model": "tiny", "messages": [{"role": "user", "content": "x"}], "num_beams": 2},
+                      "/v1/chat/completions"), 400, "unsupported_parameter", "num_beams")
+    assert post({"model": "tiny", "prompt": "a", "max_tokens": 1, "num_beams": 1}).status_code == 200  # neutral
     assert_error(post({"model": "tiny", "prompt": [1, 99999]}), 400, "invalid_value", "prompt")
     assert_error(post({"model": "tiny", "prompt": {"a": 1}}), 400, "invalid_value", "prompt")
     assert_error(post({"model": "tiny", "prompt": ["a", "b"]}), 400, "invalid_value", "prompt")

@@ -226,3 +226,70 @@ def test_compiled_equals_eager():
         assert rel_err(eager(x[:, :6], 0, caches[0]), compiled(x[:, :6], 0, caches[1])) <= 1e-5
         assert rel_err(eager(x[:, 6:], 6, caches[0]), compiled(x[:, 6:], 6, caches[1])) <= 1e-5
         assert rel_err(caches[0].k, caches[1].k) <= 1e-5
+
+
+@pytest.mark.parametrize("ragged", [False, True])
+def test_fixed_span_attention_equals_exact_span(ragged):
+    """`span=` (the whole cache under a mask: CUDA graphs' static shapes) gives the same logits and cache."""
+    cfg = CONFIGS["odd"]
+    model = make_model(cfg)
+    model.use_kernels = False  # the torch path is the one CUDA runs
+    prompt = torch.randint(0, cfg.vocab_size, (3, 9))
+    token = torch.randint(0, cfg.vocab_size, (3, 1))
+    starts = torch.tensor([9, 4, 7]) if ragged else 9
+    out, caches = [], []
+    for span in (None, cfg.n_positions):
+        cache = model.new_cache(3)
+        with torch.inference_mode():
+            model(prompt, 0, cache)
+            out.append(model(token, starts, cache, span=span))
+        caches.append(cache)
+    # the same up to summation order: the masked positions add exact zeros, but SDPA's kernel sums differently
+    assert rel_err(out[0], out[1]) <= 1e-6
+    assert rel_err(caches[0].k, caches[1].k) <= 1e-6 and rel_err(caches[0].v, caches[1].v) <= 1e-6
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graph_decoding_equals_eager(dtype):
+    """Generation replayed from captured CUDA graphs (rows joining and leaving: one graph per row count)
+    makes the same tokens as eager CUDA steps, which make the same tokens as the CPU in fp32."""
+    cfg = GPTConfig(vocab_size=len(CHARS), n_positions=64, n_embd=32, n_head=2, n_layer=2)
+    model = make_model(cfg, dtype, seed=1).cuda()
+    tok = Tokenizer.characters(CHARS)
+    torch.manual_seed(3)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (3, 9, 1, 14, 6)]
+    graphed = _run_batch(model, tok, prompts, 3, True)
+    model.use_cuda_graphs = False
+    assert graphed == _run_batch(model, tok, prompts, 3, True)
+    if dtype == torch.float32:
+        assert graphed == _run_batch(make_model(cfg, dtype, seed=1), tok, prompts, 3, True)
+
+
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@needs_cuda
+def test_engine_on_cuda_equals_cpu(tiny_model_dir):
+    """The engine on a GPU against the CPU, through `quill.load(..., device="cuda")`: greedy tokens, logprobs,
+    echo, beam search, int8 and bf16 logits."""
+    import quill
+
+    prompt, kw = "the quick brown", dict(max_tokens=12, temperature=0, logprobs=3, echo=True)
+    cpu, gpu = quill.load(tiny_model_dir), quill.load(tiny_model_dir, device="cuda")
+    a, b = cpu.generate(prompt, **kw).choices[0], gpu.generate(prompt, **kw).choices[0]
+    assert a.tokens == b.tokens
+    assert [t.logprob for t in b.logprobs] == pytest.approx([t.logprob for t in a.logprobs], abs=1e-4)
+    assert [t.logprob for t in b.prompt_logprobs[1:]] == pytest.approx(
+        [t.logprob for t in a.prompt_logprobs[1:]], abs=1e-4)
+    beam = dict(max_tokens=8, num_beams=3, n=2)
+    assert [c.tokens for c in gpu.generate(prompt, **beam).choices] == \
+        [c.tokens for c in cpu.generate(prompt, **beam).choices]
+    ids = torch.tensor([cpu.encode(prompt)])
+    with torch.inference_mode():
+        ref = cpu.model(ids)
+        int8_cpu = quill.load(tiny_model_dir, quantize="int8").model(ids)
+        int8_gpu = quill.load(tiny_model_dir, quantize="int8", device="cuda").model(ids.cuda()).cpu()
+        bf16_gpu = quill.load(tiny_model_dir, dtype="bfloat16", device="cuda").model(ids.cuda()).cpu()
+    assert rel_err(int8_cpu, int8_gpu) <= 1e-3  # int16 activations on the CPU kernels, fp32 ones on CUDA
+    assert rel_err(ref, bf16_gpu) <= 5e-2

@@ -14,9 +14,6 @@ import http.client
 import io
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -24,7 +21,7 @@ import httpx
 import pytest
 from tusclient.client import TusClient
 
-from conftest import ROOT, free_port
+from conftest import ServerProcess, free_port
 
 K = "store-admin-key"
 AUTH = {"Authorization": f"Bearer {K}"}
@@ -38,47 +35,32 @@ class StoreServer:
     def __init__(self, store: Path, log_dir: Path):
         self.store, self.log_dir, self.port = store, log_dir, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.proc = None
+        self.process: ServerProcess | None = None
         self.runs = 0
+
+    @property
+    def log(self) -> Path:
+        return self.process.log
 
     def start(self, *extra: str) -> StoreServer:
         return self.spawn(*extra).wait()
 
     def spawn(self, *extra: str) -> StoreServer:
         self.runs += 1
-        self.log = self.log_dir / f"server-{self.runs}.log"
-        env = {**os.environ, **LIMITS, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
-        cmd = [sys.executable, "-m", "quill.cli", "serve", "--store", str(self.store), "--admin-key", K, *extra,
-               "--host", "127.0.0.1", "--port", str(self.port), "--threads", "1", "--log-level", "warning"]
-        with open(self.log, "wb") as out:
-            self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=out, stderr=subprocess.STDOUT)
+        self.process = ServerProcess(["--store", self.store, "--admin-key", K, *extra],
+                                     self.log_dir / f"server-{self.runs}.log", port=self.port, env=LIMITS)
         return self
 
     def wait(self) -> StoreServer:
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log.read_text()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
-        raise RuntimeError(f"server not ready:\n{self.log.read_text()}")
+        self.process.wait_ready()
+        return self
 
     def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(10)
+        self.process.kill9()
 
     def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(10)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(5)
+        if self.process is not None:
+            self.process.stop()
 
 
 @pytest.fixture(scope="module")

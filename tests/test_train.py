@@ -199,6 +199,20 @@ def test_resume_is_bit_identical(dataset, tmp_path):
         assert torch.equal(a, b), name
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_cuda_training_learns(dataset, tmp_path, dtype):
+    """On a GPU, fp32, bf16 autocast and fp16 autocast with a GradScaler (unscaled before clipping) learn the
+    grammar as the CPU run does, and the scaler's state reaches the checkpoint."""
+    cfg = TrainConfig(data=str(dataset), out_dir=str(tmp_path), max_iters=300, eval_interval=100, device="cuda",
+                      dtype=dtype, **TINY)
+    trainer = train(cfg, log=_quiet)
+    vocab = json.loads((dataset / "meta.json").read_text())["vocab_size"]
+    assert trainer.history["eval"][-1]["val_loss"] < 0.4 * math.log(vocab)
+    assert all(p.device.type == "cuda" for p in trainer.model.parameters())
+    assert bool(ckpt_io.load(tmp_path / "ckpt.pt")["scaler"]) == (dtype == "float16")
+
+
 def test_sigterm_checkpoints_and_resumes_bit_identically(dataset, tmp_path):
     import signal
 
@@ -314,6 +328,11 @@ def test_bundled_model_val_loss_matches_card():
     # card rounds to 4 decimals (+-5e-5).
     text = SHAKESPEARE.read_text(encoding="utf-8")
     _, val_text = split_text(text, 0.1)
-    model = load_model(BUNDLED)
-    loss = text_loss(model, Tokenizer.load(BUNDLED), val_text)
+    model, tok = load_model(BUNDLED), Tokenizer.load(BUNDLED)
+    loss = text_loss(model, tok, val_text)
     assert loss == pytest.approx(_card_val_loss(), abs=5e-4)
+    # int8 weight-only quantisation (speed issue's quality bar): held-out perplexity within 1% of fp32
+    from quill.quantize import quantize_model
+
+    int8_loss = text_loss(quantize_model(model), tok, val_text)
+    assert abs(math.exp(int8_loss - loss) - 1) <= 0.01, (loss, int8_loss)

@@ -34,6 +34,7 @@ def register(subparsers) -> None:
                    help="how long a budget's continuation handle stays valid (default one hour)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
+    p.add_argument("--compile", action="store_true", help="run the models through torch.compile (docs/performance.md)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -65,7 +66,7 @@ def build_state(args: argparse.Namespace):
                           store_dir=Path(args.store).expanduser() if args.store else None,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
-                          dtype=args.dtype, device=args.device,
+                          dtype=args.dtype, device=args.device, compile=args.compile,
                           **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}))
     models = args.models
     if not models and not (args.store or args.load):  # with a store, models can come later (quill push)
@@ -76,7 +77,7 @@ def build_state(args: argparse.Namespace):
     state = AppState(config)
     for arg in models:
         name, path = split_model_arg(arg)
-        engine = quill.load(path, dtype=args.dtype, device=args.device)
+        engine = quill.load(path, dtype=args.dtype, device=args.device, compile=args.compile)
         name = name or engine.name
         if name in state.models:
             raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
@@ -86,7 +87,8 @@ def build_state(args: argparse.Namespace):
 
         if name in state.models:
             raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
-        state.add_model(name, load_stored(name, config.store_dir, dtype=args.dtype, device=args.device))
+        state.add_model(name, load_stored(name, config.store_dir, dtype=args.dtype, device=args.device,
+                                                compile=args.compile))
     return state
 
 

@@ -43,6 +43,11 @@ async def get_model(model_id: str, state: AppState = Depends(get_state)) -> Mode
 def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, *,
                   stop=None, stop_token_ids: list[int] | None = None, logprobs: int | None = None, echo: bool = False):
     """A validated GenerationRequest (InvalidParameter / ContextLengthError become 400s naming the parameter)."""
+    searches = body.searches()
+    if searches:
+        raise APIError(400, f"{searches[0]}: beam, diverse beam and contrastive search are not served over HTTP, "
+                       "whose requests share batched decode steps; use `quill generate --num-beams ...` or "
+                       "quill.Engine", param=searches[0], code="unsupported_parameter")
     if isinstance(body.n, int) and body.n > model.scheduler.max_batch:
         raise APIError(400, f"n must be at most {model.scheduler.max_batch} (this server's --max-batch)", param="n",
                        code="invalid_value")

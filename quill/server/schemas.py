@@ -48,6 +48,21 @@ class SamplingFields(_Request):
     stop_token_ids: list[StrictInt] | None = None
     # Quill's metering: a FLOP budget for this call (the call ends with finish_reason "budget" and a handle).
     max_flops: StrictInt | None = Field(None, description="FLOP budget of this call")
+    # Search strategies (transformers' names, vLLM's use_beam_search): recognised so that they are refused
+    # with a clear error rather than silently ignored; see `searches`.
+    num_beams: StrictInt | None = None
+    num_beam_groups: StrictInt | None = None
+    diversity_penalty: float | None = None
+    length_penalty: float | None = None
+    early_stopping: bool | str | None = None
+    penalty_alpha: float | None = None
+    use_beam_search: bool | None = None
+
+    def searches(self) -> list[str]:
+        """The search-strategy fields this request sets to something other than plain decoding."""
+        neutral = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "length_penalty": 1.0,
+                   "early_stopping": False, "penalty_alpha": 0.0, "use_beam_search": False}
+        return [k for k, v in neutral.items() if getattr(self, k) not in (None, v)]
 
     def sampling(self) -> dict[str, Any]:
         """The `SamplingParams` keywords this request sets (None means: keep Quill's default)."""

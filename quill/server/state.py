@@ -45,6 +45,7 @@ class ServerConfig:
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
     dtype: str = "float32"
     device: str = "cpu"
+    compile: bool = False  # torch.compile every model loaded (--compile)
     continuation_ttl: float = DEFAULT_TTL  # seconds a budget's continuation handle stays valid
 
 

@@ -114,11 +114,11 @@ PRESETS: dict[str, dict[str, Any]] = {
     # a few-second smoke run: tiny model, short schedule
     "tiny": dict(n_layer=2, n_head=2, n_embd=64, block_size=64, batch_size=16, max_iters=200, learning_rate=3e-3,
                  min_lr=3e-4, warmup_iters=20, eval_interval=50, eval_iters=10, log_interval=10, dropout=0.0),
-    # the bundled character-level model: sized for ~80 min on 2 busy CPU cores (quill/models/shakespeare/README.md)
-    "shakespeare-char": dict(n_layer=6, n_head=4, n_embd=128, block_size=256, dropout=0.0, attn_dropout=0.0,
-                             batch_size=16, grad_accum=1, max_iters=2300, learning_rate=2e-3, min_lr=2e-4,
-                             warmup_iters=100, weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=100,
-                             eval_iters=10, checkpoint_interval=25, log_interval=10),
+    # the bundled character-level model: sized for ~90 min on 2 quiet CPU cores (quill/models/shakespeare/README.md)
+    "shakespeare-char": dict(n_layer=6, n_head=6, n_embd=192, block_size=256, dropout=0.1, attn_dropout=0.0,
+                             batch_size=16, grad_accum=1, max_iters=5000, learning_rate=2e-3, min_lr=1e-4,
+                             warmup_iters=150, weight_decay=0.1, beta2=0.99, grad_clip=1.0, eval_interval=250,
+                             eval_iters=20, checkpoint_interval=25, log_interval=10, max_minutes=110.0),
     # nanoGPT's "baby GPT" for a GPU: 10.7M parameters, 5000 steps of 64 x 256 tokens
     "shakespeare-char-gpu": dict(n_layer=6, n_head=6, n_embd=384, block_size=256, dropout=0.2, batch_size=64,
                                  max_iters=5000, learning_rate=1e-3, min_lr=1e-4, warmup_iters=100, beta2=0.99,
