@@ -15,6 +15,7 @@ import torch
 from quill.errors import InvalidParameter, QuillError
 from quill.continuation import ContinuationStore
 from quill.generate import GenerationRequest, Sequence, StepEvent, TokenLogprob, Usage, resume, run
+from quill.graphs import cuda_turn
 from quill.model import GPT, GPTConfig
 from quill.sampling import SamplingParams
 from quill.search import SearchParams, run_search
@@ -255,12 +256,13 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     if quantize is not None and quantize not in quantization.MODES:
         raise InvalidParameter(f"unknown quantize mode {quantize!r} (supported: {', '.join(quantization.MODES)})",
                                "quantize")
-    if quantization.quantization_config(path) is not None:
-        model = quantization.load_quantized(path, parse_dtype(dtype), device)
-    else:
-        model = load_model(path, parse_dtype(dtype), device)
-        if quantize is not None:
-            model = quantization.quantize_model(model, quantize)
+    with cuda_turn(device):  # never while another thread captures a CUDA graph
+        if quantization.quantization_config(path) is not None:
+            model = quantization.load_quantized(path, parse_dtype(dtype), device)
+        else:
+            model = load_model(path, parse_dtype(dtype), device)
+            if quantize is not None:
+                model = quantization.quantize_model(model, quantize)
     if compile:
         model = compile_model(model)
     name = path.name if isinstance(path_or_name, os.PathLike) or os.sep in str(path_or_name) else str(path_or_name)

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from quill.cost import forward_flops
 from quill.errors import BudgetError, ContextLengthError, InvalidParameter
-from quill.graphs import GraphedStep, graphs_apply
+from quill.graphs import GraphedStep, graphs_apply, takes_cuda_turn
 from quill.kernels import argmax_rows, single_threaded
 from quill.model import GPT, GPTConfig, KVCache
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
@@ -272,6 +272,7 @@ class DecodeBatch:
         text = seq.accept(token, lp)
         return StepEvent(seq, token, text, lp, seq.finished)
 
+    @takes_cuda_turn
     @torch.inference_mode()
     def add(self, seqs: list[Sequence]) -> list[StepEvent]:
         """Prefill the shared prompt of `seqs` once (they are samples of one request) and emit each one's first token."""
@@ -308,6 +309,7 @@ class DecodeBatch:
         """FLOPs of the decode step that feeds `seq`'s last token."""
         return forward_flops(self.model.config, 1, len(seq.tokens) - 1, 1)
 
+    @takes_cuda_turn
     @torch.inference_mode()
     def resume(self, seq: Sequence, kv: tuple[Tensor, Tensor] | None) -> None:
         """Put a continued sequence back into a free row: copy its saved KV cache, or recompute it."""
@@ -326,6 +328,7 @@ class DecodeBatch:
             self.cache.v[:, row, :, :cached] = kv[1]
         self.rows.append(seq)
 
+    @takes_cuda_turn
     @torch.inference_mode()
     def step(self) -> list[StepEvent]:
         """One decode step for every active row: feed each row's last token, emit each row's next token.

@@ -8,6 +8,12 @@ graph needs fixed shapes and addresses: the attention reads the whole preallocat
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any
+
 import torch
 from torch import Tensor
 
@@ -19,6 +25,35 @@ WARMUP_STEPS = 2  # eager runs on a side stream before capture (cuBLAS and alloc
 def graphs_apply(model: GPT) -> bool:
     """Whether `model`'s decode steps should be captured: on CUDA, unless `model.use_cuda_graphs` is False."""
     return model.device.type == "cuda" and model.use_cuda_graphs
+
+
+_CUDA_LOCK = threading.RLock()
+
+
+@contextlib.contextmanager
+def cuda_turn(device: torch.device | str) -> Iterator[None]:
+    """Take Quill's CUDA lock when `device` is a GPU (a no-op on the CPU).
+
+    A graph capture fails when another thread launches CUDA work meanwhile (the server runs one scheduler
+    thread per model, and loads models from the store while serving), so captures, batches' steps and model
+    loads take turns. The GPU runs one model's step at a time anyway; what is lost is overlap of host work.
+    """
+    if torch.device(device).type != "cuda":
+        yield
+        return
+    with _CUDA_LOCK:
+        yield
+
+
+def takes_cuda_turn(method: Callable) -> Callable:
+    """Decorate a method of an object with a `model`: the call runs inside `cuda_turn(self.model.device)`."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args: Any, **kwargs: Any) -> Any:
+        with cuda_turn(self.model.device):
+            return method(self, *args, **kwargs)
+
+    return wrapper
 
 
 class GraphedStep:
@@ -38,7 +73,7 @@ class GraphedStep:
                 self._forward()
         torch.cuda.current_stream(device).wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph):
+        with torch.cuda.graph(self.graph):  # callers hold cuda_turn: no other thread of Quill launches work
             self.logits = self._forward()  # [B, V], overwritten by every replay
 
     def _forward(self) -> Tensor:

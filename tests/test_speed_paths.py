@@ -293,3 +293,33 @@ def test_engine_on_cuda_equals_cpu(tiny_model_dir):
         bf16_gpu = quill.load(tiny_model_dir, dtype="bfloat16", device="cuda").model(ids.cuda()).cpu()
     assert rel_err(int8_cpu, int8_gpu) <= 1e-3  # int16 activations on the CPU kernels, fp32 ones on CUDA
     assert rel_err(ref, bf16_gpu) <= 5e-2
+
+
+@needs_cuda
+def test_cuda_graph_capture_beside_another_thread(tiny_model_dir):
+    """Two models generating at once in two threads (as the server's per-model schedulers do): one thread
+    captures graphs while the other launches work, and each makes the tokens it makes alone."""
+    import threading
+
+    import quill
+
+    engines = [quill.load(tiny_model_dir, device="cuda") for _ in range(2)]
+    prompts = ["abc", "the quick"]
+    alone = [e.generate(p, 60, temperature=0, ignore_eos=True).tokens for e, p in zip(engines, prompts)]
+    together: dict[int, list[int]] = {}
+    errors: list[BaseException] = []
+
+    def work(i: int) -> None:
+        try:
+            for _ in range(5):
+                together[i] = engines[i].generate(prompts[i], 60, temperature=0, ignore_eos=True).tokens
+        except BaseException as e:  # reported below: a thread's exception would otherwise vanish
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert [together[0], together[1]] == alone
