@@ -317,7 +317,7 @@ def test_bundled_model_files():
     tok = Tokenizer.load(BUNDLED)
     assert model.config.vocab_size == tok.vocab_size == 65
     assert (BUNDLED / "loss.png").exists()
-    assert _card_val_loss() <= 1.6
+    assert _card_val_loss() <= 1.50  # the goal
 
 
 @pytest.mark.skipif(not SHAKESPEARE.exists(), reason=f"{SHAKESPEARE} not present (only in the dev workspace)")
