@@ -838,7 +838,13 @@ def _load() -> ctypes.CDLL | None:
 
 
 def available() -> bool:
-    """Whether the compiled kernels can be used (built on first call)."""
+    """Whether the compiled kernels can be used (built on first call).
+
+    Never while torch traces (ONNX export: a ctypes call would be recorded as a constant) or compiles (it
+    would break the graph): the torch path is what gets traced.
+    """
+    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+        return False
     return _load() is not None
 
 
