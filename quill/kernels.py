@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 log = logging.getLogger("quill.kernels")
 
@@ -840,10 +841,11 @@ def _load() -> ctypes.CDLL | None:
 def available() -> bool:
     """Whether the compiled kernels can be used (built on first call).
 
-    Never while torch traces (ONNX export: a ctypes call would be recorded as a constant) or compiles (it
-    would break the graph): the torch path is what gets traced.
+    Never while torch traces (ONNX export: a ctypes call would be recorded as a constant), compiles (it would
+    break the graph) or runs a dispatch mode (FLOP counters, fake tensors must see every op): the torch path is
+    what those observe.
     """
-    if torch.jit.is_tracing() or torch.compiler.is_compiling():
+    if torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
         return False
     return _load() is not None
 

@@ -398,6 +398,8 @@ def test_cli_search_flags_equal_the_library(tiny, capsys, flags, kw):
 def test_cli_search_flags_bad_combination_is_one_line_error(tiny, capsys):
     import quill.cli
 
-    assert quill.cli.main(["generate", str(tiny.folder), "x", "--num-beams", "2", "--top-p", "0.5"]) == 2
+    text = "".join(chr(0x100 + t) for t in PROMPT)
+    flags = ["--max-tokens", "4", "--num-beams", "2", "--top-p", "0.5"]
+    assert quill.cli.main(["generate", str(tiny.folder), text, *flags]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("quill: error:") and "top_p" in err and "\n" not in err
