@@ -144,7 +144,9 @@ class Sequence:
         self._history[0, : self.prompt_len] = torch.tensor(request.prompt_ids)
         self.generator = generator
         self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids, stop_token_ids=request.stop_token_ids)
-        self.greedy = request.sampling.greedy and self.pipeline.is_identity
+        # a greedy choice that only has ids to skip (ignore_eos, banned_tokens) is a plain argmax over the rest
+        self.bans = self.pipeline.bans() if request.sampling.greedy else None
+        self.greedy = self.bans is not None
         self.stop_ids = set(request.stop_token_ids) | (set() if request.sampling.ignore_eos else set(eos_ids))
         self.decoder = tokenizer.stream_decoder()
         self.matcher = StopStrings(request.stop, request.include_stop).matcher() if request.stop else None
@@ -205,7 +207,7 @@ class Sequence:
     def choose(self, logits: Tensor) -> Tensor:
         """Process one row of logits [1, V] with this sequence's pipeline; returns the token id tensor [1]."""
         if self.greedy:
-            return logits.argmax(-1)
+            return torch.tensor(argmax_rows(logits, [self.bans]), device=logits.device)
         processed = self.pipeline(logits, self.history, self.prompt_len)
         return sample(processed, self.request.sampling.greedy, self.generator)
 
@@ -365,7 +367,7 @@ class DecodeBatch:
         # costs more than it saves - the woken threads then spin through the next step, stealing its core.
         with single_threaded(device):
             # greedy rows are chosen together: one argmax over [n, V] and one transfer, not one per row
-            greedy = argmax_rows(raw) if any(s.greedy for s in self.rows) else None
+            greedy = argmax_rows(raw, [s.bans or [] for s in self.rows]) if any(s.greedy for s in self.rows) else None
             needs_float = greedy is None or any(not s.greedy or s.request.logprobs is not None for s in self.rows)
             logits = raw.float() if needs_float else raw  # greedy rows without logprobs never read the logits
             seconds = (time.perf_counter() - t0) / n

@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import itertools
 import logging
 import os
 import platform
@@ -205,13 +206,70 @@ static inline float hsum(__m256 v) {
 #define SLOAD_F16(p) _cvtsh_ss((p)[0])
 #define SLOAD_I8(p) ((float)(p)[0])
 
+/* Four activation rows x[4, K] against weight rows W[n0:n1, K], three weight rows at a time: a register block
+   of 12 fp32 accumulators, so each converted weight vector feeds four FMAs (batched decode is compute-bound). */
+#define DEFINE_ROWS4(SUF, WT, VLOAD, SLOAD)                                                                 \
+static void rows4_##SUF(const float* x, int64_t K, const WT* W, int64_t n0, int64_t n1, float* acc,         \
+                        int64_t ldacc) {                                                                   \
+    const int64_t K8 = K & ~(int64_t)7;                                                                      \
+    const float *x0 = x, *x1 = x + K, *x2 = x + 2 * K, *x3 = x + 3 * K;                                      \
+    int64_t n = n0;                                                                                          \
+    for (; n + 3 <= n1; n += 3) {                                                                            \
+        const WT *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K;                                                \
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0;                        \
+        __m256 c0 = a0, c1 = a0, c2 = a0, d0 = a0, d1 = a0, d2 = a0;                                         \
+        for (int64_t k = 0; k < K8; k += 8) {                                                                \
+            if (PFW && (k & 15) == 0) {                                                                      \
+                _mm_prefetch((const char*)(w0 + PFW * K + k), PFH);                                          \
+                _mm_prefetch((const char*)(w1 + PFW * K + k), PFH);                                          \
+                _mm_prefetch((const char*)(w2 + PFW * K + k), PFH);                                          \
+            }                                                                                                \
+            const __m256 u0 = VLOAD(w0 + k), u1 = VLOAD(w1 + k), u2 = VLOAD(w2 + k);                         \
+            __m256 v = _mm256_loadu_ps(x0 + k);                                                              \
+            a0 = _mm256_fmadd_ps(v, u0, a0); a1 = _mm256_fmadd_ps(v, u1, a1); a2 = _mm256_fmadd_ps(v, u2, a2); \
+            v = _mm256_loadu_ps(x1 + k);                                                                     \
+            b0 = _mm256_fmadd_ps(v, u0, b0); b1 = _mm256_fmadd_ps(v, u1, b1); b2 = _mm256_fmadd_ps(v, u2, b2); \
+            v = _mm256_loadu_ps(x2 + k);                                                                     \
+            c0 = _mm256_fmadd_ps(v, u0, c0); c1 = _mm256_fmadd_ps(v, u1, c1); c2 = _mm256_fmadd_ps(v, u2, c2); \
+            v = _mm256_loadu_ps(x3 + k);                                                                     \
+            d0 = _mm256_fmadd_ps(v, u0, d0); d1 = _mm256_fmadd_ps(v, u1, d1); d2 = _mm256_fmadd_ps(v, u2, d2); \
+        }                                                                                                    \
+        float s[12] = {hsum(a0), hsum(a1), hsum(a2), hsum(b0), hsum(b1), hsum(b2),                           \
+                       hsum(c0), hsum(c1), hsum(c2), hsum(d0), hsum(d1), hsum(d2)};                          \
+        for (int64_t k = K8; k < K; k++) {                                                                   \
+            const float u0 = SLOAD(w0 + k), u1 = SLOAD(w1 + k), u2 = SLOAD(w2 + k);                          \
+            const float xs[4] = {x0[k], x1[k], x2[k], x3[k]};                                                \
+            for (int r = 0; r < 4; r++) { s[3 * r] += xs[r] * u0; s[3 * r + 1] += xs[r] * u1; s[3 * r + 2] += xs[r] * u2; } \
+        }                                                                                                    \
+        for (int r = 0; r < 4; r++)                                                                          \
+            for (int j = 0; j < 3; j++) acc[r * ldacc + n - n0 + j] = s[3 * r + j];                          \
+    }                                                                                                        \
+    for (; n < n1; n++) {                                                                                    \
+        const WT* w0 = W + n * K;                                                                            \
+        __m256 a0 = _mm256_setzero_ps(), b0 = a0, c0 = a0, d0 = a0;                                         \
+        for (int64_t k = 0; k < K8; k += 8) {                                                                \
+            const __m256 u0 = VLOAD(w0 + k);                                                                 \
+            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), u0, a0); b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), u0, b0); \
+            c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), u0, c0); d0 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), u0, d0); \
+        }                                                                                                    \
+        float s[4] = {hsum(a0), hsum(b0), hsum(c0), hsum(d0)};                                               \
+        for (int64_t k = K8; k < K; k++) {                                                                   \
+            const float u0 = SLOAD(w0 + k);                                                                  \
+            s[0] += x0[k] * u0; s[1] += x1[k] * u0; s[2] += x2[k] * u0; s[3] += x3[k] * u0;                  \
+        }                                                                                                    \
+        for (int r = 0; r < 4; r++) acc[r * ldacc + n - n0] = s[r];                                          \
+    }                                                                                                        \
+}
+
 /* Dot products of activation rows x[M, K] (fp32, row stride K) with weight rows W[n0:n1, K], results into
-   acc[m * ldacc + (n - n0)]. Weight rows are read once per pair of activation rows. */
+   acc[m * ldacc + (n - n0)]. Weight rows are read once per four activation rows (rows4), then per pair. */
 #define DEFINE_ROWS(SUF, WT, VLOAD, SLOAD)                                                                  \
 static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_t n0, int64_t n1,            \
                        float* acc, int64_t ldacc) {                                                        \
     const int64_t K8 = K & ~(int64_t)7, K16 = K & ~(int64_t)15;                                               \
-    for (int64_t m = 0; m < M; m += 2) {                                                                     \
+    int64_t m = 0;                                                                                           \
+    for (; M - m >= 4; m += 4) rows4_##SUF(x + m * K, K, W, n0, n1, acc + m * ldacc, ldacc);                 \
+    for (; m < M; m += 2) {                                                                                  \
         const float* x0 = x + m * K;                                                                         \
         float* r0 = acc + m * ldacc;                                                                         \
         int64_t n = n0;                                                                                      \
@@ -298,6 +356,10 @@ static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_
     }                                                                                                        \
 }
 
+DEFINE_ROWS4(f32, float, VLOAD_F32, SLOAD_F32)
+DEFINE_ROWS4(bf16, uint16_t, VLOAD_BF16, SLOAD_BF16)
+DEFINE_ROWS4(f16, uint16_t, VLOAD_F16, SLOAD_F16)
+DEFINE_ROWS4(i8, int8_t, VLOAD_I8, SLOAD_I8)
 DEFINE_ROWS(f32, float, VLOAD_F32, SLOAD_F32)
 DEFINE_ROWS(bf16, uint16_t, VLOAD_BF16, SLOAD_BF16)
 DEFINE_ROWS(f16, uint16_t, VLOAD_F16, SLOAD_F16)
@@ -457,6 +519,19 @@ static void activate(float* v, int64_t n, int act) {
     }
 }
 
+/* act(v) in place on n floats, in 16K-element tasks on the pool (long inputs: prefill's MLP). */
+struct act_job { float* v; int64_t n; int act; };
+#define ACT_CHUNK 16384
+static void act_task(void* ctx, int64_t t) {
+    const struct act_job* j = (const struct act_job*)ctx;
+    const int64_t i = t * ACT_CHUNK;
+    activate(j->v + i, j->n - i < ACT_CHUNK ? j->n - i : ACT_CHUNK, j->act);
+}
+void quill_activate(float* v, int64_t n, int act, int nthreads) {
+    struct act_job job = {v, n, act};
+    pool_run(act_task, &job, (n + ACT_CHUNK - 1) / ACT_CHUNK, nthreads);
+}
+
 struct linear_job {
     const float* x; int64_t M, K; const void* W; int wdt; const float* scale; const void* bias; int bdt;
     const void* residual; void* y; int ydt; int64_t ldy, N, chunk; int act;
@@ -518,7 +593,30 @@ static const float* prepare_x(const void* x, int xdt, int64_t M, int64_t ldx, in
     return buf;
 }
 
-static int int8_float = -1;  /* QUILL_INT8_FLOAT=1: int8 weights against fp32 activations (slower path) */
+/* One activation row as int16 with one symmetric scale (largest |value| -> 32767), rounded to nearest even
+   like lrintf; vectorised because it runs on the calling thread before every int8 projection. */
+static void quantize_i16(const float* r, int64_t K, int16_t* q, float* scale) {
+    const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
+    __m256 vmx = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) vmx = _mm256_max_ps(vmx, _mm256_and_ps(_mm256_loadu_ps(r + k), abs_mask));
+    float lanes[8], mx = 0.f;
+    _mm256_storeu_ps(lanes, vmx);
+    for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
+    for (; k < K; k++) mx = fabsf(r[k]) > mx ? fabsf(r[k]) : mx;
+    const float sc = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / sc;
+    *scale = sc;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    for (k = 0; k + 16 <= K; k += 16) {
+        __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k), vinv));
+        __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k + 8), vinv));
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_permute4x64_epi64(_mm256_packs_epi32(a, b), 0xD8));
+    }
+    for (; k < K; k++) q[k] = (int16_t)lrintf(r[k] * inv);
+}
+
+static int int8_float = -1;
+static int task_bytes = -1;  /* QUILL_INT8_FLOAT=1: int8 weights against fp32 activations (slower path) */
 
 static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const float* scale,
                       const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
@@ -535,16 +633,11 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     if (wdt == I8 && !int8_float) {  /* quantise each activation row to int16 (symmetric, per row) */
         xq = (int16_t*)(buf + M * K);
         xs = buf + M * K + (M * K + 1) / 2;
-        for (int64_t m = 0; m < M; m++) {
-            const float* r = xf + m * K;
-            float mx = 0.f;
-            for (int64_t k = 0; k < K; k++) mx = fabsf(r[k]) > mx ? fabsf(r[k]) : mx;
-            const float sc = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / sc;
-            xs[m] = sc;
-            for (int64_t k = 0; k < K; k++) xq[m * K + k] = (int16_t)lrintf(r[k] * inv);
-        }
+        for (int64_t m = 0; m < M; m++) quantize_i16(xf + m * K, K, xq + m * K, xs + m);
     }
-    int64_t chunk = (8192 + K - 1) / K;                 /* about 8K weights per task */
+    if (task_bytes < 0) { const char* e = getenv("QUILL_TASK_BYTES"); task_bytes = e ? atoi(e) : 32768; }
+    const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
+    int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
     chunk = chunk < 4 ? 4 : (chunk + 3) & ~(int64_t)3;
     if (chunk > 64) chunk = 64;
     struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs};
@@ -742,6 +835,25 @@ void quill_argmax(const void* x, int dt, int64_t M, int64_t N, int64_t ldx, int6
     }
 }
 
+/* quill_argmax with banned ids per row (ids ban_ids[ban_off[m]:ban_off[m+1]] of row m): as torch's
+   index_fill(-inf) then argmax. The banned entries are set to -inf for the scan and restored bit for bit. */
+void quill_argmax_banned(void* x, int dt, int64_t M, int64_t N, int64_t ldx, int64_t* out,
+                         const int64_t* ban_off, const int64_t* ban_ids) {
+    const int64_t esz = dt == F32 ? 4 : 2;
+    for (int64_t m = 0; m < M; m++) {
+        const int64_t b0 = ban_off[m], nb = ban_off[m + 1] - b0;
+        char* row = (char*)x + m * ldx * esz;
+        uint32_t saved[64];
+        const int64_t ns = nb < 64 ? nb : 64;  /* more bans than that: the caller uses torch */
+        for (int64_t i = 0; i < ns; i++) {
+            memcpy(&saved[i], row + ban_ids[b0 + i] * esz, esz);
+            st(row, dt, ban_ids[b0 + i], -INFINITY);
+        }
+        quill_argmax(row, dt, 1, N, ldx, out + m);
+        for (int64_t i = ns - 1; i >= 0; i--) memcpy(row + ban_ids[b0 + i] * esz, &saved[i], esz);
+    }
+}
+
 /* Rows of an int8 matrix dequantised: out[i, :] = W[idx[i], :] * scale[idx[i]] (embedding lookups). */
 void quill_gather_i8(const int8_t* W, const float* scale, const int64_t* idx, int64_t n, int64_t K,
                      void* out, int odt) {
@@ -830,8 +942,12 @@ def _load() -> ctypes.CDLL | None:
         lib.quill_gather_i8.restype = None
         lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, I, I, I, I, P, P, P, P, P, C, C]
         lib.quill_decode_step.restype = C
+        lib.quill_activate.argtypes = [P, I, C, C]
+        lib.quill_activate.restype = None
         lib.quill_argmax.argtypes = [P, C, I, I, I, P]
         lib.quill_argmax.restype = None
+        lib.quill_argmax_banned.argtypes = [P, C, I, I, I, P, P, P]
+        lib.quill_argmax_banned.restype = None
         lib.quill_step_profile.argtypes = [P]
         lib.quill_step_profile.restype = None
         _lib = lib
@@ -845,9 +961,12 @@ def available() -> bool:
     break the graph) or runs a dispatch mode (FLOP counters, fake tensors must see every op): the torch path is
     what those observe.
     """
-    if torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode():
-        return False
-    return _load() is not None
+    return not observed() and _load() is not None
+
+
+def observed() -> bool:
+    """Whether torch is tracing, compiling or running a dispatch mode: fast paths stand aside then."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
 
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
@@ -876,6 +995,39 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     if rc:
         raise MemoryError("quill_linear: out of memory")
     return out
+
+
+def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor | None:
+    """`linear` for x of any leading shape ([..., K] -> [..., N]) when the matrix-vector kernel serves it, else None.
+
+    It serves CPU inference inputs of at most MAX_ROWS rows (short prompts, decode steps outside the fused
+    step) with a float activation dtype and a contiguous weight of a known dtype; the caller falls back to its
+    torch path otherwise (GPU, autograd, long prompts, tracing).
+    """
+    k = x.shape[-1]
+    rows = x.numel() // k if k else 0
+    if (not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
+            or weight.dtype not in DTYPE_CODES or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not available()):
+        return None
+    x2 = x.reshape(rows, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return linear(x2, weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
+
+
+def activate_(x: Tensor, act: str) -> bool:
+    """Apply activation `act` to x in place with the vectorised kernel; False (x untouched) when it does not serve.
+
+    It serves contiguous fp32 CPU inference tensors with an activation it knows (torch's tanh-GELU ran at
+    ~2.7 ns an element on the AVX2 machine, 10% of an int8 prefill).
+    """
+    if (x.device.type != "cpu" or x.dtype != torch.float32 or not x.is_contiguous() or act not in ACTIVATIONS
+            or act is None or (torch.is_grad_enabled() and x.requires_grad) or not available()):
+        return False
+    lib = _lib if _lib is not None else _load()
+    lib.quill_activate(x.data_ptr(), x.numel(), ACTIVATIONS[act], torch.get_num_threads())
+    return True
 
 
 def attn_decode(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor | int, n_head: int, scale: float,
@@ -945,15 +1097,33 @@ def step_profile() -> dict[str, float]:
     return {name: out[i] / 1e9 for i, name in enumerate(PROFILE_PARTS)}
 
 
-def argmax_rows(logits: Tensor) -> list[int]:
-    """torch.argmax(logits, -1).tolist() for a [M, N] tensor, without waking torch's OpenMP threads on CPU."""
+MAX_BANS = 64  # banned ids per row that quill_argmax_banned takes
+
+
+def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[int]:
+    """torch.argmax(logits, -1).tolist() for a [M, N] tensor, without waking torch's OpenMP threads on CPU.
+
+    banned: ids per row that may not be chosen (as `index_fill(-inf)` first: EOS with ignore_eos, banned_tokens);
+    the logits are left as they were.
+    """
     lib = _lib if _lib is not None else _load() if logits.device.type == "cpu" else None
     if (lib is None or logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES or logits.stride(-1) != 1
-            or logits.device.type != "cpu"):
+            or logits.device.type != "cpu"
+            or (banned and any(len(row) > MAX_BANS or not all(0 <= i < logits.shape[1] for i in row) for row in banned))):
+        if banned:
+            logits = logits.clone()
+            for i, ids in enumerate(banned):
+                logits[i, ids] = float("-inf")
         return logits.argmax(-1).tolist()
     out = torch.empty(logits.shape[0], dtype=torch.int64)
-    lib.quill_argmax(logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1],
-                     logits.stride(0), out.data_ptr())
+    if banned and any(banned):
+        offsets = torch.tensor([0, *itertools.accumulate(map(len, banned))], dtype=torch.int64)
+        ids = torch.tensor([i for row in banned for i in row], dtype=torch.int64)
+        lib.quill_argmax_banned(logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1],
+                                logits.stride(0), out.data_ptr(), offsets.data_ptr(), ids.data_ptr())
+    else:
+        lib.quill_argmax(logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1],
+                         logits.stride(0), out.data_ptr())
     return out.tolist()
 
 
@@ -967,4 +1137,4 @@ def gather_int8(weight: Tensor, scale: Tensor, idx: Tensor, dtype: torch.dtype) 
     return out.view(*idx.shape, weight.shape[1])
 
 
-__all__ = ["available", "linear", "attn_decode", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "MAX_ROWS", "FLOAT_DTYPES"]
+__all__ = ["available", "observed", "linear", "project", "activate_", "attn_decode", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "MAX_ROWS", "FLOAT_DTYPES"]

@@ -51,15 +51,11 @@ class Linear(nn.Linear):
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, self.bias)
-        k = x.shape[-1]
-        rows = x.numel() // k if k else 0
-        if (0 < rows <= kernels.MAX_ROWS and x.dtype in kernels.FLOAT_DTYPES and w.dtype in kernels.FLOAT_DTYPES
-                and w.is_contiguous() and kernels.available()):
-            x2 = x.reshape(rows, k)
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            return kernels.linear(x2, w, self.bias).view(*x.shape[:-1], self.out_features)
-        if w.dtype in (torch.bfloat16, torch.float16) and rows > kernels.MAX_ROWS and not _cpu_half_gemm(w.dtype):
+        y = kernels.project(x, w, self.bias)
+        if y is not None:
+            return y
+        long = x.numel() > kernels.MAX_ROWS * x.shape[-1]
+        if long and w.dtype in (torch.bfloat16, torch.float16) and not _cpu_half_gemm(w.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
         return F.linear(x, w, self.bias)
@@ -287,11 +283,15 @@ class MLP(nn.Module):
         super().__init__()
         self.c_fc = Linear(config.n_embd, config.inner_dim)
         self.c_proj = Linear(config.inner_dim, config.n_embd)
+        self.activation = config.activation_function
         self.act = ACTIVATIONS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+        h = self.c_fc(x)
+        if not kernels.activate_(h, self.activation):  # in place when the vectorised kernel serves h
+            h = self.act(h)
+        return self.dropout(self.c_proj(h))
 
 
 class Block(nn.Module):

@@ -6,9 +6,10 @@ Every `nn.Linear` of a GPT (the fused qkv, attention output, both MLP projection
 an `Int8Embedding` that shares the lm_head's int8 matrix and dequantises the rows it gathers. Activations,
 LayerNorms, biases and the position embedding stay in the model's dtype.
 
-Decode steps (a few rows at a time) run on `quill.kernels`, which convert int8 weights to fp32 in
-registers and so read 1 byte per weight; longer inputs (prefill) dequantise each weight matrix to the
-activation dtype and use torch's GEMM, which is compute-bound there (see docs/performance.md).
+Decode steps (a few rows at a time) run on `quill.kernels`, which read 1 byte per weight and meet int16
+activations (one scale per row: near-exact); longer inputs (prefill) run on fbgemm's int8 GEMM with
+activations quantised per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, at twice
+the fp32 GEMM's speed (`QUILL_INT8_GEMM=0`: dequantise and use the fp32 GEMM; see docs/performance.md).
 
 Checkpoint format (`quill quantize MODEL OUT --int8`, loaded by `quill.load(OUT)`): a folder with the model's
 `config.json` plus a `quantization_config` entry, `model.safetensors` and the source's tokenizer files.
@@ -29,6 +30,7 @@ import argparse
 import json
 import os
 import shutil
+import warnings
 from pathlib import Path
 
 import torch
@@ -56,6 +58,22 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+def _int8_gemm_serves(x: Tensor) -> bool:
+    """Whether a long CPU inference input goes to fbgemm's int8 GEMM (QUILL_INT8_GEMM=0: dequantised fp32 GEMM)."""
+    return (x.device.type == "cpu" and x.numel() > kernels.MAX_ROWS * x.shape[-1]
+            and not (torch.is_grad_enabled() and x.requires_grad) and not kernels.observed()
+            and os.environ.get("QUILL_INT8_GEMM", "1") != "0"
+            and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
+def _prepack(weight: Tensor, scale: Tensor, bias: Tensor | None) -> object:
+    """fbgemm's packed form of an int8 [out, in] weight with per-output-channel scales (zero point 0)."""
+    with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's GEMM still takes them
+        warnings.simplefilter("ignore")
+        qw = torch._make_per_channel_quantized_tensor(weight, scale.double(), torch.zeros_like(scale, dtype=torch.long), 0)
+        return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
+
+
 class Int8Linear(nn.Module):
     """`y = (x @ q.T) * scale + bias` with int8 `q` [out, in] and fp32 per-output-channel `scale`."""
 
@@ -67,6 +85,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("weight_scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
+        self._packed: tuple[tuple, object] | None = None  # (weights' identity, fbgemm's packed weight), see _gemm
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -83,16 +102,28 @@ class Int8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.weight_scale.float()[:, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        rows = x.numel() // max(x.shape[-1], 1)
-        if (x.device.type == "cpu" and rows <= kernels.MAX_ROWS and x.dtype in kernels.FLOAT_DTYPES
-                and not (torch.is_grad_enabled() and x.requires_grad) and kernels.available()):
-            w, s, b = self.kernel_args()
-            x2 = x.reshape(rows, x.shape[-1])
-            if x2.stride(-1) != 1:
-                x2 = x2.contiguous()
-            return kernels.linear(x2, w, b, s).view(*x.shape[:-1], self.out_features)
+        w, s, b = self.kernel_args()
+        y = kernels.project(x, w, b, s)
+        if y is not None:
+            return y
+        if _int8_gemm_serves(x):
+            return self._gemm(x)
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), bias)
+
+    def _gemm(self, x: Tensor) -> Tensor:
+        """Long inputs (prefill) on fbgemm's int8 GEMM, activations quantised per tensor to uint8 on the fly.
+
+        That is what ONNX Runtime's and transformers' dynamic int8 do; on AVX2 it runs at twice the fp32 GEMM
+        (vpmaddubsw), measured in docs/performance.md. The packed weight (fbgemm's layout, one more int8 copy)
+        is made on first use and remade when the weight, scale or bias change.
+        """
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale, self.bias) if t is not None)
+        if self._packed is None or self._packed[0] != key:
+            self._packed = (key, _prepack(self.weight, self.weight_scale, self.bias))
+        x2 = x.reshape(-1, self.in_features).float().contiguous()
+        y = torch.ops.quantized.linear_dynamic(x2, self._packed[1], True)  # reduce_range: no vpmaddubsw overflow
+        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -322,6 +322,13 @@ class LogitsPipeline:
         """True when every setting is neutral, so the logits pass through unchanged."""
         return not self.processors
 
+    def bans(self) -> list[int] | None:
+        """The ids this pipeline bans when banning is all it does (a greedy choice is then an argmax that skips
+        them), else None."""
+        if not all(isinstance(p, SuppressTokensLogitsProcessor) for p in self.processors):
+            return None
+        return sorted({i for p in self.processors for i in p.token_ids.tolist()})
+
     def __call__(self, logits: Tensor, history: Tensor, prompt_len: int) -> Tensor:
         for process in self.processors:
             logits = process(logits, history, prompt_len)

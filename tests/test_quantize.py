@@ -94,6 +94,23 @@ def test_int8_logits_close_to_fp32_and_kernels_match_torch(dtype):
         assert rel_err(full[:, 11:], steps[0]) <= (2e-4 if dtype == torch.float32 else 5e-2)
 
 
+@pytest.mark.skipif(torch.backends.quantized.engine not in ("x86", "fbgemm"), reason="needs fbgemm")
+def test_long_inputs_use_the_int8_gemm_and_follow_weight_changes(monkeypatch):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(96, 80))
+    x = torch.randn(3, 40, 96)  # 120 rows: a prefill, beyond the matrix-vector kernel
+    with torch.inference_mode():
+        exact = F.linear(x, layer.dequantized(torch.float32), layer.bias)
+        got = layer(x)
+        # activations quantised per tensor to 7-bit unsigned (reduce_range): error ~ (max-min) / 254 per element
+        assert got.shape == exact.shape and layer._packed is not None
+        assert rel_err(exact, got) <= 3e-2
+        layer.weight.neg_()  # an in-place change must not be served from the old packed weight
+        assert rel_err(F.linear(x, layer.dequantized(torch.float32), layer.bias), layer(x)) <= 3e-2
+        monkeypatch.setenv("QUILL_INT8_GEMM", "0")  # the switch back to the dequantised fp32 GEMM
+        assert torch.equal(layer(x), F.linear(x, layer.dequantized(torch.float32), layer.bias))
+
+
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
 def test_int8_embedding_lookup_dequantises_rows():
     model = quantize_model(random_model(TINY))
@@ -204,4 +221,5 @@ def test_int8_perplexity_within_one_percent_of_fp32(tmp_path):
     finally:
         torch.set_num_threads(threads)
     assert fp32 < tok.vocab_size / 4, f"training did not take (perplexity {fp32:.2f}, vocab {tok.vocab_size})"
+    print(f"perplexity fp32 {fp32:.4f}, int8 {int8:.4f} ({(int8 - fp32) / fp32:+.3%})")
     assert abs(int8 - fp32) / fp32 <= 0.01, (fp32, int8)

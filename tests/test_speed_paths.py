@@ -136,6 +136,39 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_argmax_with_bans_equals_index_fill_then_argmax(dtype):
+    torch.manual_seed(0)
+    logits = torch.randn(4, 1000).to(dtype)
+    top = logits.float().argmax(-1)
+    logits[2, 17] = float("nan")  # a NaN wins, unless it is banned
+    logits[3, 5] = float("nan")
+    banned = [[int(top[0])], [], [17], [5, int(top[3]), 999]]
+    before = logits.clone()
+    want = [int(row.index_fill(0, torch.tensor(ids, dtype=torch.long), float("-inf")).argmax()) if ids
+            else int(row.argmax()) for row, ids in zip(logits, banned)]
+    assert kernels.argmax_rows(logits, banned) == want
+    assert torch.equal(logits.view(torch.int16 if dtype == torch.bfloat16 else torch.int32),
+                       before.view(torch.int16 if dtype == torch.bfloat16 else torch.int32))  # restored bit for bit
+    too_many = [list(range(kernels.MAX_BANS + 1))] * 4  # beyond what the kernel takes: torch does it
+    assert kernels.argmax_rows(logits, too_many) == [
+        int(row.index_fill(0, torch.tensor(too_many[0]), float("-inf")).argmax()) for row in logits]
+
+
+@needs_kernels
+@pytest.mark.parametrize("act", ["gelu_new", "gelu", "relu"])
+def test_activation_kernel_matches_torch(act):
+    from quill.model import ACTIVATIONS
+
+    torch.manual_seed(0)
+    x = torch.randn(3, 20011) * 4  # several pool tasks and a tail that is not a multiple of 8
+    got = x.clone()
+    assert kernels.activate_(got, act)
+    assert (got - ACTIVATIONS[act](x)).abs().max() <= 2e-6 * x.abs().max()
+    assert not kernels.activate_(x.t(), act) and not kernels.activate_(x.double(), act)  # not served: untouched
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_kernel_writes_cache_and_matches_sdpa(dtype):
     torch.manual_seed(0)
     B, H, D, L = 3, 4, 12, 20
