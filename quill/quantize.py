@@ -118,7 +118,9 @@ class Int8Linear(nn.Module):
         (vpmaddubsw), measured in docs/performance.md. The packed weight (fbgemm's layout, one more int8 copy)
         is made on first use and remade when the weight, scale or bias change.
         """
-        key = tuple((t.data_ptr(), t._version) for t in (self.weight, self.weight_scale, self.bias) if t is not None)
+        # inference tensors (made under inference_mode) keep no version counter: their pointer identifies them
+        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
+                    for t in (self.weight, self.weight_scale, self.bias) if t is not None)
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, _prepack(self.weight, self.weight_scale, self.bias))
         x2 = x.reshape(-1, self.in_features).float().contiguous()

@@ -107,6 +107,8 @@ def test_long_inputs_use_the_int8_gemm_and_follow_weight_changes(monkeypatch):
         assert rel_err(exact, got) <= 3e-2
         layer.weight.neg_()  # an in-place change must not be served from the old packed weight
         assert rel_err(F.linear(x, layer.dequantized(torch.float32), layer.bias), layer(x)) <= 3e-2
+        made_in_inference = Int8Linear(layer.weight.clone(), layer.weight_scale.clone(), layer.bias.clone())
+        assert torch.equal(made_in_inference(x), layer(x))  # inference tensors have no version counter
         monkeypatch.setenv("QUILL_INT8_GEMM", "0")  # the switch back to the dequantised fp32 GEMM
         assert torch.equal(layer(x), F.linear(x, layer.dequantized(torch.float32), layer.bias))
 
