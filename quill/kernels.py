@@ -574,20 +574,42 @@ static void linear_task(void* ctx, int64_t t) {
 }
 
 /* Activation rows as fp32 (row stride K), LayerNorm'ed when lnw is given; NULL when out of memory. */
+static inline __m256 vld(const void* p, int dt, int64_t i) {  /* 8 float-type elements from index i, as fp32 */
+    return dt == F32 ? VLOAD_F32((const float*)p + i) : dt == BF16 ? VLOAD_BF16((const uint16_t*)p + i)
+                                                         : VLOAD_F16((const uint16_t*)p + i);
+}
+
 static const float* prepare_x(const void* x, int xdt, int64_t M, int64_t ldx, int64_t K,
                               const void* lnw, const void* lnb, int lndt, float eps, float* buf) {
     if (xdt == F32 && ldx == K && !lnw) return (const float*)x;
-    for (int64_t m = 0; m < M; m++) {
+    const int64_t K8 = K & ~(int64_t)7;
+    for (int64_t m = 0; m < M; m++) {  /* vectorised: it runs on the calling thread before every projection */
         float* r = buf + m * K;
-        for (int64_t k = 0; k < K; k++) r[k] = ld(x, xdt, m * ldx + k);
-        if (lnw) {  /* LayerNorm of the row (biased variance, as torch), then the affine transform */
-            double mean = 0.0, var = 0.0;
-            for (int64_t k = 0; k < K; k++) mean += r[k];
-            mean /= (double)K;
-            for (int64_t k = 0; k < K; k++) { double d = r[k] - mean; var += d * d; }
-            const float rstd = (float)(1.0 / sqrt(var / (double)K + (double)eps)), mu = (float)mean;
-            for (int64_t k = 0; k < K; k++)
-                r[k] = (r[k] - mu) * rstd * ld(lnw, lndt, k) + (lnb ? ld(lnb, lndt, k) : 0.f);
+        const int64_t o = m * ldx;
+        int64_t k = 0;
+        for (; k < K8; k += 8) _mm256_storeu_ps(r + k, vld(x, xdt, o + k));
+        for (; k < K; k++) r[k] = ld(x, xdt, o + k);
+        if (lnw) {  /* LayerNorm of the row (two passes, biased variance, as torch), then the affine transform */
+            __m256 vs = _mm256_setzero_ps();
+            for (k = 0; k < K8; k += 8) vs = _mm256_add_ps(vs, _mm256_loadu_ps(r + k));
+            double sum = hsum(vs);
+            for (; k < K; k++) sum += r[k];
+            const float mu = (float)(sum / (double)K);
+            const __m256 vmu = _mm256_set1_ps(mu);
+            __m256 vv = _mm256_setzero_ps();
+            for (k = 0; k < K8; k += 8) {
+                const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(r + k), vmu);
+                vv = _mm256_fmadd_ps(d, d, vv);
+            }
+            double var = hsum(vv);
+            for (; k < K; k++) { const double d = r[k] - mu; var += d * d; }
+            const float rstd = (float)(1.0 / sqrt(var / (double)K + (double)eps));
+            const __m256 vr = _mm256_set1_ps(rstd);
+            for (k = 0; k < K8; k += 8) {
+                const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + k), vmu), vr);
+                _mm256_storeu_ps(r + k, _mm256_fmadd_ps(n, vld(lnw, lndt, k), lnb ? vld(lnb, lndt, k) : _mm256_setzero_ps()));
+            }
+            for (; k < K; k++) r[k] = (r[k] - mu) * rstd * ld(lnw, lndt, k) + (lnb ? ld(lnb, lndt, k) : 0.f);
         }
     }
     return buf;
