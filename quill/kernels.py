@@ -637,8 +637,8 @@ static void quantize_i16(const float* r, int64_t K, int16_t* q, float* scale) {
     for (; k < K; k++) q[k] = (int16_t)lrintf(r[k] * inv);
 }
 
-static int int8_float = -1;
-static int task_bytes = -1;  /* QUILL_INT8_FLOAT=1: int8 weights against fp32 activations (slower path) */
+static int int8_float = -1;  /* QUILL_INT8_FLOAT=1: int8 weights against fp32 activations (slower path) */
+static int task_bytes = -1;  /* QUILL_TASK_BYTES: weight bytes per pool task */
 
 static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const float* scale,
                       const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
