@@ -825,32 +825,25 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
    threads (torch's argmax runs it on OpenMP threads, which then spin and steal the core from the next step). */
 void quill_argmax(const void* x, int dt, int64_t M, int64_t N, int64_t ldx, int64_t* out) {
     for (int64_t m = 0; m < M; m++) {
-        int64_t best = 0;
-        float bv = ld(x, dt, m * ldx);
+        const int64_t o = m * ldx;
+        int64_t best = 0, n = 1;
+        float bv = ld(x, dt, o);
         if (bv != bv) { out[m] = 0; continue; }
-        if (dt == F32) {
-            const float* r = (const float*)x + m * ldx;
-            int64_t n = 1;
-            for (; n + 8 <= N; n += 8) {  /* skip blocks with nothing larger */
-                __m256 v = _mm256_loadu_ps(r + n);
-                __m256 gt = _mm256_or_ps(_mm256_cmp_ps(v, _mm256_set1_ps(bv), _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
-                if (_mm256_movemask_ps(gt)) {
-                    for (int64_t i = n; i < n + 8; i++) {
-                        if (r[i] != r[i]) { best = i; bv = r[i]; goto done; }
-                        if (r[i] > bv) { bv = r[i]; best = i; }
-                    }
+        for (; n + 8 <= N; n += 8) {  /* skip blocks with nothing larger (bf16/fp16 widened to fp32 8 at a time) */
+            __m256 v = vld(x, dt, o + n);
+            __m256 gt = _mm256_or_ps(_mm256_cmp_ps(v, _mm256_set1_ps(bv), _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            if (_mm256_movemask_ps(gt)) {
+                for (int64_t i = n; i < n + 8; i++) {
+                    const float r = ld(x, dt, o + i);
+                    if (r != r) { best = i; goto done; }
+                    if (r > bv) { bv = r; best = i; }
                 }
             }
-            for (; n < N; n++) {
-                if (r[n] != r[n]) { best = n; goto done; }
-                if (r[n] > bv) { bv = r[n]; best = n; }
-            }
-        } else {
-            for (int64_t n = 1; n < N; n++) {
-                float v = ld(x, dt, m * ldx + n);
-                if (v != v) { best = n; goto done; }
-                if (v > bv) { bv = v; best = n; }
-            }
+        }
+        for (; n < N; n++) {
+            const float r = ld(x, dt, o + n);
+            if (r != r) { best = n; goto done; }
+            if (r > bv) { bv = r; best = n; }
         }
     done:
         out[m] = best;
