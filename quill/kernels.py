@@ -852,14 +852,15 @@ void quill_argmax(const void* x, int dt, int64_t M, int64_t N, int64_t ldx, int6
 
 /* quill_argmax with banned ids per row (ids ban_ids[ban_off[m]:ban_off[m+1]] of row m): as torch's
    index_fill(-inf) then argmax. The banned entries are set to -inf for the scan and restored bit for bit. */
+#define MAX_BANS 64  /* kernels.MAX_BANS */
 void quill_argmax_banned(void* x, int dt, int64_t M, int64_t N, int64_t ldx, int64_t* out,
                          const int64_t* ban_off, const int64_t* ban_ids) {
     const int64_t esz = dt == F32 ? 4 : 2;
     for (int64_t m = 0; m < M; m++) {
         const int64_t b0 = ban_off[m], nb = ban_off[m + 1] - b0;
         char* row = (char*)x + m * ldx * esz;
-        uint32_t saved[64];
-        const int64_t ns = nb < 64 ? nb : 64;  /* more bans than that: the caller uses torch */
+        uint32_t saved[MAX_BANS];
+        const int64_t ns = nb < MAX_BANS ? nb : MAX_BANS;  /* more bans than that: the caller uses torch */
         for (int64_t i = 0; i < ns; i++) {
             memcpy(&saved[i], row + ban_ids[b0 + i] * esz, esz);
             st(row, dt, ban_ids[b0 + i], -INFINITY);
@@ -1012,6 +1013,12 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     return out
 
 
+def rows(x: Tensor) -> int:
+    """Rows of x as a matrix ([..., K] -> [rows, K]); more than MAX_ROWS is a prefill, left to torch's GEMMs."""
+    k = x.shape[-1]
+    return x.numel() // k if k else 0
+
+
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor | None:
     """`linear` for x of any leading shape ([..., K] -> [..., N]) when the matrix-vector kernel serves it, else None.
 
@@ -1019,13 +1026,12 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
     step) with a float activation dtype and a contiguous weight of a known dtype; the caller falls back to its
     torch path otherwise (GPU, autograd, long prompts, tracing).
     """
-    k = x.shape[-1]
-    rows = x.numel() // k if k else 0
-    if (not 0 < rows <= MAX_ROWS or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
+    m = rows(x)
+    if (not 0 < m <= MAX_ROWS or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
             or weight.dtype not in DTYPE_CODES or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not available()):
         return None
-    x2 = x.reshape(rows, k)
+    x2 = x.reshape(m, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
     return linear(x2, weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
@@ -1112,7 +1118,7 @@ def step_profile() -> dict[str, float]:
     return {name: out[i] / 1e9 for i, name in enumerate(PROFILE_PARTS)}
 
 
-MAX_BANS = 64  # banned ids per row that quill_argmax_banned takes
+MAX_BANS = 64  # banned ids per row that quill_argmax_banned takes (its MAX_BANS)
 
 
 def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[int]:
@@ -1152,4 +1158,4 @@ def gather_int8(weight: Tensor, scale: Tensor, idx: Tensor, dtype: torch.dtype) 
     return out.view(*idx.shape, weight.shape[1])
 
 
-__all__ = ["available", "observed", "linear", "project", "activate_", "attn_decode", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "MAX_ROWS", "FLOAT_DTYPES"]
+__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "MAX_ROWS", "FLOAT_DTYPES"]

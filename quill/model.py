@@ -54,8 +54,8 @@ class Linear(nn.Linear):
         y = kernels.project(x, w, self.bias)
         if y is not None:
             return y
-        long = x.numel() > kernels.MAX_ROWS * x.shape[-1]
-        if long and w.dtype in (torch.bfloat16, torch.float16) and not _cpu_half_gemm(w.dtype):
+        half = w.dtype in (torch.bfloat16, torch.float16)
+        if half and kernels.rows(x) > kernels.MAX_ROWS and not _cpu_half_gemm(w.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
         return F.linear(x, w, self.bias)

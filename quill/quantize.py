@@ -60,7 +60,7 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
 
 def _int8_gemm_serves(x: Tensor) -> bool:
     """Whether a long CPU inference input goes to fbgemm's int8 GEMM (QUILL_INT8_GEMM=0: dequantised fp32 GEMM)."""
-    return (x.device.type == "cpu" and x.numel() > kernels.MAX_ROWS * x.shape[-1]
+    return (x.device.type == "cpu" and kernels.rows(x) > kernels.MAX_ROWS
             and not (torch.is_grad_enabled() and x.requires_grad) and not kernels.observed()
             and os.environ.get("QUILL_INT8_GEMM", "1") != "0"
             and torch.backends.quantized.engine in ("x86", "fbgemm"))
