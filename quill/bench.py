@@ -17,7 +17,7 @@ onnxruntime.quantization.quantize_dynamic); llama.cpp f32/f16/q8_0 when llama-cp
 How: each family runs in a worker process of its own (their thread pools - torch's OpenMP, ORT's, ggml's -
 must not share a process), driven round by round from here so that load from other processes falls on all
 of them alike. Every system runs at the thread count (1 or all cores) that was faster for it in the
-warm-up, chosen separately for decode and prefill. Tables report medians of `--runs` rounds. Results go
+warm-up, chosen separately for decode, batched decode and prefill. Tables report medians of `--runs` rounds. Results go
 to docs/benchmarks/ as JSON, Markdown and a PNG chart.
 
 This module imports neither torch nor quill at the top: the llama.cpp worker loads it without them.
@@ -557,7 +557,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 for b in batches:
                     r.decode(prompt, 4, b)
             tried = {n: r.decode(prompt, new, threads=n) for n in thread_choices}
-            r.threads["decode"] = min(tried, key=tried.get)
+            r.threads["decode"] = r.threads["batch"] = min(tried, key=tried.get)
+            if r.batching and max(batches) > 1 and max(tried.values()) < SLOW_S:
+                # batched rows are compute-bound where one row is bandwidth-bound: their best count may differ
+                b = 8 if 8 in batches else max(batches)
+                tried = {n: r.decode(prompt, 16, b, threads=n) for n in thread_choices}
+                r.threads["batch"] = min(tried, key=tried.get)
             tried = {}
             for n in thread_choices:
                 tried[n] = r.prefill(long_prompt, threads=n)
@@ -567,7 +572,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             r.threads["prefill"] = min(tried, key=tried.get)
             if min(tried.values()) > SLOW_S:
                 slow.add((r.name, "prefill"))
-            log(f"  {r.name}: decode {r.threads['decode']} thread(s), prefill {r.threads['prefill']}")
+            log(f"  {r.name}: decode {r.threads['decode']} thread(s), batched {r.threads['batch']}, "
+                f"prefill {r.threads['prefill']}")
         for i in range(runs):
             t0 = time.perf_counter()
             bandwidth.append(memory_bandwidth())
@@ -579,7 +585,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 for b in batches:
                     if b > 1 and r.batching and (i == 0 or (r.name, f"batch{b}") not in slow):
                         t1 = time.perf_counter()
-                        s.batched.setdefault(b, []).append(b * (new_batched - 1) / r.decode(prompt, new_batched, b))
+                        s.batched.setdefault(b, []).append(
+                            b * (new_batched - 1) / r.decode(prompt, new_batched, b, threads=r.threads["batch"]))
                         if time.perf_counter() - t1 > SLOW_S:
                             slow.add((r.name, f"batch{b}"))
             log(f"round {i + 1}/{runs}: {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
@@ -672,15 +679,15 @@ def format_report(rep: dict) -> str:
              f"Prompt {rep['settings']['prompt']} tokens, {rep['settings']['new_tokens']} new tokens (greedy, EOS "
              f"ignored), prefill {rep['settings']['prefill']} tokens, batched rows generate "
              f"{rep['settings']['batched_new_tokens']} tokens each; median of {rep['settings']['runs']} rounds after a "
-             "warm-up that picks each system's thread count (1 or all cores), systems interleaved round by round, "
+             "warm-up that picks each system's thread count (1 or all cores) for decode, batched rows and prefill, systems interleaved round by round, "
              f"each family in its own process (measurements over {SLOW_S:.0f} s are taken once). "
              "Bound = measured bandwidth / weight bytes per token.", ""]
-    head = "| system | threads (decode/prefill) | decode tok/s | % of bound | bound | prefill-512 tok/s | " + " | ".join(
+    head = "| system | threads (decode/batched/prefill) | decode tok/s | % of bound | bound | prefill-512 tok/s | " + " | ".join(
         f"batch {b} tok/s" for b in batches if b != 1) + " | batch 8 / batch 1 |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
     for r in res:
         bt = r["batched_tok_s"]
-        cells = [r["system"], f"{r['threads'].get('decode')}/{r['threads'].get('prefill')}", f"{r['decode_tok_s']:.1f}", f"{r['pct_of_bound']:.0f}%", f"{r['bound_tok_s']:.0f}",
+        cells = [r["system"], f"{r['threads'].get('decode')}/{r['threads'].get('batch', '-')}/{r['threads'].get('prefill')}", f"{r['decode_tok_s']:.1f}", f"{r['pct_of_bound']:.0f}%", f"{r['bound_tok_s']:.0f}",
                  f"{r['prefill_tok_s']:.0f}"]
         cells += [f"{bt[b]:.1f}" if bt.get(b) else "-" for b in batches if b != 1]
         cells.append(f"{bt[8] / r['decode_tok_s']:.2f}x" if bt.get(8) else "-")

@@ -61,20 +61,26 @@ _SOURCE = r"""
 
 enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
 
-/* ---- a barrier-free thread pool ------------------------------------------------------------------------
-   A job is `ntasks` independent tasks. The caller publishes it in one atomic word, state = generation |
-   ntasks | next task, then claims tasks itself like the helpers do (compare-and-swap on `next`) and returns
-   once every task is done. Unlike an OpenMP parallel region there is no barrier that waits for every
-   thread to *arrive*: on a shared machine a helper that the scheduler has descheduled simply takes no task,
-   and the caller finishes alone instead of sleeping until the helper's next time slice (measured: OpenMP
-   regions cost up to one scheduler tick, ~4 ms, each under load). Helpers spin briefly, then sleep on a
-   futex. One job at a time: a second caller (another Python thread) runs its job on its own thread. */
+/* ---- a barrier-free thread pool with owned ranges -------------------------------------------------------
+   A job is `ntasks` independent tasks, split into one contiguous range per thread (the caller is thread 0).
+   Each thread takes its own range's tasks from the front, so it streams one contiguous stretch of a weight
+   matrix that the hardware prefetcher can follow (handing out tasks round-robin made the two threads'
+   streams interleave: measured 35 against 47 GB/s over a decode step's matrices), then steals from the back
+   of the other ranges. Unlike an OpenMP parallel region there is no barrier that waits for every thread
+   to *arrive*: on a shared machine the caller takes a descheduled helper's range instead of sleeping until
+   its next time slice (measured: OpenMP regions cost up to one scheduler tick, ~4 ms, each under load).
+   Each range is one atomic word, generation | front | back, so a helper that wakes late cannot claim a
+   task of a newer job with an older job's function. Helpers spin briefly, then sleep on a futex. One job
+   at a time: a second caller (another Python thread) runs its job on its own thread. */
 typedef void (*task_fn)(void* ctx, int64_t task);
-#define GEN_BITS 28
-#define CNT_BITS 18
-#define CNT_MASK ((1ull << CNT_BITS) - 1)
-#define MAX_TASKS ((int64_t)CNT_MASK)
-static _Atomic uint64_t pool_state;
+#define MAX_POOL 64
+#define R_BITS 20
+#define R_MASK ((1ull << R_BITS) - 1)
+#define GEN_MASK ((1ull << (64 - 2 * R_BITS)) - 1)
+#define MAX_TASKS ((int64_t)R_MASK)
+typedef struct { _Atomic uint64_t w; char pad[56]; } pool_range_t;  /* one cache line per range */
+static pool_range_t pool_range[MAX_POOL];
+static _Atomic uint64_t pool_job;  /* generation << 8 | threads: published after the ranges */
 static _Atomic int64_t pool_done;
 static _Atomic(task_fn) pool_fn;
 static _Atomic(void*) pool_ctx;
@@ -82,45 +88,53 @@ static _Atomic uint32_t pool_wake;
 static _Atomic int pool_sleepers;
 static int pool_helpers;
 static pthread_mutex_t pool_lock = PTHREAD_MUTEX_INITIALIZER;
-static inline int64_t st_next(uint64_t s) { return (int64_t)(s & CNT_MASK); }
-static inline int64_t st_count(uint64_t s) { return (int64_t)((s >> CNT_BITS) & CNT_MASK); }
-static inline uint64_t st_gen(uint64_t s) { return s >> (2 * CNT_BITS); }
 
-static void pool_work(void) {
+/* One task of range i of job `gen`: its front for the owner, its back for a thief; -1 when none is left. */
+static int64_t pool_claim(int i, uint64_t gen, int own) {
+    uint64_t r = atomic_load_explicit(&pool_range[i].w, memory_order_acquire);
     for (;;) {
-        uint64_t s = atomic_load_explicit(&pool_state, memory_order_acquire);
-        if (st_next(s) >= st_count(s)) return;
-        task_fn fn = atomic_load_explicit(&pool_fn, memory_order_relaxed);
-        void* ctx = atomic_load_explicit(&pool_ctx, memory_order_relaxed);
-        /* success means the job was still the one `fn`/`ctx` were published for (a job cannot end while
-           tasks are unclaimed, and generations only grow) */
-        if (!atomic_compare_exchange_weak_explicit(&pool_state, &s, s + 1, memory_order_acq_rel,
-                                                   memory_order_acquire))
-            continue;
-        fn(ctx, st_next(s));
-        atomic_fetch_add_explicit(&pool_done, 1, memory_order_release);
+        const uint64_t lo = (r >> R_BITS) & R_MASK, hi = r & R_MASK;
+        if ((r >> (2 * R_BITS)) != gen || lo >= hi) return -1;
+        if (atomic_compare_exchange_weak_explicit(&pool_range[i].w, &r, own ? r + (1ull << R_BITS) : r - 1,
+                                                  memory_order_acq_rel, memory_order_acquire))
+            return (int64_t)(own ? lo : hi - 1);
     }
+}
+
+/* Thread `me` works on the current job: its own range, then the others'. A claim succeeds only while the
+   job that published `fn`/`ctx` still has unclaimed tasks (a job cannot end before that, and the next one
+   publishes its function only after this one ended), so a stale helper never runs a wrong task. */
+static void pool_work(int me) {
+    const uint64_t job = atomic_load_explicit(&pool_job, memory_order_acquire);
+    const uint64_t gen = job >> 8;
+    const int P = (int)(job & 0xff);
+    if (me >= P) return;
+    task_fn fn = atomic_load_explicit(&pool_fn, memory_order_relaxed);
+    void* ctx = atomic_load_explicit(&pool_ctx, memory_order_relaxed);
+    int64_t done = 0;
+    for (int v = 0; v < P; v++)
+        for (int64_t t; (t = pool_claim((me + v) % P, gen, v == 0)) >= 0; done++) fn(ctx, t);
+    if (done) atomic_fetch_add_explicit(&pool_done, done, memory_order_release);
 }
 
 static int pool_spin = -1;
 
 static void* pool_helper(void* arg) {
-    (void)arg;
+    const int me = (int)(intptr_t)arg;
+    uint64_t seen = UINT64_MAX;  /* look at whatever job is current on the first pass */
     for (;;) {
-        int spins = 0;
-        for (;;) {
-            uint64_t s = atomic_load_explicit(&pool_state, memory_order_acquire);
-            if (st_next(s) < st_count(s)) break;
+        uint64_t job;
+        for (int spins = 0; ((job = atomic_load_explicit(&pool_job, memory_order_acquire)) >> 8) == seen;) {
             if (++spins < pool_spin) { _mm_pause(); continue; }
-            uint32_t w = atomic_load(&pool_wake);
+            const uint32_t w = atomic_load(&pool_wake);
             atomic_fetch_add(&pool_sleepers, 1);
-            s = atomic_load(&pool_state);
-            if (st_next(s) >= st_count(s))
+            if ((atomic_load(&pool_job) >> 8) == seen)
                 syscall(SYS_futex, &pool_wake, FUTEX_WAIT_PRIVATE, w, NULL, NULL, 0);
             atomic_fetch_sub(&pool_sleepers, 1);
             spins = 0;
         }
-        pool_work();
+        seen = job >> 8;
+        pool_work(me);
     }
     return NULL;
 }
@@ -135,26 +149,29 @@ static void pool_run(task_fn fn, void* ctx, int64_t ntasks, int nthreads) {
         const char* e = getenv("QUILL_SPIN");
         pool_spin = e ? atoi(e) : 2000;
     }
-    while (pool_helpers < nthreads - 1 && pool_helpers < 63) {
+    while (pool_helpers < nthreads - 1 && pool_helpers < MAX_POOL - 1) {
         pthread_t th;
         pthread_attr_t attr;
         pthread_attr_init(&attr);
         pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
-        int rc = pthread_create(&th, &attr, pool_helper, NULL);
+        int rc = pthread_create(&th, &attr, pool_helper, (void*)(intptr_t)(pool_helpers + 1));
         pthread_attr_destroy(&attr);
         if (rc != 0) break;
         pool_helpers++;
     }
+    const int P = nthreads < pool_helpers + 1 ? nthreads : pool_helpers + 1;
     atomic_store_explicit(&pool_fn, fn, memory_order_relaxed);
     atomic_store_explicit(&pool_ctx, ctx, memory_order_relaxed);
     atomic_store_explicit(&pool_done, 0, memory_order_relaxed);
-    uint64_t gen = (st_gen(atomic_load(&pool_state)) + 1) & ((1ull << GEN_BITS) - 1);
-    atomic_store_explicit(&pool_state, (gen << (2 * CNT_BITS)) | ((uint64_t)ntasks << CNT_BITS),
-                          memory_order_release);
+    const uint64_t gen = ((atomic_load(&pool_job) >> 8) + 1) & GEN_MASK;
+    for (int i = 0; i < P; i++)
+        atomic_store_explicit(&pool_range[i].w, gen << (2 * R_BITS) | (uint64_t)(ntasks * i / P) << R_BITS |
+                                                    (uint64_t)(ntasks * (i + 1) / P), memory_order_release);
+    atomic_store_explicit(&pool_job, gen << 8 | (uint64_t)P, memory_order_release);
     atomic_fetch_add(&pool_wake, 1);
     if (atomic_load(&pool_sleepers) > 0)
         syscall(SYS_futex, &pool_wake, FUTEX_WAKE_PRIVATE, INT_MAX, NULL, NULL, 0);
-    pool_work();
+    pool_work(0);
     for (int spins = 0; atomic_load_explicit(&pool_done, memory_order_acquire) < ntasks; spins++) {
         if (spins < 4000) _mm_pause();
         else sched_yield();  /* a helper was descheduled mid-task: let it finish */

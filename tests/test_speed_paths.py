@@ -135,6 +135,42 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
 
 
 @needs_kernels
+def test_thread_pool_gives_every_thread_count_the_same_result():
+    """The pool splits a job into one range per thread and lets threads steal from each other's ranges; every
+    output element is still computed by one task, so 2-4 threads (also with a second Python thread calling at
+    the same time, which runs its job alone) must equal one thread bit for bit, over many jobs of different
+    sizes."""
+    import threading
+
+    torch.manual_seed(0)
+    jobs = [(torch.randn(m, 256), torch.randn(n, 256).to(dt), None) for m, n, dt in
+            [(1, 1000, torch.float32), (3, 777, torch.bfloat16), (1, 4099, torch.float32), (8, 515, torch.float16)]]
+    jobs.append((torch.randn(2, 256), torch.randint(-127, 128, (2001, 256), dtype=torch.int8), torch.rand(2001)))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = [kernels.linear(x, w, scale=s) for x, w, s in jobs]
+        for n in (2, 3, 4):
+            torch.set_num_threads(n)
+            results: list[list[torch.Tensor]] = [[], []]
+
+            def work(i: int) -> None:
+                for _ in range(20):
+                    results[i].extend(kernels.linear(x, w, scale=s) for x, w, s in jobs)
+
+            side = threading.Thread(target=work, args=(1,))
+            side.start()
+            work(0)
+            side.join()
+            for got in results:
+                assert len(got) == 20 * len(jobs)
+                for j, out in enumerate(got):
+                    assert torch.equal(out, want[j % len(jobs)]), (n, j)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_argmax_with_bans_equals_index_fill_then_argmax(dtype):
     torch.manual_seed(0)
