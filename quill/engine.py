@@ -12,6 +12,7 @@ from pathlib import Path
 
 import torch
 
+from quill import kernels
 from quill.errors import InvalidParameter, QuillError
 from quill.continuation import ContinuationStore
 from quill.generate import GenerationRequest, Sequence, StepEvent, TokenLogprob, Usage, resume, run
@@ -263,6 +264,8 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
             model = load_model(path, parse_dtype(dtype), device)
             if quantize is not None:
                 model = quantization.quantize_model(model, quantize)
+    if device == "cpu":
+        kernels.move_to_huge_pages(model)
     if compile:
         model = compile_model(model)
     name = path.name if isinstance(path_or_name, os.PathLike) or os.sep in str(path_or_name) else str(path_or_name)

@@ -23,6 +23,7 @@ import ctypes
 import hashlib
 import itertools
 import logging
+import mmap
 import os
 import platform
 import shutil
@@ -1107,6 +1108,52 @@ def decode_step(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor
     if rc:
         raise MemoryError("quill_decode_step: out of memory")
     return logits
+
+
+HUGE_PAGE = 2 << 20
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def move_to_huge_pages(module: nn.Module, min_bytes: int = 1 << 20) -> int:
+    """Move the module's large CPU tensors (parameters and buffers of at least `min_bytes`) into one private
+    anonymous mapping backed by 2 MB pages (transparent huge pages, MADV_HUGEPAGE); returns the bytes moved.
+
+    A decode step streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss and stops the
+    hardware prefetcher: over a step's GPT-2 124M matrices, one core read 21 -> 25 GB/s (fp32) and
+    21 -> 29 GB/s (int8), two cores 30 -> 35-45 GB/s (docs/performance.md). Values, tensor objects and
+    ties are unchanged. Nothing moves where THP is off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
+    """
+    off = os.environ.get("QUILL_HUGE_PAGES", "1").lower() in ("0", "false", "off", "no")
+    if off or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    try:
+        if "[never]" in _THP_SETTING.read_text():
+            return 0
+    except OSError:
+        return 0
+    moving, seen = [], set()
+    for t in itertools.chain(module.parameters(), module.buffers()):
+        if id(t) not in seen and t.device.type == "cpu" and t.is_contiguous() and t.nbytes >= min_bytes:
+            moving.append(t)
+        seen.add(id(t))
+    if not moving:
+        return 0
+    spans = [(t.nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE for t in moving]
+    try:
+        area = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        area.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the copies below fault in 2 MB pages
+    except OSError as e:
+        log.info("no huge pages for the weights: %s", e)
+        return 0
+    base = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive as long as any view of it
+    offset = -base.data_ptr() % HUGE_PAGE
+    with torch.no_grad():
+        for t, span in zip(moving, spans):
+            view = base[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            t.data = view
+            offset += span
+    return sum(t.nbytes for t in moving)
 
 
 @contextlib.contextmanager

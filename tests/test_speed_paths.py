@@ -12,6 +12,9 @@ Tolerances are relative to the largest logit magnitude (`rel_err`):
 
 from __future__ import annotations
 
+import itertools
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -168,6 +171,47 @@ def test_thread_pool_gives_every_thread_count_the_same_result():
                     assert torch.equal(out, want[j % len(jobs)]), (n, j)
     finally:
         torch.set_num_threads(threads)
+
+
+def _mapping_of(address: int) -> list[str]:
+    """The /proc/self/smaps lines of the mapping holding `address`."""
+    lines = Path("/proc/self/smaps").read_text().split("\n")
+    for i, line in enumerate(lines):
+        lo, _, rest = line.partition("-")
+        if rest and all(c in "0123456789abcdef" for c in lo) and int(lo, 16) <= address < int(rest.split()[0], 16):
+            return lines[i:i + 40]
+    raise AssertionError(f"no mapping holds {address:#x}")
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_moving_weights_to_huge_pages_keeps_the_model(quantized):
+    """Weights moved into the huge-page mapping keep their values, tensor objects and the embedding/head tie;
+    the model computes the same logits and still trains; the mapping is advised for 2 MB pages."""
+    from quill.quantize import quantize_model
+
+    model = make_model(CONFIGS["odd"])
+    if quantized:  # int8 weights are buffers
+        model = quantize_model(model, "int8")
+    named = lambda: dict(itertools.chain(model.named_parameters(remove_duplicate=False), model.named_buffers()))
+    tensors = named()
+    before = {name: t.clone() for name, t in tensors.items()}
+    idx = torch.randint(0, 101, (2, 7))
+    with torch.no_grad():
+        want = model(idx)
+    moved = kernels.move_to_huge_pages(model, min_bytes=0)
+    if moved == 0:
+        pytest.skip("transparent huge pages are unavailable here")
+    assert moved == sum(t.nbytes for t in {id(t): t for t in tensors.values()}.values())
+    assert all(named()[name] is t and torch.equal(t, before[name]) for name, t in tensors.items())
+    assert model.lm_head.weight is model.transformer.wte.weight
+    flags = next(line.split()[1:] for line in _mapping_of(model.lm_head.weight.data_ptr()) if line.startswith("VmFlags:"))
+    assert "hg" in flags  # advised MADV_HUGEPAGE
+    with torch.no_grad():
+        assert torch.equal(model(idx), want)
+    if not quantized:
+        model.train()
+        F.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        assert model.transformer.wte.weight.grad is not None
 
 
 @needs_kernels
