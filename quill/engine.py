@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
 import time
@@ -265,7 +266,7 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
             if quantize is not None:
                 model = quantization.quantize_model(model, quantize)
     if device == "cpu":
-        kernels.move_to_huge_pages(model)
+        kernels.move_to_huge_pages(itertools.chain(model.parameters(), model.buffers()))
     if compile:
         model = compile_model(model)
     name = path.name if isinstance(path_or_name, os.PathLike) or os.sep in str(path_or_name) else str(path_or_name)

@@ -198,7 +198,7 @@ def test_moving_weights_to_huge_pages_keeps_the_model(quantized):
     idx = torch.randint(0, 101, (2, 7))
     with torch.no_grad():
         want = model(idx)
-    moved = kernels.move_to_huge_pages(model, min_bytes=0)
+    moved = kernels.move_to_huge_pages(tensors.values(), min_bytes=0)
     if moved == 0:
         pytest.skip("transparent huge pages are unavailable here")
     assert moved == sum(t.nbytes for t in {id(t): t for t in tensors.values()}.values())
