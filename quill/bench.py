@@ -2,8 +2,9 @@
 
 One run, on this machine, for one model (default: a random-initialised GPT-2 124M; `--model` for others):
 
-1. memory read bandwidth (a sum over a 1 GiB fp32 tensor, once per round) and from it the decode bound
-   of each precision: bandwidth / bytes of weights read per token;
+1. memory read bandwidth (sums over a 1 GiB fp32 tensor in 2 MB pages, just before and just after each
+   batch-1 decode measurement: this VM's bandwidth moves between ~32 and ~65 GB/s over minutes) and from
+   it each decode sample's bound: bandwidth / bytes of weights read per token;
 2. batch-1 decode tok/s: 32-token prompt, 128 new tokens, greedy, EOS ignored, timed from the first
    generated token to the last (prefill excluded);
 3. prefill tok/s: a 512-token prompt up to its first generated token;
@@ -48,25 +49,27 @@ BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1, "f32": 4, "f16": 2, "q8_0":
 
 # ---- machine ----------------------------------------------------------------------------------------------
 
-def memory_bandwidth(gib: float = 1.0, repeats: int = 3) -> float:
-    """Read bandwidth in bytes/s: the median of `repeats` sums over a `gib` GiB fp32 tensor (all torch threads)
-    after one warm-up sum. The tensor sits in 2 MB pages where the machine has them, as Quill's weights do:
-    4 KB pages read slower, and a bound measured on them would flatter every system."""
-    import torch
+class BandwidthProbe:
+    """Read bandwidth in bytes/s, measured on demand: the median of `repeats` sums over a `gib` GiB fp32 tensor
+    (all torch threads), kept for the whole run. The tensor sits in 2 MB pages where the machine has them, as
+    Quill's weights do: 4 KB pages read slower, and a bound measured on them would flatter every system."""
 
-    from quill.kernels import move_to_huge_pages
+    def __init__(self, gib: float = 1.0):
+        import torch
 
-    t = torch.ones(int(gib * (1 << 30)) // 4)
-    move_to_huge_pages([t])
-    t.sum()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        t.sum()
-        times.append(time.perf_counter() - t0)
-    n = t.nbytes
-    del t
-    return n / statistics.median(times)
+        from quill.kernels import move_to_huge_pages
+
+        self.t = torch.ones(int(gib * (1 << 30)) // 4)
+        move_to_huge_pages([self.t])
+        self.t.sum()
+
+    def __call__(self, repeats: int = 3) -> float:
+        times = []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            self.t.sum()
+            times.append(time.perf_counter() - t0)
+        return self.t.nbytes / statistics.median(times)
 
 
 def machine_info() -> dict:
@@ -467,6 +470,7 @@ def random_gpt2(size: str, folder: Path, seed: int = 0) -> Path:
 @dataclass
 class Samples:
     decode: list[float] = field(default_factory=list)
+    bandwidth: list[float] = field(default_factory=list)  # around each decode sample
     prefill: list[float] = field(default_factory=list)
     batched: dict[int, list[float]] = field(default_factory=dict)
 
@@ -552,7 +556,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         prompt = list(range(1000, 1000 + PROMPT_LEN))
         long_prompt = [(1000 + 7 * i) % cfg.vocab_size for i in range(PREFILL_LEN)]
         samples = {r.name: Samples() for r in runners}
-        bandwidth: list[float] = []
+        probe = BandwidthProbe()
 
         log("warm-up: choosing each system's thread count ...")
         slow: set[tuple[str, str]] = set()  # measurements over SLOW_S seconds are taken in the first round only
@@ -580,10 +584,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 f"prefill {r.threads['prefill']}")
         for i in range(runs):
             t0 = time.perf_counter()
-            bandwidth.append(memory_bandwidth())
             for r in runners:
                 s = samples[r.name]
+                before = probe()
                 s.decode.append((new - 1) / r.decode(prompt, new))
+                s.bandwidth.append((before + probe()) / 2)
                 if i == 0 or (r.name, "prefill") not in slow:
                     s.prefill.append(PREFILL_LEN / r.prefill(long_prompt))
                 for b in batches:
@@ -607,15 +612,17 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     finally:
         for w in workers:
             w.close()
-    bw = _median(bandwidth)
+    bandwidth = [b for r in runners for b in samples[r.name].bandwidth]
     results = []
     for r in runners:
         s = samples[r.name]
-        bound = bw / weight_bytes_per_token(cfg, r.bytes_per_weight)
+        per_token = weight_bytes_per_token(cfg, r.bytes_per_weight)
         d = _median(s.decode)
         results.append({
             "system": r.name, "family": r.family, "precision": r.precision, "threads": dict(r.threads),
-            "decode_tok_s": d, "decode_samples": s.decode, "bound_tok_s": bound, "pct_of_bound": 100 * d / bound,
+            "decode_tok_s": d, "decode_samples": s.decode, "bound_tok_s": _median(s.bandwidth) / per_token,
+            "bandwidth_samples_GBps": [b / 1e9 for b in s.bandwidth],
+            "pct_of_bound": _median([100 * t * per_token / b for t, b in zip(s.decode, s.bandwidth)]),
             "prefill_tok_s": _median(s.prefill), "prefill_samples": s.prefill,
             "batched_tok_s": {1: d, **{b: _median(v) for b, v in s.batched.items()}},
             "batched_samples": {str(b): v for b, v in s.batched.items()},
@@ -625,7 +632,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "settings": {"prompt": PROMPT_LEN, "new_tokens": new, "prefill": PREFILL_LEN, "batched_new_tokens": new_batched,
                      "batches": list(batches), "runs": runs, "quick": quick, "thread_choices": thread_choices},
         "machine": machine_info(), "load_before": load_before, "load_after": os.getloadavg(),
-        "bandwidth_GBps": bw / 1e9, "bandwidth_samples_GBps": [b / 1e9 for b in bandwidth],
+        "bandwidth_GBps": _median(bandwidth) / 1e9,
+        "bandwidth_range_GBps": [min(bandwidth) / 1e9, max(bandwidth) / 1e9],
         "results": results, "top1_agreement_with_fp32": quality, "decode_profile_ms": profile,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
@@ -678,14 +686,15 @@ def format_report(rep: dict) -> str:
              f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch threads "
              f"{rep['machine']['torch_threads']}, AVX-512: {rep['machine']['avx512']}; load average "
              f"{rep['load_before'][0]:.1f} before, {rep['load_after'][0]:.1f} after. Measured read bandwidth "
-             f"{rep['bandwidth_GBps']:.1f} GB/s (torch sum over 1 GiB in 2 MB pages; median of rounds: "
-             f"{', '.join(f'{b:.1f}' for b in rep['bandwidth_samples_GBps'])}).",
+             f"{rep['bandwidth_GBps']:.1f} GB/s (torch sum over 1 GiB in 2 MB pages, measured around every batch-1 "
+             "decode sample; median, range {:.1f}-{:.1f}).".format(*rep["bandwidth_range_GBps"]),
              f"Prompt {rep['settings']['prompt']} tokens, {rep['settings']['new_tokens']} new tokens (greedy, EOS "
              f"ignored), prefill {rep['settings']['prefill']} tokens, batched rows generate "
              f"{rep['settings']['batched_new_tokens']} tokens each; median of {rep['settings']['runs']} rounds after a "
              "warm-up that picks each system's thread count (1 or all cores) for decode, batched rows and prefill, systems interleaved round by round, "
              f"each family in its own process (measurements over {SLOW_S:.0f} s are taken once). "
-             "Bound = measured bandwidth / weight bytes per token.", ""]
+             "Bound = bandwidth measured around the sample / weight bytes per token; % of bound is the median over "
+             "samples, the bound column the median bound.", ""]
     head = "| system | threads (decode/batched/prefill) | decode tok/s | % of bound | bound | prefill-512 tok/s | " + " | ".join(
         f"batch {b} tok/s" for b in batches if b != 1) + " | batch 8 / batch 1 |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
