@@ -2,8 +2,8 @@
 
 One run, on this machine, for one model (default: a random-initialised GPT-2 124M; `--model` for others):
 
-1. memory read bandwidth (sums over a 1 GiB fp32 tensor in 2 MB pages, just before and just after each
-   batch-1 decode measurement: this VM's bandwidth moves between ~32 and ~65 GB/s over minutes) and from
+1. memory read bandwidth (sums over a 1 GiB fp32 tensor in 2 MB pages for a second, just before and just
+   after each batch-1 decode measurement: this VM's rate comes in bursts between ~32 and ~65 GB/s) and from
    it each decode sample's bound: bandwidth / bytes of weights read per token;
 2. batch-1 decode tok/s: 32-token prompt, 128 new tokens, greedy, EOS ignored, timed from the first
    generated token to the last (prefill excluded);
@@ -50,9 +50,11 @@ BYTES_PER_WEIGHT = {"fp32": 4, "bf16": 2, "int8": 1, "f32": 4, "f16": 2, "q8_0":
 # ---- machine ----------------------------------------------------------------------------------------------
 
 class BandwidthProbe:
-    """Read bandwidth in bytes/s, measured on demand: the median of `repeats` sums over a `gib` GiB fp32 tensor
-    (all torch threads), kept for the whole run. The tensor sits in 2 MB pages where the machine has them, as
-    Quill's weights do: 4 KB pages read slower, and a bound measured on them would flatter every system."""
+    """Read bandwidth in bytes/s, measured on demand: bytes over time of back-to-back sums (all torch threads)
+    over a `gib` GiB fp32 tensor kept for the whole run, for at least `seconds` - this VM's rate comes in
+    bursts of seconds, so a window as long as a decode sample's estimates what that sample could get. The
+    tensor sits in 2 MB pages where the machine has them, as Quill's weights do: 4 KB pages read slower, and
+    a bound measured on them would flatter every system."""
 
     def __init__(self, gib: float = 1.0):
         import torch
@@ -63,13 +65,12 @@ class BandwidthProbe:
         move_to_huge_pages([self.t])
         self.t.sum()
 
-    def __call__(self, repeats: int = 3) -> float:
-        times = []
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+    def __call__(self, seconds: float = 1.0) -> float:
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < seconds:
             self.t.sum()
-            times.append(time.perf_counter() - t0)
-        return self.t.nbytes / statistics.median(times)
+            n += 1
+        return n * self.t.nbytes / (time.perf_counter() - t0)
 
 
 def machine_info() -> dict:
@@ -686,8 +687,8 @@ def format_report(rep: dict) -> str:
              f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch threads "
              f"{rep['machine']['torch_threads']}, AVX-512: {rep['machine']['avx512']}; load average "
              f"{rep['load_before'][0]:.1f} before, {rep['load_after'][0]:.1f} after. Measured read bandwidth "
-             f"{rep['bandwidth_GBps']:.1f} GB/s (torch sum over 1 GiB in 2 MB pages, measured around every batch-1 "
-             "decode sample; median, range {:.1f}-{:.1f}).".format(*rep["bandwidth_range_GBps"]),
+             f"{rep['bandwidth_GBps']:.1f} GB/s (torch sums over 1 GiB in 2 MB pages for 1 s before and after "
+             "every batch-1 decode sample; median, range {:.1f}-{:.1f}).".format(*rep["bandwidth_range_GBps"]),
              f"Prompt {rep['settings']['prompt']} tokens, {rep['settings']['new_tokens']} new tokens (greedy, EOS "
              f"ignored), prefill {rep['settings']['prefill']} tokens, batched rows generate "
              f"{rep['settings']['batched_new_tokens']} tokens each; median of {rep['settings']['runs']} rounds after a "

@@ -285,7 +285,7 @@ static void rows4_##SUF(const float* x, int64_t K, const WT* W, int64_t n0, int6
 #define DEFINE_ROWS(SUF, WT, VLOAD, SLOAD)                                                                  \
 static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_t n0, int64_t n1,            \
                        float* acc, int64_t ldacc) {                                                        \
-    const int64_t K8 = K & ~(int64_t)7, K16 = K & ~(int64_t)15;                                               \
+    const int64_t K8 = K & ~(int64_t)7;                                                                        \
     int64_t m = 0;                                                                                           \
     for (; M - m >= 4; m += 4) rows4_##SUF(x + m * K, K, W, n0, n1, acc + m * ldacc, ldacc);                 \
     for (; m < M; m += 2) {                                                                                  \
@@ -332,43 +332,22 @@ static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_
                 for (int64_t k = K8; k < K; k++) { float c = SLOAD(w0 + k); s0 += x0[k] * c; s1 += x1[k] * c; } \
                 r0[n - n0] = s0; r1[n - n0] = s1;                                                            \
             }                                                                                                \
-        } else {                                                                                             \
-            for (; n + 4 <= n1; n += 4) {                                                                    \
-                const WT *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;                          \
-                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0; \
-                int64_t k = 0;                                                                               \
-                for (; k < K16; k += 16) {                                                                   \
-                    if (PFW) {                                                                               \
-                        _mm_prefetch((const char*)(w0 + PFW * K + k), PFH);                                  \
-                        _mm_prefetch((const char*)(w1 + PFW * K + k), PFH);                                  \
-                        _mm_prefetch((const char*)(w2 + PFW * K + k), PFH);                                  \
-                        _mm_prefetch((const char*)(w3 + PFW * K + k), PFH);                                  \
-                    }                                                                                        \
-                    __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x0 + k + 8);                     \
-                    a0 = _mm256_fmadd_ps(u, VLOAD(w0 + k), a0); a1 = _mm256_fmadd_ps(u, VLOAD(w1 + k), a1);  \
-                    a2 = _mm256_fmadd_ps(u, VLOAD(w2 + k), a2); a3 = _mm256_fmadd_ps(u, VLOAD(w3 + k), a3);  \
-                    b0 = _mm256_fmadd_ps(v, VLOAD(w0 + k + 8), b0); b1 = _mm256_fmadd_ps(v, VLOAD(w1 + k + 8), b1); \
-                    b2 = _mm256_fmadd_ps(v, VLOAD(w2 + k + 8), b2); b3 = _mm256_fmadd_ps(v, VLOAD(w3 + k + 8), b3); \
-                }                                                                                            \
-                for (; k < K8; k += 8) {                                                                     \
-                    __m256 u = _mm256_loadu_ps(x0 + k);                                                      \
-                    a0 = _mm256_fmadd_ps(u, VLOAD(w0 + k), a0); a1 = _mm256_fmadd_ps(u, VLOAD(w1 + k), a1);  \
-                    a2 = _mm256_fmadd_ps(u, VLOAD(w2 + k), a2); a3 = _mm256_fmadd_ps(u, VLOAD(w3 + k), a3);  \
-                }                                                                                            \
-                float s[4] = {hsum(_mm256_add_ps(a0, b0)), hsum(_mm256_add_ps(a1, b1)),                      \
-                              hsum(_mm256_add_ps(a2, b2)), hsum(_mm256_add_ps(a3, b3))};                     \
-                for (k = K8; k < K; k++) {                                                                   \
-                    s[0] += x0[k] * SLOAD(w0 + k); s[1] += x0[k] * SLOAD(w1 + k);                            \
-                    s[2] += x0[k] * SLOAD(w2 + k); s[3] += x0[k] * SLOAD(w3 + k);                            \
-                }                                                                                            \
-                for (int j = 0; j < 4; j++) r0[n - n0 + j] = s[j];                                           \
-            }                                                                                                \
+        } else {  /* one activation row: one weight row at a time, so each thread reads one sequential stream\
+                     that the hardware prefetcher follows (2 MB pages, no software prefetch: faster than     \
+                     four interleaved rows with prefetch, 35 vs 33 GB/s, and 50-60 vs 43-48 in bursts) */    \
             for (; n < n1; n++) {                                                                            \
                 const WT* w0 = W + n * K;                                                                    \
-                __m256 a0 = _mm256_setzero_ps();                                                             \
-                for (int64_t k = 0; k < K8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), VLOAD(w0 + k), a0); \
-                float s0 = hsum(a0);                                                                         \
-                for (int64_t k = K8; k < K; k++) s0 += x0[k] * SLOAD(w0 + k);                                \
+                __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
+                int64_t k = 0;                                                                               \
+                for (; k + 32 <= K; k += 32) {                                                               \
+                    a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), VLOAD(w0 + k), a0);                        \
+                    a1 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 8), VLOAD(w0 + k + 8), a1);                \
+                    a2 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 16), VLOAD(w0 + k + 16), a2);              \
+                    a3 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k + 24), VLOAD(w0 + k + 24), a3);              \
+                }                                                                                            \
+                for (; k < K8; k += 8) a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), VLOAD(w0 + k), a0);     \
+                float s0 = hsum(_mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));                \
+                for (; k < K; k++) s0 += x0[k] * SLOAD(w0 + k);                                              \
                 r0[n - n0] = s0;                                                                             \
             }                                                                                                \
         }                                                                                                    \
