@@ -30,6 +30,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -1127,6 +1128,7 @@ def move_to_huge_pages(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> i
     except OSError as e:
         log.info("no huge pages for the weights: %s", e)
         return 0
+    t0 = time.perf_counter()
     base = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive as long as any view of it
     offset = -base.data_ptr() % HUGE_PAGE
     with torch.no_grad():
@@ -1135,7 +1137,9 @@ def move_to_huge_pages(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> i
             view.copy_(t)
             t.data = view
             offset += span
-    return sum(t.nbytes for t in moving)
+    moved = sum(t.nbytes for t in moving)
+    log.info("moved %.0f MB of weights into 2 MB pages in %.2f s", moved / 1e6, time.perf_counter() - t0)
+    return moved
 
 
 @contextlib.contextmanager
