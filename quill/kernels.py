@@ -886,6 +886,11 @@ _lib: ctypes.CDLL | None = None
 _tried = False
 
 
+def _switched_off(name: str) -> bool:
+    """Whether the environment switch `name` (default on) is set to 0/false/off/no."""
+    return os.environ.get(name, "1").lower() in ("0", "false", "off", "no")
+
+
 def _cpu_supported() -> bool:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return False
@@ -939,7 +944,7 @@ def _load() -> ctypes.CDLL | None:
         if _tried:
             return _lib
         _tried = True
-        if os.environ.get("QUILL_KERNELS", "1").lower() in ("0", "false", "off", "no"):
+        if _switched_off("QUILL_KERNELS"):
             return None
         if not _cpu_supported():
             log.info("quill kernels: CPU lacks AVX2/FMA/F16C; using torch kernels")
@@ -1106,8 +1111,7 @@ def move_to_huge_pages(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> i
     21 -> 29 GB/s (int8), two cores 30 -> 35-45 GB/s (docs/performance.md). Nothing moves where THP is
     off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
     """
-    off = os.environ.get("QUILL_HUGE_PAGES", "1").lower() in ("0", "false", "off", "no")
-    if off or not hasattr(mmap, "MADV_HUGEPAGE"):
+    if _switched_off("QUILL_HUGE_PAGES") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
     try:
         if "[never]" in _THP_SETTING.read_text():
