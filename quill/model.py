@@ -269,12 +269,17 @@ class CausalSelfAttention(nn.Module):
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        causal = mask is None and T > 1
-        y = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
-            dropout_p=self.attn_pdrop if self.training else 0.0,
-        ).to(dtype)  # [B, H, T, D]
-        y = y.transpose(1, 2).reshape(B, T, C)
+        start = 0 if pos is None else pos.start if not pos.ragged and pos.span is None else None
+        y = None
+        if start is not None and not (self.training and self.attn_pdrop > 0):
+            y = kernels.attn_prefill(q, k, v, start, self.scale)  # [B, T, H, D]
+        if y is None:
+            causal = mask is None and T > 1
+            y = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
+                dropout_p=self.attn_pdrop if self.training else 0.0,
+            ).transpose(1, 2)  # [B, T, H, D]
+        y = y.to(dtype).reshape(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
 

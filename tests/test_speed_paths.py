@@ -269,6 +269,24 @@ def test_attention_kernel_writes_cache_and_matches_sdpa(dtype):
     assert torch.equal(kc[:, :, untouched][:, :, 1:], k_cache[:, :, untouched][:, :, 1:])
 
 
+@needs_kernels
+@pytest.mark.parametrize("B,T,start,H,D", [(1, 53, 0, 2, 16), (2, 24, 7, 3, 32), (3, 5, 30, 1, 64), (1, 1, 4, 2, 16)])
+def test_prefill_attention_kernel_matches_sdpa(B, T, start, H, D):
+    """Queries from the fused qkv projection (strided views) against keys/values in a cache, positions
+    start..start+T-1: the kernel's causal attention equals SDPA with the explicit mask."""
+    torch.manual_seed(0)
+    L = start + T
+    q = torch.randn(B, T, 3, H, D).permute(2, 0, 3, 1, 4)[0]  # [B, H, T, D] view of a qkv projection
+    cache = torch.randn(2, B, H, L + 9, D)
+    k, v = cache[0, :, :, :L], cache[1, :, :, :L]
+    mask = torch.arange(L) <= torch.arange(start, L)[:, None]
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=0.3).transpose(1, 2)
+    got = kernels.attn_prefill(q, k, v, start, 0.3)
+    assert got.shape == (B, T, H, D) and rel_err(ref, got) <= 1e-5
+    assert kernels.attn_prefill(q[..., :8], k[..., :8], v[..., :8], start, 0.3) is None  # D not a multiple of 16
+    assert kernels.attn_prefill(q.bfloat16(), k.bfloat16(), v.bfloat16(), start, 0.3) is None
+
+
 @pytest.mark.parametrize("name", ["odd", "untied-gelu-upcast"])
 def test_bf16_logits_close_to_fp32(name):
     cfg = CONFIGS[name]
