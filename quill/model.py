@@ -215,6 +215,11 @@ class Positions:
     def ragged(self) -> bool:
         return isinstance(self.start, Tensor)
 
+    @property
+    def causal_start(self) -> int | None:
+        """The start shared by every row when attention is plain causal from there (no span); else None."""
+        return None if self.ragged or self.span is not None else self.start
+
     def end(self) -> int:
         """Cache length the attention must read: the furthest row's last position + 1 (or the fixed span)."""
         if self.span is not None:
@@ -230,7 +235,7 @@ class Positions:
 
     def mask(self, kv_len: int, device: torch.device) -> Tensor | None:
         """Boolean attention mask (True = attend) for keys 0..kv_len-1, or None where none is needed."""
-        if self.span is None and not self.ragged and (self.length == 1 or self.start == 0):
+        if self.causal_start is not None and (self.length == 1 or self.start == 0):
             return None  # one query sees every cached key; a fresh prefill is plain causal attention
         q = self.ids(device)  # [T] or [B, T]
         mask = torch.arange(kv_len, device=device) <= q[..., None]  # [T, L] or [B, T, L]
@@ -269,7 +274,7 @@ class CausalSelfAttention(nn.Module):
         dtype = q.dtype
         if self.upcast:
             q, k, v = q.float(), k.float(), v.float()
-        start = 0 if pos is None else pos.start if not pos.ragged and pos.span is None else None
+        start = 0 if pos is None else pos.causal_start
         y = None
         if start is not None and not (self.training and self.attn_pdrop > 0):
             y = kernels.attn_prefill(q, k, v, start, self.scale)  # [B, T, H, D]
