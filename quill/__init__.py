@@ -1,5 +1,9 @@
 """Quill: GPT-2-family language models, fast on an ordinary CPU (and a GPU when there is one)."""
 
+from quill.openmp import shorten_spin
+
+shorten_spin()  # before anything imports torch
+
 from quill.engine import Completion, Engine, Score, load
 from quill.model import GPT, GPTConfig
 
