@@ -100,6 +100,7 @@ class Runner:
     family = ""
     batching = True
     compiled = False  # torch.compile'd (Quill's --compile): no kernel profile, compiled during the warm-up
+    device = "cpu"  # "cuda": quill/bench_cuda.py's runs on a GPU
 
     def __init__(self, name: str, precision: str):
         self.name, self.precision = name, precision
@@ -114,6 +115,13 @@ class Runner:
 
         torch.set_num_threads(n)
 
+    def _sync(self) -> None:
+        """Wait for the GPU's queued work, so that a clock read after it counts the kernels too."""
+        if self.device == "cuda":
+            import torch
+
+            torch.cuda.synchronize()
+
     def decode(self, prompt: list[int], new: int, batch: int = 1) -> float:
         """Seconds from the first generated token to the last (`new` tokens per row, `batch` rows)."""
         raise NotImplementedError
@@ -126,26 +134,32 @@ class Runner:
 class QuillRunner(Runner):
     family = "quill"
 
-    def __init__(self, folder: str, precision: str, compile: bool = False):
+    def __init__(self, folder: str, precision: str, compile: bool = False, device: str = "cpu",
+                 cuda_graphs: bool = True):
         import quill
 
         dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32"}[precision]
         self.engine = quill.load(folder, dtype=dtype, quantize="int8" if precision == "int8" else None,
-                                 compile=compile)
-        self.compiled = compile
-        super().__init__(f"quill {precision}{' compiled' if compile else ''}", precision)
+                                 compile=compile, device=device)
+        self.compiled, self.device = compile, device
+        eager = device == "cuda" and not cuda_graphs
+        if device == "cuda":
+            self.engine.model.use_cuda_graphs = cuda_graphs
+        super().__init__(f"quill {precision}{' compiled' if compile else ''}{' eager' if eager else ''}", precision)
 
     def decode(self, prompt, new, batch=1):
         t0 = time.perf_counter()
         for i, _ in enumerate(self.engine.events(prompt, new, n=batch, temperature=0, ignore_eos=True)):
             if i == batch - 1:  # the prefill has emitted each row's first token
                 t0 = time.perf_counter()
+        self._sync()
         return time.perf_counter() - t0
 
     def prefill(self, prompt):
         t0 = time.perf_counter()
         for _ in self.engine.events(prompt, 1, temperature=0, ignore_eos=True):
             pass
+        self._sync()
         return time.perf_counter() - t0
 
     def profile(self, prompt: list[int], new: int) -> dict:
@@ -212,14 +226,15 @@ def conv1d_to_linear(model) -> None:
 class TransformersRunner(Runner):
     family = "transformers"
 
-    def __init__(self, folder: str, precision: str):
+    def __init__(self, folder: str, precision: str, device: str = "cpu"):
         import warnings
 
         import torch
         from transformers import GPT2LMHeadModel
 
         dtype = torch.bfloat16 if precision == "bf16" else torch.float32
-        model = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval()
+        model = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval().to(device)
+        self.device = device
         if precision == "int8":
             conv1d_to_linear(model)
             with warnings.catch_warnings():
@@ -232,27 +247,33 @@ class TransformersRunner(Runner):
     def decode(self, prompt, new, batch=1):
         import torch
 
-        ids = torch.tensor([prompt] * batch)
+        ids = torch.tensor([prompt] * batch, device=self.device)
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True)
         with torch.inference_mode():
             if batch == 1:  # a streamer times the first token (streamers take one row only)
                 timer = _FirstTokenTimer()
                 self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, streamer=timer, **kw)
+                self._sync()
                 return time.perf_counter() - timer.first
+            self._sync()
             t0 = time.perf_counter()  # rows: total time minus that of a one-token generate (the prefill)
             self.model.generate(ids, max_new_tokens=1, **kw)
+            self._sync()
             t1 = time.perf_counter()
             self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
+            self._sync()
             t2 = time.perf_counter()
         return (t2 - t1) - (t1 - t0)
 
     def prefill(self, prompt):
         import torch
 
-        ids = torch.tensor([prompt])
+        ids = torch.tensor([prompt], device=self.device)
         with torch.inference_mode():
+            self._sync()
             t0 = time.perf_counter()
             self.model(ids, use_cache=True, logits_to_keep=1)
+            self._sync()
             return time.perf_counter() - t0
 
 

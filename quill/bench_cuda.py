@@ -18,15 +18,18 @@ from pathlib import Path
 
 import torch
 
-from quill.bench import NEW_TOKENS, PREFILL_LEN, PROMPT_LEN, weight_bytes_per_token
+from quill.bench import (
+    BYTES_PER_WEIGHT, NEW_TOKENS, PREFILL_LEN, PROMPT_LEN, QuillRunner, Runner, TransformersRunner,
+    weight_bytes_per_token,
+)
 
 BATCHES = (1, 8, 32)
-SYSTEMS = (  # name, family, dtype, CUDA graphs
-    ("quill bf16", "quill", torch.bfloat16, True),
-    ("quill bf16 eager", "quill", torch.bfloat16, False),
-    ("quill fp32", "quill", torch.float32, True),
-    ("transformers bf16", "transformers", torch.bfloat16, False),
-    ("transformers fp32", "transformers", torch.float32, False),
+SYSTEMS = (  # family, precision, CUDA graphs
+    ("quill", "bf16", True),
+    ("quill", "bf16", False),
+    ("quill", "fp32", True),
+    ("transformers", "bf16", False),
+    ("transformers", "fp32", False),
 )
 
 
@@ -45,59 +48,10 @@ def gpu_bandwidth(gib: float = 1.0, repeats: int = 5) -> float:
     return t.nbytes / statistics.median(times)
 
 
-class QuillCuda:
-    def __init__(self, folder: Path, dtype: torch.dtype, graphs: bool):
-        import quill
-
-        self.engine = quill.load(folder, dtype=dtype, device="cuda")
-        self.engine.model.use_cuda_graphs = graphs
-
-    def decode(self, prompt: list[int], new: int, batch: int) -> float:
-        """Seconds from each row's first token (the prefill's) to its last."""
-        t0 = time.perf_counter()
-        for i, _ in enumerate(self.engine.events(prompt, new, n=batch, temperature=0, ignore_eos=True)):
-            if i == batch - 1:
-                t0 = time.perf_counter()
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def prefill(self, prompt: list[int]) -> float:
-        t0 = time.perf_counter()
-        for _ in self.engine.events(prompt, 1, temperature=0, ignore_eos=True):
-            pass
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-
-class TransformersCuda:
-    def __init__(self, folder: Path, dtype: torch.dtype):
-        from transformers import GPT2LMHeadModel
-
-        self.model = GPT2LMHeadModel.from_pretrained(folder, dtype=dtype).eval().cuda()
-        self.model.generation_config.pad_token_id = self.model.config.eos_token_id
-
-    def _generate(self, ids: torch.Tensor, new: int) -> float:
-        torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        self.model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True,
-                            max_new_tokens=new, min_new_tokens=new)
-        torch.cuda.synchronize()
-        return time.perf_counter() - t0
-
-    def decode(self, prompt: list[int], new: int, batch: int) -> float:
-        """A `new`-token generate minus a one-token generate (the prefill and set-up)."""
-        ids = torch.tensor([prompt] * batch, device="cuda")
-        with torch.inference_mode():
-            return self._generate(ids, new) - self._generate(ids, 1)
-
-    def prefill(self, prompt: list[int]) -> float:
-        ids = torch.tensor([prompt], device="cuda")
-        with torch.inference_mode():
-            torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            self.model(ids, use_cache=True, logits_to_keep=1)
-            torch.cuda.synchronize()
-            return time.perf_counter() - t0
+def _runner(folder: Path, family: str, precision: str, graphs: bool) -> Runner:
+    if family == "quill":
+        return QuillRunner(str(folder), precision, device="cuda", cuda_graphs=graphs)
+    return TransformersRunner(str(folder), precision, device="cuda")
 
 
 def run_cuda_benchmark(args: argparse.Namespace, folder: Path, label: str) -> dict:
@@ -107,8 +61,8 @@ def run_cuda_benchmark(args: argparse.Namespace, folder: Path, label: str) -> di
     cfg = load_config(folder)
     runs = args.runs or 5
     new = args.new_tokens or NEW_TOKENS
-    systems = {name: (QuillCuda(folder, dtype, graphs) if family == "quill" else TransformersCuda(folder, dtype))
-               for name, family, dtype, graphs in SYSTEMS}
+    runners = [(_runner(folder, family, precision, graphs), graphs) for family, precision, graphs in SYSTEMS]
+    systems = {r.name: r for r, _ in runners}
     prompt = list(range(1000, 1000 + PROMPT_LEN))
     long_prompt = [(1000 + 7 * i) % cfg.vocab_size for i in range(PREFILL_LEN)]
     samples = {name: {"decode": {b: [] for b in BATCHES}, "prefill": []} for name in systems}
@@ -125,12 +79,12 @@ def run_cuda_benchmark(args: argparse.Namespace, folder: Path, label: str) -> di
             samples[name]["prefill"].append(PREFILL_LEN / sys_.prefill(long_prompt))
     bw = statistics.median(bandwidth)
     results = []
-    for name, family, dtype, graphs in SYSTEMS:
-        s = samples[name]
-        bound = bw / weight_bytes_per_token(cfg, 2 if dtype == torch.bfloat16 else 4)
+    for r, graphs in runners:
+        s = samples[r.name]
+        bound = bw / weight_bytes_per_token(cfg, BYTES_PER_WEIGHT[r.precision])
         decode = {b: statistics.median(v) for b, v in s["decode"].items()}
-        results.append({"system": name, "family": family, "dtype": str(dtype).removeprefix("torch."),
-                        "cuda_graphs": graphs, "decode_tok_s": decode, "bound_tok_s": bound,
+        results.append({"system": r.name, "family": r.family, "precision": r.precision, "cuda_graphs": graphs,
+                        "decode_tok_s": decode, "bound_tok_s": bound,
                         "pct_of_bound": 100 * decode[1] / bound, "prefill_tok_s": statistics.median(s["prefill"]),
                         "samples": {"decode": {str(b): v for b, v in s["decode"].items()}, "prefill": s["prefill"]}})
     by_name = {r["system"]: r for r in results}

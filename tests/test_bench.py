@@ -1,0 +1,58 @@
+"""`bench/decode.py` end to end on a tiny model (Quill, transformers and ONNX Runtime in their worker processes):
+the report's figures follow from its own samples by the stated formulas, and its goals and ratios from its
+figures. Speed itself is never asserted."""
+
+from __future__ import annotations
+
+import json
+import statistics
+import subprocess
+import sys
+
+from conftest import ROOT, make_tiny_model
+
+from safetensors import safe_open
+
+from quill.bench import BYTES_PER_WEIGHT
+
+SYSTEMS = {"quill fp32", "quill bf16", "quill int8", "transformers fp32", "transformers bf16",
+           "transformers dynamic int8", "onnxruntime fp32", "onnxruntime int8"}
+
+
+def test_decode_benchmark_report(tmp_path):
+    model = make_tiny_model(tmp_path / "tiny", tokenizer="gpt2", n_positions=640)  # room for the 512-token prefill
+    out = tmp_path / "out"
+    run = subprocess.run(
+        [sys.executable, "bench/decode.py", "--model", str(model), "--quick", "--runs", "1", "--new-tokens", "8",
+         "--systems", "quill,transformers,ort", "--out", str(out), "--work", str(tmp_path / "work")],
+        cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rep = json.loads((out / "decode-tiny-quick.json").read_text())
+    assert (out / "decode-tiny-quick.png").stat().st_size > 0
+    md = (out / "decode-tiny-quick.md").read_text()
+    res = {r["system"]: r for r in rep["results"]}
+    assert set(res) == SYSTEMS
+
+    with safe_open(model / "model.safetensors", "pt") as f:  # a token reads every matrix, wte as the tied head
+        matrices = sum(f.get_slice(k).get_shape()[0] * f.get_slice(k).get_shape()[1] for k in f.keys()
+                       if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2 and ".wpe." not in k)
+    for r in res.values():
+        per_token = matrices * BYTES_PER_WEIGHT[r["precision"]]
+        (bw,) = [b * 1e9 for b in r["bandwidth_samples_GBps"]]  # one round: one bandwidth sample
+        assert r["decode_tok_s"] == statistics.median(r["decode_samples"]) > 0
+        assert abs(r["bound_tok_s"] - bw / per_token) <= 1e-9 * r["bound_tok_s"]
+        assert abs(r["pct_of_bound"] - 100 * r["decode_tok_s"] / r["bound_tok_s"]) <= 1e-6 * r["pct_of_bound"]
+        assert r["prefill_tok_s"] == statistics.median(r["prefill_samples"]) > 0
+        assert r["batched_tok_s"]["8"] == statistics.median(r["batched_samples"]["8"]) > 0
+        assert r["system"] in md and f"{r['decode_tok_s']:.1f}" in md
+
+    q32, q8, ort8 = res["quill fp32"], res["quill int8"], res["onnxruntime int8"]
+    goals = rep["goals"]
+    assert goals["int8 decode >= 1.5x ORT int8"] == (q8["decode_tok_s"] >= 1.5 * ort8["decode_tok_s"])
+    assert goals["fp32 prefill-512 >= best peer"] == (
+        q32["prefill_tok_s"] >= max(res[p]["prefill_tok_s"] for p in ("transformers fp32", "onnxruntime fp32")))
+    assert goals["fp32 batch-8 >= 5x batch-1"] == (q32["batched_tok_s"]["8"] >= 5 * q32["decode_tok_s"])
+    assert "bf16 decode >= llama.cpp f16" not in goals  # no llama.cpp in this run: no verdict either way
+    assert f"{q32['decode_tok_s'] / res['onnxruntime fp32']['decode_tok_s']:.2f}x" in md
+    assert set(rep["top1_agreement_with_fp32"]) == {"bf16", "int8"}
+    assert all(0 <= v <= 1 for v in rep["top1_agreement_with_fp32"].values())
