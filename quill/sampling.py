@@ -4,7 +4,8 @@ Each processor has the semantics of its `transformers.generation.logits_process`
 `(logits [B, V] float32, history [B, t] LongTensor, prompt_len: int) -> logits`, where `history` is the
 prompt followed by the tokens generated so far and `prompt_len` is how many of its leading tokens are
 prompt. Processors never modify their input in place, so the caller's raw logits stay usable (for
-logprobs). Nothing here calls `.item()`/`.tolist()`: the hot path stays on the device.
+logprobs). Nothing here reads a device tensor back to Python: the hot path stays on the device (top-p's
+CPU shortcut reads one flag of a CPU tensor).
 """
 
 from __future__ import annotations
@@ -230,16 +231,44 @@ class TopKLogitsWarper:
 
 @dataclass
 class TopPLogitsWarper:
-    """Nucleus filtering: keeps the most likely tokens whose cumulative probability reaches top_p."""
+    """Nucleus filtering: keeps the most likely tokens whose cumulative probability reaches top_p.
+
+    On CPU the nucleus is first looked for among each row's CANDIDATES most likely tokens (a partial top-k:
+    ~0.2 ms on GPT-2's 50257 logits, where a full sort takes ~4.7 ms, more than a bf16 decode step's
+    matrices). Rows whose nucleus is wider, or whose boundary is a tie or within rounding of top_p, take
+    the full sort, transformers' own computation, so the result is the same either way.
+    """
 
     top_p: float
+    CANDIDATES = 256
+    # Closer to top_p than this, transformers' sum from the other end may decide otherwise. Both cumulative
+    # sums accumulate in double (torch's CPU cumsum); they differ by the softmax's rounding, ~1e-7.
+    MARGIN = 1e-5
 
     def __call__(self, logits: Tensor, history: Tensor, prompt_len: int) -> Tensor:
+        kept = self.nucleus_among_candidates(logits) if logits.device.type == "cpu" else None
+        if kept is not None:
+            return logits.masked_fill(~kept, NEG_INF)
         ascending, order = logits.sort(dim=-1)
         # Drop the unlikely tail whose total mass stays within 1 - top_p; the top token always survives.
         drop = ascending.softmax(dim=-1).cumsum(dim=-1) <= 1 - self.top_p
         drop[:, -1] = False
         return logits.masked_fill(drop.scatter(1, order, drop), NEG_INF)
+
+    def nucleus_among_candidates(self, logits: Tensor) -> Tensor | None:
+        """The kept tokens as a bool mask [B, V] when every row's nucleus is decided among its CANDIDATES most
+        likely tokens, clear of ties and rounding at its boundary; else None."""
+        if logits.shape[-1] <= self.CANDIDATES:
+            return None
+        top, ids = logits.softmax(dim=-1).topk(self.CANDIDATES, dim=-1)  # [B, n] descending
+        above = top.cumsum(dim=-1) - top  # mass of the more likely candidates
+        keep = above < self.top_p  # transformers drops a token once the mass below and at it is <= 1 - top_p
+        n_kept = keep.sum(dim=-1, keepdim=True)  # >= 1: the top token's `above` is 0
+        decided = ~keep[:, -1] & ((above - self.top_p).abs() > self.MARGIN).all(dim=-1)
+        untied = top.gather(-1, n_kept - 1) != top.gather(-1, n_kept.clamp(max=self.CANDIDATES - 1))
+        if not bool((decided & untied.squeeze(-1)).all()):
+            return None
+        return torch.zeros_like(logits, dtype=torch.bool).scatter_(-1, ids, keep)
 
 
 @dataclass

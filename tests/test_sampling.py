@@ -62,6 +62,20 @@ def test_top_p(top_p):
     check(qs.TopPLogitsWarper(top_p), hf.TopPLogitsWarper(top_p), make_history())
 
 
+@pytest.mark.parametrize("top_p", [0.01, 0.5, 0.9, 0.99])
+def test_top_p_shortcut_matches_transformers(top_p):
+    """GPT-2-sized rows: peaked ones are decided among the most likely candidates, flat ones (a nucleus of
+    thousands) and ties take the full sort; every mix equals transformers'."""
+    g = torch.Generator().manual_seed(1)
+    peaked = torch.randn(3, 50257, generator=g) * 8  # nuclei of 1-21 tokens
+    flat = torch.randn(2, 50257, generator=g) * 0.3
+    warper = qs.TopPLogitsWarper(top_p)
+    assert warper.nucleus_among_candidates(peaked) is not None
+    assert warper.nucleus_among_candidates(flat) is None
+    for logits in (peaked, flat, torch.cat([peaked, flat]), peaked.round()):
+        assert_same(warper(logits, None, 0), hf.TopPLogitsWarper(top_p)(None, logits.clone()))
+
+
 @pytest.mark.parametrize("min_p", [0.01, 0.1, 0.5, 0.9, 1.0])
 def test_min_p(min_p):
     check(qs.MinPLogitsWarper(min_p), hf.MinPLogitsWarper(min_p), make_history())
