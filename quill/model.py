@@ -274,10 +274,8 @@ class CausalSelfAttention(nn.Module):
         dtype = q.dtype
         start = 0 if pos is None else pos.causal_start
         y = None
-        if start is not None and x.device.type == "cpu" and not (self.training and self.attn_pdrop > 0):
-            # the fp32 kernel serves bf16/fp16 activations too: upcasting q/k/v costs ~0.1 ms of a 512-token
-            # layer, torch's bf16 flash attention 8.1 ms against the kernel's 3.1 (AVX2 machine)
-            y = kernels.attn_prefill(q.float(), k.float(), v.float(), start, self.scale)  # [B, T, H, D]
+        if start is not None and not (self.training and self.attn_pdrop > 0):
+            y = kernels.attn_prefill(q, k, v, start, self.scale)  # [B, T, H, D] fp32
         if y is None:
             if self.upcast:
                 q, k, v = q.float(), k.float(), v.float()

@@ -306,7 +306,10 @@ def test_prefill_attention_kernel_matches_sdpa(B, T, start, H, D):
     got = kernels.attn_prefill(q, k, v, start, 0.3)
     assert got.shape == (B, T, H, D) and rel_err(ref, got) <= 1e-5
     assert kernels.attn_prefill(q[..., :8], k[..., :8], v[..., :8], start, 0.3) is None  # D not a multiple of 16
-    assert kernels.attn_prefill(q.bfloat16(), k.bfloat16(), v.bfloat16(), start, 0.3) is None
+    half = [t.bfloat16() for t in (q, k, v)]  # served in fp32: the same as the kernel on the upcast inputs
+    upcast = kernels.attn_prefill(*(t.float() for t in half), start, 0.3)
+    assert torch.equal(kernels.attn_prefill(*half, start, 0.3), upcast)
+    assert kernels.attn_prefill(q.double(), k.double(), v.double(), start, 0.3) is None
 
 
 @pytest.mark.parametrize("name", ["odd", "untied-gelu-upcast"])
