@@ -7,11 +7,13 @@ one prefill by copying its KV cache row; the server's scheduler adds and removes
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
+import numpy
 import torch
 from torch import Tensor
 
@@ -140,8 +142,9 @@ class Sequence:
         self.prompt_len = len(request.prompt_ids)
         self.tokens: list[int] = list(request.prompt_ids)
         self.max_len = min(self.prompt_len + request.limit, context)  # the context this row may fill
-        self._history = torch.zeros(1, self.max_len, dtype=torch.long)  # [1, max_len], for the penalties
-        self._history[0, : self.prompt_len] = torch.tensor(request.prompt_ids)
+        # [1, max_len] ids for the penalties; a numpy array because each step writes one element (~0.1 us, 3 us in torch)
+        self._history = numpy.zeros((1, self.max_len), dtype=numpy.int64)
+        self._history[0, : self.prompt_len] = request.prompt_ids
         self.generator = generator
         self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids, stop_token_ids=request.stop_token_ids)
         # a greedy choice that only has ids to skip (ignore_eos, banned_tokens) is a plain argmax over the rest
@@ -164,7 +167,7 @@ class Sequence:
     @property
     def history(self) -> Tensor:
         """Prompt and generated ids so far, [1, t]: what repetition penalties look at."""
-        return self._history[:, : len(self.tokens)]
+        return torch.from_numpy(self._history[:, : len(self.tokens)])
 
     @property
     def finished(self) -> bool:
@@ -197,19 +200,19 @@ class Sequence:
             generator.set_state(state.generator_state)
         seq = cls(request, tokenizer, model.config.n_positions, model.config.eos_token_ids, generator)
         seq.tokens = list(state.tokens)
-        seq._history[0, : len(seq.tokens)] = torch.tensor(seq.tokens)
+        seq._history[0, : len(seq.tokens)] = seq.tokens
         seq.decoder.ids, seq.decoder.read = list(state.decoder_ids), state.decoder_read
         if seq.matcher is not None:
             seq.matcher.held = state.held
         seq.usage.prompt_tokens = 0
         return seq
 
-    def choose(self, logits: Tensor) -> Tensor:
-        """Process one row of logits [1, V] with this sequence's pipeline; returns the token id tensor [1]."""
+    def choose(self, logits: Tensor) -> int:
+        """Process one row of logits [1, V] with this sequence's pipeline; returns the chosen token id."""
         if self.greedy:
-            return torch.tensor(argmax_rows(logits, [self.bans]), device=logits.device)
+            return argmax_rows(logits, [self.bans])[0]
         processed = self.pipeline(logits, self.history, self.prompt_len)
-        return sample(processed, self.request.sampling.greedy, self.generator)
+        return int(sample(processed, self.request.sampling.greedy, self.generator))
 
     def accept(self, token: int, logprob: TokenLogprob | None) -> str:
         """Append a token, update the stop conditions, and return the text it makes safe to emit."""
@@ -263,13 +266,10 @@ class DecodeBatch:
     def _emit(self, seq: Sequence, logits: Tensor, token: int | None = None) -> StepEvent:
         """Choose, record and report the next token of `seq` from its logits [1, V] (`token`: already chosen)."""
         if token is None:
-            token_t = seq.choose(logits)
-            token = int(token_t)
-        else:
-            token_t = torch.tensor([token], device=logits.device)
+            token = seq.choose(logits)
         lp = None
         if seq.request.logprobs is not None:
-            chosen, top = top_logprobs(logits, token_t, seq.request.logprobs)
+            chosen, top = top_logprobs(logits, torch.tensor([token], device=logits.device), seq.request.logprobs)
             lp = TokenLogprob(token, float(chosen[0]), list(zip(top[0][0].tolist(), top[1][0].tolist())))
         text = seq.accept(token, lp)
         return StepEvent(seq, token, text, lp, seq.finished)
@@ -363,13 +363,14 @@ class DecodeBatch:
         else:
             start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
             raw = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1]  # [n, V]
-        # Choosing tokens runs on one CPU thread: its ops are small, and waking torch's OpenMP threads for them
-        # costs more than it saves - the woken threads then spin through the next step, stealing its core.
-        with single_threaded(device):
-            # greedy rows are chosen together: one argmax over [n, V] and one transfer, not one per row
-            greedy = argmax_rows(raw, [s.bans or [] for s in self.rows]) if any(s.greedy for s in self.rows) else None
-            needs_float = greedy is None or any(not s.greedy or s.request.logprobs is not None for s in self.rows)
-            logits = raw.float() if needs_float else raw  # greedy rows without logprobs never read the logits
+        # greedy rows are chosen together, in C: one argmax over [n, V] and one transfer, not one per row
+        greedy = argmax_rows(raw, [s.bans or [] for s in self.rows]) if any(s.greedy for s in self.rows) else None
+        # Sampling and logprobs are torch ops; they run on one CPU thread: they are small, and waking torch's
+        # OpenMP threads for them costs more than it saves - the woken threads then spin through the next step,
+        # stealing its core. A step of greedy rows without logprobs runs no torch op here at all.
+        torch_ops = greedy is None or any(not s.greedy or s.request.logprobs is not None for s in self.rows)
+        with single_threaded(device) if torch_ops else contextlib.nullcontext():
+            logits = raw.float() if torch_ops else raw
             seconds = (time.perf_counter() - t0) / n
             for i, seq in enumerate(self.rows):
                 seq.usage.flops += forward_flops(self.model.config, 1, lengths[i], 1)

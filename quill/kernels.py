@@ -1264,7 +1264,7 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
 
 def decode_step(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor, v_cache: Tensor,
                 ws: dict[str, Tensor], logits: Tensor, threads: int) -> Tensor:
-    """One token per row through a whole model described by `plan` (see GPT._decode_plan); returns logits.
+    """One token per row through a whole model described by `plan` (see GPT._plan); returns logits.
 
     tokens: LongTensor [B] (contiguous); pos: LongTensor [B] or an int; k_cache/v_cache: the batch's rows of
     the KV cache, [n_layer, B, H, L, D] with a contiguous last dim; ws: the step's activation buffers.
@@ -1370,21 +1370,21 @@ def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[i
     if (lib is None or logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES or logits.stride(-1) != 1
             or logits.device.type != "cpu"
             or (banned and any(len(row) > MAX_BANS or not all(0 <= i < logits.shape[1] for i in row) for row in banned))):
-        if banned:
-            logits = logits.clone()
-            for i, ids in enumerate(banned):
-                logits[i, ids] = float("-inf")
-        return logits.argmax(-1).tolist()
-    out = torch.empty(logits.shape[0], dtype=torch.int64)
+        with single_threaded(logits.device):
+            if banned:
+                logits = logits.clone()
+                for i, ids in enumerate(banned):
+                    logits[i, ids] = float("-inf")
+            return logits.argmax(-1).tolist()
+    M, N = logits.shape
+    out = (ctypes.c_int64 * M)()  # ctypes arrays, not tensors: this runs once per decode step
     if banned and any(banned):
-        offsets = torch.tensor([0, *itertools.accumulate(map(len, banned))], dtype=torch.int64)
-        ids = torch.tensor([i for row in banned for i in row], dtype=torch.int64)
-        lib.quill_argmax_banned(logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1],
-                                logits.stride(0), out.data_ptr(), offsets.data_ptr(), ids.data_ptr())
+        offsets = (ctypes.c_int64 * (M + 1))(0, *itertools.accumulate(map(len, banned)))
+        ids = (ctypes.c_int64 * offsets[M])(*itertools.chain.from_iterable(banned))
+        lib.quill_argmax_banned(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out, offsets, ids)
     else:
-        lib.quill_argmax(logits.data_ptr(), DTYPE_CODES[logits.dtype], logits.shape[0], logits.shape[1],
-                         logits.stride(0), out.data_ptr())
-    return out.tolist()
+        lib.quill_argmax(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out)
+    return list(out)
 
 
 def gather_int8(weight: Tensor, scale: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:

@@ -426,6 +426,15 @@ class GPT(nn.Module):
         self._tuner.record(B, threads, time.perf_counter() - t0)
         return logits[:, None]
 
+    def forget_decode_plan(self) -> None:
+        """Drop the decode kernels' plan and buffers; call after swapping modules in place (`quantize_model`).
+
+        The plan holds the tensors it points into and re-checks their addresses each step, so moved or
+        replaced weight data is noticed; a module swapped for another is not (the old one's tensors live on).
+        """
+        self.__dict__.pop("_decode_plan", None)
+        self.__dict__.pop("_decode_buffers", None)
+
     def _plan(self) -> Tensor:
         """The model as the int64 words quill_decode_step reads (cached; rebuilt when any weight moves)."""
         cached = self.__dict__.get("_decode_plan")

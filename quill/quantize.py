@@ -178,7 +178,7 @@ def quantize_model(model: GPT, mode: str = "int8") -> GPT:
         if tied:
             head = model.lm_head
             model.transformer.wte = Int8Embedding(head.weight, head.weight_scale, dtype)
-    model.__dict__.pop("_decode_buffers", None)
+    model.forget_decode_plan()
     return model.eval()
 
 

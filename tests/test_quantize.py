@@ -94,6 +94,24 @@ def test_int8_logits_close_to_fp32_and_kernels_match_torch(dtype):
         assert rel_err(full[:, 11:], steps[0]) <= (2e-4 if dtype == torch.float32 else 5e-2)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+def test_quantizing_a_model_that_has_decoded_replaces_its_decode_plan():
+    """The kernels' plan holds the fp32 weights' addresses (kept alive): an in-place swap must drop it."""
+    model, fresh = random_model(TINY), quantize_model(random_model(TINY))
+    x = torch.randint(0, TINY.vocab_size, (1, 6))
+
+    def step(m: GPT) -> torch.Tensor:
+        cache = m.new_cache(1)
+        m(x[:, :5], 0, cache)
+        return m(x[:, 5:], 5, cache)
+
+    with torch.inference_mode():
+        before = step(model)  # builds the plan over the fp32 weights
+        quantize_model(model)
+        after, want = step(model), step(fresh)
+    assert rel_err(want, after) <= 1e-6 < rel_err(want, before)
+
+
 @pytest.mark.skipif(torch.backends.quantized.engine not in ("x86", "fbgemm"), reason="needs fbgemm")
 def test_long_inputs_use_the_int8_gemm_and_follow_weight_changes(monkeypatch):
     torch.manual_seed(0)
