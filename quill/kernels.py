@@ -622,7 +622,7 @@ static const float* prepare_x(const void* x, int xdt, int64_t M, int64_t ldx, in
         if (lnw) {  /* LayerNorm of the row (two passes, biased variance, as torch), then the affine transform */
             __m256 vs = _mm256_setzero_ps();
             int64_t k = 0;
-            for (;  k < K8; k += 8) vs = _mm256_add_ps(vs, _mm256_loadu_ps(r + k));
+            for (; k < K8; k += 8) vs = _mm256_add_ps(vs, _mm256_loadu_ps(r + k));
             double sum = hsum(vs);
             for (; k < K; k++) sum += r[k];
             const float mu = (float)(sum / (double)K);
