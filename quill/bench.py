@@ -9,7 +9,8 @@ One run, on this machine, for one model (default: a random-initialised GPT-2 124
    generated token to the last (prefill excluded);
 3. prefill tok/s: a 512-token prompt up to its first generated token;
 4. batched decode tok/s (all rows together) for 1, 4, 8 and 16 sequences;
-5. quality: top-1 agreement of bf16 and int8 with fp32 along a 160-token greedy fp32 sequence.
+5. quality: top-1 agreement of bf16 and int8 with fp32 along a 160-token greedy fp32 sequence, fed through
+   each model's own KV cache as generation does.
 
 Systems: Quill fp32/bf16/int8; transformers fp32/bf16/dynamic int8 (every Linear incl. lm_head, after
 turning GPT-2's Conv1D layers into Linear); ONNX Runtime fp32/int8 (Quill's exporter, int8 via
@@ -178,18 +179,26 @@ class QuillRunner(Runner):
         return parts
 
     def quality(self, n_tokens: int = 160) -> dict:
-        """Top-1 agreement of bf16 and int8 Quill with this (fp32) engine, teacher-forced on its own greedy text."""
+        """Top-1 agreement of bf16 and int8 Quill with this (fp32) engine, teacher-forced on its own greedy text
+        as generation computes it: the prompt prefilled into each model's own KV cache, then a token a step."""
         import quill
         import torch
 
         prompt = list(range(1000, 1000 + PROMPT_LEN))
         seq = prompt + self.engine.generate(prompt, n_tokens - PROMPT_LEN, temperature=0, ignore_eos=True).tokens
         ids = torch.tensor([seq])
+
+        def choices(model) -> torch.Tensor:
+            cache = model.new_cache(1, len(seq))
+            logits = [model(ids[:, :PROMPT_LEN], 0, cache)]
+            logits += [model(ids[:, t:t + 1], t, cache) for t in range(PROMPT_LEN, len(seq))]
+            return torch.cat(logits, 1)[0].float().argmax(-1)
+
         out = {}
         with torch.inference_mode():
-            want = self.engine.model(ids)[0].float().argmax(-1)
+            want = choices(self.engine.model)
             for name, kw in (("bf16", dict(dtype="bfloat16")), ("int8", dict(quantize="int8"))):
-                got = quill.load(self.engine.path, **kw).model(ids)[0].float().argmax(-1)
+                got = choices(quill.load(self.engine.path, **kw).model)
                 out[name] = float((got == want).float().mean())
         return out
 

@@ -17,12 +17,16 @@ COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.qua
                                      "quill.train.cli")
 
 
+KV_CACHE_HELP = "KV cache dtype: float32, bfloat16 or float16 (default: the model's; bfloat16 for int8 models)"
+
+
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL plus how to load it: shared by every command that loads a model."""
     p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--compile", action="store_true", help="run the model through torch.compile (docs/performance.md)")
+    p.add_argument("--kv-cache", default=None, metavar="DTYPE", help=KV_CACHE_HELP)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -67,7 +71,7 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
 def load_engine(args: argparse.Namespace):
     import quill
 
-    return quill.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile)
+    return quill.load(args.model, dtype=args.dtype, device=args.device, compile=args.compile, kv_cache=args.kv_cache)
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

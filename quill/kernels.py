@@ -249,6 +249,11 @@ static inline void vst(void* p, int dt, int64_t i, __m256 v) {  /* 8 floats to i
     }
     _mm_storeu_si128((__m128i*)((uint16_t*)p + i), h);
 }
+static inline void narrow(void* dst, int dt, int64_t i0, const float* src, int64_t n) {  /* dst[i0 + i] = src[i], rounded */
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) vst(dst, dt, i0 + i, _mm256_loadu_ps(src + i));
+    for (; i < n; i++) st(dst, dt, i0 + i, src[i]);
+}
 
 /* Activation rows x[M4, K] (M4 a multiple of 4) against weight rows W[n0:n1, K], three weight rows at a time
    against four activation rows: a register block of 12 fp32 accumulators, so each converted weight vector
@@ -561,9 +566,7 @@ static void act_task(void* ctx, int64_t t) {
     float buf[ACT_CHUNK];
     widen(buf, j->v, j->dt, i0, n);
     activate(buf, n, j->act);
-    int64_t i = 0;
-    for (; i + 8 <= n; i += 8) vst(j->v, j->dt, i0 + i, _mm256_loadu_ps(buf + i));
-    for (; i < n; i++) st(j->v, j->dt, i0 + i, buf[i]);
+    narrow(j->v, j->dt, i0, buf, n);
 }
 void quill_activate(void* v, int64_t n, int dt, int act, int nthreads) {
     struct act_job job = {v, n, dt, act};
@@ -715,7 +718,7 @@ int quill_linear(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, 
 }
 
 struct attn_job {
-    const void* qkv; int dt; int64_t H, D, ldq; void *kc, *vc; int64_t sb, sh, sl; const int64_t* pos;
+    const void* qkv; int dt; int64_t H, D, ldq; void *kc, *vc; int cdt; int64_t sb, sh, sl; const int64_t* pos;
     int64_t pos0; float scale; void* out; int64_t ldo; _Atomic int err;
 };
 
@@ -741,22 +744,29 @@ static inline void axpy_row(float* o, float w, const void* vl, int dt, int64_t D
 
 static void attn_task(void* ctx, int64_t t) {
     struct attn_job* j = (struct attn_job*)ctx;
-    const int dt = j->dt;
-    const int64_t H = j->H, D = j->D, C = H * D, esz = dt == F32 ? 4 : 2;
+    const int dt = j->dt, cdt = j->cdt;
+    const int64_t H = j->H, D = j->D, C = H * D, esz = dt == F32 ? 4 : 2, csz = cdt == F32 ? 4 : 2;
     const int64_t b = t / H, h = t % H, p = j->pos ? j->pos[b] : j->pos0, L = p + 1;
     const char* row = (const char*)j->qkv + (b * j->ldq) * esz;
-    char* kbase = (char*)j->kc + (b * j->sb + h * j->sh) * esz;
-    char* vbase = (char*)j->vc + (b * j->sb + h * j->sh) * esz;
-    const int64_t sl = j->sl * esz;
-    memcpy(kbase + p * sl, row + (C + h * D) * esz, D * esz);
-    memcpy(vbase + p * sl, row + (2 * C + h * D) * esz, D * esz);
+    char* kbase = (char*)j->kc + (b * j->sb + h * j->sh) * csz;
+    char* vbase = (char*)j->vc + (b * j->sb + h * j->sh) * csz;
+    const int64_t sl = j->sl * csz;
     float* buf = scratch(D + L + D);
     if (!buf) { j->err = -1; return; }
     float *q = buf, *s = buf + D, *o = buf + D + L;
+    if (cdt == dt) {
+        memcpy(kbase + p * sl, row + (C + h * D) * esz, D * esz);
+        memcpy(vbase + p * sl, row + (2 * C + h * D) * esz, D * esz);
+    } else {  /* a cache of its own dtype (bf16 for an fp32-activation int8 model): round on the way in */
+        widen(o, row, dt, C + h * D, D);
+        narrow(kbase + p * sl, cdt, 0, o, D);
+        widen(o, row, dt, 2 * C + h * D, D);
+        narrow(vbase + p * sl, cdt, 0, o, D);
+    }
     for (int64_t d = 0; d < D; d++) q[d] = ld(row, dt, h * D + d) * j->scale;
     float mx = -INFINITY;
     for (int64_t l = 0; l < L; l++) {
-        s[l] = dot_row(q, kbase + l * sl, dt, D);
+        s[l] = dot_row(q, kbase + l * sl, cdt, D);
         mx = s[l] > mx ? s[l] : mx;
     }
     int64_t l = 0;
@@ -769,31 +779,32 @@ static void attn_task(void* ctx, int64_t t) {
     float sum = hsum(vs);
     for (; l < L; l++) { s[l] = expf(s[l] - mx); sum += s[l]; }
     for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-    for (l = 0; l < L; l++) axpy_row(o, s[l], vbase + l * sl, dt, D);
+    for (l = 0; l < L; l++) axpy_row(o, s[l], vbase + l * sl, cdt, D);
     const float inv = 1.f / sum;
     for (int64_t d = 0; d < D; d++) st(j->out, dt, b * j->ldo + h * D + d, o[d] * inv);
 }
 
 /* One new token per row: write its key and value at position pos[b] (or pos0) of the cache, then attend
    over positions 0..pos. qkv: [B, 3*H*D] (q | k | v) with row stride ldq; caches: element (b, h, l, d) at
-   b*sb + h*sh + l*sl + d; out: [B, H*D] with row stride ldo. Everything in dtype dt; arithmetic in fp32. */
+   b*sb + h*sh + l*sl + d, dtype cdt; out: [B, H*D] with row stride ldo. qkv and out in dtype dt; arithmetic
+   in fp32. */
 int quill_attn_decode(const void* qkv, int dt, int64_t B, int64_t H, int64_t D, int64_t ldq,
-                      void* kc, void* vc, int64_t sb, int64_t sh, int64_t sl,
+                      void* kc, void* vc, int cdt, int64_t sb, int64_t sh, int64_t sl,
                       const int64_t* pos, int64_t pos0, float scale, void* out, int64_t ldo, int nthreads);
 static int attn_run(const void* qkv, int dt, int64_t B, int64_t H, int64_t D, int64_t ldq,
-                    void* kc, void* vc, int64_t sb, int64_t sh, int64_t sl,
+                    void* kc, void* vc, int cdt, int64_t sb, int64_t sh, int64_t sl,
                     const int64_t* pos, int64_t pos0, float scale, void* out, int64_t ldo, int nthreads) {
     int64_t work = 0;
     for (int64_t b = 0; b < B; b++) work += (pos ? pos[b] : pos0) + 1;
-    struct attn_job job = {qkv, dt, H, D, ldq, kc, vc, sb, sh, sl, pos, pos0, scale, out, ldo, 0};
+    struct attn_job job = {qkv, dt, H, D, ldq, kc, vc, cdt, sb, sh, sl, pos, pos0, scale, out, ldo, 0};
     pool_run(attn_task, &job, B * H, work * H * D >= (1 << 15) ? nthreads : 1);
     return job.err;
 }
 
 int quill_attn_decode(const void* qkv, int dt, int64_t B, int64_t H, int64_t D, int64_t ldq,
-                      void* kc, void* vc, int64_t sb, int64_t sh, int64_t sl,
+                      void* kc, void* vc, int cdt, int64_t sb, int64_t sh, int64_t sl,
                       const int64_t* pos, int64_t pos0, float scale, void* out, int64_t ldo, int nthreads) {
-    return attn_run(qkv, dt, B, H, D, ldq, kc, vc, sb, sh, sl, pos, pos0, scale, out, ldo, nthreads);
+    return attn_run(qkv, dt, B, H, D, ldq, kc, vc, cdt, sb, sh, sl, pos, pos0, scale, out, ldo, nthreads);
 }
 
 /* ---- causal attention over a prompt (prefill) -------------------------------------------------------------
@@ -946,14 +957,14 @@ static inline int64_t now_ns(void) { struct timespec t; clock_gettime(CLOCK_MONO
 void quill_step_profile(int64_t* out) { for (int i = 0; i < 8; i++) { out[i] = prof_ns[i]; prof_ns[i] = 0; } }
 
 int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, const int64_t* pos, int64_t pos0,
-                      char* kbase, char* vbase, int64_t layer_stride, int64_t sb, int64_t sh, int64_t sl,
+                      char* kbase, char* vbase, int cdt, int64_t layer_stride, int64_t sb, int64_t sh, int64_t sl,
                       void* x, void* qkv, void* att, void* hidden, void* logits, int logits_dt, int nt) {
     if (prof_on < 0) { const char* e = getenv("QUILL_PROFILE"); prof_on = e && atoi(e); }
     const int64_t t_embed = prof_on ? now_ns() : 0;
     const int64_t L = plan[0], C = plan[1], H = plan[2], I = plan[3], V = plan[4];
     const int act = (int)plan[5], adt = (int)plan[6];
     const float eps = f32_bits(plan[7]);
-    const int64_t esz = adt == F32 ? 4 : 2;
+    const int64_t csz = cdt == F32 ? 4 : 2;
     /* embedding: x = wte[token] (dequantised) + wpe[pos] */
     for (int64_t b = 0; b < B; b++) {
         const int64_t t = tokens[b], p = pos ? pos[b] : pos0;
@@ -967,8 +978,8 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
     for (int64_t i = 0; i < L && !rc; i++) {
         const int64_t* l = plan + PLAN_HEADER + i * PLAN_LAYER;
         PROF(1, rc |= lin(x, adt, B, l + 3, NULL, qkv, adt, 3 * C, C, nt, l, eps, ACT_NONE));
-        PROF(2, rc |= attn_run(qkv, adt, B, H, C / H, 3 * C, kbase + i * layer_stride * esz,
-                               vbase + i * layer_stride * esz, sb, sh, sl, pos, pos0, f32_bits(l[26]), att, C, nt));
+        PROF(2, rc |= attn_run(qkv, adt, B, H, C / H, 3 * C, kbase + i * layer_stride * csz,
+                               vbase + i * layer_stride * csz, cdt, sb, sh, sl, pos, pos0, f32_bits(l[26]), att, C, nt));
         PROF(3, rc |= lin(att, adt, B, l + 8, x, x, adt, C, C, nt, NULL, eps, ACT_NONE));
         PROF(4, rc |= lin(x, adt, B, l + 16, NULL, hidden, adt, I, C, nt, l + 13, eps, act));
         PROF(5, rc |= lin(hidden, adt, B, l + 21, x, x, adt, C, I, nt, NULL, eps, ACT_NONE));
@@ -1114,13 +1125,13 @@ def _load() -> ctypes.CDLL | None:
         P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
         lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C]
         lib.quill_linear.restype = C
-        lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, I, I, I, P, I, ctypes.c_float, P, I, C]
+        lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
         lib.quill_attn_decode.restype = C
         lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
         lib.quill_attn_prefill.restype = C
         lib.quill_gather_i8.argtypes = [P, P, P, I, I, P, C]
         lib.quill_gather_i8.restype = None
-        lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, I, I, I, I, P, P, P, P, P, C, C]
+        lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C]
         lib.quill_decode_step.restype = C
         lib.quill_activate.argtypes = [P, I, C, C, C]
         lib.quill_activate.restype = None
@@ -1220,8 +1231,8 @@ def attn_decode(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor | int
                 out: Tensor) -> Tensor:
     """Write each row's new key/value (from qkv [B, 3C]) at its position and attend over the row's prefix.
 
-    k_cache, v_cache: [B, H, L, D] with a contiguous last dim (one layer of the KV cache); pos: LongTensor [B]
-    (contiguous, CPU) or an int shared by all rows; out: [B, C].
+    k_cache, v_cache: [B, H, L, D] with a contiguous last dim (one layer of the KV cache, any float dtype: the
+    new key/value is rounded to it); pos: LongTensor [B] (contiguous, CPU) or an int shared by all rows; out: [B, C].
     """
     lib = _lib if _lib is not None else _load()
     B = qkv.shape[0]
@@ -1230,7 +1241,7 @@ def attn_decode(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor | int
     ragged = isinstance(pos, Tensor)
     rc = lib.quill_attn_decode(
         qkv.data_ptr(), DTYPE_CODES[qkv.dtype], B, n_head, D, qkv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        sb, sh, sl, pos.data_ptr() if ragged else None, 0 if ragged else pos, scale, out.data_ptr(), out.stride(0),
+        DTYPE_CODES[k_cache.dtype], sb, sh, sl, pos.data_ptr() if ragged else None, 0 if ragged else pos, scale, out.data_ptr(), out.stride(0),
         torch.get_num_threads())
     if rc:
         raise MemoryError("quill_attn_decode: out of memory")
@@ -1267,14 +1278,15 @@ def decode_step(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor
     """One token per row through a whole model described by `plan` (see GPT._plan); returns logits.
 
     tokens: LongTensor [B] (contiguous); pos: LongTensor [B] or an int; k_cache/v_cache: the batch's rows of
-    the KV cache, [n_layer, B, H, L, D] with a contiguous last dim; ws: the step's activation buffers.
+    the KV cache, [n_layer, B, H, L, D] with a contiguous last dim, in any float dtype; ws: the step's activation
+    buffers.
     """
     lib = _lib if _lib is not None else _load()
     ragged = isinstance(pos, Tensor)
     _, sb, sh, sl, _ = k_cache.stride()
     rc = lib.quill_decode_step(
         plan.data_ptr(), tokens.shape[0], tokens.data_ptr(), pos.data_ptr() if ragged else None, 0 if ragged else pos,
-        k_cache.data_ptr(), v_cache.data_ptr(), k_cache.stride(0), sb, sh, sl, ws["x"].data_ptr(),
+        k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.stride(0), sb, sh, sl, ws["x"].data_ptr(),
         ws["qkv"].data_ptr(), ws["att"].data_ptr(), ws["hidden"].data_ptr(), logits.data_ptr(),
         DTYPE_CODES[logits.dtype], threads)
     if rc:

@@ -261,14 +261,15 @@ class CausalSelfAttention(nn.Module):
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x[B,H,T,D]
         if k_cache is not None:
+            k_new, v_new = k.to(k_cache.dtype), v.to(v_cache.dtype)  # the cache may keep its own dtype (kv_dtype)
             if pos.ragged:  # each row writes at its own position
                 rows = torch.arange(B, device=x.device)[:, None]
                 cols = pos.ids(x.device)  # [B, T]
-                k_cache[rows, :, cols] = k.transpose(1, 2)
-                v_cache[rows, :, cols] = v.transpose(1, 2)
+                k_cache[rows, :, cols] = k_new.transpose(1, 2)
+                v_cache[rows, :, cols] = v_new.transpose(1, 2)
             else:
-                k_cache[:, :, pos.start:pos.start + T] = k
-                v_cache[:, :, pos.start:pos.start + T] = v
+                k_cache[:, :, pos.start:pos.start + T] = k_new
+                v_cache[:, :, pos.start:pos.start + T] = v_new
             kv_len = pos.end()
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, H, L, D] views
         dtype = q.dtype
@@ -279,6 +280,8 @@ class CausalSelfAttention(nn.Module):
         if y is None:
             if self.upcast:
                 q, k, v = q.float(), k.float(), v.float()
+            elif k.dtype != q.dtype:  # a cache of its own dtype (GPT.kv_dtype)
+                k, v = k.to(q.dtype), v.to(q.dtype)
             causal = mask is None and T > 1
             y = F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale,
@@ -352,6 +355,9 @@ class GPT(nn.Module):
     use_kernels: bool = True
     # On CUDA, generation replays decode steps from captured CUDA graphs (quill.graphs); False: eager steps.
     use_cuda_graphs: bool = True
+    # dtype of the KV caches `new_cache` makes; None: the activation dtype. A bf16 cache under fp32
+    # activations halves what a decode step reads per cached position (quill.load picks it for int8 models).
+    kv_dtype: torch.dtype | None = None
 
     @property
     def device(self) -> torch.device:
@@ -364,7 +370,7 @@ class GPT(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """A KV cache for `batch` sequences of up to `max_len` (default n_positions) tokens."""
         max_len = min(max_len or self.config.n_positions, self.config.n_positions)
-        return KVCache(self.config, batch, max_len, self.dtype, self.device)
+        return KVCache(self.config, batch, max_len, self.kv_dtype or self.dtype, self.device)
 
     def forward(self, idx: Tensor, start: int | Tensor = 0, cache: KVCache | None = None,
                 last_only: bool = False, span: int | None = None) -> Tensor:
@@ -404,7 +410,7 @@ class GPT(nn.Module):
         """Whether this one-token-per-row step can run on the fused CPU kernels (else the torch path runs)."""
         if self.training or torch.is_grad_enabled() or idx.device.type != "cpu" or idx.shape[0] > kernels.MAX_ROWS:
             return False
-        if cache.k.dtype != self.dtype or cache.k.dtype not in kernels.FLOAT_DTYPES or cache.k.stride(-1) != 1:
+        if cache.k.dtype not in kernels.FLOAT_DTYPES or cache.k.stride(-1) != 1:
             return False
         if pos.ragged and (pos.start.device.type != "cpu" or pos.start.dtype != torch.long):
             return False

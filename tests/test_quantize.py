@@ -6,7 +6,8 @@ Tolerances:
   0.4% (1/254) relative rounding error on its row's range; errors of independent weights mostly cancel in
   the dot products, and what is left compounds through 2 layers and the head;
 - int8 kernels vs the int8 torch path (dequantised GEMM): 1e-5, the same arithmetic in another order;
-- perplexity of a briefly trained character model: within 1% of fp32 (the issue's bar).
+- perplexity of a briefly trained character model: within 1% of fp32 (the issue's bar), also when
+  decoding with the bf16 KV cache an int8 model gets from quill.load.
 """
 
 from __future__ import annotations
@@ -190,6 +191,14 @@ def test_engine_and_cli(tmp_path, tiny_model_dir, capsys):
     assert is_quantized_model(on_load.model)
     with pytest.raises(InvalidParameter, match="quantize"):
         quill.load(tiny_model_dir, quantize="int4")
+    # KV cache dtype: the activations' by default, bf16 for an int8 model, or as asked
+    assert fp32.model.new_cache(1, 8).k.dtype == torch.float32
+    assert on_load.model.new_cache(1, 8).k.dtype == torch.bfloat16
+    asked = quill.load(tiny_model_dir, quantize="int8", kv_cache="float32")
+    assert asked.model.new_cache(1, 8).v.dtype == torch.float32
+    with pytest.raises(InvalidParameter, match="kv_cache") as e:
+        quill.load(tiny_model_dir, kv_cache="int4")
+    assert e.value.param == "kv_cache"
     assert cli_main(["quantize", str(tiny_model_dir), str(tmp_path / "q8"), "--int8"]) == 0
     assert json.loads(capsys.readouterr().out)["mode"] == "int8"
     saved = quill.load(tmp_path / "q8")  # detected from config.json, tokenizer copied along
@@ -228,6 +237,21 @@ def _perplexity(model: GPT, ids: torch.Tensor) -> float:
         return math.exp(float(F.cross_entropy(model(inp).flatten(0, 1).float(), tgt.flatten())))
 
 
+def _perplexity_decoding(model: GPT, ids: torch.Tensor, prompt: int = 32) -> float:
+    """`_perplexity` as generation computes it: each 64-token window's first `prompt` tokens prefilled into
+    the model's KV cache (of dtype GPT.kv_dtype), the rest fed one token per step (the decode kernels)."""
+    x = ids[: len(ids) // 64 * 64 + 1]
+    inp, tgt = x[:-1].view(-1, 64), x[1:].view(-1, 64)
+    nll = 0.0
+    with torch.inference_mode():
+        for rows, targets in zip(inp.split(kernels.MAX_ROWS), tgt.split(kernels.MAX_ROWS)):
+            cache = model.new_cache(len(rows), 64)
+            logits = [model(rows[:, :prompt], 0, cache)]
+            logits += [model(rows[:, t:t + 1], t, cache) for t in range(prompt, 64)]
+            nll += float(F.cross_entropy(torch.cat(logits, 1).flatten(0, 1).float(), targets.flatten(), reduction="sum"))
+    return math.exp(nll / tgt.numel())
+
+
 def test_int8_perplexity_within_one_percent_of_fp32(tmp_path):
     text = "".join((ROOT / "quill" / name).read_text() for name in ("model.py", "generate.py", "weights.py"))
     split = int(len(text) * 0.9)
@@ -237,9 +261,15 @@ def test_int8_perplexity_within_one_percent_of_fp32(tmp_path):
         model, tok = _train_char_model(text[:split])
         held_out = torch.tensor(tok.encode("".join(c for c in text[split:] if c in text[:split])))
         fp32 = _perplexity(model, held_out)
+        fp32_decoding = _perplexity_decoding(model, held_out)
         int8 = _perplexity(quantize_model(model), held_out)
+        model.kv_dtype = torch.bfloat16  # what quill.load gives an int8 model
+        int8_decoding = _perplexity_decoding(model, held_out)
     finally:
         torch.set_num_threads(threads)
     assert fp32 < tok.vocab_size / 4, f"training did not take (perplexity {fp32:.2f}, vocab {tok.vocab_size})"
-    print(f"perplexity fp32 {fp32:.4f}, int8 {int8:.4f} ({(int8 - fp32) / fp32:+.3%})")
+    print(f"perplexity fp32 {fp32:.4f}, int8 {int8:.4f} ({(int8 - fp32) / fp32:+.3%}), "
+          f"int8 decoding with a bf16 KV cache {int8_decoding:.4f} ({(int8_decoding - fp32) / fp32:+.3%})")
+    assert abs(fp32_decoding - fp32) / fp32 <= 1e-4, (fp32, fp32_decoding)  # two paths, one quantity
     assert abs(int8 - fp32) / fp32 <= 0.01, (fp32, int8)
+    assert abs(int8_decoding - fp32) / fp32 <= 0.01, (fp32, int8_decoding)

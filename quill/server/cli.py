@@ -11,6 +11,8 @@ DEFAULT_MODEL = "shakespeare"
 
 
 def register(subparsers) -> None:
+    from quill.cli import KV_CACHE_HELP
+
     p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
                               description="Serve models over an OpenAI-compatible HTTP API with continuous batching. "
                                           "MODEL is a checkpoint folder or a bundled model's name, optionally "
@@ -35,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--compile", action="store_true", help="run the models through torch.compile (docs/performance.md)")
+    p.add_argument("--kv-cache", default=None, metavar="DTYPE", help=KV_CACHE_HELP)
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -66,7 +69,7 @@ def build_state(args: argparse.Namespace):
                           store_dir=Path(args.store).expanduser() if args.store else None,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
-                          dtype=args.dtype, device=args.device, compile=args.compile,
+                          dtype=args.dtype, device=args.device, compile=args.compile, kv_cache=args.kv_cache,
                           **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}))
     models = args.models
     if not models and not (args.store or args.load):  # with a store, models can come later (quill push)
@@ -77,7 +80,7 @@ def build_state(args: argparse.Namespace):
     state = AppState(config)
     for arg in models:
         name, path = split_model_arg(arg)
-        engine = quill.load(path, dtype=args.dtype, device=args.device, compile=args.compile)
+        engine = quill.load(path, dtype=args.dtype, device=args.device, compile=args.compile, kv_cache=args.kv_cache)
         name = name or engine.name
         if name in state.models:
             raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
@@ -88,7 +91,7 @@ def build_state(args: argparse.Namespace):
         if name in state.models:
             raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
         state.add_model(name, load_stored(name, config.store_dir, dtype=args.dtype, device=args.device,
-                                                compile=args.compile))
+                                                compile=args.compile, kv_cache=args.kv_cache))
     return state
 
 

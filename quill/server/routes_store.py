@@ -378,7 +378,8 @@ async def load_model(name: str, body: LoadRequest | None = None, state: AppState
 
     _stored(service, name)
     dtype = (body.dtype if body and body.dtype else state.config.dtype).lower()
-    kw: dict[str, Any] = {"device": state.config.device, "compile": state.config.compile}
+    kw: dict[str, Any] = {"device": state.config.device, "compile": state.config.compile,
+                          "kv_cache": state.config.kv_cache}
     if dtype == "int8":
         if importlib.util.find_spec("quill.quantize") is None:
             raise APIError(400, "int8 needs quill.quantize, which this installation does not have", param="dtype",

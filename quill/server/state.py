@@ -46,6 +46,7 @@ class ServerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     compile: bool = False  # torch.compile every model loaded (--compile)
+    kv_cache: str | None = None  # KV cache dtype of every model loaded (--kv-cache; None: quill.load's default)
     continuation_ttl: float = DEFAULT_TTL  # seconds a budget's continuation handle stays valid
 
 
