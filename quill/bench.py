@@ -687,6 +687,8 @@ def check_goals(results: list[dict], batches) -> dict:
     q32, q16, q8 = (_find(results, f"quill {p}") for p in ("fp32", "bf16", "int8"))
     if q32:
         g["fp32 decode >= 90% of bound"] = q32["pct_of_bound"] >= 90
+    if q32 and dec("llama.cpp f32"):
+        g["fp32 decode >= llama.cpp f32"] = q32["decode_tok_s"] >= dec("llama.cpp f32")
     if q16 and dec("llama.cpp f16"):
         g["bf16 decode >= llama.cpp f16"] = q16["decode_tok_s"] >= dec("llama.cpp f16")
     if q8 and dec("llama.cpp q8_0"):

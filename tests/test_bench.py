@@ -53,6 +53,7 @@ def test_decode_benchmark_report(tmp_path):
         q32["prefill_tok_s"] >= max(res[p]["prefill_tok_s"] for p in ("transformers fp32", "onnxruntime fp32")))
     assert goals["fp32 batch-8 >= 5x batch-1"] == (q32["batched_tok_s"]["8"] >= 5 * q32["decode_tok_s"])
     assert "bf16 decode >= llama.cpp f16" not in goals  # no llama.cpp in this run: no verdict either way
+    assert "fp32 decode >= llama.cpp f32" not in goals
     assert f"{q32['decode_tok_s'] / res['onnxruntime fp32']['decode_tok_s']:.2f}x" in md
     assert set(rep["top1_agreement_with_fp32"]) == {"bf16", "int8"}
     assert all(0 <= v <= 1 for v in rep["top1_agreement_with_fp32"].values())
