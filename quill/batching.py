@@ -67,6 +67,7 @@ class Ticket:
     def __init__(self, request: GenerationRequest, seqs: list[Sequence], loop: asyncio.AbstractEventLoop | None):
         self.request, self.seqs, self.n = request, seqs, len(seqs)
         self.submitted = time.perf_counter()
+        self.admitted_at: float | None = None
         self.first_token_at: float | None = None
         self.finished_at: float | None = None
         self.cancelled = False
@@ -165,7 +166,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        self._mean_request_seconds = 1.0  # running estimate for Retry-After
+        # Retry-After: when recent requests finished (the queue drains at their rate), and a running mean of
+        # the time a request holds its rows, for before that rate can be measured
+        self._finish_times: collections.deque[float] = collections.deque(maxlen=32)
+        self._mean_service_seconds = 1.0
 
     # ---- public API -------------------------------------------------------------------------------------------
 
@@ -244,9 +248,21 @@ class Scheduler:
         return blocked
 
     def retry_after(self) -> int:
-        """Whole seconds a rejected client should wait: the queue ahead of it at the recent request rate."""
-        per_slot = self._mean_request_seconds * (len(self._waiting) + 1) / self.max_batch
-        return max(1, min(60, round(per_slot)))
+        """Whole seconds a rejected client should wait: about when it would have been admitted had it queued.
+
+        Every waiting request ahead of it, and then itself, is admitted as a running one finishes, so the wait is
+        their count over the rate at which requests have finished lately (over the last minute, up to now, so
+        the estimate grows while nothing finishes). With fewer than two recent finishes the rate is the
+        batch's rows over the mean time a request holds a row. The mean time from submission to the end is no
+        estimate: it already includes the queueing, which the count of waiting requests would then count again.
+        """
+        now = time.perf_counter()
+        recent = [t for t in self._finish_times if now - t <= 60.0]
+        if len(recent) >= 2 and now > recent[0]:
+            rate = len(recent) / (now - recent[0])
+        else:
+            rate = self.max_batch / self._mean_service_seconds
+        return max(1, min(60, round((len(self._waiting) + 1) / rate)))
 
     # ---- thread ----------------------------------------------------------------------------------------------
 
@@ -284,11 +300,17 @@ class Scheduler:
                         if t.cancelled:
                             self._finish(t)
                             continue
-                        self._route(self._admit(t))  # budgets were checked before the request was queued
+                        try:
+                            events = self._admit(t)  # budgets were checked before the request was queued
+                        except Exception as e:  # its prefill failed: that request alone, with an answer
+                            log.exception("request on %s failed in its prefill", self.name)
+                            self._fail(t, e)
+                            continue
+                        self._route(events)
                         self._observe()
                     if self._batch.rows:
                         self._route(self._batch.step())
-                except Exception as e:  # a failed forward or sampler: fail every running request, start afresh
+                except Exception as e:  # a failed forward of the batch: fail every running request, start afresh
                     log.exception("scheduler for %s failed", self.name)
                     self._fail_all(e)
                     with self._cond:  # admitted but not started: back to the head of the queue, in order
@@ -306,6 +328,7 @@ class Scheduler:
 
     def _admit(self, t: Ticket) -> list[StepEvent]:
         """Prefill a new request (its first tokens come back) or place a continued sequence (tokens on next step)."""
+        t.admitted_at = time.perf_counter()
         if t._resume is not None:
             self._batch.resume(t.seqs[0], t._resume.kv)
             events: list[StepEvent] = []
@@ -317,6 +340,10 @@ class Scheduler:
         return events
 
     def _fail(self, t: Ticket, error: BaseException) -> None:
+        """End `t` with `error`, freeing whatever rows its sequences still hold."""
+        for s in t.seqs:
+            if s in self._batch.rows and not s.finished:
+                self._batch.remove(s)
         t.error = error
         t._put(error)
         self._finish(t, put_done=False)
@@ -338,8 +365,13 @@ class Scheduler:
         """Hand each ticket its events in one call, and retire the tickets whose sequences all finished."""
         now = time.perf_counter()
         per_ticket: dict[int, tuple[Ticket, list[StepEvent]]] = {}
+        failed: dict[int, tuple[Ticket, Exception]] = {}
         for ev in events:
             t = self._owner[id(ev.seq)]
+            if ev.seq.error is not None:  # this sequence alone failed: its request ends with the error
+                failed[id(t)] = (t, ev.seq.error)
+                self._owner.pop(id(ev.seq), None)
+                continue
             per_ticket.setdefault(id(t), (t, []))[1].append(ev)
             if t.first_token_at is None:
                 t.first_token_at = now
@@ -351,10 +383,15 @@ class Scheduler:
                 t._open -= 1
                 self._owner.pop(id(ev.seq), None)
         for t, evs in per_ticket.values():
+            if id(t) in failed:
+                continue
             if not t.cancelled:
                 t._put(evs)
             if t._open == 0:
                 self._finish(t)
+        for t, error in failed.values():
+            log.error("request on %s failed: %s", self.name, error, exc_info=error)
+            self._fail(t, error)
         self._observe()
 
     def _finish(self, t: Ticket, put_done: bool = True) -> None:
@@ -367,8 +404,9 @@ class Scheduler:
             self._owner.pop(id(s), None)
         if put_done:
             t._put(_DONE)
-        if t.first_token_at is not None and not t.cancelled:
-            self._mean_request_seconds = 0.8 * self._mean_request_seconds + 0.2 * (t.finished_at - t.submitted)
+        if t.admitted_at is not None and t.error is None and not t.cancelled:
+            self._finish_times.append(t.finished_at)
+            self._mean_service_seconds = 0.8 * self._mean_service_seconds + 0.2 * (t.finished_at - t.admitted_at)
         try:
             self.observer.finished(t)
         except Exception:

@@ -159,6 +159,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.usage = Usage(prompt_tokens=self.prompt_len)  # this call's cost
         self.kv: tuple[Tensor, Tensor] | None = None  # the cache, saved when the budget ends the call
+        self.error: Exception | None = None  # why this sequence failed (finish_reason "error"), alone in its batch
 
     @property
     def generated(self) -> list[int]:
@@ -264,14 +265,22 @@ class DecodeBatch:
         return self.capacity - len(self.rows)
 
     def _emit(self, seq: Sequence, logits: Tensor, token: int | None = None) -> StepEvent:
-        """Choose, record and report the next token of `seq` from its logits [1, V] (`token`: already chosen)."""
-        if token is None:
-            token = seq.choose(logits)
-        lp = None
-        if seq.request.logprobs is not None:
-            chosen, top = top_logprobs(logits, torch.tensor([token], device=logits.device), seq.request.logprobs)
-            lp = TokenLogprob(token, float(chosen[0]), list(zip(top[0][0].tolist(), top[1][0].tolist())))
-        text = seq.accept(token, lp)
+        """Choose, record and report the next token of `seq` from its logits [1, V] (`token`: already chosen).
+
+        A failure here belongs to this sequence alone (its sampling settings, its text): it ends with
+        finish_reason "error" and `seq.error`, and the other rows of the batch carry on.
+        """
+        try:
+            if token is None:
+                token = seq.choose(logits)
+            lp = None
+            if seq.request.logprobs is not None:
+                chosen, top = top_logprobs(logits, torch.tensor([token], device=logits.device), seq.request.logprobs)
+                lp = TokenLogprob(token, float(chosen[0]), list(zip(top[0][0].tolist(), top[1][0].tolist())))
+            text = seq.accept(token, lp)
+        except Exception as e:
+            seq.error, seq.finish_reason = e, "error"
+            return StepEvent(seq, -1, "", None, True)
         return StepEvent(seq, token, text, lp, seq.finished)
 
     @takes_cuda_turn
@@ -432,9 +441,9 @@ def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1
     seqs = [Sequence(request, tokenizer, model.config.n_positions, model.config.eos_token_ids,
                      make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
     batch = DecodeBatch(model, n, len(request.prompt_ids) + request.limit)
-    yield from batch.add(seqs)
+    yield from _raising(batch.add(seqs))
     while batch.rows:
-        yield from batch.step()
+        yield from _raising(batch.step())
 
 
 def resume(model: GPT, tokenizer: Tokenizer, state: SequenceState, max_flops: int | None) -> Iterator[StepEvent]:
@@ -443,7 +452,15 @@ def resume(model: GPT, tokenizer: Tokenizer, state: SequenceState, max_flops: in
     batch = DecodeBatch(model, 1, seq.max_len)
     batch.resume(seq, state.kv)
     while batch.rows:
-        yield from batch.step()
+        yield from _raising(batch.step())
+
+
+def _raising(events: list[StepEvent]) -> list[StepEvent]:
+    """The events of a library call's step, raising the error of a sequence that failed (one caller, no batch)."""
+    for ev in events:
+        if ev.seq.error is not None:
+            raise ev.seq.error
+    return events
 
 
 def make_generator(seed: int | None, index: int, model: GPT) -> torch.Generator | None:

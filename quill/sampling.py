@@ -22,6 +22,11 @@ from quill.errors import InvalidParameter
 NEG_INF = float("-inf")
 MAX_LOGIT_BIAS = 100.0  # OpenAI's range for logit_bias values
 MAX_PENALTY = 2.0  # OpenAI's range for presence/frequency penalties
+# Below this temperature sampling is greedy, as in vLLM: dividing logits by a smaller one overflows float32
+# (1e-38 turns every logit into an infinity), and the distribution is an argmax long before that.
+GREEDY_TEMPERATURE = 1e-5
+_FLOAT_MAX = torch.finfo(torch.float32).max
+_FLOAT_TINY = torch.finfo(torch.float32).tiny
 _SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts (end exclusive)
 
 
@@ -29,7 +34,7 @@ _SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts (end
 class SamplingParams:
     """How to turn one request's logits into tokens; neutral defaults leave the model's distribution as is."""
 
-    temperature: float = 1.0  # 0 means greedy
+    temperature: float = 1.0  # 0 (or below GREEDY_TEMPERATURE) means greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     min_p: float = 0.0
@@ -46,8 +51,8 @@ class SamplingParams:
 
     @property
     def greedy(self) -> bool:
-        """Temperature 0 means argmax decoding (no warpers, no randomness)."""
-        return self.temperature == 0
+        """Temperature 0 (or below GREEDY_TEMPERATURE) means argmax decoding (no warpers, no randomness)."""
+        return self.temperature < GREEDY_TEMPERATURE
 
     def validate(self, vocab_size: int) -> None:
         """Raise InvalidParameter naming the first field outside its allowed range."""
@@ -143,12 +148,17 @@ class LogitBiasLogitsProcessor:
 
 @dataclass
 class RepetitionPenaltyLogitsProcessor:
-    """Divides positive (multiplies negative) logits of every token already in prompt+generated history."""
+    """Divides positive (multiplies negative) logits of every token already in prompt+generated history.
+
+    A penalty too small for float32 (1e-300 rounds to 0) is taken as the smallest positive float32, and a
+    division that overflows stops at the largest float32, so no finite logit becomes an infinity or NaN.
+    """
 
     penalty: float
 
     def __call__(self, logits: Tensor, history: Tensor, prompt_len: int) -> Tensor:
-        penalised = torch.where(logits < 0, logits * self.penalty, logits / self.penalty)
+        penalty = max(self.penalty, _FLOAT_TINY)
+        penalised = torch.where(logits < 0, logits * penalty, (logits / penalty).clamp(max=_FLOAT_MAX))
         return torch.where(_token_mask(history, logits.shape[-1]), penalised, logits)
 
 
@@ -263,6 +273,7 @@ class TopPLogitsWarper:
         top, ids = logits.softmax(dim=-1).topk(self.CANDIDATES, dim=-1)  # [B, n] descending
         above = top.cumsum(dim=-1) - top  # mass of the more likely candidates
         keep = above < self.top_p  # transformers drops a token once the mass below and at it is <= 1 - top_p
+        keep[:, 0] = True  # the top token always survives, also for a top_p that float32 rounds to 0
         n_kept = keep.sum(dim=-1, keepdim=True)  # >= 1: the top token's `above` is 0
         decided = ~keep[:, -1] & ((above - self.top_p).abs() > self.MARGIN).all(dim=-1)
         untied = top.gather(-1, n_kept - 1) != top.gather(-1, n_kept.clamp(max=self.CANDIDATES - 1))
@@ -388,8 +399,15 @@ def sample(logits: Tensor, greedy: bool, generators: Generators = None) -> Tenso
     else:
         uniform = torch.rand(rows, generator=generators, **options)
     # 1 - u lies in (0, 1], so the target is never 0 and never beyond the total mass.
-    target = (1 - uniform).unsqueeze(-1) * cdf[:, -1:]
-    return torch.searchsorted(cdf, target).squeeze(-1)
+    total = cdf[:, -1:]
+    target = (1 - uniform).unsqueeze(-1) * total
+    tokens = torch.searchsorted(cdf, target).squeeze(-1)
+    # A row without a finite positive mass (a NaN or +inf logit, or every token filtered) has no distribution
+    # to draw from: it takes its largest logit, so a token id is always inside the vocabulary.
+    lost = ~(total.squeeze(-1) > 0) | ~total.squeeze(-1).isfinite()
+    if bool(lost.any()):
+        tokens = torch.where(lost, logits.nan_to_num(nan=NEG_INF).argmax(dim=-1), tokens)
+    return tokens
 
 
 def log_softmax(logits: Tensor) -> Tensor:

@@ -354,3 +354,22 @@ def test_invalid_parameter(name, value):
         params.validate(V)
     assert info.value.param == name
     assert name in str(info.value)
+
+
+def test_sample_never_leaves_the_vocabulary():
+    """Rows with a NaN or +inf logit, or with every token filtered, take their largest logit; others draw."""
+    logits = torch.tensor([[0.0, float("nan"), 1.0], [0.0, float("inf"), 1.0], [float("-inf")] * 3, [0.0, 5.0, 1.0]])
+    torch.manual_seed(0)
+    ids = qs.sample(logits, greedy=False)
+    assert ids[:2].tolist() == [2, 1] and 0 <= int(ids[2]) < 3 and 0 <= int(ids[3]) < 3
+
+
+def test_tiny_penalties_and_top_p_stay_finite():
+    """A repetition penalty or top_p that float32 rounds to 0 keeps every logit finite and the top token."""
+    logits, history = make_logits(0), make_history()
+    penalised = qs.RepetitionPenaltyLogitsProcessor(1e-300)(logits, history, 0)
+    assert not penalised.isnan().any() and not (penalised == float("inf")).any()
+    kept = qs.TopPLogitsWarper(1e-300)(logits, history, 0)
+    assert ((kept > float("-inf")).sum(-1) == 1).all()
+    assert (logits.gather(-1, kept.argmax(-1, keepdim=True)) == logits.amax(-1, keepdim=True)).all()  # a top one
+    assert qs.SamplingParams(temperature=1e-38).greedy and not qs.SamplingParams(temperature=1e-5).greedy
