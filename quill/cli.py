@@ -13,7 +13,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.quantize", "quill.export", "quill.bench",
+COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.quantize", "quill.export",
                                      "quill.train.cli")
 
 

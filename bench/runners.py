@@ -836,7 +836,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.device == "cuda":
-        from quill.bench_cuda import format_cuda_report, run_cuda_benchmark
+        from decode_cuda import format_cuda_report, run_cuda_benchmark
 
         folder, label, _ = benchmark_model(args)
         rep = run_cuda_benchmark(args, folder, label)

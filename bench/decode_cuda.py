@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from quill.bench import (
+from runners import (
     BYTES_PER_WEIGHT, NEW_TOKENS, PREFILL_LEN, PROMPT_LEN, QuillRunner, Runner, TransformersRunner,
     weight_bytes_per_token,
 )
