@@ -340,7 +340,7 @@ def benchmark_model(args: argparse.Namespace) -> tuple[Path, str, Path]:
     """The checkpoint to measure (--model, or a random GPT-2 of --size), its label, and the cache folder."""
     cache_root = Path(args.work) if args.work else Path(tempfile.gettempdir()) / "quill-bench"
     if args.model:
-        from quill.engine import resolve
+        from quill.resolve import resolve
 
         folder = resolve(args.model)
         return folder, folder.name, cache_root

@@ -26,7 +26,6 @@ and keeps `transformer.wte.weight` in float. LayerNorms and `transformer.wpe.wei
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -280,30 +279,6 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
         raise CheckpointError(f"unexpected tensor {sorted(tensors)[0]!r} in checkpoint", SAFETENSORS_FILE)
     model.load_state_dict(rest, strict=False, assign=True)
     return model.eval()
-
-
-# ---- command line -----------------------------------------------------------------------------------------
-
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from quill.engine import resolve
-    from quill.weights import load_model
-
-    src = resolve(args.model)
-    if quantization_config(src) is not None:
-        raise InvalidParameter(f"{src} is already quantised", "model")
-    model = load_model(src, torch.float32)
-    quantize_model(model, "int8")
-    save_quantized(model, args.out, source=src)
-    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.suffix == ".safetensors")
-    print(json.dumps({"out": str(args.out), "mode": "int8", "bytes": size}))
-
-
-def register(sub) -> None:
-    p = sub.add_parser("quantize", help="write an int8 (weight-only, per-channel) copy of a model")
-    p.add_argument("model", help="checkpoint folder or bundled model name")
-    p.add_argument("out", help="output folder (loadable with quill.load / --model)")
-    p.add_argument("--int8", action="store_true", default=True, help="int8 weights, fp32 per-channel scales (default)")
-    p.set_defaults(func=cmd_quantize)
 
 
 __all__ = ["Int8Linear", "Int8Embedding", "quantize_model", "quantize_weight", "save_quantized", "load_quantized",

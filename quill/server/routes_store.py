@@ -50,8 +50,13 @@ class StoreHTTPError(APIError, fastapi.HTTPException):
     """An APIError that tuspyserver's code paths let through untouched (they re-raise fastapi's HTTPException)."""
 
 
+# The HTTP status of each StoreError code that is not a plain 400 (quill/store.py knows nothing of HTTP).
+STORE_STATUS = {"model_not_found": 404, "model_exists": 409, "file_too_large": 413, "model_too_large": 413,
+                "store_error": 500, "insufficient_storage": 507}
+
+
 def api_error(e: StoreError) -> StoreHTTPError:
-    return StoreHTTPError(e.status, str(e), param=e.param, code=e.code)
+    return StoreHTTPError(STORE_STATUS.get(e.code, 400), str(e), param=e.param, code=e.code)
 
 
 def _os_error(e: OSError, what: str, param: str | None = None) -> StoreHTTPError:
