@@ -38,9 +38,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from quill import kernels
+from quill.atomic import atomic_write
 from quill.errors import CheckpointError, InvalidParameter
 from quill.model import GPT
-from quill.weights import CONFIG_FILE, SAFETENSORS_FILE, atomic_write, load_config, read_tensors
+from quill.weights import CONFIG_FILE, SAFETENSORS_FILE, load_config, read_tensors
 
 QUANT_METHOD = "quill_int8"
 MODES = ("int8",)

@@ -35,6 +35,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from quill.atomic import fsync_dir, write_json_durably
 from quill.errors import CheckpointError, ConfigError, QuillError, TokenizerError
 
 try:
@@ -157,41 +158,7 @@ def validate_file_name(name: Any, param: str | None = None) -> str:
     return name
 
 
-# ---- small durable-filesystem helpers ------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames, deletions) durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def write_json_durably(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+# ---- files -----------------------------------------------------------------------------------------------------------
 
 
 def sha256_file(path: Path) -> str:
@@ -348,6 +315,7 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     """
     import torch
 
+    from quill import quantize as quantization
     from quill.model import GPT
     from quill.weights import hf_to_quill, load_config
 
@@ -375,11 +343,7 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     except (ConfigError, CheckpointError) as e:
         raise StoreError(f"config.json: {e}", "invalid_config", "config.json") from None
     try:
-        from quill import quantize as quantization
-    except ImportError:  # pragma: no cover - an installation without int8 support
-        quantization = None
-    try:
-        quantized = quantization is not None and quantization.quantization_config(folder) is not None
+        quantized = quantization.quantization_config(folder) is not None
     except CheckpointError as e:
         raise StoreError(f"config.json: {e}", "invalid_config", "config.json") from None
 
