@@ -8,8 +8,9 @@ LayerNorms, biases and the position embedding stay in the model's dtype.
 
 Decode steps (a few rows at a time) run on `quill.kernels`, which read 1 byte per weight and meet int16
 activations (one scale per row: near-exact); longer inputs (prefill) run on fbgemm's int8 GEMM with
-activations quantised per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, at twice
-the fp32 GEMM's speed (`QUILL_INT8_GEMM=0`: dequantise and use the fp32 GEMM; see docs/performance.md).
+activations quantised per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, because
+that beats dequantising to the fp32 GEMM (`QUILL_INT8_GEMM=0` does that instead; figures in
+docs/performance.md).
 
 Checkpoint format (`quill quantize MODEL OUT --int8`, loaded by `quill.load(OUT)`): a folder with the model's
 `config.json` plus a `quantization_config` entry, `model.safetensors` and the source's tokenizer files.
@@ -114,9 +115,10 @@ class Int8Linear(nn.Module):
     def _gemm(self, x: Tensor) -> Tensor:
         """Long inputs (prefill) on fbgemm's int8 GEMM, activations quantised per tensor to uint8 on the fly.
 
-        That is what ONNX Runtime's and transformers' dynamic int8 do; on AVX2 it runs at twice the fp32 GEMM
-        (vpmaddubsw), measured in docs/performance.md. The packed weight (fbgemm's layout, one more int8 copy)
-        is made on first use and remade when the weight, scale or bias change.
+        That is what ONNX Runtime's and transformers' dynamic int8 do; on AVX2 its byte multiply-adds
+        (vpmaddubsw) do more work per instruction than fp32 FMAs (docs/performance.md has the figures). The
+        packed weight (fbgemm's layout, one more int8 copy) is made on first use and remade when the weight,
+        scale or bias change.
         """
         # inference tensors (made under inference_mode) keep no version counter: their pointer identifies them
         key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version)

@@ -101,3 +101,16 @@ def test_no_import_circle_inside_the_package():
     assert "quill.engine" in graph and "quill.server.cli" in graph
     cycle = find_cycle(graph)
     assert cycle is None, "import circle: " + " -> ".join(cycle)
+
+
+def test_readme_layout_lists_every_module():
+    """README's layout table has one row per module of quill/ (and no row for a module that is gone)."""
+    readme = (ROOT / "README.md").read_text()
+    table = readme[readme.index("## Layout"):]
+    table = table[:table.index("\n\n", table.index("| module |"))]
+    listed = {name for row in table.splitlines() if row.startswith("| `")
+              for name in row.split("|")[1].replace("`", "").replace(",", " ").split()}
+    files = {str(p.relative_to(ROOT)) for p in PACKAGE.rglob("*.py")}
+    assert files - listed == set(), "modules missing from README's layout table"
+    assert {n for n in listed if n.endswith(".py") and n.startswith("quill/")} - files == set(), \
+        "README's layout table lists modules that do not exist"
