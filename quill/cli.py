@@ -1,7 +1,9 @@
 """The `quill` command. Each subcommand is a thin shell over the library; errors are one line and exit 2.
 
-Subsystems with commands of their own (training, serving, export, benchmarks) expose `register(subparsers)`
-and are listed in COMMAND_MODULES, so each keeps its flags beside its code.
+Subsystems with commands of their own (serving, uploads, export, training) expose `register(subparsers)`
+and are listed in COMMAND_MODULES, so each keeps its flags beside its code; they are loaded by name and
+import nothing from this module (shared flags live in quill/cli_flags.py). The benchmarks are scripts in
+bench/ of a source checkout, not commands.
 """
 
 from __future__ import annotations

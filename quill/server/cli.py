@@ -51,8 +51,8 @@ def split_model_arg(arg: str) -> tuple[str | None, str]:
 def build_state(args: argparse.Namespace):
     """Load the models named on the command line into an AppState (errors are QuillErrors, exit 2)."""
     import quill
-    from quill.resolve import bundled_models
     from quill.errors import InvalidParameter, QuillError
+    from quill.resolve import bundled_models
     from quill.server.auth import read_key_file
     from quill.server.state import DEFAULT_MAX_BODY_BYTES, AppState, ServerConfig
 

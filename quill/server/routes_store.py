@@ -30,10 +30,10 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuspyserver import create_tus_router
 from tuspyserver.storage.local import LocalFileStorage
 
+from quill.atomic import write_json_durably
 from quill.server.auth import require_admin
 from quill.server.errors import APIError
 from quill.server.state import AppState, get_state
-from quill.atomic import write_json_durably
 from quill.store import Store, StoreError, default_store_dir, limits_from_env, upload_metadata, validate_model_name
 
 log = logging.getLogger("quill.store")
