@@ -1,19 +1,484 @@
 #!/usr/bin/env python3
-"""GPT-2 decode benchmark against transformers, ONNX Runtime and llama.cpp (same as `quill bench decode`).
+"""The decode benchmark on the CPU: Quill against transformers, ONNX Runtime and llama.cpp.
 
     python bench/decode.py            # GPT-2 124M (random weights), full run, results in docs/benchmarks/
     python bench/decode.py --quick    # a short run
     python bench/decode.py --model PATH --systems quill,llama
+    python bench/decode.py --device cuda   # the GPU run instead (bench/decode_cuda.py)
 
-See quill/bench.py for what is measured and how.
+One run, on this machine, for one model (default: a random-initialised GPT-2 124M; `--model` for others):
+
+1. memory read bandwidth (sums over a 1 GiB fp32 tensor in 2 MB pages for a second, just before and just
+   after each batch-1 decode measurement: this VM's rate comes in bursts between ~32 and ~65 GB/s) and from
+   it each decode sample's bound: bandwidth / bytes of weights read per token;
+2. batch-1 decode tok/s: 32-token prompt, 128 new tokens, greedy, EOS ignored, timed from the first
+   generated token to the last (prefill excluded);
+3. prefill tok/s: a 512-token prompt up to its first generated token;
+4. batched decode tok/s (all rows together) for 1, 4, 8 and 16 sequences;
+5. quality: top-1 agreement of bf16 and int8 with fp32 along a 160-token greedy fp32 sequence, fed through
+   each model's own KV cache as generation does.
+
+Systems (bench/runners.py): Quill fp32/bf16/int8; transformers fp32/bf16/dynamic int8; ONNX Runtime
+fp32/int8; llama.cpp f32/f16/q8_0 when llama-cpp-python is installed.
+
+How: each family runs in a worker process of its own (bench/worker.py: their thread pools - torch's
+OpenMP, ORT's, ggml's - must not share a process), driven round by round from here so that load from other
+processes falls on all of them alike. Every system runs at the thread count (1 or all cores) that was faster
+for it in the warm-up, chosen separately for decode, batched decode and prefill. Tables report medians of
+`--runs` rounds. Results go to docs/benchmarks/ as JSON, Markdown and a PNG chart.
 """
 
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import statistics
+import subprocess
 import sys
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's quill
 
-from quill.bench import main  # noqa: E402
+from runners import (  # noqa: E402
+    NEW_TOKENS, PREFILL_LEN, PROMPT_LEN, add_model_arguments, benchmark_model, weight_bytes_per_token,
+    write_report,
+)
+
+BATCHES = (1, 4, 8, 16)
+SLOW_S = 20.0  # a measurement slower than this is taken once (transformers bf16 on CPUs without bf16 GEMM)
+
+
+# ---- machine ----------------------------------------------------------------------------------------------
+
+class BandwidthProbe:
+    """Read bandwidth in bytes/s, measured on demand: bytes over time of back-to-back sums (all torch threads)
+    over a `gib` GiB fp32 tensor kept for the whole run, for at least `seconds` - this VM's rate comes in
+    bursts of seconds, so a window as long as a decode sample's estimates what that sample could get. The
+    tensor sits in 2 MB pages where the machine has them, as Quill's weights do: 4 KB pages read slower, and
+    a bound measured on them would flatter every system."""
+
+    def __init__(self, gib: float = 1.0):
+        import torch
+
+        from quill.kernels import move_to_huge_pages
+
+        self.t = torch.ones(int(gib * (1 << 30)) // 4)
+        move_to_huge_pages([self.t])
+        self.t.sum()
+
+    def __call__(self, seconds: float = 1.0) -> float:
+        n, t0 = 0, time.perf_counter()
+        while n == 0 or time.perf_counter() - t0 < seconds:
+            self.t.sum()
+            n += 1
+        return n * self.t.nbytes / (time.perf_counter() - t0)
+
+
+def machine_info() -> dict:
+    import torch
+
+    cpu, flags = "", ""
+    with contextlib.suppress(OSError):
+        lines = open("/proc/cpuinfo").read().splitlines()
+        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
+        flags = next((ln for ln in lines if ln.startswith("flags")), "")
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "avx512": "avx512f" in flags, "avx2": "avx2" in flags, "python": platform.python_version(),
+            "torch": torch.__version__, "platform": platform.platform()}
+
+
+# ---- worker processes, as the driver sees them -----------------------------------------------------------
+
+class Worker:
+    """The driver's handle on a worker process."""
+
+    def __init__(self, family: str, cfg: dict, log_path: Path):
+        worker = Path(__file__).resolve().with_name("worker.py")
+        self.log = open(log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, str(worker), family, json.dumps(cfg)], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=self.log, text=True, bufsize=1)
+        self.family = family
+
+    def ready(self) -> list[dict]:
+        return self._read()["runners"]
+
+    def _read(self):
+        line = self.proc.stdout.readline()
+        if not line:
+            raise RuntimeError(f"{self.family} worker exited (log: {self.log.name})")
+        msg = json.loads(line)
+        if "error" in msg:
+            raise RuntimeError(f"{self.family} worker: {msg['error']}")
+        return msg
+
+    def call(self, name: str, op: str, threads: int | None = None, **args):
+        msg = {"op": op, "name": name, "args": args}
+        if threads is not None:
+            msg["threads"] = threads
+        self.proc.stdin.write(json.dumps(msg) + "\n")
+        return self._read()["ok"]
+
+    def close(self):
+        with contextlib.suppress(Exception):
+            self.proc.stdin.write(json.dumps({"op": "quit"}) + "\n")
+            self.proc.stdin.flush()
+            self.proc.wait(30)
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.log.close()
+
+
+@dataclass
+class RemoteRunner:
+    """A runner living in a worker, as the driver sees it; threads chosen in the warm-up per metric."""
+
+    worker: Worker
+    name: str
+    family: str
+    precision: str
+    bytes_per_weight: float
+    batching: bool
+    compiled: bool
+    threads: dict[str, int] = field(default_factory=dict)
+
+    def decode(self, prompt, new, batch=1, threads=None):
+        return self.worker.call(self.name, "decode", threads or self.threads.get("decode"), prompt=prompt, new=new,
+                                batch=batch)
+
+    def prefill(self, prompt, threads=None):
+        return self.worker.call(self.name, "prefill", threads or self.threads.get("prefill"), prompt=prompt)
+
+
+# ---- the run ----------------------------------------------------------------------------------------------
+
+@dataclass
+class Samples:
+    decode: list[float] = field(default_factory=list)
+    bandwidth: list[float] = field(default_factory=list)  # around each decode sample
+    prefill: list[float] = field(default_factory=list)
+    batched: dict[int, list[float]] = field(default_factory=dict)
+
+
+def _median(xs):
+    return statistics.median(xs) if xs else None
+
+
+def start_workers(folder: Path, work: Path, systems: set[str], n_ctx: int, log, compile: bool = False) -> list[Worker]:
+    import importlib.util
+
+    configs: dict[str, dict] = {}
+    if "quill" in systems:
+        configs["quill"] = {"folder": str(folder), "compile": compile}
+    if "transformers" in systems and importlib.util.find_spec("transformers"):
+        configs["transformers"] = {"folder": str(folder)}
+    if "ort" in systems and importlib.util.find_spec("onnxruntime"):
+        from quill.export import export_onnx, quantize_onnx_int8
+
+        fp32 = work / "onnx" / "model.onnx"
+        if not fp32.exists():
+            log("exporting ONNX ...")
+            export_onnx(folder, fp32.parent, last_logits_only=True)
+        int8 = work / "onnx-int8" / "model.onnx"
+        if not int8.exists():
+            log("quantising ONNX (onnxruntime quantize_dynamic) ...")
+            quantize_onnx_int8(fp32, int8)
+        configs["onnxruntime"] = {"fp32": str(fp32), "int8": str(int8)}
+    if "llama" in systems:
+        if importlib.util.find_spec("llama_cpp") is None:
+            log("llama-cpp-python is not installed: llama.cpp skipped")
+        else:
+            from quill.export import export_gguf
+
+            paths = {}
+            for t in ("f32", "f16", "q8_0"):
+                path = work / f"model-{t}.gguf"
+                if not path.exists():
+                    log(f"exporting GGUF {t} ...")
+                    export_gguf(folder, path, t)
+                paths[t] = str(path)
+            configs["llama.cpp"] = {**paths, "n_ctx": n_ctx}
+    return [Worker(fam, cfg, work / f"worker-{fam}.log") for fam, cfg in configs.items()]
+
+
+def run_benchmark(args: argparse.Namespace) -> dict:
+    import torch
+
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True))
+    folder, label, cache_root = benchmark_model(args)
+    work = cache_root / f"{label}-exports"
+    work.mkdir(parents=True, exist_ok=True)
+    from quill.weights import load_config
+
+    cfg = load_config(folder)
+    quick = args.quick
+    runs = args.runs or (3 if quick else 5)
+    new = args.new_tokens or (32 if quick else NEW_TOKENS)
+    new_batched = 16 if quick else 64
+    batches = (1, 8) if quick else BATCHES
+    systems = set(args.systems.split(","))
+    cores = os.cpu_count() or 1
+    thread_choices = sorted({1, torch.get_num_threads()})
+    load_before = os.getloadavg()
+    log(f"model {label}; cores {cores}; load {load_before}; runs {runs}")
+    workers = start_workers(folder, work, systems, PREFILL_LEN + 8, log, compile=args.compile)
+    runners: list[RemoteRunner] = []
+    try:
+        for w in workers:
+            runners += [RemoteRunner(w, **d) for d in w.ready()]
+        prompt = list(range(1000, 1000 + PROMPT_LEN))
+        long_prompt = [(1000 + 7 * i) % cfg.vocab_size for i in range(PREFILL_LEN)]
+        samples = {r.name: Samples() for r in runners}
+        probe = BandwidthProbe()
+
+        log("warm-up: choosing each system's thread count ...")
+        slow: set[tuple[str, str]] = set()  # measurements over SLOW_S seconds are taken in the first round only
+        for r in runners:
+            if r.compiled:  # compile the graphs of every batch size before anything is timed
+                for b in batches:
+                    r.decode(prompt, 4, b)
+            tried = {n: r.decode(prompt, new, threads=n) for n in thread_choices}
+            r.threads["decode"] = r.threads["batch"] = min(tried, key=tried.get)
+            if r.batching and max(batches) > 1 and max(tried.values()) < SLOW_S:
+                # batched rows are compute-bound where one row is bandwidth-bound: their best count may differ
+                b = 8 if 8 in batches else max(batches)
+                tried = {n: r.decode(prompt, 16, b, threads=n) for n in thread_choices}
+                r.threads["batch"] = min(tried, key=tried.get)
+            tried = {}
+            for n in thread_choices:
+                tried[n] = r.prefill(long_prompt, threads=n)
+                if tried[n] > SLOW_S:
+                    slow.add((r.name, "prefill"))
+                    break
+            r.threads["prefill"] = min(tried, key=tried.get)
+            if min(tried.values()) > SLOW_S:
+                slow.add((r.name, "prefill"))
+            log(f"  {r.name}: decode {r.threads['decode']} thread(s), batched {r.threads['batch']}, "
+                f"prefill {r.threads['prefill']}")
+        for i in range(runs):
+            t0 = time.perf_counter()
+            for r in runners:
+                s = samples[r.name]
+                before = probe()
+                s.decode.append((new - 1) / r.decode(prompt, new))
+                s.bandwidth.append((before + probe()) / 2)
+                if i == 0 or (r.name, "prefill") not in slow:
+                    s.prefill.append(PREFILL_LEN / r.prefill(long_prompt))
+                for b in batches:
+                    if b > 1 and r.batching and (i == 0 or (r.name, f"batch{b}") not in slow):
+                        t1 = time.perf_counter()
+                        s.batched.setdefault(b, []).append(
+                            b * (new_batched - 1) / r.decode(prompt, new_batched, b, threads=r.threads["batch"]))
+                        if time.perf_counter() - t1 > SLOW_S:
+                            slow.add((r.name, f"batch{b}"))
+            log(f"round {i + 1}/{runs}: {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
+        quality, profile = {}, {}
+        for r in runners:
+            if r.family == "quill" and not r.compiled:  # where a decode step's time goes, at the thread count chosen above
+                profiles = [r.worker.call(r.name, "profile", r.threads["decode"], prompt=prompt, new=new)
+                            for _ in range(3)]
+                profile[r.name] = min(profiles, key=lambda p: p["whole token"])
+        if not args.no_quality:
+            q = next((r for r in runners if r.name == "quill fp32"), None)
+            if q is not None:
+                quality = q.worker.call(q.name, "quality")
+    finally:
+        for w in workers:
+            w.close()
+    bandwidth = [b for r in runners for b in samples[r.name].bandwidth]
+    results = []
+    for r in runners:
+        s = samples[r.name]
+        per_token = weight_bytes_per_token(cfg, r.bytes_per_weight)
+        d = _median(s.decode)
+        results.append({
+            "system": r.name, "family": r.family, "precision": r.precision, "threads": dict(r.threads),
+            "decode_tok_s": d, "decode_samples": s.decode, "bound_tok_s": _median(s.bandwidth) / per_token,
+            "bandwidth_samples_GBps": [b / 1e9 for b in s.bandwidth],
+            "pct_of_bound": _median([100 * t * per_token / b for t, b in zip(s.decode, s.bandwidth)]),
+            "prefill_tok_s": _median(s.prefill), "prefill_samples": s.prefill,
+            "batched_tok_s": {1: d, **{b: _median(v) for b, v in s.batched.items()}},
+            "batched_samples": {str(b): v for b, v in s.batched.items()},
+        })
+    report = {
+        "model": label, "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size},
+        "settings": {"prompt": PROMPT_LEN, "new_tokens": new, "prefill": PREFILL_LEN, "batched_new_tokens": new_batched,
+                     "batches": list(batches), "runs": runs, "quick": quick, "thread_choices": thread_choices},
+        "machine": machine_info(), "load_before": load_before, "load_after": os.getloadavg(),
+        "bandwidth_GBps": _median(bandwidth) / 1e9,
+        "bandwidth_range_GBps": [min(bandwidth) / 1e9, max(bandwidth) / 1e9],
+        "results": results, "top1_agreement_with_fp32": quality, "decode_profile_ms": profile,
+        "time": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    report["goals"] = check_goals(results, batches)
+    return report
+
+
+def _find(results, system):
+    return next((r for r in results if r["system"] == system), None)
+
+
+def check_goals(results: list[dict], batches) -> dict:
+    """The issue's targets, evaluated on this run's medians (None where a peer is missing)."""
+    g: dict[str, bool | None] = {}
+
+    def dec(name):
+        r = _find(results, name)
+        return r["decode_tok_s"] if r else None
+
+    q32, q16, q8 = (_find(results, f"quill {p}") for p in ("fp32", "bf16", "int8"))
+    if q32:
+        g["fp32 decode >= 90% of bound"] = q32["pct_of_bound"] >= 90
+    if q32 and dec("llama.cpp f32"):
+        g["fp32 decode >= llama.cpp f32"] = q32["decode_tok_s"] >= dec("llama.cpp f32")
+    if q16 and dec("llama.cpp f16"):
+        g["bf16 decode >= llama.cpp f16"] = q16["decode_tok_s"] >= dec("llama.cpp f16")
+    if q8 and dec("llama.cpp q8_0"):
+        g["int8 decode >= 1.2x llama.cpp q8_0"] = q8["decode_tok_s"] >= 1.2 * dec("llama.cpp q8_0")
+    if q8 and dec("onnxruntime int8"):
+        g["int8 decode >= 1.5x ORT int8"] = q8["decode_tok_s"] >= 1.5 * dec("onnxruntime int8")
+    peers_by_precision = {"fp32": ("transformers fp32", "onnxruntime fp32", "llama.cpp f32"),
+                          "bf16": ("transformers bf16", "llama.cpp f16"),
+                          "int8": ("transformers dynamic int8", "onnxruntime int8", "llama.cpp q8_0")}
+    for p, peers in peers_by_precision.items():
+        q = _find(results, f"quill {p}")
+        best = max((r["prefill_tok_s"] for r in results if r["system"] in peers), default=None)
+        if q and best:
+            g[f"{p} prefill-512 >= best peer"] = q["prefill_tok_s"] >= best
+    if 8 in batches:
+        for q in (q32, q16, q8):
+            if q and q["batched_tok_s"].get(8):
+                g[f"{q['precision']} batch-8 >= 5x batch-1"] = q["batched_tok_s"][8] >= 5 * q["decode_tok_s"]
+    return g
+
+
+# ---- reporting --------------------------------------------------------------------------------------------
+
+def format_report(rep: dict) -> str:
+    res = rep["results"]
+    batches = rep["settings"]["batches"]
+    lines = [f"# Decode benchmark: {rep['model']} ({rep['time']})", "",
+             f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch threads "
+             f"{rep['machine']['torch_threads']}, AVX-512: {rep['machine']['avx512']}; load average "
+             f"{rep['load_before'][0]:.1f} before, {rep['load_after'][0]:.1f} after. Measured read bandwidth "
+             f"{rep['bandwidth_GBps']:.1f} GB/s (torch sums over 1 GiB in 2 MB pages for 1 s before and after "
+             "every batch-1 decode sample; median, range {:.1f}-{:.1f}).".format(*rep["bandwidth_range_GBps"]),
+             f"Prompt {rep['settings']['prompt']} tokens, {rep['settings']['new_tokens']} new tokens (greedy, EOS "
+             f"ignored), prefill {rep['settings']['prefill']} tokens, batched rows generate "
+             f"{rep['settings']['batched_new_tokens']} tokens each; median of {rep['settings']['runs']} rounds after a "
+             "warm-up that picks each system's thread count (1 or all cores) for decode, batched rows and prefill, systems interleaved round by round, "
+             f"each family in its own process (measurements over {SLOW_S:.0f} s are taken once). "
+             "Bound = bandwidth measured around the sample / weight bytes per token; % of bound is the median over "
+             "samples, the bound column the median bound.", ""]
+    head = "| system | threads (decode/batched/prefill) | decode tok/s | % of bound | bound | prefill-512 tok/s | " + " | ".join(
+        f"batch {b} tok/s" for b in batches if b != 1) + " | batch 8 / batch 1 |"
+    lines += [head, "|" + "---|" * (head.count("|") - 1)]
+    for r in res:
+        bt = r["batched_tok_s"]
+        cells = [r["system"], f"{r['threads'].get('decode')}/{r['threads'].get('batch', '-')}/{r['threads'].get('prefill')}", f"{r['decode_tok_s']:.1f}", f"{r['pct_of_bound']:.0f}%", f"{r['bound_tok_s']:.0f}",
+                 f"{r['prefill_tok_s']:.0f}"]
+        cells += [f"{bt[b]:.1f}" if bt.get(b) else "-" for b in batches if b != 1]
+        cells.append(f"{bt[8] / r['decode_tok_s']:.2f}x" if bt.get(8) else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    quills = [r for r in res if r["family"] == "quill"]
+    peers = [r for r in res if r["family"] != "quill"]
+    if quills and peers:
+        lines += ["", "Decode speed-up of Quill over each peer (median tok/s ratio):", "",
+                  "| | " + " | ".join(p["system"] for p in peers) + " |", "|---|" + "---|" * len(peers)]
+        for q in quills:
+            lines.append(f"| {q['system']} | " + " | ".join(f"{q['decode_tok_s'] / p['decode_tok_s']:.2f}x"
+                                                          for p in peers) + " |")
+        lines += ["", "Prefill-512 speed-up of Quill over each peer:", "",
+                  "| | " + " | ".join(p["system"] for p in peers) + " |", "|---|" + "---|" * len(peers)]
+        for q in quills:
+            lines.append(f"| {q['system']} | " + " | ".join(f"{q['prefill_tok_s'] / p['prefill_tok_s']:.2f}x"
+                                                          for p in peers) + " |")
+    prof = rep.get("decode_profile_ms") or {}
+    if prof:
+        names = list(prof)
+        parts = list(next(iter(prof.values())))
+        lines += ["", "Where a Quill decode step's time goes (ms per token, best of 3 runs of "
+                  f"{rep['settings']['new_tokens']} tokens, at the decode thread count above):", "",
+                  "| part | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+        for part in parts:
+            lines.append(f"| {part} | " + " | ".join(f"{prof[n][part]:.2f}" for n in names) + " |")
+    if rep.get("top1_agreement_with_fp32"):
+        lines += ["", "Top-1 agreement with Quill fp32 (teacher-forced, 160 positions): " + ", ".join(
+            f"{k} {100 * v:.1f}%" for k, v in rep["top1_agreement_with_fp32"].items())]
+    if rep.get("goals"):
+        lines += ["", "Goals (this run):", ""] + [f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in rep["goals"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def plot_report(rep: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res = rep["results"]
+    colors = {"quill": "tab:blue", "transformers": "tab:orange", "onnxruntime": "tab:green", "llama.cpp": "tab:red"}
+    fig, axes = plt.subplots(1, 3, figsize=(17, 5.5))
+    names = [r["system"] for r in res]
+    ax = axes[0]
+    ax.barh(names, [r["decode_tok_s"] for r in res], color=[colors.get(r["family"], "gray") for r in res])
+    for i, r in enumerate(res):
+        ax.plot([r["bound_tok_s"]] * 2, [i - 0.4, i + 0.4], color="black", lw=1)
+    ax.invert_yaxis()
+    ax.set_xlabel("tok/s (black tick: bandwidth bound)")
+    ax.set_title(f"batch-1 decode, {rep['settings']['new_tokens']} new tokens")
+    ax = axes[1]
+    ax.barh(names, [r["prefill_tok_s"] for r in res], color=[colors.get(r["family"], "gray") for r in res])
+    ax.invert_yaxis()
+    ax.set_yticklabels([])
+    ax.set_xlabel("tok/s")
+    ax.set_title(f"prefill {rep['settings']['prefill']} tokens")
+    ax = axes[2]
+    for r in res:
+        bt = {int(k): v for k, v in r["batched_tok_s"].items() if v}
+        if len(bt) > 1:
+            ks = sorted(bt)
+            ax.plot(ks, [bt[k] for k in ks], marker="o", label=r["system"], color=colors.get(r["family"], "gray"),
+                    linestyle={"fp32": "-", "bf16": "--", "int8": ":"}.get(r["precision"], "-"))
+    ax.set_xlabel("sequences decoded together")
+    ax.set_ylabel("total tok/s")
+    ax.set_xscale("log", base=2)
+    ax.set_title("batched decode")
+    ax.legend(fontsize=7)
+    fig.suptitle(f"{rep['model']} on {rep['machine']['cpu']} ({rep['machine']['cores']} cores, "
+                 f"{rep['bandwidth_GBps']:.1f} GB/s), {rep['time']}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.splitlines()[1])
+    add_model_arguments(p)
+    p.add_argument("--quick", action="store_true", help="short run: 3 rounds, 32 new tokens, batches 1 and 8")
+    p.add_argument("--systems", default="quill,transformers,ort,llama",
+                   help="comma-separated subset of quill,transformers,ort,llama")
+    p.add_argument("--no-quality", action="store_true", help="skip the top-1 agreement check")
+    p.add_argument("--compile", action="store_true", help="also measure Quill fp32 through torch.compile")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                   help="cuda: Quill (CUDA graphs) against transformers on the GPU (bench/decode_cuda.py)")
+    args = p.parse_args(argv)
+    if args.device == "cuda":
+        import decode_cuda
+
+        return decode_cuda.run(args)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rep = run_benchmark(args)
+    stem = f"decode-{rep['model']}" + ("-quick" if rep["settings"]["quick"] else "")
+    plot_report(rep, out / f"{stem}.png")
+    write_report(out, stem, rep, format_report(rep))
+    return 0
+
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,7 +21,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 
 from quill.errors import InvalidParameter, QuillError
-from quill.generate import DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, make_generator
+from quill.generate import DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, new_sequences
 
 log = logging.getLogger("quill.batching")
 
@@ -206,9 +206,7 @@ class Scheduler:
         if n > self.max_batch:
             raise InvalidParameter(f"n must be at most {self.max_batch} (this server's --max-batch)", "n")
         request.validate(self.engine.model)
-        model = self.engine.model
-        seqs = [Sequence(request, self.engine.tokenizer, model.config.n_positions, model.config.eos_token_ids,
-                         make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
+        seqs = new_sequences(self.engine.model, self.engine.tokenizer, request, n)
         return self._enqueue(Ticket(request, seqs, _loop(loop)))
 
     def resume(self, state: SequenceState, max_flops: int | None = None,

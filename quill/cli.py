@@ -1,7 +1,9 @@
 """The `quill` command. Each subcommand is a thin shell over the library; errors are one line and exit 2.
 
-Subsystems with commands of their own (training, serving, export, benchmarks) expose `register(subparsers)`
-and are listed in COMMAND_MODULES, so each keeps its flags beside its code.
+Subsystems with commands of their own (serving, uploads, export, training) expose `register(subparsers)`
+and are listed in COMMAND_MODULES, so each keeps its flags beside its code; they are loaded by name and
+import nothing from this module (shared flags live in quill/cli_flags.py). The benchmarks are scripts in
+bench/ of a source checkout, not commands.
 """
 
 from __future__ import annotations
@@ -13,20 +15,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.quantize", "quill.export", "quill.bench",
-                                     "quill.train.cli")
+from quill.cli_flags import add_load_flags
 
-
-KV_CACHE_HELP = "KV cache dtype: float32, bfloat16 or float16 (default: the model's; bfloat16 for int8 models)"
+COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.export", "quill.train.cli")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL plus how to load it: shared by every command that loads a model."""
     p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--compile", action="store_true", help="run the model through torch.compile (docs/performance.md)")
-    p.add_argument("--kv-cache", default=None, metavar="DTYPE", help=KV_CACHE_HELP)
+    add_load_flags(p)
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -107,7 +104,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
 
 
 def cmd_tokenize(args: argparse.Namespace) -> None:
-    from quill.engine import resolve
+    from quill.resolve import resolve
     from quill.tokenizer import Tokenizer
 
     tok = Tokenizer.gpt2() if args.model == "gpt2" else Tokenizer.load(resolve(args.model))
@@ -116,7 +113,7 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from quill.engine import resolve
+    from quill.resolve import resolve
     from quill.weights import load_config
 
     path = resolve(args.model)
@@ -125,6 +122,24 @@ def cmd_info(args: argparse.Namespace) -> None:
     info = {"path": str(path), "config": cfg.to_hf(), "parameters": n,
             "bytes": {"float32": 4 * n, "bfloat16": 2 * n, "int8": n}}
     print(json.dumps(info, indent=2))
+
+
+def cmd_quantize(args: argparse.Namespace) -> None:
+    import torch
+
+    from quill.errors import InvalidParameter
+    from quill.quantize import quantization_config, quantize_model, save_quantized
+    from quill.resolve import resolve
+    from quill.weights import load_model
+
+    src = resolve(args.model)
+    if quantization_config(src) is not None:
+        raise InvalidParameter(f"{src} is already quantised", "model")
+    model = load_model(src, torch.float32)
+    quantize_model(model, args.mode)
+    save_quantized(model, args.out, source=src)
+    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.suffix == ".safetensors")
+    print(json.dumps({"out": str(args.out), "mode": args.mode, "bytes": size}))
 
 
 def cmd_eval(args: argparse.Namespace) -> None:
@@ -167,6 +182,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--text", required=True, help="text file to score")
     p.add_argument("--stride", type=int, default=None, help="window step in tokens (default: the context)")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("quantize", help="write an int8 (weight-only, per-channel) copy of a model")
+    p.add_argument("model", help="checkpoint folder or bundled model name")
+    p.add_argument("out", help="output folder (loadable with quill.load / --model)")
+    # int8 is the only mode so far: the flag names it explicitly and is what a second mode will sit beside
+    p.add_argument("--int8", dest="mode", action="store_const", const="int8", default="int8",
+                   help="int8 weights, fp32 per-channel scales (the default)")
+    p.set_defaults(func=cmd_quantize)
 
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)

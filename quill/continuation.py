@@ -23,10 +23,10 @@ from pathlib import Path
 
 import torch
 
+from quill.atomic import atomic_write
 from quill.errors import ContinuationError
 from quill.generate import GenerationRequest, SequenceState
 from quill.sampling import SamplingParams
-from quill.weights import atomic_write
 
 DEFAULT_TTL = 3600.0  # seconds a handle stays valid after its call ended
 DEFAULT_KV_BYTES = 512 << 20  # KV caches kept in memory, all handles together

@@ -14,24 +14,20 @@ from pathlib import Path
 import torch
 
 from quill import kernels
-from quill.errors import InvalidParameter, QuillError
+from quill.errors import InvalidParameter
 from quill.continuation import ContinuationStore
 from quill.generate import GenerationRequest, Sequence, StepEvent, TokenLogprob, Usage, resume, run
 from quill.graphs import cuda_turn
 from quill.model import GPT, GPTConfig
+from quill.resolve import resolve
 from quill.sampling import SamplingParams
 from quill.search import SearchParams, run_search
 from quill.tokenizer import Tokenizer
 from quill.weights import load_model
 
-BUNDLED_DIR = Path(__file__).parent / "models"
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
 _SAMPLING_FIELDS = {f.name for f in fields(SamplingParams)}
-
-
-class ModelNotFound(QuillError):
-    """A model name that is neither a checkpoint folder nor a bundled or stored model."""
 
 
 def parse_dtype(dtype: str | torch.dtype, field: str = "dtype") -> torch.dtype:
@@ -41,27 +37,6 @@ def parse_dtype(dtype: str | torch.dtype, field: str = "dtype") -> torch.dtype:
     if isinstance(dtype, str) and dtype.lower() in DTYPES:
         return DTYPES[dtype.lower()]
     raise InvalidParameter(f"{field} must be one of float32, bfloat16, float16, got {dtype!r}", field)
-
-
-def bundled_models() -> list[str]:
-    """Names of the models shipped inside the package."""
-    return sorted(p.name for p in BUNDLED_DIR.iterdir() if (p / "config.json").exists()) if BUNDLED_DIR.is_dir() else []
-
-
-def resolve(path_or_name: str | os.PathLike) -> Path:
-    """A checkpoint folder for a path or a bundled model's name."""
-    path = Path(path_or_name).expanduser()
-    if path.is_dir():
-        return path
-    if isinstance(path_or_name, str) and path_or_name in bundled_models():
-        return BUNDLED_DIR / path_or_name
-    from quill.store import find_stored  # a model published to the default model store (quill/store.py)
-
-    stored = find_stored(path_or_name) if isinstance(path_or_name, str) else None
-    if stored is not None:
-        return stored
-    known = ", ".join(bundled_models()) or "none"
-    raise ModelNotFound(f"no model folder or bundled model named {str(path_or_name)!r} (bundled: {known})")
 
 
 @dataclass

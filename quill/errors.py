@@ -53,3 +53,7 @@ class ContinuationError(InvalidParameter):
     def __init__(self, message: str, code: str):
         super().__init__(message, "continuation")
         self.code = code
+
+
+class ModelNotFound(QuillError):
+    """A model name that is neither a checkpoint folder nor a bundled or stored model."""

@@ -34,8 +34,8 @@ GGUF_TYPES = ("f32", "f16", "q8_0")
 
 
 def _load_float_model(model_path: str | Path) -> tuple[GPT, Path]:
-    from quill.engine import resolve
     from quill.quantize import quantization_config
+    from quill.resolve import resolve
     from quill.weights import load_model
 
     path = resolve(model_path)

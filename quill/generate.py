@@ -438,8 +438,7 @@ def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1
     request.validate(model)
     if not isinstance(n, int) or n < 1:
         raise InvalidParameter(f"n must be a positive integer, got {n!r}", "n")
-    seqs = [Sequence(request, tokenizer, model.config.n_positions, model.config.eos_token_ids,
-                     make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
+    seqs = new_sequences(model, tokenizer, request, n)
     batch = DecodeBatch(model, n, len(request.prompt_ids) + request.limit)
     yield from _raising(batch.add(seqs))
     while batch.rows:
@@ -461,6 +460,12 @@ def _raising(events: list[StepEvent]) -> list[StepEvent]:
         if ev.seq.error is not None:
             raise ev.seq.error
     return events
+
+
+def new_sequences(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int) -> list[Sequence]:
+    """The `n` samples of a validated request, each drawing from its own random stream (`make_generator`)."""
+    return [Sequence(request, tokenizer, model.config.n_positions, model.config.eos_token_ids,
+                     make_generator(request.sampling.seed, i, model), index=i) for i in range(n)]
 
 
 def make_generator(seed: int | None, index: int, model: GPT) -> torch.Generator | None:

@@ -31,8 +31,9 @@ _CUDA_LOCK = threading.RLock()
 
 
 def cuda_turn(device: torch.device | str) -> contextlib.AbstractContextManager:
-    """Quill's CUDA lock when `device` is a GPU, else a no-op context (a plain object rather than a generator-based
-    context manager: it is entered around every decode step, where that measured ~8 us more, cold).
+    """Quill's CUDA lock when `device` is a GPU, else a no-op context: a plain object rather than a generator-based
+    context manager, since it is entered around every decode step, where a generator's set-up is a cost paid
+    per token (docs/performance.md).
 
     A graph capture fails when another thread launches CUDA work meanwhile (the server runs one scheduler
     thread per model, and loads models from the store while serving), so captures, batches' steps and model

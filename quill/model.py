@@ -373,13 +373,16 @@ class GPT(nn.Module):
         return KVCache(self.config, batch, max_len, self.kv_dtype or self.dtype, self.device)
 
     def forward(self, idx: Tensor, start: int | Tensor = 0, cache: KVCache | None = None,
-                last_only: bool = False, span: int | None = None) -> Tensor:
+                last_only: bool = False, span: int | None = None,
+                return_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
         """Logits for tokens `idx` [B, T] placed at positions start..start+T-1 (per row if `start` is [B]).
 
         With a cache, keys and values of these tokens are written into it and attention reads every cached
         position before them. `last_only` computes the head for the final position only ([B, 1, V]).
         `span` makes the attention read that many cache positions under a mask instead of exactly the
         positions in use: the same result, with shapes that do not change from step to step (CUDA graphs).
+        `return_hidden` also returns the final hidden states (after ln_f, [B, T, C]) that contrastive search
+        ranks candidates by; the fused decode path never materialises them, so such a step runs in torch.
         """
         B, T = idx.shape
         pos = Positions(start, T, span)
@@ -388,7 +391,8 @@ class GPT(nn.Module):
             raise ValueError(f"positions up to {pos.end()} exceed the context of {limit} tokens")
         if cache is None and (pos.ragged or pos.start != 0):
             raise ValueError("a forward without a cache must start at position 0")
-        if T == 1 and cache is not None and self.use_kernels and self._decode_ok(idx, pos, cache):
+        fused = T == 1 and cache is not None and self.use_kernels and not return_hidden
+        if fused and self._decode_ok(idx, pos, cache):
             try:
                 return self._decode(idx, pos, cache)
             except _Unsupported:  # a layer the kernels cannot run: redo the step (same cache writes) in torch
@@ -399,10 +403,9 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
             x = block(x, pos if cache is not None else None, kc, vc, mask)
-        x = self.transformer.ln_f(x)
-        if last_only:
-            x = x[:, -1:]
-        return self.lm_head(x)  # [B, T or 1, V]
+        hidden = self.transformer.ln_f(x)
+        logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # [B, T or 1, V]
+        return (logits, hidden) if return_hidden else logits
 
     # ---- the decode fast path -----------------------------------------------------------------------------
 

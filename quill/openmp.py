@@ -1,11 +1,11 @@
 """How long torch's OpenMP workers busy-wait after a parallel op: set once, before torch loads.
 
-libgomp's workers spin ~300,000 pauses (~10 ms on the AVX2 machine) after every parallel torch op before
-they sleep. Quill's kernels run on their own thread pool (quill.kernels), whose helper then shares a core
-with a spinning worker: the prefill attention kernel took 6.5 ms right after a torch op against 3.2 ms
-otherwise (2 cores, docs/performance.md). 20,000 pauses (~0.7 ms) still bridge the microseconds between
-back-to-back torch ops, so torch's own speed is unchanged (training steps measured the same), while
-`OMP_WAIT_POLICY=PASSIVE` (no spin at all) slowed a small model's training step from ~15 to ~23 ms.
+libgomp's workers spin for milliseconds after every parallel torch op before they sleep. Quill's kernels
+run on their own thread pool (quill.kernels), whose helper thread then shares a core with a spinning worker
+and is slowed until the spin ends. A spin of SPIN_COUNT pauses is far shorter, yet still longer
+than the gaps between back-to-back torch ops, so torch's own ops keep their workers awake; no spin at all
+(`OMP_WAIT_POLICY=PASSIVE`) would make every small torch op pay a futex wake-up instead. The measurements
+behind both choices are in docs/performance.md ("torch's spinning OpenMP workers").
 """
 
 from __future__ import annotations

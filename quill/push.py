@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 from quill.errors import QuillError
-from quill.store import (StoreError, file_kind, parse_size, sha256_file, validate_file_name, validate_model_name,
-                         write_json_durably)
+from quill.atomic import write_json_durably
+from quill.store import StoreError, file_kind, parse_size, sha256_file, validate_file_name, validate_model_name
 
 DEFAULT_CHUNK = "2MB"
 

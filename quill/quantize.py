@@ -8,8 +8,9 @@ LayerNorms, biases and the position embedding stay in the model's dtype.
 
 Decode steps (a few rows at a time) run on `quill.kernels`, which read 1 byte per weight and meet int16
 activations (one scale per row: near-exact); longer inputs (prefill) run on fbgemm's int8 GEMM with
-activations quantised per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, at twice
-the fp32 GEMM's speed (`QUILL_INT8_GEMM=0`: dequantise and use the fp32 GEMM; see docs/performance.md).
+activations quantised per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, because
+that beats dequantising to the fp32 GEMM (`QUILL_INT8_GEMM=0` does that instead; figures in
+docs/performance.md).
 
 Checkpoint format (`quill quantize MODEL OUT --int8`, loaded by `quill.load(OUT)`): a folder with the model's
 `config.json` plus a `quantization_config` entry, `model.safetensors` and the source's tokenizer files.
@@ -26,7 +27,6 @@ and keeps `transformer.wte.weight` in float. LayerNorms and `transformer.wpe.wei
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -39,9 +39,10 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from quill import kernels
+from quill.atomic import atomic_write
 from quill.errors import CheckpointError, InvalidParameter
 from quill.model import GPT
-from quill.weights import CONFIG_FILE, SAFETENSORS_FILE, atomic_write, load_config, read_tensors
+from quill.weights import CONFIG_FILE, SAFETENSORS_FILE, load_config, read_tensors
 
 QUANT_METHOD = "quill_int8"
 MODES = ("int8",)
@@ -114,9 +115,10 @@ class Int8Linear(nn.Module):
     def _gemm(self, x: Tensor) -> Tensor:
         """Long inputs (prefill) on fbgemm's int8 GEMM, activations quantised per tensor to uint8 on the fly.
 
-        That is what ONNX Runtime's and transformers' dynamic int8 do; on AVX2 it runs at twice the fp32 GEMM
-        (vpmaddubsw), measured in docs/performance.md. The packed weight (fbgemm's layout, one more int8 copy)
-        is made on first use and remade when the weight, scale or bias change.
+        That is what ONNX Runtime's and transformers' dynamic int8 do; on AVX2 its byte multiply-adds
+        (vpmaddubsw) do more work per instruction than fp32 FMAs (docs/performance.md has the figures). The
+        packed weight (fbgemm's layout, one more int8 copy) is made on first use and remade when the weight,
+        scale or bias change.
         """
         # inference tensors (made under inference_mode) keep no version counter: their pointer identifies them
         key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
@@ -280,30 +282,6 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
         raise CheckpointError(f"unexpected tensor {sorted(tensors)[0]!r} in checkpoint", SAFETENSORS_FILE)
     model.load_state_dict(rest, strict=False, assign=True)
     return model.eval()
-
-
-# ---- command line -----------------------------------------------------------------------------------------
-
-def cmd_quantize(args: argparse.Namespace) -> None:
-    from quill.engine import resolve
-    from quill.weights import load_model
-
-    src = resolve(args.model)
-    if quantization_config(src) is not None:
-        raise InvalidParameter(f"{src} is already quantised", "model")
-    model = load_model(src, torch.float32)
-    quantize_model(model, "int8")
-    save_quantized(model, args.out, source=src)
-    size = sum(f.stat().st_size for f in Path(args.out).iterdir() if f.suffix == ".safetensors")
-    print(json.dumps({"out": str(args.out), "mode": "int8", "bytes": size}))
-
-
-def register(sub) -> None:
-    p = sub.add_parser("quantize", help="write an int8 (weight-only, per-channel) copy of a model")
-    p.add_argument("model", help="checkpoint folder or bundled model name")
-    p.add_argument("out", help="output folder (loadable with quill.load / --model)")
-    p.add_argument("--int8", action="store_true", default=True, help="int8 weights, fp32 per-channel scales (default)")
-    p.set_defaults(func=cmd_quantize)
 
 
 __all__ = ["Int8Linear", "Int8Embedding", "quantize_model", "quantize_weight", "save_quantized", "load_quantized",

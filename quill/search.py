@@ -18,6 +18,13 @@ Beams are rows of one KV cache at a common position; after each step the cache r
 `KVCache.copy_rows`. Stop strings end a hypothesis as an EOS token does, and stop token ids are EOS tokens.
 Beam results are known only when the search ends, so their events all come at the end; contrastive search
 streams token by token.
+
+These searches run a decode loop of their own, not `quill.generate.DecodeBatch`: DecodeBatch steps
+independent sequences, each choosing its own next token, while a search chooses across its rows together
+(beams are reordered and replaced every step; contrastive search scores `top_k` candidates by their hidden
+states, `GPT.forward(..., return_hidden=True)`, which the fused decode path never computes). So a search
+runs in the caller's thread with plain `GPT.forward` calls: no CUDA graphs, no CUDA turn (`quill.graphs`),
+and the server refuses search parameters rather than batching them.
 """
 
 from __future__ import annotations
@@ -41,7 +48,7 @@ from quill.generate import (
     prompt_logprobs,
     run,
 )
-from quill.model import GPT, KVCache, Positions
+from quill.model import GPT, KVCache
 from quill.sampling import LogitsPipeline, SamplingParams
 from quill.stopping import StopStrings
 from quill.tokenizer import Tokenizer
@@ -207,7 +214,7 @@ class _Setup:
         if hidden is None:
             logits = self.model(idx, 0, cache.rows(slice(0, 1)), last_only=not req.echo)[0].float()
         else:
-            logits, states = forward_with_hidden(self.model, idx, 0, cache.rows(slice(0, 1)), last_only=not req.echo)
+            logits, states = self.model(idx, 0, cache.rows(slice(0, 1)), last_only=not req.echo, return_hidden=True)
             logits = logits[0].float()
             hidden.append(states[0])
         if rows > 1:
@@ -540,25 +547,6 @@ def _replay(seq: Sequence, tokens: list[int], logprobs: list[TokenLogprob] | Non
     yield StepEvent(seq, -1, seq._drain(), None, True)
 
 
-def forward_with_hidden(model: GPT, idx: Tensor, start: int, cache: KVCache,
-                        last_only: bool = False) -> tuple[Tensor, Tensor]:
-    """`GPT.forward`'s torch path that also returns the final hidden states (after ln_f), [B, T, C].
-
-    Contrastive search ranks candidates by these; the fused one-token decode path never materialises them
-    (it folds ln_f into the head), so the candidates' step runs the blocks here.
-    """
-    tr = model.transformer
-    pos = Positions(start, idx.shape[1])
-    if pos.end() > cache.max_len:
-        raise ValueError(f"positions up to {pos.end()} exceed the context of {cache.max_len} tokens")
-    x = tr.drop(tr.wte(idx) + tr.wpe(pos.ids(idx.device)))
-    mask = pos.mask(pos.end(), idx.device)
-    for i, block in enumerate(tr.h):
-        x = block(x, pos, cache.k[i], cache.v[i], mask)
-    hidden = tr.ln_f(x)
-    return model.lm_head(hidden[:, -1:] if last_only else hidden), hidden
-
-
 @torch.inference_mode()
 def _contrastive_events(model: GPT, tokenizer: Tokenizer, request: GenerationRequest,
                         params: SearchParams) -> Iterator[StepEvent]:
@@ -591,7 +579,7 @@ def _contrastive_events(model: GPT, tokenizer: Tokenizer, request: GenerationReq
             processed = s.pipeline(processed, history[:, :pos], s.P)
         probs = torch.softmax(processed, dim=-1)[0]
         top_probs, top_ids = torch.topk(probs, k)
-        cand_logits, cand_hidden = forward_with_hidden(model, top_ids[:, None], pos, cache)
+        cand_logits, cand_hidden = model(top_ids[:, None], pos, cache, return_hidden=True)
         cand_logits, cand_hidden = cand_logits[:, -1].float(), cand_hidden[:, -1].float()  # [k, V], [k, C]
         s.flops += k * forward_flops(model.config, 1, pos, 1)
         cand_hidden = cand_hidden / cand_hidden.norm(dim=-1, keepdim=True)

@@ -1,6 +1,7 @@
 """The model store: published models as folders under one directory, resumable uploads beside them.
 
-Independent of HTTP: the server (`quill.server.routes_store`) drives it, `quill.load(NAME)` reads it.
+Independent of HTTP and of the engine: the server (`quill.server.routes_store`) drives it and maps its error
+codes to HTTP statuses; `quill.load(NAME)` finds its models through `quill.resolve`.
 
 Layout of a store directory (default `platformdirs.user_data_dir("quill")/models`, or `$QUILL_STORE`)::
 
@@ -34,6 +35,7 @@ from email.utils import parsedate_to_datetime
 from pathlib import Path
 from typing import Any
 
+from quill.atomic import fsync_dir, write_json_durably
 from quill.errors import CheckpointError, ConfigError, QuillError, TokenizerError
 
 try:
@@ -67,15 +69,16 @@ _ST_NAMES = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bflo
 
 
 class StoreError(QuillError):
-    """A refused store operation: `status` is the HTTP status, `code` the error code, `param` the file or field."""
+    """A refused store operation: `code` says what kind (the server maps it to an HTTP status), `param` names the
+    file or field."""
 
-    def __init__(self, message: str, status: int = 400, code: str | None = None, param: str | None = None):
+    def __init__(self, message: str, code: str, param: str | None = None):
         super().__init__(message)
-        self.status, self.code, self.param = status, code, param
+        self.code, self.param = code, param
 
 
 def disk_full(what: str, param: str | None = None) -> StoreError:
-    return StoreError(f"the store's disk is full while {what}; nothing was changed", 507, "insufficient_storage",
+    return StoreError(f"the store's disk is full while {what}; nothing was changed", "insufficient_storage",
                       param)
 
 
@@ -95,7 +98,7 @@ def parse_size(text: str | int, param: str = "size") -> int:
         return text
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE)
     if not m:
-        raise StoreError(f"invalid size {text!r} (examples: 2MB, 512KiB, 1048576)", 400, "invalid_value", param)
+        raise StoreError(f"invalid size {text!r} (examples: 2MB, 512KiB, 1048576)", "invalid_value", param)
     return int(float(m.group(1)) * 1024 ** "_kmgt".index(m.group(2).lower() or "_"))
 
 
@@ -114,12 +117,12 @@ def limits_from_env() -> dict[str, int]:
 def validate_model_name(name: Any, param: str = "model") -> str:
     """A model name: letters, digits, '.', '_', '-', starting with a letter or digit, no '..', at most 64 chars."""
     if not isinstance(name, str) or not name:
-        raise StoreError("a model name is required", 400, "invalid_model_name", param)
+        raise StoreError("a model name is required", "invalid_model_name", param)
     if len(name) > MAX_NAME_LENGTH:
-        raise StoreError(f"model name is longer than {MAX_NAME_LENGTH} characters", 400, "invalid_model_name", param)
+        raise StoreError(f"model name is longer than {MAX_NAME_LENGTH} characters", "invalid_model_name", param)
     if not MODEL_NAME_RE.fullmatch(name) or ".." in name:
         raise StoreError(f"invalid model name {name!r}: use letters, digits, '.', '_' and '-' (starting with a letter "
-                         f"or digit, no '..', no path separators)", 400, "invalid_model_name", param)
+                         f"or digit, no '..', no path separators)", "invalid_model_name", param)
     return name
 
 
@@ -140,56 +143,22 @@ def file_kind(name: str) -> str | None:
 def validate_file_name(name: Any, param: str | None = None) -> str:
     """A file name from the store's allow-list (docs/store.md); anything else, pickles first, is refused."""
     if not isinstance(name, str) or not name:
-        raise StoreError("a file name is required", 400, "invalid_file_name", param or "filename")
+        raise StoreError("a file name is required", "invalid_file_name", param or "filename")
     shown = name if len(name) <= 100 else name[:100] + "..."
     if "/" in name or "\\" in name or "\0" in name or name in (".", "..") or len(name) > 128:
-        raise StoreError(f"invalid file name {shown!r}: no paths, just a file name", 400, "invalid_file_name",
+        raise StoreError(f"invalid file name {shown!r}: no paths, just a file name", "invalid_file_name",
                          param or name[:128])
     if name.lower().endswith(REFUSED_SUFFIXES):
         raise StoreError(f"{name}: pickle-based and other executable weight formats are not accepted; convert the "
-                         f"weights to safetensors", 400, "unsupported_file_type", param or name)
+                         f"weights to safetensors", "unsupported_file_type", param or name)
     if file_kind(name) is None:
         raise StoreError(f"{name} is not a file the store accepts (config.json, model.safetensors, "
                          f"model-XXXXX-of-XXXXX.safetensors, model.safetensors.index.json, tokenizer files, "
-                         f"README.md, ...: see docs/store.md)", 400, "invalid_file_name", param or name)
+                         f"README.md, ...: see docs/store.md)", "invalid_file_name", param or name)
     return name
 
 
-# ---- small durable-filesystem helpers ------------------------------------------------------------------------------
-
-
-def fsync_dir(path: Path) -> None:
-    """Make a directory's entries (creations, renames, deletions) durable."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def fsync_file(path: Path) -> None:
-    with open(path, "rb") as f:
-        os.fsync(f.fileno())
-
-
-def write_json_durably(path: Path, data: Any) -> None:
-    """Write JSON to a temporary sibling, fsync it, rename it over `path`, fsync the folder."""
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(json.dumps(data, indent=2, default=str) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
+# ---- files -----------------------------------------------------------------------------------------------------------
 
 
 def sha256_file(path: Path) -> str:
@@ -275,7 +244,7 @@ def read_safetensors_header(path: Path, name: str | None = None) -> dict[str, tu
     name = name or path.name
 
     def bad(msg: str) -> StoreError:
-        return StoreError(f"{name} {msg}", 400, "invalid_safetensors", name)
+        return StoreError(f"{name} {msg}", "invalid_safetensors", name)
 
     size = path.stat().st_size
     with open(path, "rb") as f:
@@ -346,6 +315,7 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     """
     import torch
 
+    from quill import quantize as quantization
     from quill.model import GPT
     from quill.weights import hf_to_quill, load_config
 
@@ -358,34 +328,30 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
                 value = json.loads(raw.decode("utf-8"))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 code = "invalid_tokenizer" if fn in ("tokenizer.json", "vocab.json") else "invalid_json"
-                raise StoreError(f"{fn} is not valid JSON: {e}", 400, code, fn) from None
+                raise StoreError(f"{fn} is not valid JSON: {e}", code, fn) from None
             if not isinstance(value, dict):
-                raise StoreError(f"{fn} must hold a JSON object", 400, "invalid_json", fn)
+                raise StoreError(f"{fn} must hold a JSON object", "invalid_json", fn)
         elif kind == "text":
             try:
                 raw.decode("utf-8")
             except UnicodeDecodeError as e:
-                raise StoreError(f"{fn} is not UTF-8 text: {e}", 400, "invalid_text", fn) from None
+                raise StoreError(f"{fn} is not UTF-8 text: {e}", "invalid_text", fn) from None
     if "config.json" not in files:
-        raise StoreError("config.json is missing: a model needs its config", 400, "missing_file", "config.json")
+        raise StoreError("config.json is missing: a model needs its config", "missing_file", "config.json")
     try:
         cfg = load_config(folder)
     except (ConfigError, CheckpointError) as e:
-        raise StoreError(f"config.json: {e}", 400, "invalid_config", "config.json") from None
+        raise StoreError(f"config.json: {e}", "invalid_config", "config.json") from None
     try:
-        from quill import quantize as quantization
-    except ImportError:  # pragma: no cover - an installation without int8 support
-        quantization = None
-    try:
-        quantized = quantization is not None and quantization.quantization_config(folder) is not None
+        quantized = quantization.quantization_config(folder) is not None
     except CheckpointError as e:
-        raise StoreError(f"config.json: {e}", 400, "invalid_config", "config.json") from None
+        raise StoreError(f"config.json: {e}", "invalid_config", "config.json") from None
 
     # weights
     shards = [f for f in files if file_kind(f) == "shard"]
     index = "model.safetensors.index.json"
     if "model.safetensors" in files and (shards or index in files):
-        raise StoreError("give either model.safetensors or shards with model.safetensors.index.json, not both", 400,
+        raise StoreError("give either model.safetensors or shards with model.safetensors.index.json, not both",
                          "conflicting_files", index if index in files else shards[0])
     headers = {f: read_safetensors_header(folder / f) for f in files if file_kind(f) in ("safetensors", "shard")}
     if "model.safetensors" in files:
@@ -394,28 +360,28 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
         main, weight_files = index, shards
         weight_map = json.loads((folder / index).read_text()).get("weight_map")
         if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
-            raise StoreError(f"{index} needs a 'weight_map' object of tensor -> shard file", 400, "invalid_index", index)
+            raise StoreError(f"{index} needs a 'weight_map' object of tensor -> shard file", "invalid_index", index)
         for shard in sorted(set(weight_map.values())):
             if shard not in shards:
-                raise StoreError(f"{index} names shard {shard!r}, which is not among the files", 400, "missing_file",
+                raise StoreError(f"{index} names shard {shard!r}, which is not among the files", "missing_file",
                                  shard if file_kind(shard) == "shard" else index)
         for shard in shards:
             listed = {t for t, s in weight_map.items() if s == shard}
             held = set(headers[shard])
             if listed != held:
                 odd = sorted(listed ^ held)[0]
-                raise StoreError(f"{shard} and {index} disagree about tensor {odd!r}", 400, "invalid_index", shard)
+                raise StoreError(f"{shard} and {index} disagree about tensor {odd!r}", "invalid_index", shard)
     elif shards:
-        raise StoreError(f"shards need {index}", 400, "missing_file", index)
+        raise StoreError(f"shards need {index}", "missing_file", index)
     else:
-        raise StoreError("no weights: expected model.safetensors, or shards with model.safetensors.index.json", 400,
+        raise StoreError("no weights: expected model.safetensors, or shards with model.safetensors.index.json",
                          "missing_file", "model.safetensors")
     where = {t: f for f in weight_files for t in headers[f]}
     if quantized:  # an int8 checkpoint of `quill quantize`: its own strict loader checks names, dtypes, shapes
         try:
             quantization.load_quantized(folder)
         except (CheckpointError, ValueError, RuntimeError) as e:
-            raise StoreError(f"{main} does not match config.json: {e}", 400, "weights_mismatch", main) from None
+            raise StoreError(f"{main} does not match config.json: {e}", "weights_mismatch", main) from None
         return {**_tokenizer_fields(folder, files, cfg), "parameters": cfg.num_params(),
                 "context_length": cfg.n_positions, "vocab_size": cfg.vocab_size, "dtype": "int8"}
     dtypes = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -426,14 +392,14 @@ def check_model_folder(folder: Path, files: list[str] | None = None) -> dict[str
     try:
         mapped = hf_to_quill(tensors, model)
     except CheckpointError as e:
-        raise StoreError(f"{_tensor_file(str(e), where, main)} does not match config.json: {e}", 400,
+        raise StoreError(f"{_tensor_file(str(e), where, main)} does not match config.json: {e}",
                          "weights_mismatch", _tensor_file(str(e), where, main)) from None
     stored_dtypes = set()
     for key, t in mapped.items():
         name = key if key in where else key.removeprefix("transformer.")
         dt = headers[where[name]][name][0] if name in where else None
         if dt is not None and dt not in dtypes:
-            raise StoreError(f"{where[name]}: tensor {name!r} has dtype {dt}, expected floating point", 400,
+            raise StoreError(f"{where[name]}: tensor {name!r} has dtype {dt}, expected floating point",
                              "weights_mismatch", where[name])
         if dt is not None:
             stored_dtypes.add(_ST_NAMES[dt])
@@ -448,16 +414,16 @@ def _tokenizer_fields(folder: Path, files: list[str], cfg) -> dict[str, Any]:
 
     tok_file = "tokenizer.json" if "tokenizer.json" in files else "vocab.json" if "vocab.json" in files else None
     if tok_file is None:
-        raise StoreError("no tokenizer: expected tokenizer.json (or vocab.json + merges.txt)", 400, "missing_file",
+        raise StoreError("no tokenizer: expected tokenizer.json (or vocab.json + merges.txt)", "missing_file",
                          "tokenizer.json")
     try:
         tok = Tokenizer.load(folder)
     except (TokenizerError, ValueError, TypeError, KeyError, OSError) as e:
         msg = str(e).replace(str(folder) + os.sep, "").replace(str(folder), "the model folder")
-        raise StoreError(f"{tok_file}: the tokenizer does not load: {msg}", 400, "invalid_tokenizer", tok_file) from None
+        raise StoreError(f"{tok_file}: the tokenizer does not load: {msg}", "invalid_tokenizer", tok_file) from None
     if tok.vocab_size > cfg.vocab_size:
         raise StoreError(f"{tok_file}: the tokenizer has {tok.vocab_size} tokens but config.json's vocab_size is "
-                         f"{cfg.vocab_size}", 400, "invalid_tokenizer", tok_file)
+                         f"{cfg.vocab_size}", "invalid_tokenizer", tok_file)
     return {"has_chat_template": tok.has_chat_template}
 
 
@@ -584,11 +550,11 @@ class Store:
         model = validate_model_name(model, "model")
         filename = validate_file_name(filename, "filename")
         if length is None:
-            raise StoreError("uploads need Upload-Length (deferred lengths are not supported)", 400, "invalid_value",
+            raise StoreError("uploads need Upload-Length (deferred lengths are not supported)", "invalid_value",
                              filename)
         if length > self.max_file_bytes:
             raise StoreError(f"{filename} is {length} bytes; the store accepts files of at most {self.max_file_bytes}",
-                             413, "file_too_large", filename)
+                             "file_too_large", filename)
         sizes: dict[str, int] = {}
         for u in self.uploads(model):
             if u.filename != filename and u.size is not None:
@@ -596,11 +562,11 @@ class Store:
         total = sum(sizes.values()) + length
         if total > self.max_model_bytes:
             raise StoreError(f"{filename}: the files of model {model!r} would total {total} bytes; the store accepts "
-                             f"at most {self.max_model_bytes} per model", 413, "model_too_large", filename)
+                             f"at most {self.max_model_bytes} per model", "model_too_large", filename)
         self.ensure()
         free = shutil.disk_usage(self.uploads_dir).free
         if length > free:
-            raise StoreError(f"{filename} is {length} bytes but the store's disk has {free} bytes free", 507,
+            raise StoreError(f"{filename} is {length} bytes but the store's disk has {free} bytes free",
                              "insufficient_storage", filename)
         return model, filename
 
@@ -644,22 +610,22 @@ class Store:
         """
         name = validate_model_name(name, "name")
         if not isinstance(files, dict) or not files:
-            raise StoreError("files must map at least one file name to its SHA-256", 400, "invalid_value", "files")
+            raise StoreError("files must map at least one file name to its SHA-256", "invalid_value", "files")
         expected = {}
         for fn, digest in files.items():
             validate_file_name(fn)
             if not isinstance(digest, str) or not SHA256_RE.fullmatch(digest.lower()):
-                raise StoreError(f"{fn}: expected a SHA-256 as 64 hex digits", 400, "invalid_value", fn)
+                raise StoreError(f"{fn}: expected a SHA-256 as 64 hex digits", "invalid_value", fn)
             expected[fn] = digest.lower()
         with self._lock:
             if (self.root / name).exists() and not replace:
                 raise StoreError(f"model {name!r} is already in the store: commit with \"replace\": true, or delete "
-                                 f"it first", 409, "model_exists", "name")
+                                 f"it first", "model_exists", "name")
             chosen = self._pick_uploads(name, expected)
             total = sum(u.size or 0 for u in chosen.values())
             if total > self.max_model_bytes:
                 raise StoreError(f"the files total {total} bytes; the store accepts at most {self.max_model_bytes} per "
-                                 f"model", 413, "model_too_large", "files")
+                                 f"model", "model_too_large", "files")
             staging = self.root / STAGING / f"{name}.{secrets.token_hex(6)}"
             try:
                 staging.mkdir(parents=True)
@@ -675,7 +641,7 @@ class Store:
             except OSError as e:
                 if e.errno in (errno.ENOSPC, errno.EDQUOT):
                     raise disk_full(f"publishing {name!r}") from None
-                raise StoreError(f"cannot publish {name!r}: {e.strerror or e}", 500, "store_error") from None
+                raise StoreError(f"cannot publish {name!r}: {e.strerror or e}", "store_error") from None
             finally:
                 if staging.exists():
                     shutil.rmtree(staging, ignore_errors=True)
@@ -693,8 +659,8 @@ class Store:
                 if mine:
                     u = mine[-1]
                     raise StoreError(f"{fn}: the upload is incomplete ({u.offset} of {u.size} bytes): resume it, then "
-                                     f"commit", 400, "upload_incomplete", fn)
-                raise StoreError(f"{fn} was not uploaded for model {name!r}", 400, "upload_missing", fn)
+                                     f"commit", "upload_incomplete", fn)
+                raise StoreError(f"{fn} was not uploaded for model {name!r}", "upload_missing", fn)
             actual = None
             for u in done:
                 actual = sha256_file(u.path)
@@ -703,7 +669,7 @@ class Store:
                     break
             else:
                 raise StoreError(f"{fn}: checksum mismatch: the uploaded file has SHA-256 {actual}, expected {digest}",
-                                 400, "checksum_mismatch", fn)
+                                 "checksum_mismatch", fn)
         return chosen
 
     def _publish(self, name: str, staging: Path) -> None:
@@ -725,7 +691,7 @@ class Store:
         with self._lock:
             target = self.root / name
             if not target.is_dir() or self.get(name) is None:
-                raise StoreError(f"no stored model named {name!r}", 404, "model_not_found", "name")
+                raise StoreError(f"no stored model named {name!r}", "model_not_found", "name")
             gone = self.root / TRASH / f"{name}.{secrets.token_hex(6)}.del"
             gone.parent.mkdir(exist_ok=True)
             os.rename(target, gone)
@@ -744,15 +710,3 @@ def find_stored(name: str, root: str | os.PathLike | None = None) -> Path | None
     path = (Path(root).expanduser() if root is not None else default_store_dir()) / name
     return path if (path / MANIFEST).is_file() else None
 
-
-def load_stored(name: str, root: str | os.PathLike | None = None, **kw):
-    """`quill.load` a published model of the store at `root` (default: the default store)."""
-    import quill
-    from quill.engine import ModelNotFound
-
-    store = Store(root)
-    validate_model_name(name, "load")
-    if store.get(name) is None:
-        known = ", ".join(m["name"] for m in store.list()) or "none"
-        raise ModelNotFound(f"no stored model named {name!r} in {store.root} (stored: {known})")
-    return quill.load(store.path(name), **kw)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -16,6 +15,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from quill.atomic import atomic_write
 from quill.errors import CheckpointError
 from quill.model import GPT, GPTConfig
 
@@ -143,21 +143,6 @@ def load_model(folder: str | os.PathLike, dtype: torch.dtype = torch.float32,
     return model.eval()
 
 
-def atomic_write(path: Path, write) -> None:
-    """Write through `write(tmp_path)` into a temporary sibling, fsync it, then rename over `path`."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; published files are ordinary readable files
-    try:
-        write(Path(tmp))
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def save_model(model: GPT, folder: str | os.PathLike) -> None:
     """Write config.json and model.safetensors that `transformers.AutoModelForCausalLM` loads unchanged."""
     folder = Path(folder)
@@ -170,5 +155,4 @@ def save_model(model: GPT, folder: str | os.PathLike) -> None:
     atomic_write(folder / CONFIG_FILE, lambda p: p.write_text(json.dumps(config, indent=2) + "\n"))
 
 
-__all__ = ["load_config", "read_tensors", "hf_to_quill", "quill_to_hf", "load_model", "save_model",
-           "atomic_write"]
+__all__ = ["load_config", "read_tensors", "hf_to_quill", "quill_to_hf", "load_model", "save_model"]

@@ -13,7 +13,7 @@ from conftest import ROOT, make_tiny_model
 
 from safetensors import safe_open
 
-from quill.bench import BYTES_PER_WEIGHT
+from bench.runners import BYTES_PER_WEIGHT
 
 SYSTEMS = {"quill fp32", "quill bf16", "quill int8", "transformers fp32", "transformers bf16",
            "transformers dynamic int8", "onnxruntime fp32", "onnxruntime int8"}

@@ -505,7 +505,7 @@ def test_serve_command_errors(capsys, monkeypatch, tmp_path):
 
     assert cli.main(["serve", str(tmp_path / "missing")]) == 2
     assert "quill: error:" in capsys.readouterr().err
-    monkeypatch.setattr("quill.engine.bundled_models", lambda: [])
+    monkeypatch.setattr("quill.resolve.bundled_models", lambda: [])
     assert cli.main(["serve"]) == 2
     err = capsys.readouterr().err
     assert "shakespeare" in err and "quill serve PATH" in err

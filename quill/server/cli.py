@@ -11,7 +11,7 @@ DEFAULT_MODEL = "shakespeare"
 
 
 def register(subparsers) -> None:
-    from quill.cli import KV_CACHE_HELP
+    from quill.cli_flags import add_load_flags
 
     p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
                               description="Serve models over an OpenAI-compatible HTTP API with continuous batching. "
@@ -34,10 +34,7 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 2 MiB)")
     p.add_argument("--continuation-ttl", type=float, default=None, metavar="SECONDS",
                    help="how long a budget's continuation handle stays valid (default one hour)")
-    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
-    p.add_argument("--compile", action="store_true", help="run the models through torch.compile (docs/performance.md)")
-    p.add_argument("--kv-cache", default=None, metavar="DTYPE", help=KV_CACHE_HELP)
+    add_load_flags(p, "models")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     p.set_defaults(func=cmd_serve)
@@ -54,8 +51,8 @@ def split_model_arg(arg: str) -> tuple[str | None, str]:
 def build_state(args: argparse.Namespace):
     """Load the models named on the command line into an AppState (errors are QuillErrors, exit 2)."""
     import quill
-    from quill.engine import bundled_models
     from quill.errors import InvalidParameter, QuillError
+    from quill.resolve import bundled_models
     from quill.server.auth import read_key_file
     from quill.server.state import DEFAULT_MAX_BODY_BYTES, AppState, ServerConfig
 
@@ -86,13 +83,25 @@ def build_state(args: argparse.Namespace):
             raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
         state.add_model(name, engine)
     for name in args.load or ():  # models of the store (quill/store.py)
-        from quill.store import load_stored
-
         if name in state.models:
             raise InvalidParameter(f"two models are named {name!r}; give one another name with NAME=PATH", "model")
         state.add_model(name, load_stored(name, config.store_dir, dtype=args.dtype, device=args.device,
                                                 compile=args.compile, kv_cache=args.kv_cache))
     return state
+
+
+def load_stored(name: str, root: str | os.PathLike | None = None, **kw):
+    """`quill.load` a published model of the store at `root` (default: the default store)."""
+    import quill
+    from quill.errors import ModelNotFound
+    from quill.store import Store, validate_model_name
+
+    store = Store(root)
+    validate_model_name(name, "load")
+    if store.get(name) is None:
+        known = ", ".join(m["name"] for m in store.list()) or "none"
+        raise ModelNotFound(f"no stored model named {name!r} in {store.root} (stored: {known})")
+    return quill.load(store.path(name), **kw)
 
 
 def cmd_serve(args: argparse.Namespace) -> None:

@@ -19,7 +19,6 @@ import contextvars
 import errno
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 from typing import Any
@@ -31,11 +30,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from tuspyserver import create_tus_router
 from tuspyserver.storage.local import LocalFileStorage
 
+from quill.atomic import write_json_durably
 from quill.server.auth import require_admin
 from quill.server.errors import APIError
 from quill.server.state import AppState, get_state
-from quill.store import (Store, StoreError, default_store_dir, fsync_dir, limits_from_env, upload_metadata,
-                         validate_model_name)
+from quill.store import Store, StoreError, default_store_dir, limits_from_env, upload_metadata, validate_model_name
 
 log = logging.getLogger("quill.store")
 
@@ -50,8 +49,13 @@ class StoreHTTPError(APIError, fastapi.HTTPException):
     """An APIError that tuspyserver's code paths let through untouched (they re-raise fastapi's HTTPException)."""
 
 
+# The HTTP status of each StoreError code that is not a plain 400 (quill/store.py knows nothing of HTTP).
+STORE_STATUS = {"model_not_found": 404, "model_exists": 409, "file_too_large": 413, "model_too_large": 413,
+                "store_error": 500, "insufficient_storage": 507}
+
+
 def api_error(e: StoreError) -> StoreHTTPError:
-    return StoreHTTPError(e.status, str(e), param=e.param, code=e.code)
+    return StoreHTTPError(STORE_STATUS.get(e.code, 400), str(e), param=e.param, code=e.code)
 
 
 def _os_error(e: OSError, what: str, param: str | None = None) -> StoreHTTPError:
@@ -154,7 +158,7 @@ class DurableUploadStorage(LocalFileStorage):
         def _do() -> None:
             if os.path.exists(self._path(uid)):
                 self._fsync(uid)  # the data first: the sidecar never claims bytes that are not on disk
-            _write_sidecar(self, uid, data)
+            write_json_durably(self._info_path(uid), data)
 
         try:
             await asyncio.to_thread(_do)
@@ -173,23 +177,6 @@ class DurableUploadStorage(LocalFileStorage):
     async def delete(self, uid: str) -> None:
         self._patches.pop(uid, None)
         await super().delete(uid)
-
-
-def _write_sidecar(storage: DurableUploadStorage, uid: str, data: dict) -> None:
-    """Write the sidecar atomically: temporary file, fsync, rename, fsync the folder."""
-    path = storage._info_path(uid)
-    tmp = f"{path}.tmp"
-    try:
-        with open(tmp, "w") as f:
-            f.write(json.dumps(data, indent=2, default=str))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.remove(tmp)
-        raise
-    fsync_dir(storage.store.uploads_dir)
 
 
 # ---- the service on AppState ---------------------------------------------------------------------------------------

@@ -16,9 +16,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from quill.atomic import atomic_write
 from quill.errors import CheckpointError
 from quill.model import GPT, GPTConfig
-from quill.weights import atomic_write, save_model
+from quill.weights import save_model
 
 CKPT_FILE = "ckpt.pt"
 BEST_FILE = "best.pt"

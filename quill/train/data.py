@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from quill.atomic import atomic_write
 from quill.errors import ConfigError
 from quill.tokenizer import Tokenizer
-from quill.weights import atomic_write
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")

@@ -24,13 +24,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from quill.atomic import atomic_write
 from quill.errors import ConfigError
 from quill.model import GPT, GPTConfig
 from quill.train import checkpoint as ckpt_io
 from quill.train import ddp
 from quill.train.config import TrainConfig
 from quill.train.data import BatchSampler, load_tokens, read_meta
-from quill.weights import atomic_write, load_model
+from quill.weights import load_model
 
 LOG_FILE = "log.json"
 PLOT_FILE = "loss.png"
@@ -387,12 +388,9 @@ class Trainer:
         log = {**self.history, "best_val_loss": self.best_val, "iter": self.iter, "elapsed_s": round(elapsed, 2),
                "stopped": reason, "model_config": dataclasses.asdict(self.model.config)}
         atomic_write(self.out_dir / LOG_FILE, lambda p: p.write_text(json.dumps(log) + "\n"))
-        try:
-            from quill.train.plot import plot_losses
+        from quill.train.plot import plot_losses
 
-            plot_losses(self.history, self.out_dir / PLOT_FILE)
-        except ImportError:  # matplotlib missing: the JSON log still has everything
-            pass
+        plot_losses(self.history, self.out_dir / PLOT_FILE)
 
     def close(self) -> None:
         ddp.teardown()

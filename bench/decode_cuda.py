@@ -1,7 +1,9 @@
+#!/usr/bin/env python3
 """The decode benchmark on a CUDA GPU: Quill (decode steps replayed from CUDA graphs, and eager steps for
 comparison) against transformers' eager `generate`, same process, same random GPT-2 weights.
 
-    python bench/decode.py --device cuda            # GPT-2 124M; writes docs/benchmarks/decode-*-cuda.{json,md}
+    python bench/decode_cuda.py     # GPT-2 124M; writes docs/benchmarks/decode-*-cuda.{json,md}
+    python bench/decode.py --device cuda   # the same
 
 Batch-1 decode is what CUDA graphs are for: a GPT-2 124M step is a few hundred kernels of a few microseconds
 each, so launching them one by one from Python, not the GPU, sets the pace. Figures are medians of `--runs`
@@ -13,14 +15,17 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from pathlib import Path
 
-import torch
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's quill
 
-from quill.bench import (
+import torch  # noqa: E402
+
+from runners import (  # noqa: E402
     BYTES_PER_WEIGHT, NEW_TOKENS, PREFILL_LEN, PROMPT_LEN, QuillRunner, Runner, TransformersRunner,
-    weight_bytes_per_token,
+    add_model_arguments, benchmark_model, weight_bytes_per_token, write_report,
 )
 
 BATCHES = (1, 8, 32)
@@ -116,3 +121,23 @@ def format_cuda_report(rep: dict) -> str:
     lines += [f"- {'PASS' if ok else 'FAIL'}: {goal}" for goal, ok in rep["goals"].items()]
     return "\n".join(lines) + "\n"
 
+
+
+def run(args: argparse.Namespace) -> int:
+    """Measure, then print and write the report (the flags of `add_model_arguments`)."""
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    folder, label, _ = benchmark_model(args)
+    rep = run_cuda_benchmark(args, folder, label)
+    write_report(out, f"decode-{rep['model']}-cuda", rep, format_cuda_report(rep))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="bench/decode_cuda.py", description=__doc__.splitlines()[1])
+    add_model_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
