@@ -3,8 +3,8 @@
 The scheduler owns a `DecodeBatch(model, capacity=max_batch)`. Between decode steps it drops cancelled rows,
 admits waiting requests in FIFO order (a request's `n` samples are prefilled together by `DecodeBatch.add`,
 which also emits their first tokens), then runs one `step()` for every active row. Each request gets its
-events through a `Ticket`: an asyncio queue fed with `loop.call_soon_threadsafe` (or a plain thread queue
-when submitted without an event loop), so torch work never runs on the server's event loop.
+events through a `Ticket`: an asyncio queue fed with `loop.call_soon_threadsafe`, so torch work never runs
+on the server's event loop.
 
 Admission is strictly first in, first out: a request whose samples do not fit in the free rows waits,
 and nothing behind it jumps the queue. Greedy results do not depend on what else is in the batch.
@@ -15,10 +15,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import queue
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 
 from quill.errors import InvalidParameter, QuillError
 from quill.generate import DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, new_sequences
@@ -59,12 +58,12 @@ class SchedulerObserver:
 class Ticket:
     """One submitted request: its `n` sequences and the stream of their StepEvents.
 
-    Iterate it (`async for ev in ticket` on the event loop it was submitted from, or `for ev in ticket` when
-    submitted without a loop); the stream ends after every sequence finished, or raises the scheduler's
-    error. `cancel()` frees its rows before the next decode step.
+    Iterate it with `async for ev in ticket` on the event loop it was submitted from; the stream ends after
+    every sequence finished, or raises the scheduler's error. `cancel()` frees its rows before the next
+    decode step.
     """
 
-    def __init__(self, request: GenerationRequest, seqs: list[Sequence], loop: asyncio.AbstractEventLoop | None):
+    def __init__(self, request: GenerationRequest, seqs: list[Sequence], loop: asyncio.AbstractEventLoop):
         self.request, self.seqs, self.n = request, seqs, len(seqs)
         self.submitted = time.perf_counter()
         self.admitted_at: float | None = None
@@ -73,7 +72,7 @@ class Ticket:
         self.cancelled = False
         self.error: BaseException | None = None
         self._loop = loop
-        self._queue: asyncio.Queue | queue.SimpleQueue = asyncio.Queue() if loop is not None else queue.SimpleQueue()
+        self._queue: asyncio.Queue = asyncio.Queue()
         self._scheduler: Scheduler | None = None
         self._last: dict[int, float] = {}  # seq index -> time of its last token
         self._open = self.n  # sequences not finished yet
@@ -104,7 +103,6 @@ class Ticket:
         return u
 
     async def __aiter__(self) -> AsyncIterator[StepEvent]:
-        assert isinstance(self._queue, asyncio.Queue), "submitted without an event loop: iterate synchronously"
         while True:
             item = await self._queue.get()
             if item is _DONE:
@@ -114,36 +112,18 @@ class Ticket:
             for ev in item:
                 yield ev
 
-    def __iter__(self) -> Iterator[StepEvent]:
-        assert isinstance(self._queue, queue.SimpleQueue), "submitted from an event loop: use `async for`"
-        while True:
-            item = self._queue.get()
-            if item is _DONE:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield from item
-
     # ---- scheduler side (its thread) -------------------------------------------------------------------------
 
     def _put(self, item) -> None:
-        if self._loop is None:
-            self._queue.put(item)
-            return
         try:
             self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
         except RuntimeError:  # the loop is closed: nobody is listening any more
             self.cancelled = True
 
 
-def _loop(loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop | None:
-    """The loop a ticket delivers to: the one given, else the running one, else none (a thread queue)."""
-    if loop is not None:
-        return loop
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
+def _loop(loop: asyncio.AbstractEventLoop | None) -> asyncio.AbstractEventLoop:
+    """The loop a ticket delivers to: the one given, else the running one (submit is called from the server)."""
+    return loop if loop is not None else asyncio.get_running_loop()
 
 
 class Scheduler:
@@ -198,8 +178,7 @@ class Scheduler:
     def submit(self, request: GenerationRequest, n: int = 1, loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
         """Queue a validated request for `n` samples; raises QueueFull when the waiting queue is full.
 
-        Called on an event loop, the ticket delivers to that loop (pass `loop` to choose another); with no
-        running loop it delivers to a thread queue.
+        Called on an event loop, the ticket delivers to that loop; pass `loop` to choose another.
         """
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise InvalidParameter(f"n must be a positive integer, got {n!r}", "n")

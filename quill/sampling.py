@@ -243,10 +243,11 @@ class TopKLogitsWarper:
 class TopPLogitsWarper:
     """Nucleus filtering: keeps the most likely tokens whose cumulative probability reaches top_p.
 
-    On CPU the nucleus is first looked for among each row's CANDIDATES most likely tokens (a partial top-k:
-    ~0.3 ms on GPT-2's 50257 logits, where a full sort takes ~4.7 ms, more than a bf16 decode step's
-    matrices). Rows whose nucleus is wider, or whose boundary is a tie or within rounding of top_p, take
-    the full sort, transformers' own computation, so the result is the same either way.
+    On CPU the nucleus is first looked for among each row's CANDIDATES most likely tokens: a partial top-k
+    costs a fraction of sorting a whole vocabulary, which on GPT-2's takes longer than a bf16 decode step's
+    matrices (docs/performance.md, "top-p without sorting the vocabulary"). Rows whose nucleus is wider, or
+    whose boundary is a tie or within rounding of top_p, take the full sort, transformers' own computation,
+    so the result is the same either way.
     """
 
     top_p: float
@@ -386,10 +387,10 @@ def sample(logits: Tensor, greedy: bool, generators: Generators = None) -> Tenso
     """
     if greedy:
         return logits.argmax(dim=-1)
-    # Inverse-CDF sampling with one uniform per row. On CPU with V=50257 it took ~0.12 ms a row against
-    # ~1.3 ms for torch.multinomial / the exponential race (Tensor.exponential_ is slow) and ~0.35 ms
-    # for a race on -log(uniform). The CDF is float64 so tiny probabilities keep their mass; zero-probability
-    # (filtered) tokens have empty intervals and are never picked.
+    # Inverse-CDF sampling with one uniform per row: on CPU a cumulative sum and a binary search cost a
+    # fraction of torch.multinomial or an exponential race (Tensor.exponential_ is slow), and one uniform per
+    # row keeps each row's random stream its own. The CDF is float64 so tiny probabilities keep their mass;
+    # zero-probability (filtered) tokens have empty intervals and are never picked.
     probs = logits.softmax(dim=-1)
     cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     rows = logits.shape[0]

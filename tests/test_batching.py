@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 
@@ -31,8 +32,14 @@ def request(engine, prompt: str, max_tokens: int, **sampling) -> GenerationReque
 
 
 def collect(ticket) -> list[int]:
-    """The tokens of a one-sample ticket submitted without an event loop (raises the ticket's error)."""
-    return [ev.token for ev in ticket if ev.token >= 0]
+    """The tokens of a ticket, read on the event loop it was submitted from (raises the ticket's error)."""
+    async def read() -> list[int]:
+        return [ev.token async for ev in ticket if ev.token >= 0]
+
+    return LOOP.run_until_complete(read())
+
+
+LOOP = asyncio.new_event_loop()  # tickets deliver to the loop they were submitted for, as in the server
 
 
 @pytest.mark.parametrize("settings", POISON, ids=lambda d: ",".join(f"{k}={v}" for k, v in d.items()))
@@ -49,8 +56,8 @@ def test_poison_beside_a_running_stream(engine):
     alone = engine.generate("the quiet river", max_tokens=40, temperature=0, ignore_eos=True).tokens
     scheduler = Scheduler(engine, max_batch=8, max_queue=16).start()
     try:
-        greedy = scheduler.submit(request(engine, "the quiet river", 40, temperature=0))
-        poisoned = [scheduler.submit(request(engine, "hello there", 6, seed=1, **p)) for p in POISON]
+        greedy = scheduler.submit(request(engine, "the quiet river", 40, temperature=0), loop=LOOP)
+        poisoned = [scheduler.submit(request(engine, "hello there", 6, seed=1, **p), loop=LOOP) for p in POISON]
         assert collect(greedy) == alone
         for t in poisoned:
             tokens = collect(t)
@@ -77,9 +84,9 @@ def test_a_failing_request_fails_alone(engine, monkeypatch):
             return add(seqs)
 
         monkeypatch.setattr(scheduler._batch, "add", add_failing_prefill)
-        greedy = scheduler.submit(request(engine, "the quiet river", 30, temperature=0))
-        at_prefill = scheduler.submit(request(engine, "fail at prefill", 5, temperature=0))
-        mid_stream = scheduler.submit(request(engine, "fail later", 20, seed=2), n=2)
+        greedy = scheduler.submit(request(engine, "the quiet river", 30, temperature=0), loop=LOOP)
+        at_prefill = scheduler.submit(request(engine, "fail at prefill", 5, temperature=0), loop=LOOP)
+        mid_stream = scheduler.submit(request(engine, "fail later", 20, seed=2), n=2, loop=LOOP)
         choose = mid_stream.seqs[1].choose
         calls = []
 
@@ -93,9 +100,9 @@ def test_a_failing_request_fails_alone(engine, monkeypatch):
         with pytest.raises(Injected, match="prefill failed"):
             collect(at_prefill)
         with pytest.raises(Injected, match="sampler failed"):
-            list(mid_stream)
+            collect(mid_stream)
         assert collect(greedy) == alone
-        assert collect(scheduler.submit(request(engine, "the quiet river", 30, temperature=0))) == alone
+        assert collect(scheduler.submit(request(engine, "the quiet river", 30, temperature=0), loop=LOOP)) == alone
         assert scheduler.active_rows == 0 and scheduler.queued == 0
     finally:
         scheduler.stop()
@@ -112,7 +119,7 @@ def test_retry_after_tracks_the_wait_of_a_full_queue(tmp_path):
     def top_up() -> None:
         while True:
             try:
-                tickets.append(scheduler.submit(request(engine, "abc", 400, temperature=0)))
+                tickets.append(scheduler.submit(request(engine, "abc", 400, temperature=0), loop=LOOP))
             except QueueFull:
                 return
 
@@ -122,7 +129,7 @@ def test_retry_after_tracks_the_wait_of_a_full_queue(tmp_path):
             time.sleep(0.02)
             top_up()
         with pytest.raises(QueueFull) as full:
-            scheduler.submit(request(engine, "abc", 400, temperature=0))
+            scheduler.submit(request(engine, "abc", 400, temperature=0), loop=LOOP)
         rejected_at = time.perf_counter()
         back = scheduler._waiting[-1]
         while back.first_token_at is None:
