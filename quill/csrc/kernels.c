@@ -361,19 +361,162 @@ DEFINE_ROWS(bf16, uint16_t, VLOAD_BF16, SLOAD_BF16)
 DEFINE_ROWS(f16, uint16_t, VLOAD_F16, SLOAD_F16)
 DEFINE_ROWS(i8, int8_t, VLOAD_I8, SLOAD_I8)
 
-/* int8 weights against int16-quantised activations: exact integer dot products (vpmaddwd: 16 products per
-   instruction, twice the fp32 path's rate), flushed to fp32 every 2048 columns so the int32 sums cannot
-   overflow (2048 * 32767 * 127 < 2^31). xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined
-   into linear_task, GCC's code for it ran batched int8 ~1.4x slower (8 rows: 12.6 vs 18.7 ms a step). */
-static inline __m256i ld_i8x16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
-static inline float hsum_i(__m256i v) { return hsum(_mm256_cvtepi32_ps(v)); }
-__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
-                     float* acc, int64_t ldacc) {
-    const int64_t K16 = K & ~(int64_t)15;
+/* int8 weights against int16-quantised activations: exact integer dot products, flushed to fp32 every 2048
+   columns so that no int32 lane overflows (a lane sums at most 256 products: 256 * 32767 * 127 < 2^31). Each
+   block's lanes are summed exactly (in int64) and rounded to fp32 once, and both variants cut the columns the
+   same way (blocks of 2048 up to the last multiple of 32, then the rest in scalar code), so the AVX2 and the
+   AVX-512 builds give the same bits. xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined into
+   linear_task, GCC's code for it ran batched int8 ~1.4x slower (8 rows: 12.6 vs 18.7 ms a step). */
+#define I8Q_BLOCK 2048
+#define I8Q_STEP 32
+static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0,
+                          int64_t n1, float* acc, int64_t ldacc) {
+    for (int64_t m = 0; m < M; m++)  /* columns beyond the last multiple of I8Q_STEP */
+        for (int64_t n = n0; n < n1; n++) {
+            int32_t s = 0;
+            for (int64_t k = K & ~(int64_t)(I8Q_STEP - 1); k < K; k++) s += (int32_t)xq[m * ldq + k] * W[n * K + k];
+            acc[m * ldacc + n - n0] += (float)s;
+        }
+}
+
+#ifdef QUILL_AVX512
+/* vpdpwssd: 32 int16 x int16 products summed into 16 int32 lanes per instruction (int8 weights widened to
+   int16 in registers), two activation rows against four weight rows at a time. */
+static inline __m512i ld_i8x32(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+static inline float hsum_i512(__m512i v) {
+    return (float)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+/* rows m and m+1 (two = 1) or row m alone (two = 0) against weight rows [n0, n1), columns [kb, ke) */
+static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x0, const int16_t* x1, float* r0,
+                                                               float* r1, const int8_t* W, int64_t K, int64_t n0,
+                                                               int64_t n1, int64_t kb, int64_t ke, const int two) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t k = kb; k < ke; k += 32) {
+            if (PF && (k & 63) == 0) {
+                _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
+                _mm_prefetch((const char*)(w2 + PF * K + k), PFH); _mm_prefetch((const char*)(w3 + PF * K + k), PFH);
+            }
+            const __m512i c0 = ld_i8x32(w0 + k), c1 = ld_i8x32(w1 + k), c2 = ld_i8x32(w2 + k), c3 = ld_i8x32(w3 + k);
+            const __m512i u = _mm512_loadu_si512((const void*)(x0 + k));
+            a0 = _mm512_dpwssd_epi32(a0, u, c0); a1 = _mm512_dpwssd_epi32(a1, u, c1);
+            a2 = _mm512_dpwssd_epi32(a2, u, c2); a3 = _mm512_dpwssd_epi32(a3, u, c3);
+            if (two) {
+                const __m512i v = _mm512_loadu_si512((const void*)(x1 + k));
+                b0 = _mm512_dpwssd_epi32(b0, v, c0); b1 = _mm512_dpwssd_epi32(b1, v, c1);
+                b2 = _mm512_dpwssd_epi32(b2, v, c2); b3 = _mm512_dpwssd_epi32(b3, v, c3);
+            }
+        }
+        r0[n - n0] += hsum_i512(a0); r0[n - n0 + 1] += hsum_i512(a1);
+        r0[n - n0 + 2] += hsum_i512(a2); r0[n - n0 + 3] += hsum_i512(a3);
+        if (two) {
+            r1[n - n0] += hsum_i512(b0); r1[n - n0 + 1] += hsum_i512(b1);
+            r1[n - n0 + 2] += hsum_i512(b2); r1[n - n0 + 3] += hsum_i512(b3);
+        }
+    }
+    for (; n < n1; n++) {
+        const int8_t* w0 = W + n * K;
+        __m512i a0 = _mm512_setzero_si512(), b0 = a0;
+        for (int64_t k = kb; k < ke; k += 32) {
+            const __m512i c0 = ld_i8x32(w0 + k);
+            a0 = _mm512_dpwssd_epi32(a0, _mm512_loadu_si512((const void*)(x0 + k)), c0);
+            if (two) b0 = _mm512_dpwssd_epi32(b0, _mm512_loadu_si512((const void*)(x1 + k)), c0);
+        }
+        r0[n - n0] += hsum_i512(a0);
+        if (two) r1[n - n0] += hsum_i512(b0);
+    }
+}
+__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W,
+                                               int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+    const int64_t KV = K & ~(int64_t)(I8Q_STEP - 1);
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
-    for (int64_t kb = 0; kb < K16; kb += 2048) {
-        const int64_t ke = kb + 2048 < K16 ? kb + 2048 : K16;
+    for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
+        const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
+        for (int64_t m = 0; m < M; m += 2) {
+            const int16_t* x0 = xq + m * ldq;
+            float* r0 = acc + m * ldacc;
+            if (M - m >= 2) i8q_block512(x0, x0 + ldq, r0, r0 + ldacc, W, K, n0, n1, kb, ke, 1);
+            else i8q_block512(x0, x0, r0, r0, W, K, n0, n1, kb, ke, 0);
+        }
+    }
+    rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
+}
+
+/* bf16 weights against bf16 activations with vdpbf16ps: 32 bf16 products summed in pairs into 16 fp32 lanes
+   per instruction. The activations are the model's bf16 values (LayerNorm output rounded to bf16, as torch's
+   bf16 path rounds it); accumulation in fp32. MR activation rows against NR weight rows at a time. */
+static inline __m512bh ld_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512((const void*)p); }
+static inline __attribute__((always_inline)) void bf16dp_block(const uint16_t* x, int64_t K, const uint16_t* W,
+                                                               int64_t n, int64_t n0, float* acc, int64_t ldacc,
+                                                               const int MR, const int NR) {
+    const int64_t K32 = K & ~(int64_t)31;
+    __m512 a[4][4];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) a[r][c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K32; k += 32) {
+        __m512bh w[4];
+        for (int c = 0; c < NR; c++) {
+            if (PFW && (k & 31) == 0) _mm_prefetch((const char*)(W + (n + c + PFW) * K + k), PFH);
+            w[c] = ld_bh(W + (n + c) * K + k);
+        }
+        for (int r = 0; r < MR; r++) {
+            const __m512bh u = ld_bh(x + r * K + k);
+            for (int c = 0; c < NR; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], u, w[c]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) {
+            float s = _mm512_reduce_add_ps(a[r][c]);
+            for (int64_t k = K32; k < K; k++) s += bf16_f32(x[r * K + k]) * bf16_f32(W[(n + c) * K + k]);
+            acc[r * ldacc + n - n0 + c] = s;
+        }
+}
+__attribute__((noinline)) static void rows_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W,
+                                                  int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 4, 4);
+        for (; n < n1; n++) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 4, 1);
+    }
+    for (; m + 2 <= M; m += 2) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 2, 4);
+        for (; n < n1; n++) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 2, 1);
+    }
+    for (; m < M; m++)  /* one row: one weight row at a time, a sequential stream for the prefetcher */
+        for (int64_t n = n0; n < n1; n++) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 1, 1);
+}
+
+/* fp32 rows to bf16 (round to nearest even, as f32_bf16) for rows_bf16dp */
+static void to_bf16(const float* src, int64_t n, uint16_t* dst) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        _mm512_storeu_si512((void*)(dst + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i)));
+    for (; i < n; i++) dst[i] = f32_bf16(src[i]);
+}
+#define HAVE_BF16DP 1
+#else
+#define HAVE_BF16DP 0
+/* vpmaddwd: 16 int16 x int16 products summed in pairs into 8 int32 lanes per instruction */
+static inline __m256i ld_i8x16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+static inline float hsum_i(__m256i v) {  /* the lanes' exact sum, rounded to fp32 once */
+    int64_t l[4];
+    _mm256_storeu_si256((__m256i*)l, _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                                      _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1))));
+    return (float)(l[0] + l[1] + l[2] + l[3]);
+}
+__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
+                     float* acc, int64_t ldacc) {
+    const int64_t KV = K & ~(int64_t)(I8Q_STEP - 1);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
+    for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
+        const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
         for (int64_t m = 0; m < M; m += 2) {
             const int16_t* x0 = xq + m * ldq;
             float* r0 = acc + m * ldacc;
@@ -441,13 +584,9 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
             }
         }
     }
-    for (int64_t m = 0; m < M; m++)  /* columns beyond the last multiple of 16 */
-        for (int64_t n = n0; n < n1; n++) {
-            int32_t s = 0;
-            for (int64_t k = K16; k < K; k++) s += (int32_t)xq[m * ldq + k] * W[n * K + k];
-            acc[m * ldacc + n - n0] += (float)s;
-        }
+    rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
 }
+#endif
 
 static float* scratch(int64_t n) {  /* per-thread buffer, grown on demand and kept */
     static __thread float* buf = NULL;
@@ -538,6 +677,7 @@ struct linear_job {
     const float* x; int64_t M, K; const void* W; int wdt; const float* scale; const void* bias; int bdt;
     const void* residual; void* y; int ydt; int64_t ldy, N, chunk; int act;
     const int16_t* xq; const float* xs;  /* int8 weights: activations as int16 with one scale per row */
+    const uint16_t* xb;                  /* bf16 weights against bf16 activations (AVX-512 BF16): x as bf16 */
 };
 
 static void linear_task(void* ctx, int64_t t) {
@@ -549,7 +689,12 @@ static void linear_task(void* ctx, int64_t t) {
         const float* xm = j->x + m0 * K;
         switch (j->wdt) {
             case F32: rows_f32(xm, mb, K, (const float*)j->W, n0, n1, acc, 64); break;
-            case BF16: rows_bf16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
+            case BF16:
+#if HAVE_BF16DP
+                if (j->xb) { rows_bf16dp(j->xb + m0 * K, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break; }
+#endif
+                rows_bf16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64);
+                break;
             case F16: rows_f16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
             default:
                 if (j->xq) rows_i8q(j->xq + m0 * K, mb, K, K, (const int8_t*)j->W, n0, n1, acc, 64);
@@ -640,9 +785,11 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
                       int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps,
                       int act) {
     if (M <= 0 || N <= 0) return 0;
-    /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M] */
+    /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or (bf16 weights
+       and activations on AVX-512 BF16) bf16 rows [M, K] */
     if (int8_float < 0) { const char* e = getenv("QUILL_INT8_FLOAT"); int8_float = e && atoi(e); }
-    float* buf = scratch(M * K + (wdt == I8 ? (M * K + 1) / 2 + M : 0));
+    const int bf16dp = HAVE_BF16DP && wdt == BF16 && xdt == BF16;
+    float* buf = scratch(M * K + (wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0));
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, lnw, lnb, lndt, eps, buf);
     int16_t* xq = NULL;
@@ -652,6 +799,13 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
         xs = buf + M * K + (M * K + 1) / 2;
         for (int64_t m = 0; m < M; m++) quantize_i16(xf + m * K, K, xq + m * K, xs + m);
     }
+    uint16_t* xb = NULL;
+#if HAVE_BF16DP
+    if (bf16dp) {
+        xb = (uint16_t*)(buf + M * K);
+        to_bf16(xf, M * K, xb);
+    }
+#endif
     if (task_bytes < 0) { const char* e = getenv("QUILL_TASK_BYTES"); task_bytes = e ? atoi(e) : 32768; }
     const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
@@ -661,7 +815,7 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     const int64_t unit = wdt != I8 && M >= 4 ? 12 : 4;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
-    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs};
+    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xb};
     const int64_t tasks = (N + chunk - 1) / chunk;
     pool_run(linear_task, &job, tasks, M * N * K >= (1 << 16) ? nthreads : 1);
     return 0;
