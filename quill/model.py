@@ -37,8 +37,9 @@ def _cpu_half_gemm(dtype: torch.dtype) -> bool:
 class Linear(nn.Linear):
     """nn.Linear with CPU inference fast paths (autograd and other devices use F.linear unchanged).
 
-    - up to kernels.MAX_ROWS rows (short prompts, decode outside the fused step): quill.kernels' matrix-vector
-      kernel, which reads the weight once at memory speed (MKL's GEMM is slower below ~16 rows, measured);
+    - quill.kernels' matrix-vector kernel, which reads the weight once at memory speed: always for one row,
+      and for more rows (prompts, batched decode outside the fused step) where it beats torch's GEMM on this
+      machine (quill.kernels.tune times both per shape class);
     - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2): computed in fp32. torch's fallback bf16
       GEMM is about 100x slower than MKL's fp32 one (a 512-token bf16 prefill ran at 5 tok/s); converting
       the weight costs one pass over it.
@@ -48,11 +49,14 @@ class Linear(nn.Linear):
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, self.bias)
-        y = kernels.project(x, w, self.bias)
-        if y is not None:
-            return y
+        y = kernels.project(x, w, self.bias, others={"torch": self._torch_forward})
+        return y if y is not None else self._torch_forward(x)
+
+    def _torch_forward(self, x: Tensor) -> Tensor:
+        """The CPU inference product on torch's GEMM (in fp32 for many half-precision rows without a half GEMM)."""
+        w = self.weight
         half = w.dtype in (torch.bfloat16, torch.float16)
-        if half and kernels.rows(x) > kernels.MAX_ROWS and not _cpu_half_gemm(w.dtype):
+        if half and kernels.rows(x) > kernels.DEFAULT_ROWS and not _cpu_half_gemm(w.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
         return F.linear(x, w, self.bias)
@@ -409,7 +413,7 @@ class GPT(nn.Module):
 
     def _decode_ok(self, idx: Tensor, pos: Positions, cache: KVCache) -> bool:
         """Whether this one-token-per-row step can run on the fused CPU kernels (else the torch path runs)."""
-        if self.training or torch.is_grad_enabled() or idx.device.type != "cpu" or idx.shape[0] > kernels.MAX_ROWS:
+        if self.training or torch.is_grad_enabled() or idx.device.type != "cpu":
             return False
         if cache.k.dtype not in kernels.FLOAT_DTYPES or cache.k.stride(-1) != 1:
             return False

@@ -27,9 +27,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach
 _SCRATCH = tempfile.mkdtemp(prefix="quill-tests-")
 os.environ["XDG_DATA_HOME"] = os.path.join(_SCRATCH, "data")
 os.environ["XDG_CACHE_HOME"] = os.path.join(_SCRATCH, "cache")
+# Deterministic paths: multi-row products take the fixed default instead of timing candidates
+# (tests/test_kernel_dispatch.py switches the tuner on where it is the subject).
+os.environ.setdefault("QUILL_TUNE", "0")
 
 import httpx
 import pytest
+
+from quill import kernels
+from quill.kernels.cpu import VARIANTS, this_cpu
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-\n<>|/"
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
@@ -77,6 +83,20 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(params=sorted(VARIANTS))
+def kernel_isa(request, monkeypatch):
+    """Run the test once per kernel variant (QUILL_ISA), skipping a variant whose CPU flags this CPU lacks."""
+    variant = VARIANTS[request.param]
+    missing = this_cpu().missing(variant)
+    if missing:
+        pytest.skip(f"{variant.name} kernels need CPU flags this CPU lacks: {', '.join(missing)}")
+    monkeypatch.setenv("QUILL_ISA", variant.name)
+    kernels.reload()
+    yield variant.name
+    monkeypatch.undo()
+    kernels.reload()
 
 
 @pytest.fixture(scope="session")

@@ -26,7 +26,11 @@ from quill.model import GPT, GPTConfig, compile_model
 from quill.sampling import SamplingParams
 from quill.tokenizer import Tokenizer
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable (no AVX2 or no C compiler)")
+def needs_kernels(test):
+    """Run `test` once per kernel variant this CPU has (the kernel_isa fixture); skip it without the kernels."""
+    skip = pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable (no AVX2 or no C compiler)")
+    return pytest.mark.usefixtures("kernel_isa")(skip(test))
+
 
 CONFIGS = {
     "odd": GPTConfig(vocab_size=101, n_positions=40, n_embd=48, n_head=3, n_layer=2),
@@ -125,7 +129,7 @@ def test_decode_kernels_fall_back_for_unknown_modules():
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_linear_kernel_matches_torch(wdtype, xdtype):
     torch.manual_seed(0)
-    for m, n, k in [(1, 37, 45), (2, 130, 64), (5, 9, 300), (kernels.MAX_ROWS, 64, 24)]:
+    for m, n, k in [(1, 37, 45), (2, 130, 64), (5, 9, 300), (kernels.DEFAULT_ROWS, 64, 24)]:
         x = torch.randn(m, k).to(xdtype)
         w = torch.randn(n, k)
         scale = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import functools
 import itertools
 import logging
 import mmap
@@ -29,7 +30,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import torch
@@ -37,8 +38,9 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import is_in_torch_dispatch_mode
 
 from quill.errors import InvalidParameter
-from quill.kernels import build
+from quill.kernels import build, tune
 from quill.kernels.cpu import VARIANTS, Variant, choose_variant, this_cpu
+from quill.kernels.tune import DEFAULT_ROWS
 
 log = logging.getLogger("quill.kernels")
 
@@ -49,7 +51,6 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATIONS = {None: _ABI["ACT_NONE"], "gelu_new": _ABI["ACT_GELU_TANH"], "gelu_pytorch_tanh": _ABI["ACT_GELU_TANH"],
                "gelu": _ABI["ACT_GELU_ERF"], "relu": _ABI["ACT_RELU"]}
 MAX_BANS = _ABI["MAX_BANS"]  # banned ids per row that quill_argmax_banned takes
-MAX_ROWS = 32  # the matrix-vector kernel serves up to this many activation rows; beyond, BLAS GEMM wins
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -172,7 +173,7 @@ def observed() -> bool:
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
            residual: Tensor | None = None, out: Tensor | None = None, ln: nn.LayerNorm | None = None,
            act: str | None = None) -> Tensor:
-    """`(residual +) (ln(x) @ weight.T) * scale + bias` for x [M, K] (M <= MAX_ROWS, last dim contiguous).
+    """`(residual +) (ln(x) @ weight.T) * scale + bias` for x [M, K] (last dim contiguous).
 
     weight: [N, K] contiguous float32/bfloat16/float16/int8; scale: float32 [N] (int8 weights) or None;
     ln: an optional LayerNorm applied to each row of x first (in fp32, fused); the result has x's dtype.
@@ -198,27 +199,42 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
 
 
 def rows(x: Tensor) -> int:
-    """Rows of x as a matrix ([..., K] -> [rows, K]); more than MAX_ROWS is a prefill, left to torch's GEMMs."""
+    """Rows of x as a matrix ([..., K] -> [rows, K])."""
     k = x.shape[-1]
     return x.numel() // k if k else 0
 
 
-def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor | None:
-    """`linear` for x of any leading shape ([..., K] -> [..., N]) when the matrix-vector kernel serves it, else None.
+def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
+            others: dict[str, Callable[[Tensor], Tensor]] | None = None) -> Tensor | None:
+    """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it.
 
-    It serves CPU inference inputs of at most MAX_ROWS rows (short prompts, decode steps outside the fused
-    step) with a float activation dtype and a contiguous weight of a known dtype; the caller falls back to its
-    torch path otherwise (GPU, autograd, long prompts, tracing).
+    They serve CPU inference inputs with a float activation dtype and a contiguous weight of a known dtype; the
+    caller falls back to its torch path otherwise (GPU, autograd, tracing). One row always runs here (reading
+    the weight once is the bound); for more rows, `others` (name -> the caller's own implementation: torch's
+    GEMM, fbgemm's) compete with the kernel, and the fastest for this shape class on this machine serves
+    (quill.kernels.tune; with QUILL_TUNE=0 the kernel up to DEFAULT_ROWS rows, the first of `others` beyond).
     """
     m = rows(x)
-    if (not 0 < m <= MAX_ROWS or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
+    if (m <= 0 or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
             or weight.dtype not in DTYPE_CODES or not weight.is_contiguous()
             or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not available()):
         return None
-    x2 = x.reshape(m, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return linear(x2, weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
+
+    def own() -> Tensor:
+        x2 = x.reshape(m, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return linear(x2, weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
+
+    if m > 1 and others:
+        candidates = {"quill": own, **{name: functools.partial(f, x) for name, f in others.items()}}
+        key = (f"linear w={str(weight.dtype)[6:]} x={str(x.dtype)[6:]} {weight.shape[0]}x{weight.shape[1]} "
+               f"rows<={tune.row_class(m)} [{','.join(candidates)}]")
+        default = "quill" if m <= DEFAULT_ROWS else next(iter(others))
+        path = tune.choose(_variant.name, key, candidates, default)
+        if path != "quill":
+            return others[path](x)
+    return own()
 
 
 def activate_(x: Tensor, act: str) -> bool:
@@ -415,4 +431,5 @@ def gather_int8(weight: Tensor, scale: Tensor, idx: Tensor, dtype: torch.dtype) 
     return out.view(*idx.shape, weight.shape[1])
 
 
-__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "MAX_ROWS", "FLOAT_DTYPES"]
+__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+           "variant", "system_report"]

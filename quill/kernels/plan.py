@@ -9,6 +9,7 @@ so that this layer never imports the model.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import struct
 import threading
@@ -18,7 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from quill import kernels
-from quill.kernels import build
+from quill.kernels import build, tune
 
 ABI = build.constants()
 
@@ -152,6 +153,7 @@ class Decoder:
         self._plan: tuple[Tensor, list[Tensor], list[int]] | None = None
         self._buffers: dict[tuple, dict[str, Tensor]] = {}
         self._tuners: dict[int, ThreadTuner] = {}
+        self._rows: dict[tuple, int] = {}  # rows per fused call, by (batch, cache dtype, threads)
 
     def forget(self) -> None:
         """Drop the plan and buffers. The plan holds the tensors it points into and re-checks their addresses
@@ -192,13 +194,66 @@ class Decoder:
 
     def step(self, model: nn.Module, tokens: Tensor, start: Tensor | int, k_cache: Tensor, v_cache: Tensor) -> Tensor:
         """One token per row (tokens: LongTensor [B]) at positions `start` through the fused kernels: logits [B, V].
-        Raises Unsupported for a model the kernels cannot run."""
+
+        The rows run in calls of `rows_per_call` rows (all of them, or fewer where that measured faster here: a
+        batch that outgrows the caches runs as two halves, so twice the rows never costs more than twice the
+        time). Raises Unsupported for a model the kernels cannot run."""
         plan = self.plan(model)
-        B, dtype = tokens.shape[0], model.dtype
-        logits = torch.empty(B, model.config.vocab_size, dtype=dtype)  # fresh: callers keep logits across steps
+        B = tokens.shape[0]
+        logits = torch.empty(B, model.config.vocab_size, dtype=model.dtype)  # fresh: callers keep logits across steps
+        chunk = self.rows_per_call(model, B, k_cache)
+        for r0 in range(0, B, chunk):
+            r1 = min(B, r0 + chunk)
+            part = start[r0:r1] if isinstance(start, Tensor) else start
+            self._call(model, plan, tokens[r0:r1], part, k_cache[:, r0:r1], v_cache[:, r0:r1], logits[r0:r1])
+        return logits
+
+    def _call(self, model: nn.Module, plan: Tensor, tokens: Tensor, start: Tensor | int, k_cache: Tensor,
+              v_cache: Tensor, logits: Tensor) -> None:
+        B = tokens.shape[0]
         tuner = self.tuner()
         threads = tuner.choose(B)
         t0 = time.perf_counter()
-        kernels.decode_step(plan, tokens, start, k_cache, v_cache, self.workspace(model, B, dtype), logits, threads)
+        kernels.decode_step(plan, tokens, start, k_cache, v_cache, self.workspace(model, B, model.dtype), logits,
+                            threads)
         tuner.record(B, threads, time.perf_counter() - t0)
-        return logits
+
+    SCRATCH_POSITIONS = 64  # context of the scratch cache that timing runs attend over
+
+    def rows_per_call(self, model: nn.Module, batch: int, k_cache: Tensor) -> int:
+        """How many rows one fused call takes for a batch of `batch` rows: timed once per machine and shape
+        (quill.kernels.tune) between all rows, half of them and DEFAULT_ROWS, on a scratch cache (the real one
+        is never written); with QUILL_TUNE=0, DEFAULT_ROWS."""
+        default = min(batch, tune.DEFAULT_ROWS)
+        if batch == 1 or not tune.enabled():
+            return default
+        memo = (batch, k_cache.dtype, torch.get_num_threads())
+        chosen = self._rows.get(memo)
+        if chosen is None:
+            chosen = self._rows[memo] = self._time_rows(model, batch, k_cache, default)
+        return chosen
+
+    def _time_rows(self, model: nn.Module, batch: int, k_cache: Tensor, default: int) -> int:
+        options = sorted({batch, (batch + 1) // 2, default}, reverse=True)
+        c = model.config
+        key = (f"decode L={c.n_layer} C={c.n_embd} H={c.n_head} I={c.inner_dim} V={c.vocab_size} "
+               f"x={str(model.dtype)[6:]} w={str(model.lm_head.weight.dtype)[6:]} kv={str(k_cache.dtype)[6:]} "
+               f"rows={batch} [{','.join(map(str, options))}]")
+        plan = self.plan(model)
+        n_layer, _, H, _, D = k_cache.shape
+        shape = (n_layer, batch, H, self.SCRATCH_POSITIONS, D)
+        scratch = torch.zeros(shape, dtype=k_cache.dtype), torch.zeros(shape, dtype=k_cache.dtype)
+        tokens = torch.zeros(batch, dtype=torch.long)
+        logits = torch.empty(batch, c.vocab_size, dtype=model.dtype)
+        pos = self.SCRATCH_POSITIONS - 1
+
+        def run(chunk: int) -> None:
+            for r0 in range(0, batch, chunk):
+                r1 = min(batch, r0 + chunk)
+                kernels.decode_step(plan, tokens[r0:r1], pos, scratch[0][:, r0:r1], scratch[1][:, r0:r1],
+                                    self.workspace(model, r1 - r0, model.dtype), logits[r0:r1],
+                                    torch.get_num_threads())
+
+        chosen = tune.choose(kernels.variant().name, key, {str(n): functools.partial(run, n) for n in options},
+                             str(default))
+        return int(chosen)
