@@ -8,6 +8,7 @@ that the checkpoint mapping in `weights.py` is a rename-free, shape-checked copy
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -49,14 +50,16 @@ class Linear(nn.Linear):
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, self.bias)
-        y = kernels.project(x, w, self.bias, others={"torch": self._torch_forward})
+        # as a candidate against the kernel (several rows), torch computes half weights in fp32 from 2 rows on
+        y = kernels.project(x, w, self.bias, others={"torch": functools.partial(self._torch_forward, upcast_from=2)})
         return y if y is not None else self._torch_forward(x)
 
-    def _torch_forward(self, x: Tensor) -> Tensor:
-        """The CPU inference product on torch's GEMM (in fp32 for many half-precision rows without a half GEMM)."""
+    def _torch_forward(self, x: Tensor, upcast_from: int = kernels.DEFAULT_ROWS + 1) -> Tensor:
+        """The CPU inference product on torch's GEMM; half-precision weights in fp32 from `upcast_from` rows on
+        where the CPU has no half GEMM."""
         w = self.weight
         half = w.dtype in (torch.bfloat16, torch.float16)
-        if half and kernels.rows(x) > kernels.DEFAULT_ROWS and not _cpu_half_gemm(w.dtype):
+        if half and kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
         return F.linear(x, w, self.bias)

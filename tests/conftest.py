@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import hashlib
 import os
 import signal
 import socket
@@ -35,7 +37,8 @@ import httpx
 import pytest
 
 from quill import kernels
-from quill.kernels.cpu import VARIANTS, this_cpu
+from quill.kernels import build
+from quill.kernels.cpu import AVX2, VARIANTS, Variant, this_cpu
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-\n<>|/"
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
@@ -85,9 +88,30 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(params=sorted(VARIANTS))
+def emulated_avx512() -> Variant:
+    """The AVX-512 variant's code on an AVX2 CPU: the intrinsics emulated in C (tests/avx512_emulated.h)."""
+    header = ROOT / "tests" / "avx512_emulated.h"
+    digest = hashlib.sha256(header.read_bytes()).hexdigest()[:16]  # a changed header builds afresh
+    return Variant("avx512-emulated", AVX2.needs,
+                   (*AVX2.cflags, "-DQUILL_AVX512=1", f"-DQUILL_EMULATED={digest}", "-include", str(header),
+                    "-Wno-psabi"), "the AVX-512 variant with emulated intrinsics (tests only)")
+
+
+@pytest.fixture(params=[*sorted(VARIANTS), "avx512-emulated"])
 def kernel_isa(request, monkeypatch):
-    """Run the test once per kernel variant (QUILL_ISA), skipping a variant whose CPU flags this CPU lacks."""
+    """Run the test once per kernel variant (QUILL_ISA), skipping a variant whose CPU flags this CPU lacks, and
+    once on the AVX-512 variant's code with emulated intrinsics (so its logic is tested on any AVX2 CPU)."""
+    if request.param == "avx512-emulated":
+        variant = emulated_avx512()
+        if this_cpu().missing(variant) or not kernels.available():
+            pytest.skip("the emulated AVX-512 variant runs on the AVX2 kernels' CPUs")
+        lib = kernels._bind(ctypes.CDLL(str(build.build(variant).path)))
+        for name, value in (("_lib", lib), ("_variant", variant), ("_error", None), ("_tried", True)):
+            monkeypatch.setattr(kernels, name, value)
+        yield variant.name
+        monkeypatch.undo()
+        kernels.reload()
+        return
     variant = VARIANTS[request.param]
     missing = this_cpu().missing(variant)
     if missing:
