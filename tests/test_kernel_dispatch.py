@@ -17,7 +17,7 @@ from quill.errors import InvalidParameter
 from quill.kernels import build, tune
 from quill.kernels.cpu import AVX2, AVX512, VARIANTS, CPU, choose_variant, parse_cpuinfo, this_cpu
 from quill.model import GPT, GPTConfig
-from quill.quantize import Int8Linear, quantize_model
+from quill.quantize import Int8Linear
 
 ZEN3 = """processor	: 0
 vendor_id	: AuthenticAMD
