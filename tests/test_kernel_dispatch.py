@@ -68,6 +68,18 @@ def test_flags_parser_picks_avx2_on_zen3_and_avx512_on_zen4():
         choose_variant(zen4, "sse9")
 
 
+def test_without_proc_cpuinfo_torch_capability_decides(monkeypatch, tmp_path):
+    """Another OS (no /proc/cpuinfo): the flags torch's capability check implies, so AVX2 at most (torch's
+    AVX512 level says nothing of VNNI or BF16)."""
+    import quill.kernels.cpu as cpu_module
+
+    monkeypatch.setattr(cpu_module, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(cpu_module.platform, "machine", lambda: "x86_64")
+    capability = torch.backends.cpu.get_cpu_capability()
+    chosen = choose_variant(cpu_module.this_cpu(), "auto")
+    assert chosen is (AVX2 if capability in ("AVX2", "AVX512") else None)
+
+
 def test_every_variant_builds_warning_free():
     """Both variants compile with this machine's compiler, -Wall -Wextra clean, whatever the CPU runs."""
     for variant in VARIANTS.values():

@@ -62,14 +62,22 @@ def parse_cpuinfo(text: str) -> CPU:
     return CPU(model, flags or frozenset())
 
 
+# the flags torch's own CPU capability check implies, where there is no /proc/cpuinfo (another OS)
+_TORCH_CAPABILITY_FLAGS = {"AVX2": AVX2.needs, "AVX512": (*AVX2.needs, "avx512f", "avx512bw", "avx512vl")}
+
+
 def this_cpu() -> CPU:
-    """This machine's CPU (no flags off x86-64 or where /proc/cpuinfo cannot be read)."""
+    """This machine's CPU: /proc/cpuinfo's first processor; without it, what torch's capability check implies
+    (no flags off x86-64)."""
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return CPU(platform.processor() or platform.machine(), frozenset())
     try:
         return parse_cpuinfo(CPUINFO.read_text())
     except OSError:
-        return CPU(platform.processor(), frozenset())
+        import torch
+
+        capability = torch.backends.cpu.get_cpu_capability()
+        return CPU(platform.processor(), frozenset(_TORCH_CAPABILITY_FLAGS.get(capability, ())))
 
 
 def choose_variant(cpu: CPU, requested: str | None = None) -> Variant | None:
