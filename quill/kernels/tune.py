@@ -13,6 +13,7 @@ as tests need for deterministic paths.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -48,16 +49,27 @@ def row_class(rows: int) -> int:
     return 1 << max(0, rows - 1).bit_length()
 
 
+@functools.cache
+def _cpu_and_sources() -> tuple[str, str]:
+    return this_cpu().model, build.source_digest()
+
+
 def machine(isa: str) -> dict[str, object]:
     """What a tuning choice depends on besides the shape; part of the cache file's name and content."""
-    return {"cpu": this_cpu().model, "isa": isa, "kernels": build.source_digest(), "torch": torch.__version__,
+    cpu, sources = _cpu_and_sources()
+    return {"cpu": cpu, "isa": isa, "kernels": sources, "torch": torch.__version__,
             "threads": torch.get_num_threads()}
 
 
 def cache_file(isa: str) -> Path:
     """The tuning cache for this machine and kernel variant."""
+    return _cache_file(isa, torch.get_num_threads(), build.cache_dir())
+
+
+@functools.cache
+def _cache_file(isa: str, threads: int, folder: Path) -> Path:  # memoised: it runs before every multi-row product
     key = hashlib.sha256(json.dumps(machine(isa), sort_keys=True).encode()).hexdigest()[:16]
-    return build.cache_dir() / "tuning" / f"paths-{isa}-{key}.json"
+    return folder / "tuning" / f"paths-{isa}-{key}.json"
 
 
 def _read(path: Path, isa: str) -> dict[str, str]:
