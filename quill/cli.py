@@ -113,14 +113,24 @@ def cmd_tokenize(args: argparse.Namespace) -> None:
 
 
 def cmd_info(args: argparse.Namespace) -> None:
-    from quill.resolve import resolve
-    from quill.weights import load_config
+    from quill.errors import InvalidParameter
 
-    path = resolve(args.model)
-    cfg = load_config(path)
-    n = cfg.num_params()
-    info = {"path": str(path), "config": cfg.to_hf(), "parameters": n,
-            "bytes": {"float32": 4 * n, "bfloat16": 2 * n, "int8": n}}
+    info: dict = {}
+    if args.model is not None:
+        from quill.resolve import resolve
+        from quill.weights import load_config
+
+        path = resolve(args.model)
+        cfg = load_config(path)
+        n = cfg.num_params()
+        info = {"path": str(path), "config": cfg.to_hf(), "parameters": n,
+                "bytes": {"float32": 4 * n, "bfloat16": 2 * n, "int8": n}}
+    elif not args.system:
+        raise InvalidParameter("quill info needs a MODEL, --system, or both", "model")
+    if args.system:
+        from quill import kernels
+
+        info["system"] = kernels.system_report()
     print(json.dumps(info, indent=2))
 
 
@@ -173,8 +183,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text")
     p.set_defaults(func=cmd_tokenize)
 
-    p = sub.add_parser("info", help="config, parameter count and size of a model")
-    p.add_argument("model")
+    p = sub.add_parser("info", help="config, parameter count and size of a model; --system: CPU and kernels")
+    p.add_argument("model", nargs="?")
+    p.add_argument("--system", action="store_true",
+                   help="the CPU, its SIMD flags and the kernel variant chosen (QUILL_ISA overrides it)")
     p.set_defaults(func=cmd_info)
 
     p = sub.add_parser("eval", help="perplexity of a text with a sliding window")

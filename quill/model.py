@@ -8,11 +8,8 @@ that the checkpoint mapping in `weights.py` is a rename-free, shape-checked copy
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
-import statistics
-import struct
-import threading
-import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from quill import kernels
+from quill.kernels import plan
 from quill.errors import ConfigError
 
 ACTIVATIONS = {
@@ -40,8 +38,9 @@ def _cpu_half_gemm(dtype: torch.dtype) -> bool:
 class Linear(nn.Linear):
     """nn.Linear with CPU inference fast paths (autograd and other devices use F.linear unchanged).
 
-    - up to kernels.MAX_ROWS rows (short prompts, decode outside the fused step): quill.kernels' matrix-vector
-      kernel, which reads the weight once at memory speed (MKL's GEMM is slower below ~16 rows, measured);
+    - quill.kernels' matrix-vector kernel, which reads the weight once at memory speed: always for one row,
+      and for more rows (prompts, batched decode outside the fused step) where it beats torch's GEMM on this
+      machine (quill.kernels.tune times both per shape class);
     - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2): computed in fp32. torch's fallback bf16
       GEMM is about 100x slower than MKL's fp32 one (a 512-token bf16 prefill ran at 5 tok/s); converting
       the weight costs one pass over it.
@@ -51,14 +50,23 @@ class Linear(nn.Linear):
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, self.bias)
-        y = kernels.project(x, w, self.bias)
-        if y is not None:
-            return y
+        # as a candidate against the kernel (several rows), torch computes half weights in fp32 from 2 rows on
+        y = kernels.project(x, w, self.bias, others={"torch": functools.partial(self._torch_forward, upcast_from=2)})
+        return y if y is not None else self._torch_forward(x)
+
+    def _torch_forward(self, x: Tensor, upcast_from: int = kernels.DEFAULT_ROWS + 1) -> Tensor:
+        """The CPU inference product on torch's GEMM; half-precision weights in fp32 from `upcast_from` rows on
+        where the CPU has no half GEMM."""
+        w = self.weight
         half = w.dtype in (torch.bfloat16, torch.float16)
-        if half and kernels.rows(x) > kernels.MAX_ROWS and not _cpu_half_gemm(w.dtype):
+        if half and kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
         return F.linear(x, w, self.bias)
+
+    def kernel_args(self) -> tuple[Tensor, None, Tensor | None]:
+        """(weight, scale, bias) for the fused decode step: float weights need no scale."""
+        return self.weight, None, self.bias
 
 
 # config.json keys that carry no meaning for inference (bookkeeping, task heads, dropout, tokenizer ids).
@@ -395,7 +403,7 @@ class GPT(nn.Module):
         if fused and self._decode_ok(idx, pos, cache):
             try:
                 return self._decode(idx, pos, cache)
-            except _Unsupported:  # a layer the kernels cannot run: redo the step (same cache writes) in torch
+            except plan.Unsupported:  # a layer the kernels cannot run: redo the step (same cache writes) in torch
                 pass
         x = self.transformer.wte(idx) + self.transformer.wpe(pos.ids(idx.device))  # [B, T, C]
         x = self.transformer.drop(x)
@@ -411,7 +419,7 @@ class GPT(nn.Module):
 
     def _decode_ok(self, idx: Tensor, pos: Positions, cache: KVCache) -> bool:
         """Whether this one-token-per-row step can run on the fused CPU kernels (else the torch path runs)."""
-        if self.training or torch.is_grad_enabled() or idx.device.type != "cpu" or idx.shape[0] > kernels.MAX_ROWS:
+        if self.training or torch.is_grad_enabled() or idx.device.type != "cpu":
             return False
         if cache.k.dtype not in kernels.FLOAT_DTYPES or cache.k.stride(-1) != 1:
             return False
@@ -423,158 +431,20 @@ class GPT(nn.Module):
         """One token per row in a single call into quill.kernels: embedding, every block (LayerNorm folded
         into the following projection, residual adds and GELU into the projections' epilogues, the cache
         written inside the attention kernel) and the head. Same result as the torch path up to rounding."""
-        plan = self._plan()
-        B = idx.shape[0]
-        dtype = self.dtype
-        ws = self._workspace(B, dtype)
         start = pos.start.contiguous() if pos.ragged else pos.start
-        logits = torch.empty(B, self.config.vocab_size, dtype=dtype)  # fresh: callers keep logits across steps
-        threads = self._tuner.choose(B)
-        t0 = time.perf_counter()
-        kernels.decode_step(plan, idx[:, 0].contiguous(), start, cache.k, cache.v, ws, logits, threads)
-        self._tuner.record(B, threads, time.perf_counter() - t0)
-        return logits[:, None]
-
-    def forget_decode_plan(self) -> None:
-        """Drop the decode kernels' plan and buffers; call after swapping modules in place (`quantize_model`).
-
-        The plan holds the tensors it points into and re-checks their addresses each step, so moved or
-        replaced weight data is noticed; a module swapped for another is not (the old one's tensors live on).
-        """
-        self.__dict__.pop("_decode_plan", None)
-        self.__dict__.pop("_decode_buffers", None)
-
-    def _plan(self) -> Tensor:
-        """The model as the int64 words quill_decode_step reads (cached; rebuilt when any weight moves)."""
-        cached = self.__dict__.get("_decode_plan")
-        if cached is not None:
-            plan, refs, ptrs = cached
-            if list(map(Tensor.data_ptr, refs)) == ptrs:
-                return plan
-        plan, refs = _build_plan(self)
-        self.__dict__["_decode_plan"] = (plan, refs, [t.data_ptr() for t in refs])
-        return plan
+        return self._decoder.step(self, idx[:, 0].contiguous(), start, cache.k, cache.v)[:, None]
 
     @property
-    def _tuner(self) -> ThreadTuner:
-        """The decode thread tuner for the current torch thread count (one per count, kept)."""
-        tuners = self.__dict__.setdefault("_thread_tuners", {})
-        n = torch.get_num_threads()
-        tuner = tuners.get(n)
-        if tuner is None:
-            tuner = tuners[n] = ThreadTuner(n)
-        return tuner
+    def _decoder(self) -> plan.Decoder:
+        """The fused decode state (plan, buffers, thread tuners), made on first use."""
+        decoder = self.__dict__.get("_decode_state")
+        if decoder is None:
+            decoder = self.__dict__["_decode_state"] = plan.Decoder()
+        return decoder
 
-    def _workspace(self, batch: int, dtype: torch.dtype) -> dict[str, Tensor]:
-        """Preallocated activations of a decode step, reused across steps (keyed by batch size and dtype)."""
-        key = (batch, dtype, threading.get_ident())  # per thread: concurrent generations must not share
-        cache = self.__dict__.setdefault("_decode_buffers", {})
-        ws = cache.get(key)
-        if ws is None:
-            if len(cache) >= 64:
-                cache.clear()
-            c = self.config
-            ws = {"x": torch.empty(batch, c.n_embd, dtype=dtype), "qkv": torch.empty(batch, 3 * c.n_embd, dtype=dtype),
-                  "att": torch.empty(batch, c.n_embd, dtype=dtype),
-                  "hidden": torch.empty(batch, c.inner_dim, dtype=dtype)}
-            cache[key] = ws
-        return ws
-
-
-class _Unsupported(Exception):
-    """A module the decode kernels cannot run (the step falls back to the torch path)."""
-
-
-def _f32_bits(v: float) -> int:
-    return struct.unpack("<i", struct.pack("<f", v))[0]
-
-
-def _build_plan(model: GPT) -> tuple[Tensor, list[Tensor]]:
-    """Words describing `model` for kernels.decode_step, and the tensors they point into."""
-    cfg, tr = model.config, model.transformer
-    refs: list[Tensor] = []
-    code = kernels.DTYPE_CODES
-
-    def ptr(t: Tensor | None) -> int:
-        if t is None:
-            return 0
-        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in code:
-            raise _Unsupported("tensor layout")
-        refs.append(t)
-        return t.data_ptr()
-
-    def linear(m: nn.Module) -> list[int]:
-        if type(m) is Linear or type(m) is nn.Linear:
-            w, s, b = m.weight, None, m.bias
-        elif hasattr(m, "kernel_args"):
-            w, s, b = m.kernel_args()
-        else:
-            raise _Unsupported(type(m).__name__)
-        if s is not None and s.dtype != torch.float32:
-            raise _Unsupported("scale dtype")
-        return [ptr(w), code[w.dtype], ptr(s), ptr(b), code[b.dtype] if b is not None else 0]
-
-    def norm(ln: nn.Module) -> list[int]:
-        if type(ln) is not nn.LayerNorm or ln.weight is None or ln.eps != cfg.layer_norm_epsilon:
-            raise _Unsupported("layer norm")
-        return [ptr(ln.weight), ptr(ln.bias), code[ln.weight.dtype]]
-
-    wte, wpe = tr.wte, tr.wpe
-    if type(wte) is nn.Embedding:
-        emb = [ptr(wte.weight), code[wte.weight.dtype], 0]
-    elif getattr(wte, "weight", None) is not None and wte.weight.dtype == torch.int8:
-        emb = [ptr(wte.weight), code[torch.int8], ptr(wte.weight_scale)]
-    else:
-        raise _Unsupported(type(wte).__name__)
-    if type(wpe) is not nn.Embedding:
-        raise _Unsupported(type(wpe).__name__)
-    words = [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.inner_dim, cfg.vocab_size,
-             kernels.ACTIVATIONS[cfg.activation_function], code[model.dtype], _f32_bits(cfg.layer_norm_epsilon),
-             *emb, ptr(wpe.weight), code[wpe.weight.dtype], *norm(tr.ln_f), *linear(model.lm_head)]
-    words += [0] * (24 - len(words))
-    for block in tr.h:
-        attn, mlp = block.attn, block.mlp
-        words += [*norm(block.ln_1), *linear(attn.c_attn), *linear(attn.c_proj), *norm(block.ln_2),
-                  *linear(mlp.c_fc), *linear(mlp.c_proj), _f32_bits(attn.scale)]
-    return torch.tensor(words, dtype=torch.int64), refs
-
-
-class ThreadTuner:
-    """Picks the thread count of decode steps from measured step times, per batch size.
-
-    On a machine shared with other work, two threads can be slower than one (measured on the 2-core box:
-    28 vs 20 tok/s while a training run and a test suite were running, the reverse when it is quiet). The
-    tuner times steps with 1 and with all threads (`torch.get_num_threads()`), keeps the faster (median of
-    the last few steps each) and re-checks the other now and then, so it follows the load as it changes.
-    """
-
-    PROBE_EVERY = 48  # steps between re-checks of the other choice
-    WINDOW = 5  # recent step times kept per (batch size, threads)
-
-    def __init__(self, max_threads: int):
-        self.max_threads = max(1, max_threads)
-        self.choices = sorted({1, self.max_threads})
-        self.times: dict[tuple[int, int], list[float]] = {}
-        self.steps: dict[int, int] = {}
-
-    def choose(self, batch: int) -> int:
-        if len(self.choices) == 1:
-            return self.choices[0]
-        n = self.steps.get(batch, 0)
-        self.steps[batch] = n + 1
-        for c in self.choices:  # warm-up: a few samples of each choice first
-            if len(self.times.get((batch, c), ())) < 3:
-                return c
-        best = min(self.choices, key=lambda c: statistics.median(self.times[(batch, c)]))
-        if n % self.PROBE_EVERY == 0:
-            return next(c for c in self.choices if c != best)
-        return best
-
-    def record(self, batch: int, threads: int, seconds: float) -> None:
-        ts = self.times.setdefault((batch, threads), [])
-        ts.append(seconds)
-        if len(ts) > self.WINDOW:
-            del ts[0]
+    def forget_decode_plan(self) -> None:
+        """Drop the decode kernels' plan and buffers; call after swapping modules in place (`quantize_model`)."""
+        self._decoder.forget()
 
 
 def compile_model(model: GPT, **options: Any) -> GPT:

@@ -7,10 +7,10 @@ an `Int8Embedding` that shares the lm_head's int8 matrix and dequantises the row
 LayerNorms, biases and the position embedding stay in the model's dtype.
 
 Decode steps (a few rows at a time) run on `quill.kernels`, which read 1 byte per weight and meet int16
-activations (one scale per row: near-exact); longer inputs (prefill) run on fbgemm's int8 GEMM with
-activations quantised per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, because
-that beats dequantising to the fp32 GEMM (`QUILL_INT8_GEMM=0` does that instead; figures in
-docs/performance.md).
+activations (one scale per row: near-exact); longer inputs (prefill) run on whichever is fastest on this
+machine for their shape (quill.kernels.tune): those kernels, or fbgemm's int8 GEMM with activations quantised
+per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, or the dequantised fp32 GEMM
+(`QUILL_INT8_GEMM=0` takes fbgemm out; see docs/performance.md).
 
 Checkpoint format (`quill quantize MODEL OUT --int8`, loaded by `quill.load(OUT)`): a folder with the model's
 `config.json` plus a `quantization_config` entry, `model.safetensors` and the source's tokenizer files.
@@ -60,9 +60,9 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _int8_gemm_serves(x: Tensor) -> bool:
-    """Whether a long CPU inference input goes to fbgemm's int8 GEMM (QUILL_INT8_GEMM=0: dequantised fp32 GEMM)."""
-    return (x.device.type == "cpu" and kernels.rows(x) > kernels.MAX_ROWS
-            and not (torch.is_grad_enabled() and x.requires_grad) and not kernels.observed()
+    """Whether fbgemm's int8 GEMM may serve a CPU inference input (QUILL_INT8_GEMM=0: never, the dequantised
+    fp32 GEMM does)."""
+    return (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not kernels.observed()
             and os.environ.get("QUILL_INT8_GEMM", "1") != "0"
             and torch.backends.quantized.engine in ("x86", "fbgemm"))
 
@@ -103,12 +103,20 @@ class Int8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.weight_scale.float()[:, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
+        """Quill's int8 kernel, fbgemm's int8 GEMM or the dequantised GEMM: for several rows, whichever is
+        fastest here (quill.kernels.project times them); without the kernels, fbgemm beyond DEFAULT_ROWS."""
         w, s, b = self.kernel_args()
-        y = kernels.project(x, w, b, s)
+        gemm = _int8_gemm_serves(x)
+        others = {"fbgemm": self._gemm} if gemm else {}
+        others["torch"] = self._dequantized_forward
+        y = kernels.project(x, w, b, s, others=others)
         if y is not None:
             return y
-        if _int8_gemm_serves(x):
+        if gemm and kernels.rows(x) > kernels.DEFAULT_ROWS:
             return self._gemm(x)
+        return self._dequantized_forward(x)
+
+    def _dequantized_forward(self, x: Tensor) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), bias)
 

@@ -10,7 +10,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
+import hashlib
 import os
 import signal
 import socket
@@ -27,9 +29,16 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # everything is local; never reach
 _SCRATCH = tempfile.mkdtemp(prefix="quill-tests-")
 os.environ["XDG_DATA_HOME"] = os.path.join(_SCRATCH, "data")
 os.environ["XDG_CACHE_HOME"] = os.path.join(_SCRATCH, "cache")
+# Deterministic paths: multi-row products take the fixed default instead of timing candidates
+# (tests/test_kernel_dispatch.py switches the tuner on where it is the subject).
+os.environ.setdefault("QUILL_TUNE", "0")
 
 import httpx
 import pytest
+
+from quill import kernels
+from quill.kernels import build
+from quill.kernels.cpu import AVX2, VARIANTS, Variant, this_cpu
 
 CHARS = "abcdefghijklmnopqrstuvwxyz ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789.,;:!?'\"-\n<>|/"
 CHAT_TEMPLATE = "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}<assistant>"
@@ -77,6 +86,41 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+def emulated_avx512() -> Variant:
+    """The AVX-512 variant's code on an AVX2 CPU: the intrinsics emulated in C (tests/avx512_emulated.h)."""
+    header = ROOT / "tests" / "avx512_emulated.h"
+    digest = hashlib.sha256(header.read_bytes()).hexdigest()[:16]  # a changed header builds afresh
+    return Variant("avx512-emulated", AVX2.needs,
+                   (*AVX2.cflags, "-DQUILL_AVX512=1", f"-DQUILL_EMULATED={digest}", "-include", str(header),
+                    "-Wno-psabi"), "the AVX-512 variant with emulated intrinsics (tests only)")
+
+
+@pytest.fixture(params=[*sorted(VARIANTS), "avx512-emulated"])
+def kernel_isa(request, monkeypatch):
+    """Run the test once per kernel variant (QUILL_ISA), skipping a variant whose CPU flags this CPU lacks, and
+    once on the AVX-512 variant's code with emulated intrinsics (so its logic is tested on any AVX2 CPU)."""
+    if request.param == "avx512-emulated":
+        variant = emulated_avx512()
+        if this_cpu().missing(variant) or not kernels.available():
+            pytest.skip("the emulated AVX-512 variant runs on the AVX2 kernels' CPUs")
+        lib = kernels._bind(ctypes.CDLL(str(build.build(variant).path)))
+        for name, value in (("_lib", lib), ("_variant", variant), ("_error", None), ("_tried", True)):
+            monkeypatch.setattr(kernels, name, value)
+        yield variant.name
+        monkeypatch.undo()
+        kernels.reload()
+        return
+    variant = VARIANTS[request.param]
+    missing = this_cpu().missing(variant)
+    if missing:
+        pytest.skip(f"{variant.name} kernels need CPU flags this CPU lacks: {', '.join(missing)}")
+    monkeypatch.setenv("QUILL_ISA", variant.name)
+    kernels.reload()
+    yield variant.name
+    monkeypatch.undo()
+    kernels.reload()
 
 
 @pytest.fixture(scope="session")

@@ -71,6 +71,8 @@ def test_module_swap_covers_every_linear_and_the_tied_embedding():
     assert isinstance(untied.lm_head, Int8Linear) and isinstance(untied.transformer.wte, torch.nn.Embedding)
 
 
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+@pytest.mark.usefixtures("kernel_isa")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_logits_close_to_fp32_and_kernels_match_torch(dtype):
     model = random_model(TINY).to(dtype)
@@ -96,6 +98,7 @@ def test_int8_logits_close_to_fp32_and_kernels_match_torch(dtype):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+@pytest.mark.usefixtures("kernel_isa")
 def test_quantizing_a_model_that_has_decoded_replaces_its_decode_plan():
     """The kernels' plan holds the fp32 weights' addresses (kept alive): an in-place swap must drop it."""
     model, fresh = random_model(TINY), quantize_model(random_model(TINY))
@@ -133,6 +136,7 @@ def test_long_inputs_use_the_int8_gemm_and_follow_weight_changes(monkeypatch):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+@pytest.mark.usefixtures("kernel_isa")
 def test_int8_embedding_lookup_dequantises_rows():
     model = quantize_model(random_model(TINY))
     emb = model.transformer.wte
@@ -244,7 +248,7 @@ def _perplexity_decoding(model: GPT, ids: torch.Tensor, prompt: int = 32) -> flo
     inp, tgt = x[:-1].view(-1, 64), x[1:].view(-1, 64)
     nll = 0.0
     with torch.inference_mode():
-        for rows, targets in zip(inp.split(kernels.MAX_ROWS), tgt.split(kernels.MAX_ROWS)):
+        for rows, targets in zip(inp.split(kernels.DEFAULT_ROWS), tgt.split(kernels.DEFAULT_ROWS)):
             cache = model.new_cache(len(rows), 64)
             logits = [model(rows[:, :prompt], 0, cache)]
             logits += [model(rows[:, t:t + 1], t, cache) for t in range(prompt, 64)]

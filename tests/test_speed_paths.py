@@ -12,6 +12,7 @@ Tolerances are relative to the largest logit magnitude (`rel_err`):
 
 from __future__ import annotations
 
+import ctypes
 import itertools
 from pathlib import Path
 
@@ -21,12 +22,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from quill import kernels
+from quill.kernels import build
+from quill.kernels.cpu import AVX2
 from quill.generate import DecodeBatch, GenerationRequest, Sequence
 from quill.model import GPT, GPTConfig, compile_model
 from quill.sampling import SamplingParams
 from quill.tokenizer import Tokenizer
 
-needs_kernels = pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable (no AVX2 or no C compiler)")
+def needs_kernels(test):
+    """Run `test` once per kernel variant this CPU has (the kernel_isa fixture); skip it without the kernels."""
+    skip = pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable (no AVX2 or no C compiler)")
+    return pytest.mark.usefixtures("kernel_isa")(skip(test))
+
 
 CONFIGS = {
     "odd": GPTConfig(vocab_size=101, n_positions=40, n_embd=48, n_head=3, n_layer=2),
@@ -125,7 +132,7 @@ def test_decode_kernels_fall_back_for_unknown_modules():
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_linear_kernel_matches_torch(wdtype, xdtype):
     torch.manual_seed(0)
-    for m, n, k in [(1, 37, 45), (2, 130, 64), (5, 9, 300), (kernels.MAX_ROWS, 64, 24)]:
+    for m, n, k in [(1, 37, 45), (2, 130, 64), (5, 9, 300), (kernels.DEFAULT_ROWS, 64, 24)]:
         x = torch.randn(m, k).to(xdtype)
         w = torch.randn(n, k)
         scale = None
@@ -147,6 +154,20 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
             assert ((out - ref).abs() <= step_err + 1e-5 * ref.abs().max()).all()
         else:
             assert rel_err(ref, out) <= (1e-5 if xdtype == torch.float32 else 1e-2)
+
+
+@needs_kernels
+def test_int8_kernels_give_the_same_bits_in_every_variant(monkeypatch):
+    """int8 products sum exact integers in column blocks cut alike by every variant (vpmaddwd on AVX2, VNNI
+    vpdpwssd on AVX-512), each block rounded to fp32 once: the same bits as the AVX2 build, tails and odd row
+    counts included."""
+    torch.manual_seed(0)
+    w = torch.randint(-127, 128, (37, 3000), dtype=torch.int8)
+    x, scale, bias = torch.randn(5, 3000), torch.rand(37), torch.randn(37)
+    got = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)]
+    monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(build.build(AVX2).path))))
+    want = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)]
+    assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 
 @needs_kernels

@@ -1,53 +1,3 @@
-"""Decode kernels for x86-64 CPUs with AVX2/FMA: small-batch matrix-vector products and one-query attention.
-
-Why they exist (measured, see docs/performance.md): a decode step is a chain of matrix-*vector* products
-whose cost is reading the weights once. On the 2-core AVX2 machine Quill is tuned on, torch's fp32 path
-(MKL sgemv) reads weights at about half the memory bandwidth, torch's int8 weight-only kernels
-(`_weight_int8pack_mm`, fbgemm's dynamic int8) run at 2-6 GB/s because their fast paths need AVX-512, and
-SDPA's CPU kernel on a slice of the preallocated cache costs far more than the arithmetic. The kernels
-here read each weight row once, convert it to fp32 in registers (bf16/fp16/int8 weights) and accumulate
-in fp32, so one decode step runs at the memory bound for every weight format.
-
-They are plain C (no torch headers: builds in about a second), compiled on first use with the system C
-compiler into the user cache and called through ctypes on tensors' data pointers. Threads come from a
-small pool of their own (`torch.get_num_threads()` threads, the caller included) without OpenMP's
-barriers, which on a busy shared machine stall for a scheduler tick whenever a helper thread is
-descheduled. Anything unsupported (no compiler, not x86-64/AVX2, `QUILL_KERNELS=0`) leaves
-`available()` False and the model uses its plain torch path; results agree to float rounding.
-"""
-
-from __future__ import annotations
-
-import contextlib
-import ctypes
-import hashlib
-import itertools
-import logging
-import mmap
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-import threading
-import time
-from collections.abc import Iterable
-from pathlib import Path
-
-import torch
-from torch import Tensor, nn
-from torch.utils._python_dispatch import is_in_torch_dispatch_mode
-
-log = logging.getLogger("quill.kernels")
-
-# dtype codes shared with the C source
-F32, BF16, F16, I8 = 0, 1, 2, 3
-DTYPE_CODES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.int8: I8}
-FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-ACTIVATIONS = {None: 0, "gelu_new": 1, "gelu_pytorch_tanh": 1, "gelu": 2, "relu": 3}  # codes of the C source
-MAX_ROWS = 32  # the matrix-vector kernel serves up to this many activation rows; beyond, BLAS GEMM wins
-
-_SOURCE = r"""
 #include <immintrin.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -62,7 +12,18 @@ _SOURCE = r"""
 #include <unistd.h>
 #include <time.h>
 
-enum { F32 = 0, BF16 = 1, F16 = 2, I8 = 3 };
+#include "quill.h"
+
+/* The instruction set this build was compiled for (quill.kernels.cpu's variant names). */
+const char* quill_isa(void) {
+#ifdef QUILL_AVX512
+    return "avx512";
+#else
+    return "avx2";
+#endif
+}
+
+enum { F32 = QK_F32, BF16 = QK_BF16, F16 = QK_F16, I8 = QK_I8 };
 
 /* ---- a barrier-free thread pool with owned ranges -------------------------------------------------------
    A job is `ntasks` independent tasks, split into one contiguous range per thread (the caller is thread 0).
@@ -400,19 +361,162 @@ DEFINE_ROWS(bf16, uint16_t, VLOAD_BF16, SLOAD_BF16)
 DEFINE_ROWS(f16, uint16_t, VLOAD_F16, SLOAD_F16)
 DEFINE_ROWS(i8, int8_t, VLOAD_I8, SLOAD_I8)
 
-/* int8 weights against int16-quantised activations: exact integer dot products (vpmaddwd: 16 products per
-   instruction, twice the fp32 path's rate), flushed to fp32 every 2048 columns so the int32 sums cannot
-   overflow (2048 * 32767 * 127 < 2^31). xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined
-   into linear_task, GCC's code for it ran batched int8 ~1.4x slower (8 rows: 12.6 vs 18.7 ms a step). */
-static inline __m256i ld_i8x16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
-static inline float hsum_i(__m256i v) { return hsum(_mm256_cvtepi32_ps(v)); }
-__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
-                     float* acc, int64_t ldacc) {
-    const int64_t K16 = K & ~(int64_t)15;
+/* int8 weights against int16-quantised activations: exact integer dot products, flushed to fp32 every 2048
+   columns so that no int32 lane overflows (a lane sums at most 256 products: 256 * 32767 * 127 < 2^31). Each
+   block's lanes are summed exactly (in int64) and rounded to fp32 once, and both variants cut the columns the
+   same way (blocks of 2048 up to the last multiple of 32, then the rest in scalar code), so the AVX2 and the
+   AVX-512 builds give the same bits. xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined into
+   linear_task, GCC's code for it ran batched int8 ~1.4x slower (8 rows: 12.6 vs 18.7 ms a step). */
+#define I8Q_BLOCK 2048
+#define I8Q_STEP 32
+static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0,
+                          int64_t n1, float* acc, int64_t ldacc) {
+    for (int64_t m = 0; m < M; m++)  /* columns beyond the last multiple of I8Q_STEP */
+        for (int64_t n = n0; n < n1; n++) {
+            int32_t s = 0;
+            for (int64_t k = K & ~(int64_t)(I8Q_STEP - 1); k < K; k++) s += (int32_t)xq[m * ldq + k] * W[n * K + k];
+            acc[m * ldacc + n - n0] += (float)s;
+        }
+}
+
+#ifdef QUILL_AVX512
+/* vpdpwssd: 32 int16 x int16 products summed into 16 int32 lanes per instruction (int8 weights widened to
+   int16 in registers), two activation rows against four weight rows at a time. */
+static inline __m512i ld_i8x32(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+static inline float hsum_i512(__m512i v) {
+    return (float)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
+                                                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
+}
+/* rows m and m+1 (two = 1) or row m alone (two = 0) against weight rows [n0, n1), columns [kb, ke) */
+static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x0, const int16_t* x1, float* r0,
+                                                               float* r1, const int8_t* W, int64_t K, int64_t n0,
+                                                               int64_t n1, int64_t kb, int64_t ke, const int two) {
+    int64_t n = n0;
+    for (; n + 4 <= n1; n += 4) {
+        const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        for (int64_t k = kb; k < ke; k += 32) {
+            if (PF && (k & 63) == 0) {
+                _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
+                _mm_prefetch((const char*)(w2 + PF * K + k), PFH); _mm_prefetch((const char*)(w3 + PF * K + k), PFH);
+            }
+            const __m512i c0 = ld_i8x32(w0 + k), c1 = ld_i8x32(w1 + k), c2 = ld_i8x32(w2 + k), c3 = ld_i8x32(w3 + k);
+            const __m512i u = _mm512_loadu_si512((const void*)(x0 + k));
+            a0 = _mm512_dpwssd_epi32(a0, u, c0); a1 = _mm512_dpwssd_epi32(a1, u, c1);
+            a2 = _mm512_dpwssd_epi32(a2, u, c2); a3 = _mm512_dpwssd_epi32(a3, u, c3);
+            if (two) {
+                const __m512i v = _mm512_loadu_si512((const void*)(x1 + k));
+                b0 = _mm512_dpwssd_epi32(b0, v, c0); b1 = _mm512_dpwssd_epi32(b1, v, c1);
+                b2 = _mm512_dpwssd_epi32(b2, v, c2); b3 = _mm512_dpwssd_epi32(b3, v, c3);
+            }
+        }
+        r0[n - n0] += hsum_i512(a0); r0[n - n0 + 1] += hsum_i512(a1);
+        r0[n - n0 + 2] += hsum_i512(a2); r0[n - n0 + 3] += hsum_i512(a3);
+        if (two) {
+            r1[n - n0] += hsum_i512(b0); r1[n - n0 + 1] += hsum_i512(b1);
+            r1[n - n0 + 2] += hsum_i512(b2); r1[n - n0 + 3] += hsum_i512(b3);
+        }
+    }
+    for (; n < n1; n++) {
+        const int8_t* w0 = W + n * K;
+        __m512i a0 = _mm512_setzero_si512(), b0 = a0;
+        for (int64_t k = kb; k < ke; k += 32) {
+            const __m512i c0 = ld_i8x32(w0 + k);
+            a0 = _mm512_dpwssd_epi32(a0, _mm512_loadu_si512((const void*)(x0 + k)), c0);
+            if (two) b0 = _mm512_dpwssd_epi32(b0, _mm512_loadu_si512((const void*)(x1 + k)), c0);
+        }
+        r0[n - n0] += hsum_i512(a0);
+        if (two) r1[n - n0] += hsum_i512(b0);
+    }
+}
+__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W,
+                                               int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+    const int64_t KV = K & ~(int64_t)(I8Q_STEP - 1);
     for (int64_t m = 0; m < M; m++)
         for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
-    for (int64_t kb = 0; kb < K16; kb += 2048) {
-        const int64_t ke = kb + 2048 < K16 ? kb + 2048 : K16;
+    for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
+        const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
+        for (int64_t m = 0; m < M; m += 2) {
+            const int16_t* x0 = xq + m * ldq;
+            float* r0 = acc + m * ldacc;
+            if (M - m >= 2) i8q_block512(x0, x0 + ldq, r0, r0 + ldacc, W, K, n0, n1, kb, ke, 1);
+            else i8q_block512(x0, x0, r0, r0, W, K, n0, n1, kb, ke, 0);
+        }
+    }
+    rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
+}
+
+/* bf16 weights against bf16 activations with vdpbf16ps: 32 bf16 products summed in pairs into 16 fp32 lanes
+   per instruction. The activations are the model's bf16 values (LayerNorm output rounded to bf16, as torch's
+   bf16 path rounds it); accumulation in fp32. MR activation rows against NR weight rows at a time. */
+static inline __m512bh ld_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512((const void*)p); }
+static inline __attribute__((always_inline)) void bf16dp_block(const uint16_t* x, int64_t K, const uint16_t* W,
+                                                               int64_t n, int64_t n0, float* acc, int64_t ldacc,
+                                                               const int MR, const int NR) {
+    const int64_t K32 = K & ~(int64_t)31;
+    __m512 a[4][4];
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) a[r][c] = _mm512_setzero_ps();
+    for (int64_t k = 0; k < K32; k += 32) {
+        __m512bh w[4];
+        for (int c = 0; c < NR; c++) {
+            if (PFW && (k & 31) == 0) _mm_prefetch((const char*)(W + (n + c + PFW) * K + k), PFH);
+            w[c] = ld_bh(W + (n + c) * K + k);
+        }
+        for (int r = 0; r < MR; r++) {
+            const __m512bh u = ld_bh(x + r * K + k);
+            for (int c = 0; c < NR; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], u, w[c]);
+        }
+    }
+    for (int r = 0; r < MR; r++)
+        for (int c = 0; c < NR; c++) {
+            float s = _mm512_reduce_add_ps(a[r][c]);
+            for (int64_t k = K32; k < K; k++) s += bf16_f32(x[r * K + k]) * bf16_f32(W[(n + c) * K + k]);
+            acc[r * ldacc + n - n0 + c] = s;
+        }
+}
+__attribute__((noinline)) static void rows_bf16dp(const uint16_t* x, int64_t M, int64_t K, const uint16_t* W,
+                                                  int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+    int64_t m = 0;
+    for (; m + 4 <= M; m += 4) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 4, 4);
+        for (; n < n1; n++) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 4, 1);
+    }
+    for (; m + 2 <= M; m += 2) {
+        int64_t n = n0;
+        for (; n + 4 <= n1; n += 4) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 2, 4);
+        for (; n < n1; n++) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 2, 1);
+    }
+    for (; m < M; m++)  /* one row: one weight row at a time, a sequential stream for the prefetcher */
+        for (int64_t n = n0; n < n1; n++) bf16dp_block(x + m * K, K, W, n, n0, acc + m * ldacc, ldacc, 1, 1);
+}
+
+/* fp32 rows to bf16 (round to nearest even, as f32_bf16) for rows_bf16dp */
+static void to_bf16(const float* src, int64_t n, uint16_t* dst) {
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32)
+        _mm512_storeu_si512((void*)(dst + i), (__m512i)_mm512_cvtne2ps_pbh(_mm512_loadu_ps(src + i + 16), _mm512_loadu_ps(src + i)));
+    for (; i < n; i++) dst[i] = f32_bf16(src[i]);
+}
+#define HAVE_BF16DP 1
+#else
+#define HAVE_BF16DP 0
+/* vpmaddwd: 16 int16 x int16 products summed in pairs into 8 int32 lanes per instruction */
+static inline __m256i ld_i8x16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+static inline float hsum_i(__m256i v) {  /* the lanes' exact sum, rounded to fp32 once */
+    int64_t l[4];
+    _mm256_storeu_si256((__m256i*)l, _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                                                      _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1))));
+    return (float)(l[0] + l[1] + l[2] + l[3]);
+}
+__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
+                     float* acc, int64_t ldacc) {
+    const int64_t KV = K & ~(int64_t)(I8Q_STEP - 1);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
+    for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
+        const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
         for (int64_t m = 0; m < M; m += 2) {
             const int16_t* x0 = xq + m * ldq;
             float* r0 = acc + m * ldacc;
@@ -480,13 +584,9 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
             }
         }
     }
-    for (int64_t m = 0; m < M; m++)  /* columns beyond the last multiple of 16 */
-        for (int64_t n = n0; n < n1; n++) {
-            int32_t s = 0;
-            for (int64_t k = K16; k < K; k++) s += (int32_t)xq[m * ldq + k] * W[n * K + k];
-            acc[m * ldacc + n - n0] += (float)s;
-        }
+    rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
 }
+#endif
 
 static float* scratch(int64_t n) {  /* per-thread buffer, grown on demand and kept */
     static __thread float* buf = NULL;
@@ -514,7 +614,7 @@ static inline __m256 exp_neg(__m256 x) {
 }
 
 /* Activations, in place on n floats (absolute error ~1e-7 relative to |x|, like torch's vectorised ones). */
-enum { ACT_NONE = 0, ACT_GELU_TANH = 1, ACT_GELU_ERF = 2, ACT_RELU = 3 };
+enum { ACT_NONE = QK_ACT_NONE, ACT_GELU_TANH = QK_ACT_GELU_TANH, ACT_GELU_ERF = QK_ACT_GELU_ERF, ACT_RELU = QK_ACT_RELU };
 static void activate(float* v, int64_t n, int act) {
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
     int64_t i = 0;
@@ -577,6 +677,7 @@ struct linear_job {
     const float* x; int64_t M, K; const void* W; int wdt; const float* scale; const void* bias; int bdt;
     const void* residual; void* y; int ydt; int64_t ldy, N, chunk; int act;
     const int16_t* xq; const float* xs;  /* int8 weights: activations as int16 with one scale per row */
+    const uint16_t* xb;                  /* bf16 weights against bf16 activations (AVX-512 BF16): x as bf16 */
 };
 
 static void linear_task(void* ctx, int64_t t) {
@@ -588,7 +689,12 @@ static void linear_task(void* ctx, int64_t t) {
         const float* xm = j->x + m0 * K;
         switch (j->wdt) {
             case F32: rows_f32(xm, mb, K, (const float*)j->W, n0, n1, acc, 64); break;
-            case BF16: rows_bf16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
+            case BF16:
+#if HAVE_BF16DP
+                if (j->xb) { rows_bf16dp(j->xb + m0 * K, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break; }
+#endif
+                rows_bf16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64);
+                break;
             case F16: rows_f16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
             default:
                 if (j->xq) rows_i8q(j->xq + m0 * K, mb, K, K, (const int8_t*)j->W, n0, n1, acc, 64);
@@ -679,9 +785,11 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
                       int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps,
                       int act) {
     if (M <= 0 || N <= 0) return 0;
-    /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M] */
+    /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or (bf16 weights
+       and activations on AVX-512 BF16) bf16 rows [M, K] */
     if (int8_float < 0) { const char* e = getenv("QUILL_INT8_FLOAT"); int8_float = e && atoi(e); }
-    float* buf = scratch(M * K + (wdt == I8 ? (M * K + 1) / 2 + M : 0));
+    const int bf16dp = HAVE_BF16DP && wdt == BF16 && xdt == BF16;
+    float* buf = scratch(M * K + (wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0));
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, lnw, lnb, lndt, eps, buf);
     int16_t* xq = NULL;
@@ -691,6 +799,13 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
         xs = buf + M * K + (M * K + 1) / 2;
         for (int64_t m = 0; m < M; m++) quantize_i16(xf + m * K, K, xq + m * K, xs + m);
     }
+    uint16_t* xb = NULL;
+#if HAVE_BF16DP
+    if (bf16dp) {
+        xb = (uint16_t*)(buf + M * K);
+        to_bf16(xf, M * K, xb);
+    }
+#endif
     if (task_bytes < 0) { const char* e = getenv("QUILL_TASK_BYTES"); task_bytes = e ? atoi(e) : 32768; }
     const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
@@ -700,7 +815,7 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     const int64_t unit = wdt != I8 && M >= 4 ? 12 : 4;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
-    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs};
+    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xb};
     const int64_t tasks = (N + chunk - 1) / chunk;
     pool_run(linear_task, &job, tasks, M * N * K >= (1 << 16) ? nthreads : 1);
     return 0;
@@ -930,22 +1045,16 @@ int quill_attn_prefill(const float* q, int64_t qsb, int64_t qsh, int64_t qst,
 }
 
 /* ---- a whole decode step --------------------------------------------------------------------------------
-   `plan` describes the model as int64 words (pointers, dtypes, sizes; floats as their bit patterns):
-     [0] n_layer [1] C [2] H [3] inner [4] V [5] activation [6] activation dtype [7] eps bits
-     [8] wte [9] wte dtype [10] wte scale (int8) or 0 [11] wpe [12] wpe dtype
-     [13] ln_f weight [14] ln_f bias [15] ln_f dtype [16..20] lm_head: weight, dtype, scale, bias, bias dtype
-     from [24], PLAN_LAYER words per block: ln_1 (w, b, dt), c_attn (5 words as the head), c_proj (5),
-     ln_2 (w, b, dt), c_fc (5), mlp c_proj (5), attention scale bits.
+   `plan` describes the model as int64 words, laid out as quill.h's QK_PLAN_* / QK_LAYER_* say.
    One call runs embedding, every block and the head for B rows, one token each. */
-#define PLAN_HEADER 24
-#define PLAN_LAYER 27
 static inline float f32_bits(int64_t w) { uint32_t u = (uint32_t)w; float f; memcpy(&f, &u, 4); return f; }
 
 static int lin(const void* x, int xdt, int64_t M, const int64_t* l, const void* res, void* y, int ydt,
                int64_t N, int64_t K, int nt, const int64_t* ln, float eps, int act) {
-    return linear_run(x, xdt, M, K, (const void*)l[0], (int)l[1], (const float*)l[2], (const void*)l[3], (int)l[4],
-                      res, y, ydt, N, N, K, nt, ln ? (const void*)ln[0] : NULL, ln ? (const void*)ln[1] : NULL,
-                      ln ? (int)ln[2] : 0, eps, act);
+    return linear_run(x, xdt, M, K, (const void*)l[QK_LIN_WEIGHT], (int)l[QK_LIN_DTYPE], (const float*)l[QK_LIN_SCALE],
+                      (const void*)l[QK_LIN_BIAS], (int)l[QK_LIN_BIAS_DTYPE], res, y, ydt, N, N, K, nt,
+                      ln ? (const void*)ln[QK_NORM_WEIGHT] : NULL, ln ? (const void*)ln[QK_NORM_BIAS] : NULL,
+                      ln ? (int)ln[QK_NORM_DTYPE] : 0, eps, act);
 }
 
 /* Per-part wall time of decode steps (ns), summed while QUILL_PROFILE=1: embed, qkv, attention, attention
@@ -961,30 +1070,34 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
                       void* x, void* qkv, void* att, void* hidden, void* logits, int logits_dt, int nt) {
     if (prof_on < 0) { const char* e = getenv("QUILL_PROFILE"); prof_on = e && atoi(e); }
     const int64_t t_embed = prof_on ? now_ns() : 0;
-    const int64_t L = plan[0], C = plan[1], H = plan[2], I = plan[3], V = plan[4];
-    const int act = (int)plan[5], adt = (int)plan[6];
-    const float eps = f32_bits(plan[7]);
+    const int64_t L = plan[QK_PLAN_N_LAYER], C = plan[QK_PLAN_C], H = plan[QK_PLAN_H], I = plan[QK_PLAN_INNER];
+    const int64_t V = plan[QK_PLAN_V];
+    const int act = (int)plan[QK_PLAN_ACT], adt = (int)plan[QK_PLAN_DTYPE];
+    const float eps = f32_bits(plan[QK_PLAN_EPS]);
+    const void *wte = (const void*)plan[QK_PLAN_WTE], *wpe = (const void*)plan[QK_PLAN_WPE];
+    const float* wte_scale = (const float*)plan[QK_PLAN_WTE_SCALE];
+    const int wte_dt = (int)plan[QK_PLAN_WTE_DTYPE], wpe_dt = (int)plan[QK_PLAN_WPE_DTYPE];
     const int64_t csz = cdt == F32 ? 4 : 2;
     /* embedding: x = wte[token] (dequantised) + wpe[pos] */
     for (int64_t b = 0; b < B; b++) {
         const int64_t t = tokens[b], p = pos ? pos[b] : pos0;
-        const float s = plan[10] ? ((const float*)plan[10])[t] : 1.f;
+        const float s = wte_scale ? wte_scale[t] : 1.f;
         for (int64_t c = 0; c < C; c++)
-            st(x, adt, b * C + c, ld((const void*)plan[8], (int)plan[9], t * C + c) * s +
-                                  ld((const void*)plan[11], (int)plan[12], p * C + c));
+            st(x, adt, b * C + c, ld(wte, wte_dt, t * C + c) * s + ld(wpe, wpe_dt, p * C + c));
     }
     if (prof_on) prof_ns[0] += now_ns() - t_embed;
     int rc = 0;
     for (int64_t i = 0; i < L && !rc; i++) {
-        const int64_t* l = plan + PLAN_HEADER + i * PLAN_LAYER;
-        PROF(1, rc |= lin(x, adt, B, l + 3, NULL, qkv, adt, 3 * C, C, nt, l, eps, ACT_NONE));
+        const int64_t* l = plan + QK_PLAN_HEADER + i * QK_PLAN_LAYER;
+        PROF(1, rc |= lin(x, adt, B, l + QK_LAYER_QKV, NULL, qkv, adt, 3 * C, C, nt, l + QK_LAYER_LN_1, eps, ACT_NONE));
         PROF(2, rc |= attn_run(qkv, adt, B, H, C / H, 3 * C, kbase + i * layer_stride * csz,
-                               vbase + i * layer_stride * csz, cdt, sb, sh, sl, pos, pos0, f32_bits(l[26]), att, C, nt));
-        PROF(3, rc |= lin(att, adt, B, l + 8, x, x, adt, C, C, nt, NULL, eps, ACT_NONE));
-        PROF(4, rc |= lin(x, adt, B, l + 16, NULL, hidden, adt, I, C, nt, l + 13, eps, act));
-        PROF(5, rc |= lin(hidden, adt, B, l + 21, x, x, adt, C, I, nt, NULL, eps, ACT_NONE));
+                               vbase + i * layer_stride * csz, cdt, sb, sh, sl, pos, pos0, f32_bits(l[QK_LAYER_ATTN_SCALE]), att, C, nt));
+        PROF(3, rc |= lin(att, adt, B, l + QK_LAYER_ATTN_PROJ, x, x, adt, C, C, nt, NULL, eps, ACT_NONE));
+        PROF(4, rc |= lin(x, adt, B, l + QK_LAYER_FC, NULL, hidden, adt, I, C, nt, l + QK_LAYER_LN_2, eps, act));
+        PROF(5, rc |= lin(hidden, adt, B, l + QK_LAYER_MLP_PROJ, x, x, adt, C, I, nt, NULL, eps, ACT_NONE));
     }
-    if (!rc) PROF(6, rc = lin(x, adt, B, plan + 16, NULL, logits, logits_dt, V, C, nt, plan + 13, eps, ACT_NONE));
+    if (!rc) PROF(6, rc = lin(x, adt, B, plan + QK_PLAN_LM_HEAD, NULL, logits, logits_dt, V, C, nt,
+                                   plan + QK_PLAN_LN_F, eps, ACT_NONE));
     return rc;
 }
 
@@ -1020,7 +1133,7 @@ void quill_argmax(const void* x, int dt, int64_t M, int64_t N, int64_t ldx, int6
 
 /* quill_argmax with banned ids per row (ids ban_ids[ban_off[m]:ban_off[m+1]] of row m): as torch's
    index_fill(-inf) then argmax. The banned entries are set to -inf for the scan and restored bit for bit. */
-#define MAX_BANS 64  /* kernels.MAX_BANS */
+#define MAX_BANS QK_MAX_BANS
 void quill_argmax_banned(void* x, int dt, int64_t M, int64_t N, int64_t ldx, int64_t* out,
                          const int64_t* ban_off, const int64_t* ban_ids) {
     const int64_t esz = dt == F32 ? 4 : 2;
@@ -1047,366 +1160,3 @@ void quill_gather_i8(const int8_t* W, const float* scale, const int64_t* idx, in
         for (int64_t k = 0; k < K; k++) st(out, odt, i * K + k, (float)w[k] * s);
     }
 }
-"""
-
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_tried = False
-
-
-def _switched_off(name: str) -> bool:
-    """Whether the environment switch `name` (default on) is set to 0/false/off/no."""
-    return os.environ.get(name, "1").lower() in ("0", "false", "off", "no")
-
-
-def _cpu_supported() -> bool:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        return False
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512")
-    line = next((ln for ln in flags.splitlines() if ln.startswith("flags")), "")
-    have = set(line.split(":", 1)[-1].split())
-    return {"avx2", "fma", "f16c"} <= have
-
-
-def _cache_dir() -> Path:
-    base = os.environ.get("QUILL_CACHE_DIR")
-    if base:
-        return Path(base) / "kernels"
-    try:
-        import platformdirs
-
-        return Path(platformdirs.user_cache_dir("quill")) / "kernels"
-    except ImportError:  # pragma: no cover - platformdirs is a dependency
-        return Path.home() / ".cache" / "quill" / "kernels"
-
-
-def _build() -> Path:
-    """Compile the C source once per source version into the cache; returns the shared library's path."""
-    flags = ["-O3", "-mavx2", "-mfma", "-mf16c", "-shared", "-fPIC", "-std=gnu11", "-pthread"]
-    digest = hashlib.sha256((_SOURCE + " ".join(flags)).encode()).hexdigest()[:16]
-    folder = _cache_dir()
-    target = folder / f"quill_kernels_{digest}.so"
-    if target.exists():
-        return target
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if cc is None:
-        raise RuntimeError("no C compiler (cc, gcc or clang) on PATH")
-    folder.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=folder) as tmp:
-        src = Path(tmp) / "quill_kernels.c"
-        src.write_text(_SOURCE)
-        out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *flags, str(src), "-o", str(out)], capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed: {proc.stderr.strip()[:2000]}")
-        os.replace(out, target)  # atomic: concurrent builders each rename a complete file
-    return target
-
-
-def _load() -> ctypes.CDLL | None:
-    global _lib, _tried
-    with _lock:
-        if _tried:
-            return _lib
-        _tried = True
-        if _switched_off("QUILL_KERNELS"):
-            return None
-        if not _cpu_supported():
-            log.info("quill kernels: CPU lacks AVX2/FMA/F16C; using torch kernels")
-            return None
-        try:
-            lib = ctypes.CDLL(str(_build()))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as e:
-            log.warning("quill kernels unavailable (%s); using torch kernels", e)
-            return None
-        P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-        lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C]
-        lib.quill_linear.restype = C
-        lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
-        lib.quill_attn_decode.restype = C
-        lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
-        lib.quill_attn_prefill.restype = C
-        lib.quill_gather_i8.argtypes = [P, P, P, I, I, P, C]
-        lib.quill_gather_i8.restype = None
-        lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C]
-        lib.quill_decode_step.restype = C
-        lib.quill_activate.argtypes = [P, I, C, C, C]
-        lib.quill_activate.restype = None
-        lib.quill_argmax.argtypes = [P, C, I, I, I, P]
-        lib.quill_argmax.restype = None
-        lib.quill_argmax_banned.argtypes = [P, C, I, I, I, P, P, P]
-        lib.quill_argmax_banned.restype = None
-        lib.quill_step_profile.argtypes = [P]
-        lib.quill_step_profile.restype = None
-        _lib = lib
-        return lib
-
-
-def available() -> bool:
-    """Whether the compiled kernels can be used (built on first call).
-
-    Never while torch traces (ONNX export: a ctypes call would be recorded as a constant), compiles (it would
-    break the graph) or runs a dispatch mode (FLOP counters, fake tensors must see every op): the torch path is
-    what those observe.
-    """
-    return not observed() and _load() is not None
-
-
-def observed() -> bool:
-    """Whether torch is tracing, compiling or running a dispatch mode: fast paths stand aside then."""
-    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
-
-
-def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
-           residual: Tensor | None = None, out: Tensor | None = None, ln: nn.LayerNorm | None = None,
-           act: str | None = None) -> Tensor:
-    """`(residual +) (ln(x) @ weight.T) * scale + bias` for x [M, K] (M <= MAX_ROWS, last dim contiguous).
-
-    weight: [N, K] contiguous float32/bfloat16/float16/int8; scale: float32 [N] (int8 weights) or None;
-    ln: an optional LayerNorm applied to each row of x first (in fp32, fused); the result has x's dtype.
-    `out` and `residual` are [M, N] with a contiguous last dim and may be the same tensor (an in-place
-    residual add).
-    """
-    lib = _lib if _lib is not None else _load()
-    M, K = x.shape
-    N = weight.shape[0]
-    if out is None:
-        out = torch.empty(M, N, dtype=x.dtype)
-    rc = lib.quill_linear(
-        x.data_ptr(), DTYPE_CODES[x.dtype], M, x.stride(0), weight.data_ptr(), DTYPE_CODES[weight.dtype],
-        None if scale is None else scale.data_ptr(),
-        None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
-        None if residual is None else residual.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0),
-        N, K, torch.get_num_threads(),
-        None if ln is None else ln.weight.data_ptr(), None if ln is None or ln.bias is None else ln.bias.data_ptr(),
-        0 if ln is None else DTYPE_CODES[ln.weight.dtype], 0.0 if ln is None else ln.eps, ACTIVATIONS[act])
-    if rc:
-        raise MemoryError("quill_linear: out of memory")
-    return out
-
-
-def rows(x: Tensor) -> int:
-    """Rows of x as a matrix ([..., K] -> [rows, K]); more than MAX_ROWS is a prefill, left to torch's GEMMs."""
-    k = x.shape[-1]
-    return x.numel() // k if k else 0
-
-
-def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None) -> Tensor | None:
-    """`linear` for x of any leading shape ([..., K] -> [..., N]) when the matrix-vector kernel serves it, else None.
-
-    It serves CPU inference inputs of at most MAX_ROWS rows (short prompts, decode steps outside the fused
-    step) with a float activation dtype and a contiguous weight of a known dtype; the caller falls back to its
-    torch path otherwise (GPU, autograd, long prompts, tracing).
-    """
-    m = rows(x)
-    if (not 0 < m <= MAX_ROWS or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
-            or weight.dtype not in DTYPE_CODES or not weight.is_contiguous()
-            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not available()):
-        return None
-    x2 = x.reshape(m, x.shape[-1])
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    return linear(x2, weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
-
-
-def activate_(x: Tensor, act: str) -> bool:
-    """Apply activation `act` to x in place with the vectorised kernel; False (x untouched) when it does not serve.
-
-    It serves contiguous fp32/bf16/fp16 CPU inference tensors with an activation it knows, computing in fp32
-    (torch's tanh-GELU ran at ~2.7 ns an element on the AVX2 machine, 10% of an int8 prefill; in bf16 3 ms of
-    a 512-token layer's 60).
-    """
-    if (x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES or not x.is_contiguous() or act not in ACTIVATIONS
-            or act is None or (torch.is_grad_enabled() and x.requires_grad) or not available()):
-        return False
-    lib = _lib if _lib is not None else _load()
-    lib.quill_activate(x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], ACTIVATIONS[act], torch.get_num_threads())
-    return True
-
-
-def attn_decode(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor | int, n_head: int, scale: float,
-                out: Tensor) -> Tensor:
-    """Write each row's new key/value (from qkv [B, 3C]) at its position and attend over the row's prefix.
-
-    k_cache, v_cache: [B, H, L, D] with a contiguous last dim (one layer of the KV cache, any float dtype: the
-    new key/value is rounded to it); pos: LongTensor [B] (contiguous, CPU) or an int shared by all rows; out: [B, C].
-    """
-    lib = _lib if _lib is not None else _load()
-    B = qkv.shape[0]
-    D = k_cache.shape[-1]
-    sb, sh, sl, _ = k_cache.stride()
-    ragged = isinstance(pos, Tensor)
-    rc = lib.quill_attn_decode(
-        qkv.data_ptr(), DTYPE_CODES[qkv.dtype], B, n_head, D, qkv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
-        DTYPE_CODES[k_cache.dtype], sb, sh, sl, pos.data_ptr() if ragged else None, 0 if ragged else pos, scale, out.data_ptr(), out.stride(0),
-        torch.get_num_threads())
-    if rc:
-        raise MemoryError("quill_attn_decode: out of memory")
-    return out
-
-
-def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor | None:
-    """Causal attention of q's T positions start..start+T-1 over keys 0..start+T-1: [B, T, H, D], or None
-    when the kernel does not serve (the caller runs torch's SDPA).
-
-    q: [B, H, T, D]; k, v: [B, H, start+T, D] (views of the cache or of the fused qkv projection), float CPU
-    inference tensors with a contiguous last dim and D a multiple of 16. The kernel computes in fp32: bf16/fp16
-    inputs are upcast first (~0.1 ms of a 512-token layer, where torch's bf16 flash attention took 8.1 ms
-    against the kernel's 3.1 on the AVX2 machine); the result is fp32.
-    """
-    B, H, T, D = q.shape
-    ts = (q, k, v)
-    if (D % 16 or k.shape != (B, H, start + T, D) or v.shape != k.shape or q.device.type != "cpu"
-            or any(t.dtype not in FLOAT_DTYPES or t.stride(-1) != 1 for t in ts)
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) or not available()):
-        return None
-    q, k, v = q.float(), k.float(), v.float()
-    out = torch.empty(B, T, H, D)
-    rc = _lib.quill_attn_prefill(
-        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
-        B, H, T, D, start, scale, out.data_ptr(), torch.get_num_threads())
-    if rc:
-        raise MemoryError("quill_attn_prefill: out of memory")
-    return out
-
-
-def decode_step(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor, v_cache: Tensor,
-                ws: dict[str, Tensor], logits: Tensor, threads: int) -> Tensor:
-    """One token per row through a whole model described by `plan` (see GPT._plan); returns logits.
-
-    tokens: LongTensor [B] (contiguous); pos: LongTensor [B] or an int; k_cache/v_cache: the batch's rows of
-    the KV cache, [n_layer, B, H, L, D] with a contiguous last dim, in any float dtype; ws: the step's activation
-    buffers.
-    """
-    lib = _lib if _lib is not None else _load()
-    ragged = isinstance(pos, Tensor)
-    _, sb, sh, sl, _ = k_cache.stride()
-    rc = lib.quill_decode_step(
-        plan.data_ptr(), tokens.shape[0], tokens.data_ptr(), pos.data_ptr() if ragged else None, 0 if ragged else pos,
-        k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.stride(0), sb, sh, sl, ws["x"].data_ptr(),
-        ws["qkv"].data_ptr(), ws["att"].data_ptr(), ws["hidden"].data_ptr(), logits.data_ptr(),
-        DTYPE_CODES[logits.dtype], threads)
-    if rc:
-        raise MemoryError("quill_decode_step: out of memory")
-    return logits
-
-
-HUGE_PAGE = 2 << 20
-_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
-
-
-def move_to_huge_pages(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> int:
-    """Move the contiguous CPU tensors of at least `min_bytes` (a model's parameters and buffers) into one
-    private anonymous mapping backed by 2 MB pages (transparent huge pages, MADV_HUGEPAGE); returns the bytes
-    moved. Each tensor keeps its identity (its `.data` is replaced), so modules and ties are unchanged.
-
-    A decode step streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss and stops the
-    hardware prefetcher: over a step's GPT-2 124M matrices, one core read 21 -> 25 GB/s (fp32) and
-    21 -> 29 GB/s (int8), two cores 30 -> 35-45 GB/s (docs/performance.md). Nothing moves where THP is
-    off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
-    """
-    if _switched_off("QUILL_HUGE_PAGES") or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return 0
-    try:
-        if "[never]" in _THP_SETTING.read_text():
-            return 0
-    except OSError:
-        return 0
-    moving, seen = [], set()
-    for t in tensors:
-        if id(t) not in seen and t.device.type == "cpu" and t.is_contiguous() and t.nbytes >= min_bytes:
-            moving.append(t)
-        seen.add(id(t))
-    if not moving:
-        return 0
-    spans = [(t.nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE for t in moving]
-    try:
-        area = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-        area.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the copies below fault in 2 MB pages
-    except OSError as e:
-        log.info("no huge pages for the weights: %s", e)
-        return 0
-    t0 = time.perf_counter()
-    base = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive as long as any view of it
-    offset = -base.data_ptr() % HUGE_PAGE
-    with torch.no_grad():
-        for t, span in zip(moving, spans):
-            view = base[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
-            view.copy_(t)
-            t.data = view
-            offset += span
-    moved = sum(t.nbytes for t in moving)
-    log.info("moved %.0f MB of weights into 2 MB pages in %.2f s", moved / 1e6, time.perf_counter() - t0)
-    return moved
-
-
-@contextlib.contextmanager
-def single_threaded(device: torch.device | str = "cpu"):
-    """Run torch's CPU ops in the block on the calling thread only (no OpenMP wake-ups), then restore."""
-    n = torch.get_num_threads()
-    if n == 1 or torch.device(device).type != "cpu":
-        yield
-        return
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(n)
-
-
-PROFILE_PARTS = ("embedding", "qkv projection (+LayerNorm)", "attention (+cache write)", "attention output projection",
-                 "MLP up (+LayerNorm, GELU)", "MLP down", "lm_head (+final LayerNorm)")
-
-
-def step_profile() -> dict[str, float]:
-    """Seconds spent in each part of decode steps since the last call (needs QUILL_PROFILE=1 at first use)."""
-    lib = _lib if _lib is not None else _load()
-    out = (ctypes.c_int64 * 8)()
-    lib.quill_step_profile(out)
-    return {name: out[i] / 1e9 for i, name in enumerate(PROFILE_PARTS)}
-
-
-MAX_BANS = 64  # banned ids per row that quill_argmax_banned takes (its MAX_BANS)
-
-
-def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[int]:
-    """torch.argmax(logits, -1).tolist() for a [M, N] tensor, without waking torch's OpenMP threads on CPU.
-
-    banned: ids per row that may not be chosen (as `index_fill(-inf)` first: EOS with ignore_eos, banned_tokens);
-    the logits are left as they were.
-    """
-    lib = _lib if _lib is not None else _load() if logits.device.type == "cpu" else None
-    if (lib is None or logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES or logits.stride(-1) != 1
-            or logits.device.type != "cpu"
-            or (banned and any(len(row) > MAX_BANS or not all(0 <= i < logits.shape[1] for i in row) for row in banned))):
-        with single_threaded(logits.device):
-            if banned:
-                logits = logits.clone()
-                for i, ids in enumerate(banned):
-                    logits[i, ids] = float("-inf")
-            return logits.argmax(-1).tolist()
-    M, N = logits.shape
-    out = (ctypes.c_int64 * M)()  # ctypes arrays, not tensors: this runs once per decode step
-    if banned and any(banned):
-        offsets = (ctypes.c_int64 * (M + 1))(0, *itertools.accumulate(map(len, banned)))
-        ids = (ctypes.c_int64 * offsets[M])(*itertools.chain.from_iterable(banned))
-        lib.quill_argmax_banned(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out, offsets, ids)
-    else:
-        lib.quill_argmax(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out)
-    return list(out)
-
-
-def gather_int8(weight: Tensor, scale: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
-    """Rows `idx` (any shape) of an int8 matrix [V, K], dequantised with per-row `scale` into `dtype`."""
-    lib = _lib if _lib is not None else _load()
-    flat = idx.reshape(-1).contiguous()
-    out = torch.empty(flat.numel(), weight.shape[1], dtype=dtype)
-    lib.quill_gather_i8(weight.data_ptr(), scale.data_ptr(), flat.data_ptr(), flat.numel(), weight.shape[1],
-                        out.data_ptr(), DTYPE_CODES[dtype])
-    return out.view(*idx.shape, weight.shape[1])
-
-
-__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "MAX_ROWS", "FLOAT_DTYPES"]

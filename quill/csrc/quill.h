@@ -1,0 +1,64 @@
+/* Quill kernels: the constants C and Python share, defined once here.
+
+   quill/kernels reads every `#define QK_<NAME> <integer>` line of this file (quill.kernels.abi), so the
+   Python side never repeats a number: keep each on one line as `#define QK_NAME value` with a plain integer. */
+#ifndef QUILL_H
+#define QUILL_H
+
+/* element types of tensors handed to the kernels */
+#define QK_F32 0
+#define QK_BF16 1
+#define QK_F16 2
+#define QK_I8 3
+
+/* activations fused into a projection's epilogue */
+#define QK_ACT_NONE 0
+#define QK_ACT_GELU_TANH 1
+#define QK_ACT_GELU_ERF 2
+#define QK_ACT_RELU 3
+
+/* banned ids per row that quill_argmax_banned takes */
+#define QK_MAX_BANS 64
+
+/* ---- the decode plan: the int64 words quill_decode_step reads (pointers, dtypes, sizes; floats as their
+   bit patterns). A header of QK_PLAN_HEADER words, then QK_PLAN_LAYER words per block. A projection is five
+   words (QK_LIN_*), a LayerNorm three (QK_NORM_*), both at the offset named. */
+#define QK_PLAN_N_LAYER 0
+#define QK_PLAN_C 1
+#define QK_PLAN_H 2
+#define QK_PLAN_INNER 3
+#define QK_PLAN_V 4
+#define QK_PLAN_ACT 5
+#define QK_PLAN_DTYPE 6
+#define QK_PLAN_EPS 7
+#define QK_PLAN_WTE 8
+#define QK_PLAN_WTE_DTYPE 9
+#define QK_PLAN_WTE_SCALE 10
+#define QK_PLAN_WPE 11
+#define QK_PLAN_WPE_DTYPE 12
+#define QK_PLAN_LN_F 13
+#define QK_PLAN_LM_HEAD 16
+#define QK_PLAN_HEADER 24
+
+#define QK_LAYER_LN_1 0
+#define QK_LAYER_QKV 3
+#define QK_LAYER_ATTN_PROJ 8
+#define QK_LAYER_LN_2 13
+#define QK_LAYER_FC 16
+#define QK_LAYER_MLP_PROJ 21
+#define QK_LAYER_ATTN_SCALE 26
+#define QK_PLAN_LAYER 27
+
+#define QK_LIN_WEIGHT 0
+#define QK_LIN_DTYPE 1
+#define QK_LIN_SCALE 2
+#define QK_LIN_BIAS 3
+#define QK_LIN_BIAS_DTYPE 4
+#define QK_LIN_WORDS 5
+
+#define QK_NORM_WEIGHT 0
+#define QK_NORM_BIAS 1
+#define QK_NORM_DTYPE 2
+#define QK_NORM_WORDS 3
+
+#endif

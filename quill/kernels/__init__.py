@@ -1,0 +1,435 @@
+"""Decode kernels for x86-64 CPUs with AVX2/FMA: small-batch matrix-vector products and one-query attention.
+
+Why they exist (measured, see docs/performance.md): a decode step is a chain of matrix-*vector* products
+whose cost is reading the weights once. On the 2-core AVX2 machine Quill is tuned on, torch's fp32 path
+(MKL sgemv) reads weights at about half the memory bandwidth, torch's int8 weight-only kernels
+(`_weight_int8pack_mm`, fbgemm's dynamic int8) run at 2-6 GB/s because their fast paths need AVX-512, and
+SDPA's CPU kernel on a slice of the preallocated cache costs far more than the arithmetic. The kernels
+here read each weight row once, convert it to fp32 in registers (bf16/fp16/int8 weights) and accumulate
+in fp32, so one decode step runs at the memory bound for every weight format.
+
+They are plain C in quill/csrc (no torch headers: builds in about a second), compiled on first use with the
+system C compiler into the user cache, once per CPU variant (quill.kernels.cpu: AVX2+FMA, AVX-512 with VNNI and
+BF16; `QUILL_ISA` overrides the choice), and called through ctypes on tensors' data pointers. This package is the
+loader and the Python API; quill.kernels.plan describes a model to the fused decode step. Threads come from a
+small pool of their own (`torch.get_num_threads()` threads, the caller included) without OpenMP's
+barriers, which on a busy shared machine stall for a scheduler tick whenever a helper thread is
+descheduled. Anything unsupported (no compiler, not x86-64/AVX2, `QUILL_KERNELS=0`) leaves
+`available()` False and the model uses its plain torch path; results agree to float rounding.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import functools
+import itertools
+import logging
+import mmap
+import os
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+from torch.utils._python_dispatch import is_in_torch_dispatch_mode
+
+from quill.errors import InvalidParameter
+from quill.kernels import build, tune
+from quill.kernels.cpu import VARIANTS, Variant, choose_variant, this_cpu
+from quill.kernels.tune import DEFAULT_ROWS
+
+log = logging.getLogger("quill.kernels")
+
+_ABI = build.constants()
+F32, BF16, F16, I8 = _ABI["F32"], _ABI["BF16"], _ABI["F16"], _ABI["I8"]
+DTYPE_CODES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, torch.int8: I8}
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+ACTIVATIONS = {None: _ABI["ACT_NONE"], "gelu_new": _ABI["ACT_GELU_TANH"], "gelu_pytorch_tanh": _ABI["ACT_GELU_TANH"],
+               "gelu": _ABI["ACT_GELU_ERF"], "relu": _ABI["ACT_RELU"]}
+MAX_BANS = _ABI["MAX_BANS"]  # banned ids per row that quill_argmax_banned takes
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_variant: Variant | None = None
+_error: Exception | None = None  # a QUILL_ISA the CPU cannot honour: raised at every use, never a silent fallback
+_why = ""  # why no variant is loaded (for `quill info --system`)
+_tried = False
+
+
+def _switched_off(name: str) -> bool:
+    """Whether the environment switch `name` (default on) is set to 0/false/off/no."""
+    return os.environ.get(name, "1").lower() in ("0", "false", "off", "no")
+
+
+def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
+    """Declare the C entry points' signatures on a freshly loaded library."""
+    P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C]
+    lib.quill_linear.restype = C
+    lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
+    lib.quill_attn_decode.restype = C
+    lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
+    lib.quill_attn_prefill.restype = C
+    lib.quill_gather_i8.argtypes = [P, P, P, I, I, P, C]
+    lib.quill_gather_i8.restype = None
+    lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C]
+    lib.quill_decode_step.restype = C
+    lib.quill_activate.argtypes = [P, I, C, C, C]
+    lib.quill_activate.restype = None
+    lib.quill_argmax.argtypes = [P, C, I, I, I, P]
+    lib.quill_argmax.restype = None
+    lib.quill_argmax_banned.argtypes = [P, C, I, I, I, P, P, P]
+    lib.quill_argmax_banned.restype = None
+    lib.quill_step_profile.argtypes = [P]
+    lib.quill_step_profile.restype = None
+    lib.quill_isa.argtypes = []
+    lib.quill_isa.restype = ctypes.c_char_p
+    return lib
+
+
+def _load() -> ctypes.CDLL | None:
+    """The library of the variant this CPU (or QUILL_ISA) selects, built and loaded on first call; None when
+    the kernels cannot serve (switched off, no AVX2, no compiler)."""
+    global _lib, _variant, _error, _why, _tried
+    with _lock:
+        if not _tried:
+            _tried = True
+            _lib, _variant, _error, _why = None, None, None, ""
+            if _switched_off("QUILL_KERNELS"):
+                _why = "QUILL_KERNELS=0"
+            else:
+                try:
+                    _variant = choose_variant(this_cpu())
+                except InvalidParameter as e:
+                    _error = e
+                if _variant is None and _error is None:
+                    _why = "the CPU lacks AVX2/FMA/F16C"
+                    log.info("quill kernels: CPU lacks AVX2/FMA/F16C; using torch kernels")
+                elif _variant is not None:
+                    try:
+                        _lib = _bind(ctypes.CDLL(str(build.build(_variant).path)))
+                    except (OSError, RuntimeError, subprocess.SubprocessError) as e:
+                        _variant, _why = None, str(e)
+                        log.warning("quill kernels unavailable (%s); using torch kernels", e)
+        if _error is not None:
+            raise _error
+        return _lib
+
+
+def reload() -> None:
+    """Choose the variant again at next use (after changing QUILL_ISA or QUILL_KERNELS: tests, benchmarks)."""
+    global _tried
+    with _lock:
+        _tried = False
+
+
+def variant() -> Variant | None:
+    """The kernel variant in use (loading it if need be), or None where the torch path serves."""
+    return _variant if _load() is not None else None
+
+
+def system_report() -> dict[str, object]:
+    """The CPU, the SIMD flags the variants look for, and the variant chosen: for `quill info --system` and
+    the benchmark's report. Never raises: a bad QUILL_ISA is reported in "error"."""
+    cpu = this_cpu()
+    wanted = sorted({f for v in VARIANTS.values() for f in v.needs} | {f for f in cpu.flags if f.startswith("avx512")})
+    report: dict[str, object] = {
+        "cpu": cpu.model, "flags": [f for f in wanted if f in cpu.flags],
+        "missing": {v.name: cpu.missing(v) for v in VARIANTS.values()},
+        "QUILL_ISA": os.environ.get("QUILL_ISA", "auto"), "variant": None}
+    try:
+        chosen = variant()
+    except InvalidParameter as e:
+        report["error"] = str(e)
+        return report
+    if chosen is None:
+        report["reason"] = _why
+    else:
+        report["variant"] = chosen.name
+        report["summary"] = chosen.summary
+        report["compiled_for"] = _lib.quill_isa().decode()
+    return report
+
+
+def available() -> bool:
+    """Whether the compiled kernels can be used (built on first call).
+
+    Never while torch traces (ONNX export: a ctypes call would be recorded as a constant), compiles (it would
+    break the graph) or runs a dispatch mode (FLOP counters, fake tensors must see every op): the torch path is
+    what those observe.
+    """
+    return not observed() and _load() is not None
+
+
+def observed() -> bool:
+    """Whether torch is tracing, compiling or running a dispatch mode: fast paths stand aside then."""
+    return torch.jit.is_tracing() or torch.compiler.is_compiling() or is_in_torch_dispatch_mode()
+
+
+def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
+           residual: Tensor | None = None, out: Tensor | None = None, ln: nn.LayerNorm | None = None,
+           act: str | None = None) -> Tensor:
+    """`(residual +) (ln(x) @ weight.T) * scale + bias` for x [M, K] (last dim contiguous).
+
+    weight: [N, K] contiguous float32/bfloat16/float16/int8; scale: float32 [N] (int8 weights) or None;
+    ln: an optional LayerNorm applied to each row of x first (in fp32, fused); the result has x's dtype.
+    `out` and `residual` are [M, N] with a contiguous last dim and may be the same tensor (an in-place
+    residual add).
+    """
+    lib = _lib if _lib is not None else _load()
+    M, K = x.shape
+    N = weight.shape[0]
+    if out is None:
+        out = torch.empty(M, N, dtype=x.dtype)
+    rc = lib.quill_linear(
+        x.data_ptr(), DTYPE_CODES[x.dtype], M, x.stride(0), weight.data_ptr(), DTYPE_CODES[weight.dtype],
+        None if scale is None else scale.data_ptr(),
+        None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
+        None if residual is None else residual.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0),
+        N, K, torch.get_num_threads(),
+        None if ln is None else ln.weight.data_ptr(), None if ln is None or ln.bias is None else ln.bias.data_ptr(),
+        0 if ln is None else DTYPE_CODES[ln.weight.dtype], 0.0 if ln is None else ln.eps, ACTIVATIONS[act])
+    if rc:
+        raise MemoryError("quill_linear: out of memory")
+    return out
+
+
+def rows(x: Tensor) -> int:
+    """Rows of x as a matrix ([..., K] -> [rows, K])."""
+    k = x.shape[-1]
+    return x.numel() // k if k else 0
+
+
+def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
+            others: dict[str, Callable[[Tensor], Tensor]] | None = None) -> Tensor | None:
+    """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it.
+
+    They serve CPU inference inputs with a float activation dtype and a contiguous weight of a known dtype; the
+    caller falls back to its torch path otherwise (GPU, autograd, tracing). One row always runs here (reading
+    the weight once is the bound); for more rows, `others` (name -> the caller's own implementation: torch's
+    GEMM, fbgemm's) compete with the kernel, and the fastest for this shape class on this machine serves
+    (quill.kernels.tune; with QUILL_TUNE=0 the kernel up to DEFAULT_ROWS rows, the first of `others` beyond).
+    """
+    m = rows(x)
+    if (m <= 0 or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
+            or weight.dtype not in DTYPE_CODES or not weight.is_contiguous()
+            or (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)) or not available()):
+        return None
+
+    def own() -> Tensor:
+        x2 = x.reshape(m, x.shape[-1])
+        if x2.stride(-1) != 1:
+            x2 = x2.contiguous()
+        return linear(x2, weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
+
+    if m > 1 and others:
+        candidates = {"quill": own, **{name: functools.partial(f, x) for name, f in others.items()}}
+        key = (f"linear w={str(weight.dtype)[6:]} x={str(x.dtype)[6:]} {weight.shape[0]}x{weight.shape[1]} "
+               f"rows<={tune.row_class(m)} [{','.join(candidates)}]")
+        default = "quill" if m <= DEFAULT_ROWS else next(iter(others))
+        path = tune.choose(_variant.name, key, candidates, default)
+        if path != "quill":
+            return others[path](x)
+    return own()
+
+
+def activate_(x: Tensor, act: str) -> bool:
+    """Apply activation `act` to x in place with the vectorised kernel; False (x untouched) when it does not serve.
+
+    It serves contiguous fp32/bf16/fp16 CPU inference tensors with an activation it knows, computing in fp32
+    (torch's tanh-GELU ran at ~2.7 ns an element on the AVX2 machine, 10% of an int8 prefill; in bf16 3 ms of
+    a 512-token layer's 60).
+    """
+    if (x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES or not x.is_contiguous() or act not in ACTIVATIONS
+            or act is None or (torch.is_grad_enabled() and x.requires_grad) or not available()):
+        return False
+    lib = _lib if _lib is not None else _load()
+    lib.quill_activate(x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], ACTIVATIONS[act], torch.get_num_threads())
+    return True
+
+
+def attn_decode(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor | int, n_head: int, scale: float,
+                out: Tensor) -> Tensor:
+    """Write each row's new key/value (from qkv [B, 3C]) at its position and attend over the row's prefix.
+
+    k_cache, v_cache: [B, H, L, D] with a contiguous last dim (one layer of the KV cache, any float dtype: the
+    new key/value is rounded to it); pos: LongTensor [B] (contiguous, CPU) or an int shared by all rows; out: [B, C].
+    """
+    lib = _lib if _lib is not None else _load()
+    B = qkv.shape[0]
+    D = k_cache.shape[-1]
+    sb, sh, sl, _ = k_cache.stride()
+    ragged = isinstance(pos, Tensor)
+    rc = lib.quill_attn_decode(
+        qkv.data_ptr(), DTYPE_CODES[qkv.dtype], B, n_head, D, qkv.stride(0), k_cache.data_ptr(), v_cache.data_ptr(),
+        DTYPE_CODES[k_cache.dtype], sb, sh, sl, pos.data_ptr() if ragged else None, 0 if ragged else pos, scale, out.data_ptr(), out.stride(0),
+        torch.get_num_threads())
+    if rc:
+        raise MemoryError("quill_attn_decode: out of memory")
+    return out
+
+
+def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor | None:
+    """Causal attention of q's T positions start..start+T-1 over keys 0..start+T-1: [B, T, H, D], or None
+    when the kernel does not serve (the caller runs torch's SDPA).
+
+    q: [B, H, T, D]; k, v: [B, H, start+T, D] (views of the cache or of the fused qkv projection), float CPU
+    inference tensors with a contiguous last dim and D a multiple of 16. The kernel computes in fp32: bf16/fp16
+    inputs are upcast first (~0.1 ms of a 512-token layer, where torch's bf16 flash attention took 8.1 ms
+    against the kernel's 3.1 on the AVX2 machine); the result is fp32.
+    """
+    B, H, T, D = q.shape
+    ts = (q, k, v)
+    if (D % 16 or k.shape != (B, H, start + T, D) or v.shape != k.shape or q.device.type != "cpu"
+            or any(t.dtype not in FLOAT_DTYPES or t.stride(-1) != 1 for t in ts)
+            or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) or not available()):
+        return None
+    q, k, v = q.float(), k.float(), v.float()
+    out = torch.empty(B, T, H, D)
+    rc = _lib.quill_attn_prefill(
+        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
+        B, H, T, D, start, scale, out.data_ptr(), torch.get_num_threads())
+    if rc:
+        raise MemoryError("quill_attn_prefill: out of memory")
+    return out
+
+
+def decode_step(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor, v_cache: Tensor,
+                ws: dict[str, Tensor], logits: Tensor, threads: int) -> Tensor:
+    """One token per row through a whole model described by `plan` (quill.kernels.plan); returns logits.
+
+    tokens: LongTensor [B] (contiguous); pos: LongTensor [B] or an int; k_cache/v_cache: the batch's rows of
+    the KV cache, [n_layer, B, H, L, D] with a contiguous last dim, in any float dtype; ws: the step's activation
+    buffers.
+    """
+    lib = _lib if _lib is not None else _load()
+    ragged = isinstance(pos, Tensor)
+    _, sb, sh, sl, _ = k_cache.stride()
+    rc = lib.quill_decode_step(
+        plan.data_ptr(), tokens.shape[0], tokens.data_ptr(), pos.data_ptr() if ragged else None, 0 if ragged else pos,
+        k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.stride(0), sb, sh, sl, ws["x"].data_ptr(),
+        ws["qkv"].data_ptr(), ws["att"].data_ptr(), ws["hidden"].data_ptr(), logits.data_ptr(),
+        DTYPE_CODES[logits.dtype], threads)
+    if rc:
+        raise MemoryError("quill_decode_step: out of memory")
+    return logits
+
+
+HUGE_PAGE = 2 << 20
+_THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
+
+
+def move_to_huge_pages(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> int:
+    """Move the contiguous CPU tensors of at least `min_bytes` (a model's parameters and buffers) into one
+    private anonymous mapping backed by 2 MB pages (transparent huge pages, MADV_HUGEPAGE); returns the bytes
+    moved. Each tensor keeps its identity (its `.data` is replaced), so modules and ties are unchanged.
+
+    A decode step streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss and stops the
+    hardware prefetcher: over a step's GPT-2 124M matrices, one core read 21 -> 25 GB/s (fp32) and
+    21 -> 29 GB/s (int8), two cores 30 -> 35-45 GB/s (docs/performance.md). Nothing moves where THP is
+    off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
+    """
+    if _switched_off("QUILL_HUGE_PAGES") or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return 0
+    try:
+        if "[never]" in _THP_SETTING.read_text():
+            return 0
+    except OSError:
+        return 0
+    moving, seen = [], set()
+    for t in tensors:
+        if id(t) not in seen and t.device.type == "cpu" and t.is_contiguous() and t.nbytes >= min_bytes:
+            moving.append(t)
+        seen.add(id(t))
+    if not moving:
+        return 0
+    spans = [(t.nbytes + mmap.PAGESIZE - 1) // mmap.PAGESIZE * mmap.PAGESIZE for t in moving]
+    try:
+        area = mmap.mmap(-1, sum(spans) + HUGE_PAGE, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        area.madvise(mmap.MADV_HUGEPAGE)  # before the first touch: the copies below fault in 2 MB pages
+    except OSError as e:
+        log.info("no huge pages for the weights: %s", e)
+        return 0
+    t0 = time.perf_counter()
+    base = torch.frombuffer(area, dtype=torch.uint8)  # keeps `area` alive as long as any view of it
+    offset = -base.data_ptr() % HUGE_PAGE
+    with torch.no_grad():
+        for t, span in zip(moving, spans):
+            view = base[offset:offset + t.nbytes].view(t.dtype).view(t.shape)
+            view.copy_(t)
+            t.data = view
+            offset += span
+    moved = sum(t.nbytes for t in moving)
+    log.info("moved %.0f MB of weights into 2 MB pages in %.2f s", moved / 1e6, time.perf_counter() - t0)
+    return moved
+
+
+@contextlib.contextmanager
+def single_threaded(device: torch.device | str = "cpu"):
+    """Run torch's CPU ops in the block on the calling thread only (no OpenMP wake-ups), then restore."""
+    n = torch.get_num_threads()
+    if n == 1 or torch.device(device).type != "cpu":
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
+
+
+PROFILE_PARTS = ("embedding", "qkv projection (+LayerNorm)", "attention (+cache write)", "attention output projection",
+                 "MLP up (+LayerNorm, GELU)", "MLP down", "lm_head (+final LayerNorm)")
+
+
+def step_profile() -> dict[str, float]:
+    """Seconds spent in each part of decode steps since the last call (needs QUILL_PROFILE=1 at first use)."""
+    lib = _lib if _lib is not None else _load()
+    out = (ctypes.c_int64 * 8)()
+    lib.quill_step_profile(out)
+    return {name: out[i] / 1e9 for i, name in enumerate(PROFILE_PARTS)}
+
+
+def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[int]:
+    """torch.argmax(logits, -1).tolist() for a [M, N] tensor, without waking torch's OpenMP threads on CPU.
+
+    banned: ids per row that may not be chosen (as `index_fill(-inf)` first: EOS with ignore_eos, banned_tokens);
+    the logits are left as they were.
+    """
+    lib = _lib if _lib is not None else _load() if logits.device.type == "cpu" else None
+    if (lib is None or logits.dim() != 2 or logits.dtype not in FLOAT_DTYPES or logits.stride(-1) != 1
+            or logits.device.type != "cpu"
+            or (banned and any(len(row) > MAX_BANS or not all(0 <= i < logits.shape[1] for i in row) for row in banned))):
+        with single_threaded(logits.device):
+            if banned:
+                logits = logits.clone()
+                for i, ids in enumerate(banned):
+                    logits[i, ids] = float("-inf")
+            return logits.argmax(-1).tolist()
+    M, N = logits.shape
+    out = (ctypes.c_int64 * M)()  # ctypes arrays, not tensors: this runs once per decode step
+    if banned and any(banned):
+        offsets = (ctypes.c_int64 * (M + 1))(0, *itertools.accumulate(map(len, banned)))
+        ids = (ctypes.c_int64 * offsets[M])(*itertools.chain.from_iterable(banned))
+        lib.quill_argmax_banned(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out, offsets, ids)
+    else:
+        lib.quill_argmax(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out)
+    return list(out)
+
+
+def gather_int8(weight: Tensor, scale: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
+    """Rows `idx` (any shape) of an int8 matrix [V, K], dequantised with per-row `scale` into `dtype`."""
+    lib = _lib if _lib is not None else _load()
+    flat = idx.reshape(-1).contiguous()
+    out = torch.empty(flat.numel(), weight.shape[1], dtype=dtype)
+    lib.quill_gather_i8(weight.data_ptr(), scale.data_ptr(), flat.data_ptr(), flat.numel(), weight.shape[1],
+                        out.data_ptr(), DTYPE_CODES[dtype])
+    return out.view(*idx.shape, weight.shape[1])
+
+
+__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+           "variant", "system_report"]

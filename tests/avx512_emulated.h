@@ -1,0 +1,49 @@
+/* The AVX-512 intrinsics quill/csrc/kernels.c uses, emulated in plain C with GCC vector types, so that the
+   AVX-512 variant's code (its loops, tails and lane layouts) runs in the tests on a CPU without AVX-512:
+   kernels.c compiled with the AVX2 flags, -DQUILL_AVX512=1 and `-include` of this file (tests/conftest.py).
+   Each function follows the instruction's definition in Intel's intrinsics guide; the real build of the
+   variant uses the compiler's intrinsics, never this file. */
+#include <immintrin.h>
+#include <stdint.h>
+#include <string.h>
+typedef long long e512i __attribute__((vector_size(64)));
+typedef float e512 __attribute__((vector_size(64)));
+typedef short e512bh __attribute__((vector_size(64)));
+#define __m512i e512i
+#define __m512 e512
+#define __m512bh e512bh
+static inline e512i E_setzero_si512(void) { e512i z = {0}; return z; }
+static inline e512 E_setzero_ps(void) { e512 z = {0}; return z; }
+static inline e512i E_loadu_si512(const void* p) { e512i r; memcpy(&r, p, 64); return r; }
+static inline void E_storeu_si512(void* p, e512i v) { memcpy(p, &v, 64); }
+static inline e512 E_loadu_ps(const float* p) { e512 r; memcpy(&r, p, 64); return r; }
+static inline e512i E_cvtepi8_epi16(__m256i a) { int8_t s[32]; int16_t d[32]; memcpy(s, &a, 32); for (int i = 0; i < 32; i++) d[i] = s[i]; e512i r; memcpy(&r, d, 64); return r; }
+static inline e512i E_dpwssd(e512i src, e512i a, e512i b) {
+    int32_t s[16]; int16_t x[32], y[32]; memcpy(s, &src, 64); memcpy(x, &a, 64); memcpy(y, &b, 64);
+    for (int j = 0; j < 16; j++) s[j] = (int32_t)((uint32_t)s[j] + (uint32_t)((int32_t)x[2*j] * y[2*j]) + (uint32_t)((int32_t)x[2*j+1] * y[2*j+1]));
+    e512i r; memcpy(&r, s, 64); return r; }
+static inline __m256i E_cast256(e512i v) { __m256i r; memcpy(&r, &v, 32); return r; }
+static inline __m256i E_extract4(e512i v, int i) { __m256i r; memcpy(&r, (char*)&v + 32 * i, 32); return r; }
+static inline e512i E_cvtepi32_epi64(__m256i a) { int32_t s[8]; int64_t d[8]; memcpy(s, &a, 32); for (int i = 0; i < 8; i++) d[i] = s[i]; e512i r; memcpy(&r, d, 64); return r; }
+static inline e512i E_add_epi64(e512i a, e512i b) { return a + b; }
+static inline long long E_reduce_add_epi64(e512i v) { long long s = 0; for (int i = 0; i < 8; i++) s += v[i]; return s; }
+static inline float E_bf(short h) { uint32_t u = (uint32_t)(uint16_t)h << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline e512 E_dpbf16(e512 src, e512bh a, e512bh b) { for (int j = 0; j < 16; j++) src[j] += E_bf(a[2*j]) * E_bf(b[2*j]) + E_bf(a[2*j+1]) * E_bf(b[2*j+1]); return src; }
+static inline float E_reduce_add_ps(e512 v) { float s = 0; for (int i = 0; i < 16; i++) s += v[i]; return s; }
+static inline short E_rne(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7fffu + ((u >> 16) & 1u); return (short)(u >> 16); }
+static inline e512bh E_cvtne2(e512 a, e512 b) { e512bh r; for (int j = 0; j < 16; j++) { r[j] = E_rne(b[j]); r[j + 16] = E_rne(a[j]); } return r; }
+#define _mm512_setzero_si512 E_setzero_si512
+#define _mm512_setzero_ps E_setzero_ps
+#define _mm512_loadu_si512 E_loadu_si512
+#define _mm512_storeu_si512 E_storeu_si512
+#define _mm512_loadu_ps E_loadu_ps
+#define _mm512_cvtepi8_epi16 E_cvtepi8_epi16
+#define _mm512_dpwssd_epi32 E_dpwssd
+#define _mm512_castsi512_si256 E_cast256
+#define _mm512_extracti64x4_epi64 E_extract4
+#define _mm512_cvtepi32_epi64 E_cvtepi32_epi64
+#define _mm512_add_epi64 E_add_epi64
+#define _mm512_reduce_add_epi64 E_reduce_add_epi64
+#define _mm512_dpbf16_ps E_dpbf16
+#define _mm512_reduce_add_ps E_reduce_add_ps
+#define _mm512_cvtne2ps_pbh E_cvtne2

@@ -1,0 +1,253 @@
+"""Choosing the kernel build for the CPU (flags parser, QUILL_ISA), building every variant warning-free, and the
+multi-row path tuner (its choice keeps results within the speed paths' tolerances; a bad cache is rebuilt).
+
+The /proc/cpuinfo lines below are those of an AMD EPYC 7763 (Zen 3: AVX2 only) and an AMD EPYC 9654 (Zen 4:
+AVX-512 with VNNI and BF16), as Linux lists them.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from quill import kernels
+from quill.errors import InvalidParameter
+from quill.kernels import build, tune
+from quill.kernels.cpu import AVX2, AVX512, VARIANTS, CPU, choose_variant, parse_cpuinfo, this_cpu
+from quill.model import GPT, GPTConfig
+from quill.quantize import Int8Linear
+
+ZEN3 = """processor	: 0
+vendor_id	: AuthenticAMD
+cpu family	: 25
+model		: 1
+model name	: AMD EPYC 7763 64-Core Processor
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid extd_apicid aperfmperf rapl pni pclmulqdq monitor ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand lahf_lm cmp_legacy svm extapic cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw ibs skinit wdt tce topoext perfctr_core perfctr_nb bpext perfctr_llc mwaitx cpb cat_l3 cdp_l3 invpcid_single hw_pstate ssbd mba ibrs ibpb stibp vmmcall fsgsbase bmi1 avx2 smep bmi2 erms invpcid cqm rdt_a rdseed adx smap clflushopt clwb sha_ni xsaveopt xsavec xgetbv1 xsaves cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local clzero irperf xsaveerptr rdpru wbnoinvd amd_ppin brs arat npt lbrv svm_lock nrip_save tsc_scale vmcb_clean flushbyasid decodeassists pausefilter pfthreshold v_vmsave_vmload vgif v_spec_ctrl umip pku ospke vaes vpclmulqdq rdpid overflow_recov succor smca fsrm
+bugs		: sysret_ss_attrs spectre_v1 spectre_v2 spec_store_bypass srso
+
+processor	: 1
+model name	: AMD EPYC 7763 64-Core Processor
+flags		: fpu
+"""
+
+ZEN4 = """processor	: 0
+vendor_id	: AuthenticAMD
+cpu family	: 25
+model		: 17
+model name	: AMD EPYC 9654 96-Core Processor
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ht syscall nx mmxext fxsr_opt pdpe1gb rdtscp lm constant_tsc rep_good nopl nonstop_tsc cpuid extd_apicid aperfmperf rapl pni pclmulqdq monitor ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt aes xsave avx f16c rdrand lahf_lm cmp_legacy svm extapic cr8_legacy abm sse4a misalignsse 3dnowprefetch osvw ibs skinit wdt tce topoext perfctr_core perfctr_nb bpext perfctr_llc mwaitx cpb cat_l3 cdp_l3 invpcid_single hw_pstate ssbd mba perfmon_v2 ibrs ibpb stibp ibrs_enhanced vmmcall fsgsbase bmi1 avx2 smep bmi2 erms invpcid cqm rdt_a avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves cqm_llc cqm_occup_llc cqm_mbm_total cqm_mbm_local avx512_bf16 clzero irperf xsaveerptr rdpru wbnoinvd amd_ppin cppc arat npt lbrv svm_lock nrip_save tsc_scale vmcb_clean flushbyasid decodeassists pausefilter pfthreshold avic v_vmsave_vmload vgif x2avic v_spec_ctrl vnmi avx512vbmi umip pku ospke avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq la57 rdpid overflow_recov succor smca fsrm flush_l1d
+bugs		: sysret_ss_attrs spectre_v1 spectre_v2 spec_store_bypass srso
+"""
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return float((a - b).abs().max() / a.abs().max())
+
+
+def test_flags_parser_picks_avx2_on_zen3_and_avx512_on_zen4():
+    zen3, zen4 = parse_cpuinfo(ZEN3), parse_cpuinfo(ZEN4)
+    assert zen3.model == "AMD EPYC 7763 64-Core Processor" and zen4.model == "AMD EPYC 9654 96-Core Processor"
+    assert "avx2" in zen3.flags and "fpu" in zen3.flags and "avx512f" not in zen3.flags  # the first processor's
+    assert choose_variant(zen3, "auto") is AVX2 and choose_variant(zen3, "avx2") is AVX2
+    assert zen3.missing(AVX512) == ["avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"]
+    with pytest.raises(InvalidParameter, match="avx512f, avx512bw, avx512vl, avx512_vnni, avx512_bf16"):
+        choose_variant(zen3, "avx512")
+    assert choose_variant(zen4, "auto") is AVX512 and choose_variant(zen4, " AVX2 ") is AVX2
+    assert zen4.missing(AVX512) == []
+    # one flag short of the AVX-512 variant (an Ice Lake without BF16, say): AVX2, and avx512 names the flag
+    no_bf16 = CPU(zen4.model, zen4.flags - {"avx512_bf16"})
+    assert choose_variant(no_bf16, "auto") is AVX2
+    with pytest.raises(InvalidParameter, match="lacks avx512_bf16$"):
+        choose_variant(no_bf16, "avx512")
+    old = CPU("an old x86", frozenset({"sse2", "avx"}))
+    assert choose_variant(old, "auto") is None  # the torch path serves
+    with pytest.raises(InvalidParameter, match="not a kernel variant"):
+        choose_variant(zen4, "sse9")
+
+
+def test_without_proc_cpuinfo_torch_capability_decides(monkeypatch, tmp_path):
+    """Another OS (no /proc/cpuinfo): the flags torch's capability check implies, so AVX2 at most (torch's
+    AVX512 level says nothing of VNNI or BF16)."""
+    import quill.kernels.cpu as cpu_module
+
+    monkeypatch.setattr(cpu_module, "CPUINFO", tmp_path / "missing")
+    monkeypatch.setattr(cpu_module.platform, "machine", lambda: "x86_64")
+    capability = torch.backends.cpu.get_cpu_capability()
+    chosen = choose_variant(cpu_module.this_cpu(), "auto")
+    assert chosen is (AVX2 if capability in ("AVX2", "AVX512") else None)
+
+
+def test_every_variant_builds_warning_free():
+    """Both variants compile with this machine's compiler, -Wall -Wextra clean, whatever the CPU runs."""
+    for variant in VARIANTS.values():
+        b = build.build(variant)
+        assert b.path.exists() and b.warnings.strip() == "", (variant.name, b.warnings)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+def test_quill_isa_overrides_and_refuses_what_the_cpu_lacks(monkeypatch):
+    try:
+        for name, variant in VARIANTS.items():
+            monkeypatch.setenv("QUILL_ISA", name)
+            kernels.reload()
+            missing = this_cpu().missing(variant)
+            if missing:
+                with pytest.raises(InvalidParameter, match=missing[0]):
+                    kernels.available()
+                assert kernels.system_report()["error"].endswith(", ".join(missing))
+            else:
+                assert kernels.variant() is variant and kernels.system_report()["compiled_for"] == name
+        monkeypatch.setenv("QUILL_ISA", "avx1024")
+        kernels.reload()
+        with pytest.raises(InvalidParameter, match="not a kernel variant"):
+            kernels.available()
+        monkeypatch.setenv("QUILL_ISA", "auto")
+        kernels.reload()
+        report = kernels.system_report()
+        assert report["variant"] == choose_variant(this_cpu(), "auto").name and "avx2" in report["flags"]
+    finally:
+        monkeypatch.undo()
+        kernels.reload()
+
+
+def make_model(cfg: GPTConfig, seed: int = 0) -> GPT:
+    torch.manual_seed(seed)
+    model = GPT(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            p.normal_(1.0 if "ln" in name and name.endswith("weight") else 0.0, 0.2)
+    return model
+
+
+CFG = GPTConfig(vocab_size=97, n_positions=64, n_embd=48, n_head=3, n_layer=2)
+
+
+def _prefill_and_decode(model: GPT, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.inference_mode():
+        cache = model.new_cache(x.shape[0])
+        prefill = model(x[:, :-1], 0, cache)
+        return prefill, model(x[:, -1:], x.shape[1] - 1, cache)
+
+
+class TorchPath(TorchDispatchMode):
+    """Every op as torch runs it: under a dispatch mode the kernels stand aside (kernels.observed)."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.fixture
+def tuning(tmp_path, monkeypatch):
+    """The tuner switched on, with a cache folder of its own; yields the tuning cache file's path."""
+    monkeypatch.setenv("QUILL_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("QUILL_TUNE", "1")
+    tune.forget()
+    yield tune.cache_file(kernels.variant().name)
+    tune.forget()
+
+
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+@pytest.mark.usefixtures("kernel_isa")
+def test_tuned_paths_agree_with_the_torch_path(tuning):
+    """Every multi-row path timed and chosen, against the plain torch path (no kernels), with the speed-path
+    tests' tolerances: a prefill of 6 x 39 rows and a 6-row decode step, fp32 within 1e-5 and bf16 within 5e-2
+    of fp32; an int8 layer (its candidates include fbgemm's per-tensor uint8 activations) within 3e-2 of its
+    dequantised product at 20 and 120 rows."""
+    x = torch.randint(0, CFG.vocab_size, (6, 40))
+    fp32 = make_model(CFG)
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(96, 80))
+    rows = [torch.randn(20, 96), torch.randn(3, 40, 96)]
+    with TorchPath():
+        ref = _prefill_and_decode(fp32, x)
+    got = _prefill_and_decode(fp32, x)
+    assert rel_err(ref[0], got[0]) <= 1e-5 and rel_err(ref[1], got[1]) <= 1e-5
+    half = _prefill_and_decode(make_model(CFG).to(torch.bfloat16), x)
+    assert rel_err(ref[0], half[0]) <= 5e-2 and rel_err(ref[1], half[1]) <= 5e-2
+    with torch.inference_mode():
+        for r in rows:
+            exact = torch.nn.functional.linear(r, layer.dequantized(torch.float32), layer.bias)
+            assert rel_err(exact, layer(r)) <= 3e-2
+    choices = json.loads(tuning.read_text())["choices"]
+    decode = [k for k in choices if k.startswith("decode")]
+    assert len(decode) == 2 and {choices[k] for k in decode} <= {"6", "3"}
+    prefill = [k for k in choices if k.startswith("linear") and "rows<=256" in k]
+    assert {k.split()[1] for k in prefill} == {"w=float32", "w=bfloat16"}
+    int8 = [k for k in choices if k.startswith("linear w=int8")]
+    assert sorted(k.split()[4] for k in int8) == ["rows<=128", "rows<=32"]
+    assert all(choices[k] in ("quill", "torch", "fbgemm") for k in prefill + int8)
+
+
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+def test_batched_decode_may_split_into_halves(tuning):
+    """The guard that makes 16 rows never slower than 8: a 16-row step is timed whole and as two 8-row calls
+    (and either way gives the rows' own results)."""
+    model = make_model(CFG)
+    x = torch.randint(0, CFG.vocab_size, (16, 5))
+    _, together = _prefill_and_decode(model, x)
+    choices = json.loads(tuning.read_text())["choices"]
+    (key,) = [k for k in choices if k.startswith("decode")]
+    assert key.endswith("rows=16 [16,8]") and choices[key] in ("16", "8")
+    alone = torch.cat([_prefill_and_decode(model, x[i:i + 1])[1] for i in range(16)])
+    assert rel_err(alone, together) <= 1e-5
+
+
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+@pytest.mark.parametrize("damage", ["corrupt", "foreign", "wrong-shape", "stale"])
+def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 40))
+    x = torch.randn(20, 64)
+    tuning.parent.mkdir(parents=True, exist_ok=True)
+    bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name),
+             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,fbgemm,torch]": "no-such-path"}}
+    if damage == "corrupt":
+        tuning.write_bytes(b"\x00{not json")
+    elif damage == "foreign":
+        tuning.write_text(json.dumps({**bogus, "machine": {**bogus["machine"], "cpu": "another CPU"},
+                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,fbgemm,torch]": "torch"}}))
+    elif damage == "wrong-shape":
+        tuning.write_text(json.dumps({**bogus, "choices": ["quill"]}))
+    else:  # this machine's file naming a path that no longer exists: timed again
+        tuning.write_text(json.dumps(bogus))
+    with torch.inference_mode():
+        got = layer(x)
+    exact = torch.nn.functional.linear(x, layer.dequantized(torch.float32), layer.bias)
+    assert rel_err(exact, got) <= 3e-2
+    data = json.loads(tuning.read_text())
+    assert data["machine"] == tune.machine(kernels.variant().name)
+    assert list(data["choices"].values()) and set(data["choices"].values()) <= {"quill", "fbgemm", "torch"}
+
+
+def test_tuning_off_takes_the_default_without_timing(monkeypatch):
+    monkeypatch.setenv("QUILL_TUNE", "0")
+
+    def never() -> None:
+        raise AssertionError("timed with QUILL_TUNE=0")
+
+    assert tune.choose("avx2", "k", {"quill": never, "torch": never}, "torch") == "torch"
+    assert [tune.row_class(n) for n in (1, 2, 3, 8, 9, 512, 513)] == [1, 2, 4, 8, 16, 512, 1024]
+
+
+def test_info_system_prints_the_flags_and_the_variant(capsys, monkeypatch):
+    from quill.cli import main
+
+    assert main(["info", "--system"]) == 0
+    report = json.loads(capsys.readouterr().out)["system"]
+    cpu = this_cpu()
+    assert report["cpu"] == cpu.model and set(report["flags"]) <= cpu.flags
+    chosen = choose_variant(cpu, "auto")
+    assert report["variant"] == (chosen.name if chosen and kernels.available() else None)
+    monkeypatch.setenv("QUILL_ISA", "avx1024")
+    kernels.reload()
+    try:
+        assert main(["info", "--system"]) == 0  # a diagnostic: it reports the bad setting instead of failing
+        assert "not a kernel variant" in json.loads(capsys.readouterr().out)["system"]["error"]
+    finally:
+        monkeypatch.undo()
+        kernels.reload()
+    assert main(["info"]) == 2 and "needs a MODEL" in capsys.readouterr().err
