@@ -14,6 +14,7 @@ import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -28,6 +29,7 @@ from quill.generate import GenerationRequest, SequenceState
 from quill.sampling import SamplingParams
 from quill.weights import atomic_write
 
+HANDLE = re.compile(r"cont_[A-Za-z0-9_-]{1,64}")  # what `put` makes: "cont_" + URL-safe base64
 DEFAULT_TTL = 3600.0  # seconds a handle stays valid after its call ended
 DEFAULT_KV_BYTES = 512 << 20  # KV caches kept in memory, all handles together
 
@@ -84,13 +86,18 @@ class ContinuationStore:
         return hashlib.sha256(handle.encode()).hexdigest()
 
     def put(self, state: SequenceState, owner: str, model: str) -> str:
-        """Keep a paused sequence; returns its new handle."""
+        """Keep a paused sequence; returns its new handle (ContinuationError "continuation_not_kept" when the
+        disk cannot take it: nothing is kept then)."""
         handle = "cont_" + secrets.token_urlsafe(24)
         key = self._key(handle)
         entry = _Entry(state, owner, model, time.time() + self.ttl)
         if self.directory is not None:
             record = {"owner": owner, "model": model, "expires": entry.expires, "state": state_to_json(state)}
-            atomic_write(self.directory / f"{key}.json", lambda p: p.write_text(json.dumps(record)))
+            try:
+                atomic_write(self.directory / f"{key}.json", lambda p: p.write_text(json.dumps(record)))
+            except OSError as e:  # a full disk: no handle rather than one that a restart would lose
+                raise ContinuationError(f"no continuation handle could be kept: cannot write to {self.directory} "
+                                        f"({e.strerror or e})", "continuation_not_kept") from e
         with self._lock:
             self._entries[key] = entry
             self._evict()
@@ -98,7 +105,7 @@ class ContinuationStore:
 
     def get(self, handle: str, owner: str, model: str) -> SequenceState:
         """The paused sequence behind a handle (its KV cache if still in memory), checked for owner and expiry."""
-        if not isinstance(handle, str) or not handle.startswith("cont_"):
+        if not isinstance(handle, str) or not HANDLE.fullmatch(handle):  # any text, lone surrogates included
             raise ContinuationError("continuation handle is malformed", "continuation_not_found")
         key = self._key(handle)
         with self._lock:

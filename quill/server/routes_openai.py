@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
 
 from quill.continuation import owner_id
+from quill.errors import ContinuationError, InvalidParameter
 from quill.generate import TokenLogprob
 from quill.server import generation as g
 from quill.server.auth import require_api_key
@@ -17,6 +19,7 @@ from quill.server.schemas import (ChatCompletionRequest, ChatCompletionResponse,
 from quill.server.state import AppState, GenerationContext, LoadedModel, get_state
 from quill.tokenizer import InstructTemplate, Tokenizer
 
+log = logging.getLogger("quill.server")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
 
 
@@ -54,11 +57,17 @@ def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int
                                 logprobs=logprobs, echo=echo, max_flops=body.max_flops, **body.sampling())
 
 
-def pause(ctx: GenerationContext, seq) -> str | None:
-    """The continuation handle of a sequence its budget ended (bound to the caller's API key), else None."""
+def pause(ctx: GenerationContext, seq) -> dict[str, Any]:
+    """The choice fields of a sequence its budget ended: its continuation handle (bound to the caller's API key),
+    or, when the handle store cannot keep it (a full disk), no handle and `continuation_error` saying why.
+    The generated result stands either way. Nothing for other sequences."""
     if seq.finish_reason != "budget":
-        return None
-    return ctx.model.engine.pause(seq, owner_id(ctx.api_key))
+        return {}
+    try:
+        return {"continuation": ctx.model.engine.pause(seq, owner_id(ctx.api_key))}
+    except ContinuationError as e:
+        log.warning("%s", e)
+        return {"continuation": None, "continuation_error": str(e)}
 
 
 async def resume(state: AppState, body: CompletionRequest, model: LoadedModel, http: Request) -> g.Job:
@@ -161,13 +170,14 @@ class CompletionResponder(g.Responder):
         if body.logprobs is not None:
             lp = self._builder(self.index(k, seq)).build((seq.prompt_logprobs if body.echo else []) + seq.logprobs)
         return {"index": self.index(k, seq), "text": (self.texts[k] if body.echo else "") + "".join(seq.text),
-                "logprobs": lp, "finish_reason": seq.finish_reason, "continuation": pause(self.jobs[k].ctx, seq)}
+                "logprobs": lp, "finish_reason": seq.finish_reason, "continuation": None,
+                **pause(self.jobs[k].ctx, seq)}
 
     def body_fields(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
-        return {"continuation": choices[0]["continuation"]}
+        return {k: choices[0][k] for k in ("continuation", "continuation_error") if k in choices[0]}
 
-    def _chunk(self, index: int, text: str, logprobs, finish_reason, handle: str | None = None) -> bytes:
-        extra = {"continuation": handle} if handle else {}
+    def _chunk(self, index: int, text: str, logprobs, finish_reason, handle: dict[str, Any] | None = None) -> bytes:
+        extra = handle or {}
         return self.chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
                             **extra}], **extra)
 
@@ -246,7 +256,7 @@ class ChatResponder(g.Responder):
         tok = self.model.engine.tokenizer
         return {"index": self.index(k, seq), "message": {"role": "assistant", "content": "".join(seq.text)},
                 "logprobs": {"content": chat_logprobs(tok, seq.logprobs)} if self.body.logprobs else None,
-                "finish_reason": seq.finish_reason, "continuation": pause(self.jobs[k].ctx, seq)}
+                "finish_reason": seq.finish_reason, "continuation": None, **pause(self.jobs[k].ctx, seq)}
 
     def _chunk(self, index: int, delta: dict, logprobs=None, finish_reason=None, **extra) -> bytes:
         return self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
@@ -264,8 +274,7 @@ class ChatResponder(g.Responder):
         if ev.text or lp:
             yield self._chunk(i, {"content": ev.text}, lp)
         if ev.finished:
-            handle = pause(self.jobs[k].ctx, ev.seq)
-            yield self._chunk(i, {}, None, ev.seq.finish_reason, **({"continuation": handle} if handle else {}))
+            yield self._chunk(i, {}, None, ev.seq.finish_reason, **pause(self.jobs[k].ctx, ev.seq))
 
 
 @router.post("/chat/completions", response_model=ChatCompletionResponse)
@@ -273,9 +282,15 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: Ap
     model = g.get_model(state, body.model)
     text, stop_ids = render_messages(model, body.messages)
     prompt_ids = await g.encode(model.engine.tokenizer, text, "messages")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    newer = body.max_completion_tokens is not None
+    max_tokens = body.max_completion_tokens if newer else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    req = build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,
-                        logprobs=logprobs)
+    try:
+        req = build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,
+                            logprobs=logprobs)
+    except InvalidParameter as e:  # name the field the client sent
+        if newer and e.param == "max_tokens":
+            e.param = "max_completion_tokens"
+        raise
     jobs = await g.submit(state, [context("chat.completions", model, req, body.n, http)])
     return await ChatResponder(state, jobs, body).answer(http)

@@ -22,6 +22,7 @@ import importlib.util
 import json
 import logging
 import os
+import re
 from typing import Any
 
 import fastapi
@@ -40,6 +41,8 @@ from quill.store import (Store, StoreError, default_store_dir, fsync_dir, limits
 log = logging.getLogger("quill.store")
 
 UPLOAD_PREFIX = "/v1/uploads"
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # what tuspyserver names an upload (uuid4().hex)
+UPLOAD_LENGTH = re.compile(r"[0-9]{1,20}")
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,expiration,termination,checksum"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512, "md5": hashlib.md5}
@@ -254,7 +257,7 @@ class StoreService:
 
 
 def get_service(state: AppState = Depends(get_state)) -> StoreService:
-    service = getattr(state, "model_store", None)
+    service = state.model_store
     if service is None:
         raise APIError(503, "the model store is not enabled on this server", code="store_disabled")
     return service
@@ -269,11 +272,17 @@ async def upload_guard(request: Request, _: str = Depends(require_admin),
     the Upload-Checksum of a PATCH."""
     _CHECKSUM.set(None)
     h = request.headers
+    uid = request.path_params.get("uuid")
+    if uid is not None and not UPLOAD_ID.fullmatch(uid):  # e.g. "<id>.info", the sidecar of an upload
+        raise APIError(404, f"no upload {uid!r}", code="not_found")
     if request.method == "POST":
         if h.get("upload-concat") is not None:
             raise APIError(400, "the concatenation extension is not supported: upload each file whole", code="invalid_value")
         if h.get("upload-defer-length") is not None:
             raise APIError(400, "deferred lengths are not supported: send Upload-Length", code="invalid_value")
+        if not UPLOAD_LENGTH.fullmatch(h.get("upload-length", "")):
+            raise APIError(400, "Upload-Length must be the file's size in bytes (a non-negative integer)",
+                           param="Upload-Length", code="invalid_value")
         if (h.get("content-length") not in (None, "0")) or h.get("transfer-encoding"):
             raise APIError(400, "creation-with-upload is not supported: create the upload, then PATCH its data",
                            code="invalid_value")
