@@ -126,3 +126,112 @@ def test_full_disk_keeps_the_result_and_says_no_handle_was_kept(app_client, tiny
     r = app_client.post("/v1/chat/completions", json=chat)
     assert r.status_code == 200 and r.json()["choices"][0]["continuation_error"], r.text
     assert not list(app_client.state.continuations.directory.glob("*.tmp"))
+
+
+# ---- continuation handles: bounded in number, files and memory ----------------------------------------------------
+
+
+def paused(kv=None):
+    """A paused sequence as `Engine.pause` makes it: its random stream's state (a small tensor) and its KV."""
+    import torch
+
+    from quill.generate import GenerationRequest, SequenceState
+
+    return SequenceState(GenerationRequest([1, 2]), [1, 2], torch.Generator().get_state(), [], 0, "", kv=kv)
+
+
+def test_handle_count_and_files_are_bounded(tmp_path):
+    import os
+    import time
+
+    from quill.continuation import ContinuationStore
+    from quill.errors import ContinuationError
+
+    folder = tmp_path / "handles"
+    store = ContinuationStore(folder, max_handles=5)
+    handles = [store.put(paused(), "", "m") for _ in range(12)]
+    assert len(store) == 5 and len(list(folder.glob("*.json"))) == 5
+    with pytest.raises(ContinuationError) as e:
+        store.get(handles[0], "", "m")  # the least recently used went first
+    assert e.value.code == "continuation_not_found"
+    assert store.get(handles[-1], "", "m").tokens == [1, 2]
+
+    # a restart: the handles left on disk are indexed (and bounded), expired and half-written files removed
+    short = ContinuationStore(folder, ttl=0.05, max_handles=5)
+    assert len(short) == 5
+    expired = [short.put(paused(), "", "m") for _ in range(3)]
+    old_tmp, new_tmp, junk = folder / ".x.json.1.tmp", folder / ".y.json.2.tmp", folder / ("0" * 64 + ".json")
+    for p in (old_tmp, new_tmp, junk):
+        p.write_text("{")
+    os.utime(old_tmp, (time.time() - 7200, time.time() - 7200))
+    time.sleep(0.1)
+    again = ContinuationStore(folder, max_handles=5)
+    names = {p.name for p in folder.iterdir()}
+    assert len(again) == 2 and len(names) == 3 and new_tmp.name in names  # a write in progress elsewhere stays
+    with pytest.raises(ContinuationError):
+        again.get(expired[0], "", "m")
+    assert again.get(handles[-1], "", "m").tokens == [1, 2]
+    # the periodic sweep removes what expired since (the two long-lived handles stay)
+    short.put(paused(), "", "m")
+    time.sleep(0.1)
+    short.sweep()
+    assert len(short) == 2 and len(list(folder.glob("*.json"))) == 2
+
+
+def test_the_server_sweeps_expired_handles(tiny_engine, tmp_path):
+    import time
+
+    state = AppState(ServerConfig(store_dir=tmp_path, continuation_ttl=0.05, handle_sweep_seconds=0.05))
+    folder = state.continuations.directory
+    with TestClient(create_app(state, router_modules=OPEN_ROUTERS)):
+        state.continuations.put(paused(), "", "m")
+        assert len(list(folder.glob("*.json"))) == 1
+        deadline = time.monotonic() + 10
+        while list(folder.glob("*.json")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not list(folder.glob("*.json"))
+
+
+def rss_mb() -> float:
+    import os
+
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+@pytest.mark.skipif(not __import__("os").path.exists("/proc/self/statm"), reason="needs /proc (Linux)")
+def test_dropped_kv_caches_return_memory_to_the_os():
+    """KV caches of many handles, cloned on another thread as the scheduler does, in sizes that vary: beyond
+    the KV bound, resident memory stays within the bound plus generous slack."""
+    import queue
+    import threading
+
+    import torch
+
+    from quill.continuation import ContinuationStore
+
+    bound, count = 32 << 20, 500
+    store = ContinuationStore(None, max_kv_bytes=bound)
+    cache = torch.randn(4, 8, 1024, 64)  # [layers, heads, positions, head dim]: up to 8 MiB a handle
+    rng = random.Random(0)
+    made: queue.Queue = queue.Queue(maxsize=1)
+
+    kept = []  # small objects that live on between the caches (token lists, states), as in a server
+
+    def scheduler() -> None:
+        for _ in range(count):
+            length = rng.randint(50, 1000)
+            kept.append([0.5] * rng.randint(10, 500))
+            made.put((cache[:, :, :length].clone(), cache[:, :, :length].clone()))
+
+    thread = threading.Thread(target=scheduler)
+    thread.start()
+    start = None
+    for i in range(count):
+        store.put(paused(made.get()), "", "m")
+        if i == 20:
+            start = rss_mb()
+    thread.join()
+    grown = rss_mb() - start
+    print(f"RSS grew {grown:.0f} MiB")
+    assert grown < (bound >> 20) + 64

@@ -12,6 +12,7 @@ admin routes (both in `quill.server.auth`). Routes reach the models and hooks th
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -54,15 +55,27 @@ async def _run_hooks(hooks, state: AppState) -> None:
             await result
 
 
+async def sweep_handles(state: AppState) -> None:
+    """Remove expired continuation handles every `config.handle_sweep_seconds` (off the event loop)."""
+    while True:
+        await asyncio.sleep(state.config.handle_sweep_seconds)
+        try:
+            await asyncio.to_thread(state.continuations.sweep)
+        except OSError:
+            log.exception("sweeping continuation handles failed")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Start every model's scheduler thread (and the startup hooks); stop them at shutdown."""
+    """Start every model's scheduler thread, the handle sweeper and the startup hooks; stop them at shutdown."""
     state: AppState = app.state.quill
     state.start()
+    sweeper = asyncio.create_task(sweep_handles(state))
     await _run_hooks(state.startup_hooks, state)
     try:
         yield
     finally:
+        sweeper.cancel()
         try:
             await _run_hooks(state.shutdown_hooks, state)
         finally:

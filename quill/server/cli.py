@@ -34,6 +34,8 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 2 MiB)")
     p.add_argument("--continuation-ttl", type=float, default=None, metavar="SECONDS",
                    help="how long a budget's continuation handle stays valid (default one hour)")
+    p.add_argument("--max-handles", type=int, default=None, metavar="N",
+                   help="continuation handles kept, the least recently used dropped first (default 10000)")
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (default cpu)")
     p.add_argument("--compile", action="store_true", help="run the models through torch.compile (docs/performance.md)")
@@ -64,13 +66,16 @@ def build_state(args: argparse.Namespace):
             raise InvalidParameter(f"--{flag.replace('_', '-')} must be at least 1", flag)
     if args.max_queue < 0:
         raise InvalidParameter("--max-queue must be at least 0", "max_queue")
+    if args.max_handles is not None and args.max_handles < 1:
+        raise InvalidParameter("--max-handles must be at least 1", "max_handles")
     api_keys = read_key_file(args.api_key_file) if args.api_key_file else tuple(k for k in args.api_key or () if k)
     config = ServerConfig(api_keys=api_keys, admin_keys=tuple(k for k in args.admin_key or () if k),
                           store_dir=Path(args.store).expanduser() if args.store else None,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
                           dtype=args.dtype, device=args.device, compile=args.compile, kv_cache=args.kv_cache,
-                          **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}))
+                          **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}),
+                          **({"max_handles": args.max_handles} if args.max_handles else {}))
     models = args.models
     if not models and not (args.store or args.load):  # with a store, models can come later (quill push)
         if DEFAULT_MODEL not in bundled_models():

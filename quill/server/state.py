@@ -26,7 +26,7 @@ from fastapi import Request
 from platformdirs import user_data_dir
 
 from quill.batching import Scheduler
-from quill.continuation import DEFAULT_TTL, ContinuationStore
+from quill.continuation import DEFAULT_MAX_HANDLES, DEFAULT_TTL, ContinuationStore
 from quill.engine import Engine
 from quill.generate import GenerationRequest
 
@@ -48,6 +48,8 @@ class ServerConfig:
     compile: bool = False  # torch.compile every model loaded (--compile)
     kv_cache: str | None = None  # KV cache dtype of every model loaded (--kv-cache; None: quill.load's default)
     continuation_ttl: float = DEFAULT_TTL  # seconds a budget's continuation handle stays valid
+    max_handles: int = DEFAULT_MAX_HANDLES  # continuation handles kept, the least recently used dropped first
+    handle_sweep_seconds: float = 60.0  # how often expired handles (and their files) are removed
 
 
 @dataclass
@@ -97,7 +99,8 @@ class AppState:
         # Paused generations of every model, on disk beside the store so handles survive a restart.
         directory = (self.config.store_dir / ".continuations" if self.config.store_dir is not None
                      else Path(user_data_dir("quill")) / "continuations")
-        self.continuations = ContinuationStore(directory, ttl=self.config.continuation_ttl)
+        self.continuations = ContinuationStore(directory, ttl=self.config.continuation_ttl,
+                                               max_handles=self.config.max_handles)
         self.started = False
 
     @property
