@@ -235,3 +235,76 @@ def test_dropped_kv_caches_return_memory_to_the_os():
     grown = rss_mb() - start
     print(f"RSS grew {grown:.0f} MiB")
     assert grown < (bound >> 20) + 64
+
+
+# ---- connections: header and body time limits, auth before the body, a cap ----------------------------------------
+
+
+@pytest.fixture(scope="module")
+def guarded(serve, tiny_model_dir):
+    """A real server with short limits: 1 s for headers and body, 12 connections."""
+    return serve(f"tiny={tiny_model_dir}", "--api-key", "k", "--header-timeout", "1", "--body-timeout", "1",
+                 "--max-connections", "12").wait_ready()
+
+
+def answer(sock, limit: float = 15.0) -> bytes:
+    """Everything the server sends until it closes the connection (fails if it stays open past `limit`)."""
+    import socket
+
+    sock.settimeout(limit)
+    out = b""
+    try:
+        while chunk := sock.recv(65536):
+            out += chunk
+    except socket.timeout:
+        raise AssertionError(f"the connection was still open after {limit} s; got {out!r}") from None
+    except ConnectionResetError:
+        pass
+    return out
+
+
+def connect(server):
+    import socket
+
+    return socket.create_connection(("127.0.0.1", server.port), timeout=15)
+
+
+def test_silent_partial_and_slow_connections_are_cut(guarded):
+    import time
+
+    with connect(guarded) as s:  # says nothing
+        assert answer(s).startswith(b"HTTP/1.1 408 ")
+    with connect(guarded) as s:  # headers a byte at a time: more bytes do not extend the deadline
+        s.sendall(b"GET /health HTTP/1.1\r\nHost: x\r\n")
+        start = time.monotonic()
+        try:
+            while time.monotonic() - start < 15:
+                s.sendall(b"X")
+                time.sleep(0.2)
+        except OSError:  # closed under us
+            pass
+        assert answer(s).startswith(b"HTTP/1.1 408 ")
+    with connect(guarded) as s:  # a body that stops arriving
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k\r\n"
+                  b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{\"prompt\": ")
+        reply = answer(s)
+        assert reply.startswith(b"HTTP/1.1 408 ") and b"request_timeout" in reply
+    with connect(guarded) as s:  # a keyless client is answered before its body is read
+        s.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 1000000\r\n\r\n{")
+        reply = answer(s)
+        assert reply.startswith(b"HTTP/1.1 401 ") and b"invalid_api_key" in reply
+    r = __import__("httpx").get(guarded.url + "/v1/models", headers={"Authorization": "Bearer k"})
+    assert r.status_code == 200  # and the server still serves
+
+
+def test_connections_beyond_the_cap_get_503(guarded):
+    sockets = [connect(guarded) for _ in range(20)]
+    try:
+        replies = [answer(s) for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+    refused = [r for r in replies if r.startswith(b"HTTP/1.1 503 ")]
+    assert len(refused) >= 8 and all(b"too_many_connections" in r for r in refused)
+    assert all(r.startswith(b"HTTP/1.1 408 ") for r in replies if r not in refused)

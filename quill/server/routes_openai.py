@@ -14,13 +14,13 @@ from quill.generate import TokenLogprob
 from quill.server import generation as g
 from quill.server.auth import require_api_key
 from quill.server.errors import APIError
-from quill.server.schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                  CompletionResponse, ModelCard, ModelList, SamplingFields)
+from quill.server.schemas import (GENERATING, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                  CompletionResponse, ModelCard, ModelList, SamplingFields, error_responses)
 from quill.server.state import AppState, GenerationContext, LoadedModel, get_state
 from quill.tokenizer import InstructTemplate, Tokenizer
 
 log = logging.getLogger("quill.server")
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"], responses=error_responses(401))
 
 
 def model_card(m: LoadedModel) -> ModelCard:
@@ -36,7 +36,7 @@ async def list_models(state: AppState = Depends(get_state)) -> ModelList:
     return listing if extend is None else JSONResponse(extend(listing.model_dump()))
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard)
+@router.get("/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404, 503))
 async def get_model(model_id: str, state: AppState = Depends(get_state)) -> ModelCard:
     return model_card(g.get_model(state, model_id))
 
@@ -194,7 +194,8 @@ class CompletionResponder(g.Responder):
                               pause(self.jobs[k].ctx, ev.seq) if ev.finished else None)
 
 
-@router.post("/completions", response_model=CompletionResponse)
+@router.post("/completions", response_model=CompletionResponse,
+             responses={**GENERATING, **error_responses(403, 410)})
 async def completions(body: CompletionRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
     if body.suffix:
@@ -277,7 +278,7 @@ class ChatResponder(g.Responder):
             yield self._chunk(i, {}, None, ev.seq.finish_reason, **pause(self.jobs[k].ctx, ev.seq))
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATING)
 async def chat_completions(body: ChatCompletionRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
     text, stop_ids = render_messages(model, body.messages)

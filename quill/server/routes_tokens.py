@@ -8,14 +8,14 @@ from quill.server import generation as g
 from quill.server.auth import require_api_key
 from quill.server.errors import APIError
 from quill.server.routes_openai import build_request, context, render_messages
-from quill.server.schemas import (DetokenizeRequest, DetokenizeResponse, InferenceRequest, InferenceResponse,
-                                  TokenizeRequest, TokenizeResponse)
+from quill.server.schemas import (GENERATING, DetokenizeRequest, DetokenizeResponse, InferenceRequest,
+                                  InferenceResponse, TokenizeRequest, TokenizeResponse, error_responses)
 from quill.server.state import AppState, get_state
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["tokens"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["tokens"], responses=error_responses(401))
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 404, 413, 503))
 async def tokenize(body: TokenizeRequest, state: AppState = Depends(get_state)) -> TokenizeResponse:
     model = g.get_model(state, body.model)
     if (body.text is None) == (body.messages is None):
@@ -27,7 +27,7 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(get_state)) 
                             max_model_len=model.context_length)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 404, 413, 503))
 async def detokenize(body: DetokenizeRequest, state: AppState = Depends(get_state)) -> DetokenizeResponse:
     model = g.get_model(state, body.model)
     tok = model.engine.tokenizer
@@ -58,7 +58,7 @@ class InferenceResponder(g.Responder):
                            "logprobs": lp, "finish_reason": ev.seq.finish_reason if ev.finished else None}])
 
 
-@router.post("/inference", response_model=InferenceResponse)
+@router.post("/inference", response_model=InferenceResponse, responses=GENERATING)
 async def inference(body: InferenceRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
     req = build_request(model, body, list(body.tokens), body.max_tokens, logprobs=body.logprobs)

@@ -287,6 +287,48 @@ class InferenceResponse(BaseModel):
     model_config = ConfigDict(extra="allow")
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+ERRORS = {400: "a parameter out of range or of the wrong type, or a body that is not a JSON object (`param` names "
+               "the field)",
+          401: "missing or wrong key (`WWW-Authenticate: Bearer`)",
+          403: "admin routes are disabled, or a continuation handle of another key",
+          404: "unknown model, handle, upload or route",
+          409: "the stored model exists already (commit without replace) or is in use",
+          410: "the continuation handle expired, or the upload did",
+          412: "unsupported Tus-Resumable version",
+          413: "the body is larger than --max-body-bytes, or the file or model than the store's limits",
+          429: "the model's queue is full; `Retry-After` says when to try again",
+          460: "Upload-Checksum does not match the PATCH body",
+          503: "no model is loaded, or the model is being unloaded, or the server stops",
+          507: "the store's disk is full"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the error schema (FastAPI's `responses=`)."""
+    out: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "description": ERRORS[status]}
+                                            for status in statuses}
+    if 429 in out:
+        out[429]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    return out
+
+
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"},
+                                                    "description": "with \"stream\": true"}}}}
+GENERATING = {**STREAMED, **error_responses(400, 404, 413, 429, 503)}  # the routes that queue a generation
+
+
 class Health(BaseModel):
     status: str
     models: list[str]

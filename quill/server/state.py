@@ -43,6 +43,10 @@ class ServerConfig:
     max_batch: int = 8  # rows decoded together per model
     max_queue: int = 64  # requests waiting per model before 429
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    max_connections: int = 500  # open connections; one more is answered 503 (quill.server.connections)
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive, else 408
+    body_timeout: float = 30.0  # seconds a request's body may stop arriving, else 408
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's)
     dtype: str = "float32"
     device: str = "cpu"
     compile: bool = False  # torch.compile every model loaded (--compile)
