@@ -156,9 +156,9 @@ async def wait(tickets: list[Ticket], http: Request) -> None:
             if await http.is_disconnected():
                 raise APIError(499, "client closed the request", code="client_closed")
     finally:
+        for ticket in tickets:  # a no-op for finished tickets: after an error or a hang-up the others stop too
+            ticket.cancel()
         if not task.done():
-            for ticket in tickets:
-                ticket.cancel()
             task.cancel()
 
 
