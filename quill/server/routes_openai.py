@@ -7,6 +7,7 @@ from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.convertors import PathConvertor, register_url_convertor
 
 from quill.continuation import owner_id
 from quill.errors import ContinuationError, InvalidParameter
@@ -36,7 +37,17 @@ async def list_models(state: AppState = Depends(get_state)) -> ModelList:
     return listing if extend is None else JSONResponse(extend(listing.model_dump()))
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard, responses=error_responses(404, 503))
+class _AnyPath(PathConvertor):
+    """Starlette's `path` that also matches line breaks: an id with one is answered 404, not 405 by the store's
+    `/v1/models/{name}` routes (whose `[^/]+` does match them)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("anypath", _AnyPath())
+
+
+@router.get("/models/{model_id:anypath}", response_model=ModelCard, responses=error_responses(404, 503))
 async def get_model(model_id: str, state: AppState = Depends(get_state)) -> ModelCard:
     return model_card(g.get_model(state, model_id))
 
