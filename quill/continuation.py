@@ -32,6 +32,7 @@ from quill.atomic import atomic_write
 from quill.errors import ContinuationError
 from quill.generate import GenerationRequest, SequenceState
 from quill.sampling import SamplingParams
+from quill.structured import Constraint
 
 HANDLE = re.compile(r"cont_[A-Za-z0-9_-]{1,64}")  # what `put` makes: "cont_" + URL-safe base64
 DEFAULT_TTL = 3600.0  # seconds a handle stays valid after its call ended
@@ -70,6 +71,8 @@ def state_from_json(d: dict) -> SequenceState:
     sampling = dict(req.pop("sampling"))
     sampling["logit_bias"] = {int(k): v for k, v in sampling["logit_bias"].items()}
     sampling["banned_tokens"] = tuple(sampling["banned_tokens"])
+    constraint = req.pop("constraint", None)
+    req["constraint"] = Constraint(**constraint) if constraint is not None else None
     gen = d["generator_state"]
     gen_state = torch.frombuffer(bytearray(base64.b64decode(gen)), dtype=torch.uint8) if gen is not None else None
     return SequenceState(GenerationRequest(sampling=SamplingParams(**sampling), **req), d["tokens"], gen_state,

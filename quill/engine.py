@@ -22,6 +22,7 @@ from quill.model import GPT, GPTConfig
 from quill.resolve import resolve
 from quill.sampling import SamplingParams
 from quill.search import SearchParams, run_search
+from quill.structured import Constraint, compiled, constraint_from
 from quill.tokenizer import Tokenizer
 from quill.weights import load_model
 
@@ -114,16 +115,30 @@ class Engine:
 
     def request(self, prompt: str | list[int], max_tokens: int | None = 16, *, stop: str | list[str] | None = None,
                 stop_token_ids: list[int] | None = None, include_stop: bool = False, logprobs: int | None = None,
-                echo: bool = False, max_flops: int | None = None, **sampling) -> GenerationRequest:
-        """Build and validate a generation request; sampling keywords are `SamplingParams` fields."""
+                echo: bool = False, max_flops: int | None = None, json_schema: dict | str | None = None,
+                regex: str | None = None, choice: list[str] | None = None, grammar: str | None = None,
+                constraint: Constraint | None = None, **sampling) -> GenerationRequest:
+        """Build and validate a generation request; sampling keywords are `SamplingParams` fields.
+
+        At most one of json_schema (a dict or its JSON), regex, choice (a list of strings) and grammar (Lark or
+        GBNF) constrains the output to match it (docs/structured.md); `constraint` is one already made.
+        """
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
         if unknown:
             raise InvalidParameter(f"unknown generation parameter {unknown[0]!r}", unknown[0])
+        made = constraint_from(json_schema, regex, choice, grammar)
+        if made is not None and constraint is not None:
+            raise InvalidParameter(f"give one constraint at a time, not both constraint and {made.param}",
+                                   made.param)
         req = GenerationRequest(
             prompt_ids=self.encode(prompt), max_tokens=max_tokens, sampling=SamplingParams(**sampling),
             stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids or []),
-            include_stop=include_stop, logprobs=logprobs, echo=echo, max_flops=max_flops)
+            include_stop=include_stop, logprobs=logprobs, echo=echo, max_flops=max_flops,
+            constraint=constraint or made)
         req.validate(self.model)
+        if req.constraint is not None:
+            # against this vocabulary now, not later in a batch
+            compiled(req.constraint, self.tokenizer, self.config.eos_token_ids)
         return req
 
     def events(self, prompt: str | list[int] | None = None, max_tokens: int | None = 16, n: int = 1, *,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import math
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from quill.kernels import argmax_rows, single_threaded
 from quill.model import GPT, GPTConfig, KVCache
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
 from quill.stopping import StopStrings
+from quill.structured import Constraint, GrammarState
 from quill.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # top alternatives per token, as the OpenAI API allows
@@ -42,6 +44,7 @@ class GenerationRequest:
     logprobs: int | None = None  # None: off; N: chosen-token logprob plus the top N alternatives
     echo: bool = False  # also score the prompt tokens
     max_flops: int | None = None  # per-call budget; the call ends with finish_reason "budget" before exceeding it
+    constraint: Constraint | None = None  # structured output: what the generated text must match
 
     def validate(self, model: GPT) -> None:
         """Raise InvalidParameter (naming the parameter) for anything the model cannot honour."""
@@ -147,9 +150,11 @@ class Sequence:
         self._history = numpy.zeros((1, self.max_len), dtype=numpy.int64)
         self._history[0, : self.prompt_len] = request.prompt_ids
         self.generator = generator
-        self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids, stop_token_ids=request.stop_token_ids)
+        self.grammar = GrammarState(request.constraint, tokenizer, eos_ids) if request.constraint is not None else None
+        self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids, stop_token_ids=request.stop_token_ids,
+                                                   mask=self.grammar.mask if self.grammar is not None else None)
         # a greedy choice that only has ids to skip (ignore_eos, banned_tokens) is a plain argmax over the rest
-        self.bans = self.pipeline.bans() if request.sampling.greedy else None
+        self.bans = self.pipeline.bans() if request.sampling.greedy and self.grammar is None else None
         self.greedy = self.bans is not None
         self.stop_ids = set(request.stop_token_ids) | (set() if request.sampling.ignore_eos else set(eos_ids))
         self.decoder = tokenizer.stream_decoder()
@@ -204,6 +209,8 @@ class Sequence:
         seq.tokens = list(state.tokens)
         seq._history[0, : len(seq.tokens)] = seq.tokens
         seq.decoder.ids, seq.decoder.read = list(state.decoder_ids), state.decoder_read
+        if seq.grammar is not None:
+            seq.grammar.replay(seq.generated)
         if seq.matcher is not None:
             seq.matcher.held = state.held
         seq.usage.prompt_tokens = 0
@@ -216,6 +223,11 @@ class Sequence:
         processed = self.pipeline(logits, self.history, self.prompt_len)
         return int(sample(processed, self.request.sampling.greedy, self.generator))
 
+    def logprob_logits(self, logits: Tensor) -> Tensor:
+        """The logits that logprobs are reported from: the model's, masked by the constraint when there is one
+        (the distribution the token was actually drawn from, before penalties and warpers)."""
+        return logits if self.grammar is None else self.grammar.mask(logits)
+
     def accept(self, token: int, logprob: TokenLogprob | None) -> str:
         """Append a token, update the stop conditions, and return the text it makes safe to emit."""
         self.tokens.append(token)
@@ -223,6 +235,8 @@ class Sequence:
         self.usage.completion_tokens += 1
         if logprob is not None:
             self.logprobs.append(logprob)
+        if self.grammar is not None:
+            self.grammar.advance(token)
         if token in self.stop_ids:  # EOS or a stop token: its own text is not part of the output
             self.finish_reason = "stop"
             released = self._drain()
@@ -232,6 +246,9 @@ class Sequence:
                 released, hit = self.matcher.push(released)
                 if hit:
                     self.finish_reason = "stop"
+            if self.finish_reason is None and self.grammar is not None and self.grammar.done:
+                self.finish_reason = "stop"  # the grammar is complete: nothing may follow, not even EOS
+                released += self._drain()
             if self.finish_reason is None and (len(self.generated) >= self.request.limit
                                                or len(self.tokens) >= self.max_len):
                 self.finish_reason = "length"
@@ -276,8 +293,11 @@ class DecodeBatch:
                 token = seq.choose(logits)
             lp = None
             if seq.request.logprobs is not None:
-                chosen, top = top_logprobs(logits, torch.tensor([token], device=logits.device), seq.request.logprobs)
-                lp = TokenLogprob(token, float(chosen[0]), list(zip(top[0][0].tolist(), top[1][0].tolist())))
+                chosen, top = top_logprobs(seq.logprob_logits(logits), torch.tensor([token], device=logits.device),
+                                           seq.request.logprobs)
+                # a constraint's mask leaves forbidden tokens at -inf: they are no alternatives
+                lp = TokenLogprob(token, float(chosen[0]), [(i, v) for i, v in zip(top[0][0].tolist(),
+                                                                                  top[1][0].tolist()) if v > -math.inf])
             text = seq.accept(token, lp)
         except Exception as e:
             seq.error, seq.finish_reason = e, "error"

@@ -322,9 +322,13 @@ class LogitsPipeline:
     @classmethod
     def from_params(
         cls, params: SamplingParams, eos_token_ids: list[int] | tuple[int, ...], device: torch.device | str = "cpu",
-        stop_token_ids: list[int] | tuple[int, ...] = (),
+        stop_token_ids: list[int] | tuple[int, ...] = (), mask: LogitsProcessor | None = None,
     ) -> LogitsPipeline:
         """Build the pipeline, skipping neutral settings (greedy without penalties is a bare argmax).
+
+        `mask` (a structured-output constraint's, `quill.structured.GrammarState.mask`) comes after the
+        processors and before the warpers, as in vLLM: a top-k or top-p taken first could keep only tokens
+        the grammar forbids.
 
         `min_tokens` suppresses every id that would end generation early (the model's EOS ids, unless
         `ignore_eos`, and the request's `stop_token_ids`); `ignore_eos` bans the EOS ids throughout, as in
@@ -345,6 +349,8 @@ class LogitsPipeline:
         banned = set(params.banned_tokens) | (set(eos_token_ids) if params.ignore_eos else set())
         if banned:
             procs.append(SuppressTokensLogitsProcessor(_id_tensor(sorted(banned), device)))
+        if mask is not None:
+            procs.append(mask)
         if not params.greedy:
             if params.temperature != 1.0:
                 procs.append(TemperatureLogitsWarper(params.temperature))
@@ -419,8 +425,9 @@ def log_softmax(logits: Tensor) -> Tensor:
 def top_logprobs(logits: Tensor, ids: Tensor, n: int) -> tuple[Tensor, tuple[Tensor, Tensor]]:
     """Logprob of the chosen `ids` [B], and the n most likely as (ids [B, n], logprobs [B, n]).
 
-    Computed from the raw model logits, before penalties, temperature and filtering: the model's own
-    distribution, comparable across requests whatever their sampling settings.
+    Callers pass the raw model logits, before penalties, temperature and filtering: the model's own
+    distribution, comparable across requests whatever their sampling settings; a structured-output row's are
+    masked by its grammar first (`Sequence.logprob_logits`).
     """
     logp = log_softmax(logits)
     chosen = logp.gather(-1, ids.unsqueeze(-1)).squeeze(-1)

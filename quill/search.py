@@ -170,6 +170,9 @@ def run_search(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, sea
     search.validate(request.sampling, n)
     if search.strategy is None:
         return run(model, tokenizer, request, n)
+    if request.constraint is not None:
+        raise InvalidParameter(f"{request.constraint.param} (structured output) cannot be combined with beam or "
+                               "contrastive search (num_beams > 1 or penalty_alpha > 0)", request.constraint.param)
     if request.max_flops is not None:
         raise InvalidParameter("max_flops budgets apply to sampled and greedy decoding, not to search strategies "
                                "(num_beams > 1 or penalty_alpha > 0)", "max_flops")
