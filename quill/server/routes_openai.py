@@ -65,7 +65,8 @@ def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int
                        code="invalid_value")
     return model.engine.request(prompt_ids, max_tokens, stop=stop,
                                 stop_token_ids=list(stop_token_ids or []) + list(body.stop_token_ids or []),
-                                logprobs=logprobs, echo=echo, max_flops=body.max_flops, **body.sampling())
+                                logprobs=logprobs, echo=echo, max_flops=body.max_flops, constraint=body.constraint(),
+                                **body.sampling())
 
 
 def pause(ctx: GenerationContext, seq) -> dict[str, Any]:

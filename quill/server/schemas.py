@@ -15,6 +15,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictFloat, St
 from quill.generate import MAX_LOGPROBS
 from quill.sampling import _SEED_RANGE as SEED_RANGE  # noqa: PLC2701 (the range torch accepts)
 from quill.sampling import MAX_LOGIT_BIAS, MAX_PENALTY
+from quill.structured import Constraint, constraint_from
 
 TOKEN_ID = re.compile(r"[0-9]{1,12}")  # a token id as logit_bias keys give it
 TokenId = Annotated[StrictInt, Field(ge=0)]
@@ -27,6 +28,33 @@ class _Request(BaseModel):
 
 class StreamOptions(_Request):
     include_usage: bool = False
+
+
+class JSONSchemaFormat(_Request):
+    """OpenAI's `response_format.json_schema`."""
+
+    name: StrictStr = Field(..., description="the schema's name (as OpenAI requires; not used otherwise)")
+    description: StrictStr | None = None
+    # `schema` is pydantic's own attribute: the field is `schema_`, spelt `schema` in JSON
+    schema_: dict[str, Any] | None = Field(None, alias="schema", description="a JSON schema; none: any JSON object")
+    strict: bool | None = Field(None, description="accepted; the output always follows the schema")
+
+
+class ResponseFormat(_Request):
+    """OpenAI's `response_format`: plain text, any JSON object, or JSON following a schema."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = Field(None, description="required with type json_schema")
+
+
+class StructuredOutputs(_Request):
+    """vLLM's `structured_outputs`: exactly one of a JSON schema, a regex, a choice of strings, a grammar."""
+
+    json_: dict[str, Any] | bool | StrictStr | None = Field(None, alias="json",
+                                                            description="a JSON schema (an object or its JSON)")
+    regex: StrictStr | None = Field(None, description="a regular expression the whole output matches")
+    choice: list[StrictStr] | None = Field(None, min_length=1, description="the output is one of these strings")
+    grammar: StrictStr | None = Field(None, description="a Lark or GBNF (llama.cpp) grammar")
 
 
 class SamplingFields(_Request):
@@ -57,6 +85,9 @@ class SamplingFields(_Request):
     min_tokens: StrictInt | None = Field(None, ge=0)
     ignore_eos: bool | None = None
     stop_token_ids: list[TokenId] | None = None
+    # Structured output (docs/structured.md): OpenAI's response_format, or vLLM's structured_outputs
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputs | None = None
     # Quill's metering: a FLOP budget for this call (the call ends with finish_reason "budget" and a handle).
     max_flops: StrictInt | None = Field(None, ge=1, description="FLOP budget of this call")
     # Search strategies (transformers' names, vLLM's use_beam_search): recognised so that they are refused
@@ -74,6 +105,29 @@ class SamplingFields(_Request):
         neutral = {"num_beams": 1, "num_beam_groups": 1, "diversity_penalty": 0.0, "length_penalty": 1.0,
                    "early_stopping": False, "penalty_alpha": 0.0, "use_beam_search": False}
         return [k for k, v in neutral.items() if getattr(self, k) not in (None, v)]
+
+    def constraint(self) -> Constraint | None:
+        """The structured-output constraint this request sets; a bad or doubled one is an InvalidParameter naming
+        `response_format` or `structured_outputs`."""
+        from quill.errors import InvalidParameter
+
+        made = None
+        fmt, so = self.response_format, self.structured_outputs
+        if fmt is not None and fmt.type == "json_object":
+            made = constraint_from(json_schema={"type": "object"}, param="response_format")
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None:
+                raise InvalidParameter("response_format of type json_schema needs json_schema", "response_format")
+            made = constraint_from(json_schema=fmt.json_schema.schema_ or {"type": "object"},
+                                   param="response_format")
+        if so is not None:
+            if made is not None:
+                raise InvalidParameter("give response_format or structured_outputs, not both", "structured_outputs")
+            made = constraint_from(so.json_, so.regex, so.choice, so.grammar, param="structured_outputs")
+            if made is None:
+                raise InvalidParameter("structured_outputs needs one of json, regex, choice, grammar",
+                                       "structured_outputs")
+        return made
 
     def sampling(self) -> dict[str, Any]:
         """The `SamplingParams` keywords this request sets (None means: keep Quill's default)."""
