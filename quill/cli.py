@@ -65,6 +65,26 @@ def sampling_kwargs(args: argparse.Namespace) -> dict:
     return out
 
 
+def constraint_kwargs(args: argparse.Namespace) -> dict:
+    """The structured-output keywords of `Engine.generate` from --json-schema, --regex, --choice, --grammar."""
+    out = {"regex": args.regex, "choice": args.choice}
+    if args.json_schema is not None:
+        text = args.json_schema  # a schema is an object: '{...}' is the schema itself, anything else a file
+        out["json_schema"] = text if text.lstrip().startswith("{") else _read_arg(Path(text), "json_schema")
+    if args.grammar is not None:
+        out["grammar"] = _read_arg(Path(args.grammar), "grammar")
+    return {k: v for k, v in out.items() if v is not None}
+
+
+def _read_arg(path: Path, param: str) -> str:
+    from quill.errors import InvalidParameter
+
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise InvalidParameter(f"cannot read {param} file {path}: {e}", param) from e
+
+
 def load_engine(args: argparse.Namespace):
     import quill
 
@@ -86,13 +106,14 @@ def cmd_generate(args: argparse.Namespace) -> None:
         out = engine.generate(continuation=args.continue_from, max_flops=args.max_flops)
         print(out.text)
     elif args.stream and args.max_flops is None:
-        for piece in engine.stream(args.prompt, args.max_tokens, stop=args.stop, **sampling_kwargs(args)):
+        for piece in engine.stream(args.prompt, args.max_tokens, stop=args.stop, **sampling_kwargs(args),
+                                   **constraint_kwargs(args)):
             print(piece, end="", flush=True)
         print()
         return
     else:
         out = engine.generate(args.prompt, args.max_tokens, stop=args.stop, max_flops=args.max_flops,
-                              **sampling_kwargs(args))
+                              **sampling_kwargs(args), **constraint_kwargs(args))
         print(out.text)
     u = out.usage
     print(f"[{u.prompt_tokens} prompt + {u.completion_tokens} generated tokens, {u.flops:,} FLOPs, "
@@ -172,6 +193,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_model_args(p)
     p.add_argument("prompt", nargs="?", help="the prompt (omit with --continue)")
     add_sampling_args(p)
+    g = p.add_argument_group("structured output (one at a time; docs/structured.md)")
+    g.add_argument("--json-schema", metavar="FILE|JSON", default=None, help="the output is JSON following this schema")
+    g.add_argument("--regex", default=None, help="the whole output matches this regular expression")
+    g.add_argument("--choice", action="append", default=None, help="the output is one of these (repeatable)")
+    g.add_argument("--grammar", metavar="FILE", default=None, help="the output follows this Lark or GBNF grammar")
     p.add_argument("--stream", action="store_true", help="print text as it is generated")
     p.add_argument("--max-flops", type=int, default=None, help="FLOP budget of this call")
     p.add_argument("--continue", dest="continue_from", metavar="HANDLE", default=None,

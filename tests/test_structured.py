@@ -225,3 +225,25 @@ def test_refusals(engine, chars):
         chars.generate("x", 5, json_schema={"type": "object"})
     assert e.value.param == "json_schema" and "vocabulary" in str(e.value)
     assert constraint_from(regex="x", param="structured_outputs").param == "structured_outputs"
+
+
+def test_cli_flags(engine, gpt2_dir, tmp_path, capsys):
+    from quill.cli import main
+
+    schema_file, grammar_file = tmp_path / "schema.json", tmp_path / "g.gbnf"
+    schema_file.write_text(json.dumps(SCHEMA))
+    grammar_file.write_text('root ::= "<" [a-z]+ ">"')
+    base = ["generate", str(gpt2_dir), "Pet:", "--max-tokens", "200", "--seed", "3"]
+    cases = [(["--json-schema", str(schema_file)], dict(json_schema=SCHEMA)),
+             (["--json-schema", json.dumps(SCHEMA), "--stream"], dict(json_schema=SCHEMA)),
+             (["--regex", "[0-9]{2}x"], dict(regex="[0-9]{2}x")),
+             (["--choice", "up", "--choice", "down"], dict(choice=["up", "down"])),
+             (["--grammar", str(grammar_file)], dict(grammar=grammar_file.read_text()))]
+    for flags, kw in cases:
+        assert main(base + flags) == 0
+        assert capsys.readouterr().out == engine.generate("Pet:", 200, seed=3, **kw).text + "\n"
+    for flags, words in [(["--regex", "a(b"], "unclosed group"), (["--regex", "a", "--choice", "a"], "one constraint"),
+                         (["--grammar", str(tmp_path / "missing")], "cannot read grammar file")]:
+        assert main(base + flags) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("quill: error:") and words in err
