@@ -390,3 +390,35 @@ def test_without_store_routes_no_load_controls(browser, server):
     expect(p.page.locator("#admin")).to_be_hidden()
     assert p.page.locator("#model option").count() == 2
     p.close()
+
+
+def test_format_control_sends_its_field(page):
+    pg = page.page
+    page.fill(prompt=PROMPT, max_tokens=20)
+    expect(pg.locator("#format-spec")).to_be_hidden()
+    for kind, spec, sent in [
+        ("choice", "yes\nno", {"structured_outputs": {"choice": ["yes", "no"]}}),
+        ("regex", "[a-z]{3}!", {"structured_outputs": {"regex": "[a-z]{3}!"}}),
+        ("json_schema", '{"type": "boolean"}', {"response_format": {"type": "json_schema", "json_schema": {
+            "name": "schema", "schema": {"type": "boolean"}}}}),
+    ]:
+        pg.select_option("#format", kind)
+        pg.fill("#format-spec", spec)
+        with pg.expect_request("**/v1/*completions") as request:
+            page.generate()
+        body = request.value.post_data_json
+        assert {k: body[k] for k in sent} == sent
+        expect(pg.locator("#stat-finish")).to_have_attribute("data-reason", "stop", timeout=TIMEOUT)
+        text = page.output()
+        assert (text in ("yes", "no") if kind == "choice" else re.fullmatch("[a-z]{3}!", text) if kind == "regex"
+                else text in ("true", "false")), text
+    pg.fill("#format-spec", "{not json")  # checked before sending, at the control
+    page.generate()
+    expect(pg.locator("#format-error")).to_contain_text("not valid JSON")
+    pg.select_option("#format", "none")
+    expect(pg.locator("#format-spec")).to_be_hidden()
+    with pg.expect_request("**/v1/*completions") as request:
+        page.generate()
+    assert not {"response_format", "structured_outputs"} & set(request.value.post_data_json)
+    expect(pg.locator("#stat-finish")).to_have_attribute("data-reason", re.compile("stop|length"), timeout=TIMEOUT)
+    page.shot("format.png")

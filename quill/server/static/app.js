@@ -14,7 +14,12 @@
     prompt: "prompt", messages: "prompt", model: "model", max_tokens: "max_tokens",
     max_completion_tokens: "max_tokens", temperature: "temperature", top_k: "top_k", top_p: "top_p",
     repetition_penalty: "repetition_penalty", seed: "seed", stop: "stop", max_flops: "max_flops", dtype: "dtype",
-    name: "model",
+    name: "model", response_format: "format", structured_outputs: "format",
+  };
+  const FORMAT_HINTS = {  // the format control's choice -> what its text box holds
+    none: "The output is forced to match while decoding.", json: "Any JSON object.",
+    json_schema: "A JSON schema the output follows.", regex: "A regular expression the whole output matches.",
+    choice: "The output is one of these, one per line.",
   };
   const FINISH = {  // finish reason -> what it means
     stop: "end of text or a stop string", length: "max tokens reached", budget: "FLOP budget spent: Continue resumes",
@@ -334,6 +339,25 @@
     return v;
   }
 
+  function formatFields() {  // the format control as response_format (JSON) or structured_outputs
+    const kind = $("format").value, spec = $("format-spec").value;
+    if (kind === "json") return { response_format: { type: "json_object" } };
+    if (kind === "json_schema") {
+      let schema;
+      try { schema = JSON.parse(spec); } catch (e) { throw new FieldError("format", "The schema is not valid JSON."); }
+      return { response_format: { type: "json_schema", json_schema: { name: "schema", schema } } };
+    }
+    if (kind === "regex") return { structured_outputs: { regex: spec } };
+    if (kind === "choice") return { structured_outputs: { choice: spec.split("\n").filter((c) => c !== "") } };
+    return {};
+  }
+
+  function formatChanged() {
+    const kind = $("format").value;
+    $("format-spec").hidden = kind === "none" || kind === "json";
+    $("format-hint").textContent = FORMAT_HINTS[kind];
+  }
+
   const unescape = (s) => s.replace(/\\(n|t|r|\\)/g, (_, c) => ({ n: "\n", t: "\t", r: "\r", "\\": "\\" })[c]);
 
   function requestBody(mode) {
@@ -348,6 +372,7 @@
     if (stops.length) body.stop = stops;
     const flops = number("max_flops");
     if (flops !== undefined) body.max_flops = flops;
+    Object.assign(body, formatFields());
     if (mode === "chat") {
       const messages = [];
       if (ui.system.value.trim()) messages.push({ role: "system", content: ui.system.value });
@@ -670,6 +695,7 @@
   });
   ui.stop.addEventListener("click", () => state.run && state.run.controller.abort());
   ui.cont.addEventListener("click", () => generate({ resume: true }).catch(showError));
+  $("format").addEventListener("change", formatChanged);
   ui.clear.addEventListener("click", () => { if (!state.run) { clearErrors(); resetOutput(""); } });
   ui.prompt.addEventListener("keydown", (ev) => {
     if (ev.key === "Enter" && (ev.ctrlKey || ev.metaKey)) {
