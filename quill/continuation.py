@@ -2,18 +2,23 @@
 
 The paused state (tokens, random stream, detokeniser and stop-matcher state) is small and is kept until the
 handle expires: in memory, and on disk when the store has a directory, so a handle outlives a restart. The
-KV cache is large: it is kept in memory only, least-recently-used first out, and a resumed call whose cache
-is gone recomputes it from the tokens. Handles are unguessable and bound to the API key that made them.
+KV cache is large: it is kept in memory only, least-recently-used first out (the memory it took goes back
+to the OS), and a resumed call whose cache is gone recomputes it from the tokens. The number of handles is
+bounded too. Handles are unguessable and bound to the API key that made them.
 """
 
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import dataclasses
+import functools
 import hashlib
 import hmac
 import json
 import os
+import re
 import secrets
 import threading
 import time
@@ -28,8 +33,12 @@ from quill.errors import ContinuationError
 from quill.generate import GenerationRequest, SequenceState
 from quill.sampling import SamplingParams
 
+HANDLE = re.compile(r"cont_[A-Za-z0-9_-]{1,64}")  # what `put` makes: "cont_" + URL-safe base64
 DEFAULT_TTL = 3600.0  # seconds a handle stays valid after its call ended
 DEFAULT_KV_BYTES = 512 << 20  # KV caches kept in memory, all handles together
+DEFAULT_MAX_HANDLES = 10_000  # handles kept (in memory and on disk), all callers together
+KEY_FILE = re.compile(r"[0-9a-f]{64}\.json")  # a handle's file: the SHA-256 of the handle
+STALE_TEMPORARY_SECONDS = 3600.0  # an unfinished write older than this is removed (another process may be writing)
 
 
 def owner_id(api_key: str | None) -> str:
@@ -39,10 +48,10 @@ def owner_id(api_key: str | None) -> str:
 
 @dataclass
 class _Entry:
-    state: SequenceState
     owner: str
     model: str
     expires: float
+    state: SequenceState | None = None  # None: only on disk (read by the next `get`)
 
 
 def state_to_json(state: SequenceState) -> dict:
@@ -68,44 +77,64 @@ def state_from_json(d: dict) -> SequenceState:
 
 
 class ContinuationStore:
-    """Paused generations by handle, with a time-to-live, an LRU-bounded KV cache and optional disk backing."""
+    """Paused generations by handle, with a time-to-live, bounded in number and in KV bytes, optionally on disk.
+
+    At most `max_handles` handles are kept (the least recently used go first, file and all) and their KV caches
+    take at most `max_kv_bytes` (beyond it the least recently used caches are dropped; their handles stay).
+    Expired handles are removed on every `put` and `sweep`; a store on disk indexes the handles a previous run
+    left at start, removing expired and unreadable files.
+    """
 
     def __init__(self, directory: str | os.PathLike | None = None, ttl: float = DEFAULT_TTL,
-                 max_kv_bytes: int = DEFAULT_KV_BYTES):
+                 max_kv_bytes: int = DEFAULT_KV_BYTES, max_handles: int = DEFAULT_MAX_HANDLES):
         self.directory = Path(directory) if directory is not None else None
+        self.ttl, self.max_kv_bytes, self.max_handles = ttl, max_kv_bytes, max_handles
+        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # key: hash of the handle; least recent first
+        self._lock = threading.Lock()
         if self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True)
-        self.ttl, self.max_kv_bytes = ttl, max_kv_bytes
-        self._entries: OrderedDict[str, _Entry] = OrderedDict()  # key: hash of the handle
-        self._lock = threading.Lock()
+            self._index()
+
+    def __len__(self) -> int:
+        return len(self._entries)
 
     @staticmethod
     def _key(handle: str) -> str:
         return hashlib.sha256(handle.encode()).hexdigest()
 
+    def _path(self, key: str) -> Path:
+        return self.directory / f"{key}.json"
+
     def put(self, state: SequenceState, owner: str, model: str) -> str:
-        """Keep a paused sequence; returns its new handle."""
+        """Keep a paused sequence; returns its new handle (ContinuationError "continuation_not_kept" when the
+        disk cannot take it: nothing is kept then)."""
         handle = "cont_" + secrets.token_urlsafe(24)
         key = self._key(handle)
-        entry = _Entry(state, owner, model, time.time() + self.ttl)
+        entry = _Entry(owner, model, time.time() + self.ttl, state)
         if self.directory is not None:
             record = {"owner": owner, "model": model, "expires": entry.expires, "state": state_to_json(state)}
-            atomic_write(self.directory / f"{key}.json", lambda p: p.write_text(json.dumps(record)))
+            try:
+                atomic_write(self._path(key), lambda p: p.write_text(json.dumps(record)))
+            except OSError as e:  # a full disk: no handle rather than one that a restart would lose
+                raise ContinuationError(f"no continuation handle could be kept: cannot write to {self.directory} "
+                                        f"({e.strerror or e})", "continuation_not_kept") from e
         with self._lock:
             self._entries[key] = entry
-            self._evict()
+            freed = self._evict()
+        if freed:
+            release_freed_memory()
         return handle
 
     def get(self, handle: str, owner: str, model: str) -> SequenceState:
         """The paused sequence behind a handle (its KV cache if still in memory), checked for owner and expiry."""
-        if not isinstance(handle, str) or not handle.startswith("cont_"):
+        if not isinstance(handle, str) or not HANDLE.fullmatch(handle):  # any text, lone surrogates included
             raise ContinuationError("continuation handle is malformed", "continuation_not_found")
         key = self._key(handle)
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
-        if entry is None:
+        if entry is None or entry.state is None:
             entry = self._load(key)
         if entry is None:
             raise ContinuationError("unknown continuation handle", "continuation_not_found")
@@ -113,43 +142,105 @@ class ContinuationStore:
             raise ContinuationError("this continuation handle belongs to another API key",
                                     "continuation_forbidden")
         if time.time() > entry.expires:
-            self._drop(key)
+            with self._lock:
+                self._remove(key)
             raise ContinuationError("continuation handle has expired", "continuation_expired")
         if entry.model != model:
             raise ContinuationError(f"continuation handle belongs to model {entry.model!r}, not {model!r}",
                                     "continuation_model_mismatch")
         return entry.state
 
-    def _load(self, key: str) -> _Entry | None:
-        path = self.directory / f"{key}.json" if self.directory is not None else None
-        if path is None or not path.exists():
+    def sweep(self) -> None:
+        """Remove expired handles (and their files) and return freed memory; the server runs it periodically."""
+        with self._lock:
+            self._evict()
+        release_freed_memory()
+
+    def _read(self, path: Path) -> dict | None:
+        """A handle file's record, or None when it is unreadable (it is removed then)."""
+        try:
+            record = json.loads(path.read_text())
+            record["expires"] = float(record["expires"])
+            return record
+        except FileNotFoundError:
             return None
-        record = json.loads(path.read_text())
-        entry = _Entry(state_from_json(record["state"]), record["owner"], record["model"], record["expires"])
+        except (OSError, ValueError, KeyError, TypeError):
+            path.unlink(missing_ok=True)
+            return None
+
+    def _index(self) -> None:
+        """Index the handles a previous run left on disk: expired, unreadable and half-written files go."""
+        now, found = time.time(), []
+        for path in self.directory.iterdir():
+            if path.name.endswith(".tmp"):  # atomic_write's temporary of a write that never finished
+                if path.stat().st_mtime < now - STALE_TEMPORARY_SECONDS:
+                    path.unlink(missing_ok=True)
+            elif KEY_FILE.fullmatch(path.name):
+                record = self._read(path)
+                if record is not None:
+                    found.append((record["expires"], path.name[:-5], record))
+        with self._lock:
+            for expires, key, record in sorted(found):
+                self._entries[key] = _Entry(record["owner"], record["model"], expires)
+            self._evict()
+
+    def _load(self, key: str) -> _Entry | None:
+        record = self._read(self._path(key)) if self.directory is not None else None
+        if record is None:
+            return None
+        entry = _Entry(record["owner"], record["model"], record["expires"], state_from_json(record["state"]))
         with self._lock:
             self._entries[key] = entry
+            self._evict()
         return entry
 
-    def _drop(self, key: str) -> None:
-        with self._lock:
-            self._entries.pop(key, None)
+    def _remove(self, key: str) -> None:
+        """Forget a handle and remove its file (the lock held)."""
+        self._entries.pop(key, None)
         if self.directory is not None:
-            (self.directory / f"{key}.json").unlink(missing_ok=True)
+            self._path(key).unlink(missing_ok=True)
 
-    def _evict(self) -> None:
-        """Drop expired entries, then KV caches, oldest first, until the kept caches fit the bound."""
-        now = time.time()
+    def _evict(self) -> bool:
+        """Drop expired handles, then the least recently used beyond `max_handles`, then their KV caches until
+        the kept caches fit `max_kv_bytes` (the lock held). Whether a KV cache was dropped."""
+        now, freed = time.time(), False
         for key in [k for k, e in self._entries.items() if e.expires < now]:
-            del self._entries[key]
-            if self.directory is not None:
-                (self.directory / f"{key}.json").unlink(missing_ok=True)
+            freed |= _kv_bytes(self._entries[key].state) > 0
+            self._remove(key)
+        while len(self._entries) > self.max_handles:
+            key = next(iter(self._entries))
+            freed |= _kv_bytes(self._entries[key].state) > 0
+            self._remove(key)
         total = sum(_kv_bytes(e.state) for e in self._entries.values())
         for entry in self._entries.values():
             if total <= self.max_kv_bytes:
                 break
-            total -= _kv_bytes(entry.state)
-            entry.state = dataclasses.replace(entry.state, kv=None)
+            if _kv_bytes(entry.state):
+                total -= _kv_bytes(entry.state)
+                entry.state = dataclasses.replace(entry.state, kv=None)
+                freed = True
+        return freed
 
 
-def _kv_bytes(state: SequenceState) -> int:
-    return sum(t.nbytes for t in state.kv) if state.kv is not None else 0
+@functools.cache
+def _malloc_trim():
+    """glibc's malloc_trim, or None on another C library."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return None
+
+
+def release_freed_memory() -> None:
+    """Give memory freed to the C heap back to the OS (glibc keeps it otherwise).
+
+    Dropped KV caches come and go in sizes that glibc's heap keeps after they are freed: without this, RSS grew
+    ~0.5 MB per handle beyond the KV bound.
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+def _kv_bytes(state: SequenceState | None) -> int:
+    return sum(t.nbytes for t in state.kv) if state is not None and state.kv is not None else 0

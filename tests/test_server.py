@@ -182,6 +182,34 @@ def test_openai_completion_n_and_token_prompt(client, tiny):
     assert texts == [c.text for c in ref.choices]
 
 
+@pytest.mark.parametrize("kw", [dict(temperature=0), dict(temperature=0.9, seed=11)], ids=["greedy", "seeded"])
+def test_list_prompts_equal_one_by_one(http, tiny, kw):
+    """A list of prompts (texts or token-id lists) answers as the same prompts sent one by one: each prompt's n
+    choices in turn, index running over all, usage summed; streamed the same."""
+    texts = ["Hello there", "abc", "Once upon a time"]
+    ids = [tiny.tokenizer.encode(t) for t in texts]
+    common = {"model": "tiny", "max_tokens": 10, "n": 2, "logprobs": 1, **kw}
+    alone = [http.post("/v1/completions", json={**common, "prompt": t}).json() for t in texts]
+    want = [(2 * k + c["index"], c["text"], c["finish_reason"], c["logprobs"]["token_ids"])
+            for k, r in enumerate(alone) for c in r["choices"]]
+    for prompt in (texts, ids):
+        r = http.post("/v1/completions", json={**common, "prompt": prompt})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        got = [(c["index"], c["text"], c["finish_reason"], c["logprobs"]["token_ids"]) for c in body["choices"]]
+        assert sorted(got) == sorted(want)
+        for field in ("prompt_tokens", "completion_tokens", "total_tokens", "flops"):
+            assert body["usage"][field] == sum(a["usage"][field] for a in alone), field
+        events = sse_events(http.post("/v1/completions", json={**common, "prompt": prompt, "stream": True,
+                                                                "stream_options": {"include_usage": True}}))
+        streamed: dict[int, str] = {}
+        for ev in events[:-1]:
+            for c in ev["choices"]:
+                streamed[c["index"]] = streamed.get(c["index"], "") + c["text"]
+        assert streamed == {i: text for i, text, _, _ in want}
+        assert events[-1]["usage"]["completion_tokens"] == body["usage"]["completion_tokens"]
+
+
 def test_openai_completion_logprobs_and_echo(client, tiny):
     ref = tiny.generate("Hello", 8, temperature=0, logprobs=3)
     r = client.completions.create(model="tiny", prompt="Hello", max_tokens=8, temperature=0, logprobs=3)
@@ -363,7 +391,7 @@ def test_request_errors(http, server):
     assert post({"model": "tiny", "prompt": "a", "max_tokens": 1, "num_beams": 1}).status_code == 200  # neutral
     assert_error(post({"model": "tiny", "prompt": [1, 99999]}), 400, "invalid_value", "prompt")
     assert_error(post({"model": "tiny", "prompt": {"a": 1}}), 400, "invalid_value", "prompt")
-    assert_error(post({"model": "tiny", "prompt": ["a", "b"]}), 400, "invalid_value", "prompt")
+    assert_error(post({"model": "tiny", "prompt": ["a", [1, 99999]]}), 400, "invalid_value", "prompt")
     assert_error(post({"model": "tiny", "messages": []}, "/v1/chat/completions"), 400, "invalid_value", "messages")
     assert_error(post({"model": "tiny", "messages": [{"role": "user"}, {"content": "x"}]}, "/v1/chat/completions"),
                  400, "missing_required_parameter", "messages[1].role")

@@ -518,3 +518,24 @@ def test_names():
         with pytest.raises(StoreError):
             validate_file_name(bad)
     assert parse_size("2MB") == 2 * 1024**2 and parse_size("512KiB") == 512 * 1024 and parse_size("100") == 100
+
+
+def test_upload_length_and_ids_are_checked(tmp_path):
+    store = tmp_path / "store"
+    meta = f"model {base64.b64encode(b'm').decode()},filename {base64.b64encode(b'README.md').decode()}"
+    create = {**AUTH, "Tus-Resumable": "1.0.0", "Upload-Metadata": meta}
+    with _app(store) as c:
+        for length in ("-1", "+5", "1e3", "0x10", "1_0", ""):
+            r = c.post("/v1/uploads", headers={**create, "Upload-Length": length})
+            assert r.status_code == 400 and r.json()["error"]["param"] == "Upload-Length", (length, r.text)
+        assert not any((store / ".uploads").glob("*.info"))
+        loc = _put(c, "m", "README.md", b"hello")
+        uid = loc.rsplit("/", 1)[1]
+        tus = {**AUTH, "Tus-Resumable": "1.0.0"}
+        for path in (f"{uid}.info", f"{uid}.tmp", uid.upper(), "x"):
+            r = c.delete(f"/v1/uploads/{path}", headers=tus)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "not_found", (path, r.text)
+        assert (store / ".uploads" / f"{uid}.info").exists() and (store / ".uploads" / uid).read_bytes() == b"hello"
+        patch = {**tus, "Content-Type": "application/offset+octet-stream", "Upload-Offset": "0"}
+        r = c.patch(loc, content=b"too long!", headers=patch)  # tuspyserver's own errors get a code too
+        assert r.status_code >= 400 and r.json()["error"]["code"], r.text

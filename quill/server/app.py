@@ -12,6 +12,7 @@ admin routes (both in `quill.server.auth`). Routes reach the models and hooks th
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import inspect
 import logging
@@ -22,6 +23,7 @@ from fastapi import APIRouter, Depends, FastAPI
 from fastapi.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from quill.server.auth import KeyBeforeBodyMiddleware
 from quill.server.errors import APIError, install_error_handlers
 from quill.server.metrics import MetricsMiddleware
 from quill.server.schemas import Health
@@ -54,15 +56,27 @@ async def _run_hooks(hooks, state: AppState) -> None:
             await result
 
 
+async def sweep_handles(state: AppState) -> None:
+    """Remove expired continuation handles every `config.handle_sweep_seconds` (off the event loop)."""
+    while True:
+        await asyncio.sleep(state.config.handle_sweep_seconds)
+        try:
+            await asyncio.to_thread(state.continuations.sweep)
+        except OSError:
+            log.exception("sweeping continuation handles failed")
+
+
 @asynccontextmanager
 async def lifespan(app: FastAPI):
-    """Start every model's scheduler thread (and the startup hooks); stop them at shutdown."""
+    """Start every model's scheduler thread, the handle sweeper and the startup hooks; stop them at shutdown."""
     state: AppState = app.state.quill
     state.start()
+    sweeper = asyncio.create_task(sweep_handles(state))
     await _run_hooks(state.startup_hooks, state)
     try:
         yield
     finally:
+        sweeper.cancel()
         try:
             await _run_hooks(state.shutdown_hooks, state)
         finally:
@@ -102,6 +116,23 @@ class BodyLimitMiddleware:
         await self.app(scope, counted, send)
 
 
+def true_openapi(app: FastAPI) -> None:
+    """Make /openapi.json say what the server answers: FastAPI documents 422 for every validated route, while
+    validation errors are 400 in OpenAI's error shape (each route lists its own error statuses)."""
+    generate = app.openapi
+
+    def openapi() -> dict:
+        schema = generate()
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                operation.get("responses", {}).pop("422", None)
+        for name in ("HTTPValidationError", "ValidationError"):
+            schema.get("components", {}).get("schemas", {}).pop(name, None)
+        return schema
+
+    app.openapi = openapi
+
+
 def create_app(state: AppState | None = None, routers: Iterable[APIRouter] | None = None,
                router_modules: Iterable[str] | None = None, title: str = "Quill") -> FastAPI:
     """The server app for `state` (its models, config and hooks), with the default routers plus `routers`."""
@@ -120,6 +151,8 @@ def create_app(state: AppState | None = None, routers: Iterable[APIRouter] | Non
             module.mount(app, state)
     for r in routers or ():
         app.include_router(r)
+    true_openapi(app)
     app.add_middleware(BodyLimitMiddleware, state=state)
+    app.add_middleware(KeyBeforeBodyMiddleware, state=state)  # a keyless client gets 401 before 413
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)  # outermost: sees every status, 413s included
     return app

@@ -34,6 +34,16 @@ def register(subparsers) -> None:
     p.add_argument("--max-body-bytes", type=int, default=None, help="largest request body (default 2 MiB)")
     p.add_argument("--continuation-ttl", type=float, default=None, metavar="SECONDS",
                    help="how long a budget's continuation handle stays valid (default one hour)")
+    p.add_argument("--max-connections", type=int, default=500, metavar="N",
+                   help="open connections; one more is answered 503 (default 500)")
+    p.add_argument("--header-timeout", type=float, default=10.0, metavar="SECONDS",
+                   help="time for a request's headers to arrive, else 408 (default 10)")
+    p.add_argument("--body-timeout", type=float, default=30.0, metavar="SECONDS",
+                   help="time a request's body may stop arriving, else 408 (default 30)")
+    p.add_argument("--keep-alive-timeout", type=float, default=5.0, metavar="SECONDS",
+                   help="time an idle keep-alive connection stays open (default 5)")
+    p.add_argument("--max-handles", type=int, default=None, metavar="N",
+                   help="continuation handles kept, the least recently used dropped first (default 10000)")
     add_load_flags(p, "models")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -61,13 +71,23 @@ def build_state(args: argparse.Namespace):
             raise InvalidParameter(f"--{flag.replace('_', '-')} must be at least 1", flag)
     if args.max_queue < 0:
         raise InvalidParameter("--max-queue must be at least 0", "max_queue")
+    if args.max_handles is not None and args.max_handles < 1:
+        raise InvalidParameter("--max-handles must be at least 1", "max_handles")
+    if args.max_connections < 1:
+        raise InvalidParameter("--max-connections must be at least 1", "max_connections")
+    for flag in ("header_timeout", "body_timeout", "keep_alive_timeout"):
+        if not getattr(args, flag) > 0:
+            raise InvalidParameter(f"--{flag.replace('_', '-')} must be positive", flag)
     api_keys = read_key_file(args.api_key_file) if args.api_key_file else tuple(k for k in args.api_key or () if k)
     config = ServerConfig(api_keys=api_keys, admin_keys=tuple(k for k in args.admin_key or () if k),
                           store_dir=Path(args.store).expanduser() if args.store else None,
                           max_batch=args.max_batch, max_queue=args.max_queue,
                           max_body_bytes=args.max_body_bytes if args.max_body_bytes is not None else DEFAULT_MAX_BODY_BYTES,
+                          max_connections=args.max_connections, header_timeout=args.header_timeout,
+                          body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout,
                           dtype=args.dtype, device=args.device, compile=args.compile, kv_cache=args.kv_cache,
-                          **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}))
+                          **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}),
+                          **({"max_handles": args.max_handles} if args.max_handles else {}))
     models = args.models
     if not models and not (args.store or args.load):  # with a store, models can come later (quill push)
         if DEFAULT_MODEL not in bundled_models():
@@ -113,6 +133,7 @@ def cmd_serve(args: argparse.Namespace) -> None:
         torch.set_num_threads(max(1, args.threads))
     logging.basicConfig(level=args.log_level.upper(), format="%(levelname)s:     %(name)s: %(message)s")
     from quill.server.app import create_app
+    from quill.server.connections import protocol
 
     state = build_state(args)
     app = create_app(state)
@@ -120,5 +141,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
     logging.getLogger("quill.server").info("serving %s on http://%s:%d (max batch %d, queue %d, auth %s)", names,
                                            args.host, args.port, state.config.max_batch, state.config.max_queue,
                                            "on" if state.config.api_keys else "off")
+    cfg = state.config
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5,
-                access_log=args.log_level == "debug")
+                access_log=args.log_level == "debug", http=protocol(cfg), timeout_keep_alive=cfg.keep_alive_timeout)

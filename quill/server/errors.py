@@ -21,13 +21,20 @@ _TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 403: "perm
           422: "invalid_request_error", 429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
+# The code of an error raised without one (routing, tuspyserver, plain QuillErrors): no error has `code: null`.
+_HTTP_CODES = {400: "invalid_value", 404: "not_found", 405: "method_not_allowed", 409: "conflict", 410: "gone",
+               412: "precondition_failed", 413: "request_too_large", 415: "unsupported_media_type",
+               460: "checksum_mismatch", 500: "internal_error"}
+
+
 class APIError(StarletteHTTPException):
     """An error answered as OpenAI error JSON; raise it from any route or dependency."""
 
     def __init__(self, status: int, message: str, *, param: str | None = None, code: str | None = None,
                  type: str | None = None, headers: dict[str, str] | None = None):
         super().__init__(status, message, headers)
-        self.status, self.message, self.param, self.code = status, message, param, code
+        self.status, self.message, self.param = status, message, param
+        self.code = code or _HTTP_CODES.get(status, f"http_{status}")
         self.type = type or _TYPES.get(status, "invalid_request_error" if status < 500 else "server_error")
 
     def body(self) -> dict[str, Any]:
@@ -39,7 +46,8 @@ def error_body(message: str, type: str = "invalid_request_error", param: str | N
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-_CONTINUATION_STATUS = {"continuation_not_found": 404, "continuation_expired": 410, "continuation_forbidden": 403}
+_CONTINUATION_STATUS = {"continuation_not_found": 404, "continuation_expired": 410, "continuation_forbidden": 403,
+                        "continuation_not_kept": 507}
 
 
 def from_exception(e: BaseException) -> APIError:
@@ -89,6 +97,7 @@ def _loc_param(loc: tuple) -> tuple[str | None, bool]:
 
 
 def validation_error(exc: RequestValidationError) -> APIError:
+    """The 400 of a request pydantic refused: the first error, naming its parameter (or the body)."""
     errors = exc.errors()
     if not errors:
         return APIError(400, "invalid request")
@@ -97,7 +106,7 @@ def validation_error(exc: RequestValidationError) -> APIError:
         return APIError(400, f"request body is not valid JSON: {first.get('ctx', {}).get('error', first.get('msg'))}",
                         code="invalid_json")
     param, union = _loc_param(tuple(first.get("loc", ())))
-    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "model_type"):
+    if param is None and first.get("type") in ("model_attributes_type", "dict_type", "model_type", "missing"):
         return APIError(400, "the request body must be a JSON object (send Content-Type: application/json)",
                         code="invalid_json")
     if first.get("type") == "missing":
@@ -116,9 +125,8 @@ async def _api_error(request: Request, exc: APIError) -> JSONResponse:
 async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
     if isinstance(exc, APIError):
         return await _api_error(request, exc)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
     detail = exc.detail if isinstance(exc.detail, str) else str(exc.detail)
-    err = APIError(exc.status_code, detail, code=code, headers=getattr(exc, "headers", None))
+    err = APIError(exc.status_code, detail, headers=exc.headers)
     return await _api_error(request, err)
 
 

@@ -1,22 +1,26 @@
-"""What every generating route shares: model lookup, admission, waiting with disconnect checks, SSE, usage."""
+"""What every generating route shares: model lookup, admission, waiting with disconnect checks, SSE, usage,
+and the `Responder` that answers a generation as one body or a stream."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import functools
 import inspect
 import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from fastapi.responses import StreamingResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from tokenizers import decoders
 
 from quill.batching import Ticket
+from quill.generate import Sequence, StepEvent, Usage
 from quill.server.errors import APIError, from_exception
 from quill.server.state import AppState, GenerationContext, LoadedModel
 from quill.tokenizer import Tokenizer
@@ -64,29 +68,82 @@ async def _call(hook: Callable, *args) -> None:
         await result
 
 
-async def submit(state: AppState, ctx: GenerationContext) -> Ticket:
-    """Run the admission checks, then queue the request on its model's scheduler (429 when the queue is full)."""
-    for check in state.admission_checks:
-        await _call(check, ctx)
+async def submit(state: AppState, contexts: list[GenerationContext]) -> list[Job]:
+    """Run the admission checks of every context, then queue each on its model's scheduler (429 when full).
+
+    One ticket per context (per prompt of a list), so continuous batching decodes them together; when one
+    cannot be queued, those already queued are cancelled and reported before the error is raised.
+    """
+    for ctx in contexts:
+        for check in state.admission_checks:
+            await _call(check, ctx)
+    jobs: list[Job] = []
     try:
-        return ctx.model.scheduler.submit(ctx.request, ctx.n)
+        for ctx in contexts:
+            jobs.append(Job(ctx, ctx.model.scheduler.submit(ctx.request, ctx.n)))
     except Exception as e:
+        await close(state, jobs)
         raise from_exception(e) from e
+    return jobs
 
 
-async def finished(state: AppState, ctx: GenerationContext, ticket: Ticket) -> None:
-    """Tell the usage listeners what a generation cost (once it ended, however it ended)."""
-    for listener in state.usage_listeners:
+@dataclass
+class Job:
+    """One queued generation: the context its hooks see and the scheduler's ticket."""
+
+    ctx: GenerationContext
+    ticket: Ticket
+
+
+async def finished(state: AppState, jobs: list[Job]) -> None:
+    """Tell the usage listeners what each generation cost (once it ended, however it ended)."""
+    for job in jobs:
+        for listener in state.usage_listeners:
+            try:
+                await _call(listener, job.ctx, job.ticket.usage)
+            except Exception:
+                log.exception("usage listener failed")
+
+
+async def close(state: AppState, jobs: list[Job]) -> None:
+    """Cancel what still runs (a no-op for finished tickets) and report the usage."""
+    for job in jobs:
+        job.ticket.cancel()
+    await finished(state, jobs)
+
+
+async def events(tickets: list[Ticket]) -> AsyncIterator[tuple[int, StepEvent]]:
+    """The events of several tickets as they come, each with its ticket's position; raises the first error."""
+    merged: asyncio.Queue = asyncio.Queue()
+
+    async def pump(k: int, ticket: Ticket) -> None:
         try:
-            await _call(listener, ctx, ticket.usage)
-        except Exception:
-            log.exception("usage listener failed")
+            async for ev in ticket:
+                merged.put_nowait((k, ev))
+            merged.put_nowait((k, None))
+        except Exception as e:
+            merged.put_nowait((k, e))
+
+    tasks = [asyncio.ensure_future(pump(k, t)) for k, t in enumerate(tickets)]
+    try:
+        running = len(tasks)
+        while running:
+            k, item = await merged.get()
+            if item is None:
+                running -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield k, item
+    finally:
+        for task in tasks:
+            task.cancel()
 
 
-async def wait(ticket: Ticket, http: Request) -> None:
-    """Wait until every sample of `ticket` finished; a client that hangs up cancels it (its rows free at once)."""
+async def wait(tickets: list[Ticket], http: Request) -> None:
+    """Wait until every sample of the tickets finished; a client that hangs up cancels them (rows free at once)."""
     async def drain() -> None:
-        async for _ in ticket:
+        async for _ in events(tickets):
             pass
 
     task = asyncio.ensure_future(drain())
@@ -99,15 +156,21 @@ async def wait(ticket: Ticket, http: Request) -> None:
             if await http.is_disconnected():
                 raise APIError(499, "client closed the request", code="client_closed")
     finally:
-        if not task.done():
+        for ticket in tickets:  # a no-op for finished tickets: after an error or a hang-up the others stop too
             ticket.cancel()
+        if not task.done():
             task.cancel()
 
 
-def usage_body(ticket: Ticket) -> dict[str, Any]:
-    u = ticket.usage
-    return {"prompt_tokens": u.prompt_tokens, "completion_tokens": u.completion_tokens,
-            "total_tokens": u.total_tokens, "flops": u.flops, "seconds": round(u.seconds, 6)}
+def usage_body(tickets: list[Ticket]) -> dict[str, Any]:
+    """The `usage` of a call: tokens and FLOPs summed over its tickets, seconds until the last one ended."""
+    total = Usage()
+    for t in tickets:
+        u = t.usage
+        total.add(dataclasses.replace(u, seconds=0.0))
+        total.seconds = max(total.seconds, u.seconds)
+    return {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
+            "total_tokens": total.total_tokens, "flops": total.flops, "seconds": round(total.seconds, 6)}
 
 
 def sse(data: dict | str) -> bytes:
@@ -138,6 +201,80 @@ class EventStream(StreamingResponse):
 
 def error_event(e: BaseException) -> bytes:
     return sse(from_exception(e).body())
+
+
+class Responder:
+    """Answers a generating route from its jobs: waits and returns one JSON body, or streams SSE chunks.
+
+    A route subclasses it with what differs: `choice` (one finished sample of the body), `chunks` (the stream
+    chunks of one event), `opening` (chunks sent before any event) and `body_fields`. Either way the call's
+    usage is reported once it ended, and a stream ends with the usage chunk (when asked), an error event
+    (when it failed) and `[DONE]`. Choice indexes run over all jobs: job k's sample i is `k * n + i`.
+    """
+
+    object = ""  # the body's `object`
+    chunk_object = ""  # a stream chunk's `object`
+    id_prefix = ""
+
+    def __init__(self, state: AppState, jobs: list[Job], body):
+        self.state, self.jobs, self.body = state, jobs, body
+        self.model: LoadedModel = jobs[0].ctx.model
+        self.n = jobs[0].ticket.n
+        self.rid, self.created = new_id(self.id_prefix), now()
+
+    @property
+    def tickets(self) -> list[Ticket]:
+        return [job.ticket for job in self.jobs]
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        """What the hooks merge into the body and the usage chunk (`ctx.extra` of every job)."""
+        return {k: v for job in self.jobs for k, v in job.ctx.extra.items()}
+
+    def index(self, k: int, seq: Sequence) -> int:
+        return k * self.n + seq.index
+
+    def choice(self, k: int, seq: Sequence) -> dict[str, Any]:
+        raise NotImplementedError
+
+    def chunks(self, k: int, ev: StepEvent) -> Iterator[bytes]:
+        raise NotImplementedError
+
+    def opening(self) -> Iterator[bytes]:
+        return iter(())
+
+    def body_fields(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {}
+
+    def chunk(self, choices: list[dict[str, Any]], **fields) -> bytes:
+        return sse({"id": self.rid, "object": self.chunk_object, "created": self.created, "model": self.model.name,
+                    "choices": choices, **fields})
+
+    async def answer(self, http: Request):
+        if self.body.stream:
+            return EventStream(self._stream(), on_close=lambda: close(self.state, self.jobs))
+        try:
+            await wait(self.tickets, http)
+        finally:
+            await finished(self.state, self.jobs)
+        choices = [self.choice(k, seq) for k, job in enumerate(self.jobs) for seq in job.ticket.seqs]
+        return JSONResponse({"id": self.rid, "object": self.object, "created": self.created, "model": self.model.name,
+                             "choices": choices, "usage": usage_body(self.tickets), **self.body_fields(choices),
+                             **self.extra})
+
+    async def _stream(self) -> AsyncIterator[bytes]:
+        try:
+            for c in self.opening():
+                yield c
+            async for k, ev in events(self.tickets):
+                for c in self.chunks(k, ev):
+                    yield c
+            options = self.body.stream_options
+            if options is not None and options.include_usage:
+                yield self.chunk([], usage=usage_body(self.tickets), **self.extra)
+        except Exception as e:
+            yield error_event(e)
+        yield SSE_DONE
 
 
 # ---- token text ------------------------------------------------------------------------------------------------

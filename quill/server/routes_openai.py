@@ -2,24 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import JSONResponse
+from starlette.convertors import PathConvertor, register_url_convertor
 
-from quill.batching import Ticket
 from quill.continuation import owner_id
+from quill.errors import ContinuationError, InvalidParameter
 from quill.generate import TokenLogprob
 from quill.server import generation as g
 from quill.server.auth import require_api_key
 from quill.server.errors import APIError
-from quill.server.schemas import (ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                  CompletionResponse, ModelCard, ModelList, SamplingFields)
+from quill.server.schemas import (GENERATING, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
+                                  CompletionResponse, ModelCard, ModelList, SamplingFields, error_responses)
 from quill.server.state import AppState, GenerationContext, LoadedModel, get_state
 from quill.tokenizer import InstructTemplate, Tokenizer
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"])
+log = logging.getLogger("quill.server")
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"], responses=error_responses(401))
 
 
 def model_card(m: LoadedModel) -> ModelCard:
@@ -31,11 +33,21 @@ def model_card(m: LoadedModel) -> ModelCard:
 @router.get("/models", response_model=ModelList)
 async def list_models(state: AppState = Depends(get_state)) -> ModelList:
     listing = ModelList(data=[model_card(m) for m in state.models.values()])
-    extend = getattr(state, "extend_model_list", None)  # the model store adds stored models (routes_store.mount)
+    extend = state.extend_model_list  # the model store adds stored models (routes_store.mount)
     return listing if extend is None else JSONResponse(extend(listing.model_dump()))
 
 
-@router.get("/models/{model_id:path}", response_model=ModelCard)
+class _AnyPath(PathConvertor):
+    """Starlette's `path` that also matches line breaks: an id with one is answered 404, not 405 by the store's
+    `/v1/models/{name}` routes (whose `[^/]+` does match them)."""
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("anypath", _AnyPath())
+
+
+@router.get("/models/{model_id:anypath}", response_model=ModelCard, responses=error_responses(404, 503))
 async def get_model(model_id: str, state: AppState = Depends(get_state)) -> ModelCard:
     return model_card(g.get_model(state, model_id))
 
@@ -56,14 +68,20 @@ def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int
                                 logprobs=logprobs, echo=echo, max_flops=body.max_flops, **body.sampling())
 
 
-def pause(ctx: GenerationContext, seq) -> str | None:
-    """The continuation handle of a sequence its budget ended (bound to the caller's API key), else None."""
+def pause(ctx: GenerationContext, seq) -> dict[str, Any]:
+    """The choice fields of a sequence its budget ended: its continuation handle (bound to the caller's API key),
+    or, when the handle store cannot keep it (a full disk), no handle and `continuation_error` saying why.
+    The generated result stands either way. Nothing for other sequences."""
     if seq.finish_reason != "budget":
-        return None
-    return ctx.model.engine.pause(seq, owner_id(ctx.api_key))
+        return {}
+    try:
+        return {"continuation": ctx.model.engine.pause(seq, owner_id(ctx.api_key))}
+    except ContinuationError as e:
+        log.warning("%s", e)
+        return {"continuation": None, "continuation_error": str(e)}
 
 
-async def resume(state: AppState, body: CompletionRequest, model: LoadedModel, http: Request):
+async def resume(state: AppState, body: CompletionRequest, model: LoadedModel, http: Request) -> g.Job:
     """Queue the continuation of a paused generation: only `max_flops` (and stream settings) may come with it."""
     fields = body.model_fields_set - {"model", "continuation", "max_flops", "stream", "stream_options", "user"}
     if fields:
@@ -76,12 +94,11 @@ async def resume(state: AppState, body: CompletionRequest, model: LoadedModel, h
     except Exception as e:
         raise g.from_exception(e) from e
     ctx.request = ticket.request
-    return ctx, ticket
+    return g.Job(ctx, ticket)
 
 
 def context(route: str, model: LoadedModel, request, n: int, http: Request) -> GenerationContext:
-    return GenerationContext(route, model, request, n, http, getattr(http.state, "principal", None),
-                             getattr(http.state, "api_key", None))
+    return GenerationContext(route, model, request, n, http, http.state.principal, http.state.api_key)
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------------------
@@ -123,13 +140,14 @@ def chat_logprobs(tok: Tokenizer, lps: list[TokenLogprob]) -> list[dict[str, Any
 # ---- completions -------------------------------------------------------------------------------------------------
 
 
-async def completion_prompt(model: LoadedModel, prompt) -> tuple[list[int], str | None]:
-    """Token ids of an OpenAI `prompt` (text, ids, or a list of one of them) and its text when given as text."""
-    if isinstance(prompt, list) and prompt and isinstance(prompt[0], (str, list)):
-        if len(prompt) != 1:
-            raise APIError(400, "only one prompt per request is supported (use n for several samples)",
-                           param="prompt", code="invalid_value")
-        prompt = prompt[0]
+async def completion_prompts(model: LoadedModel, prompt) -> list[tuple[list[int], str | None]]:
+    """Each prompt of an OpenAI `prompt` (text, token ids, a list of texts or a list of token-id lists): its token
+    ids, and its text when given as text."""
+    many = isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], (str, list))
+    return [await _completion_prompt(model, p) for p in (prompt if many else [prompt])]
+
+
+async def _completion_prompt(model: LoadedModel, prompt: str | list[int]) -> tuple[list[int], str | None]:
     tok = model.engine.tokenizer
     if isinstance(prompt, str):
         if prompt == "":
@@ -141,7 +159,54 @@ async def completion_prompt(model: LoadedModel, prompt) -> tuple[list[int], str 
     return list(prompt), None
 
 
-@router.post("/completions", response_model=CompletionResponse)
+class CompletionResponder(g.Responder):
+    """/v1/completions: text choices with legacy logprobs, the prompt first with echo, a handle per choice."""
+
+    object = chunk_object = "text_completion"
+    id_prefix = "cmpl"
+
+    def __init__(self, state: AppState, jobs: list[g.Job], body: CompletionRequest, texts: list[str | None]):
+        super().__init__(state, jobs, body)
+        self.texts = texts  # each prompt's text, for echo
+        self.builders: dict[int, LegacyLogprobBuilder] = {}
+        self.echoed: set[int] = set()
+
+    def _builder(self, index: int) -> LegacyLogprobBuilder:
+        if index not in self.builders:
+            self.builders[index] = LegacyLogprobBuilder(self.model.engine.tokenizer)
+        return self.builders[index]
+
+    def choice(self, k: int, seq) -> dict[str, Any]:
+        body, lp = self.body, None
+        if body.logprobs is not None:
+            lp = self._builder(self.index(k, seq)).build((seq.prompt_logprobs if body.echo else []) + seq.logprobs)
+        return {"index": self.index(k, seq), "text": (self.texts[k] if body.echo else "") + "".join(seq.text),
+                "logprobs": lp, "finish_reason": seq.finish_reason, "continuation": None,
+                **pause(self.jobs[k].ctx, seq)}
+
+    def body_fields(self, choices: list[dict[str, Any]]) -> dict[str, Any]:
+        return {k: choices[0][k] for k in ("continuation", "continuation_error") if k in choices[0]}
+
+    def _chunk(self, index: int, text: str, logprobs, finish_reason, handle: dict[str, Any] | None = None) -> bytes:
+        extra = handle or {}
+        return self.chunk([{"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason,
+                            **extra}], **extra)
+
+    def chunks(self, k: int, ev):
+        body, i = self.body, self.index(k, ev.seq)
+        with_lp = body.logprobs is not None
+        if body.echo and i not in self.echoed:
+            self.echoed.add(i)
+            yield self._chunk(i, self.texts[k] or "", self._builder(i).build(ev.seq.prompt_logprobs) if with_lp
+                              else None, None)
+        lp = self._builder(i).build([ev.logprob]) if with_lp and ev.logprob is not None else None
+        if ev.text or lp or ev.finished:
+            yield self._chunk(i, ev.text, lp, ev.seq.finish_reason if ev.finished else None,
+                              pause(self.jobs[k].ctx, ev.seq) if ev.finished else None)
+
+
+@router.post("/completions", response_model=CompletionResponse,
+             responses={**GENERATING, **error_responses(403, 410)})
 async def completions(body: CompletionRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
     if body.suffix:
@@ -150,75 +215,19 @@ async def completions(body: CompletionRequest, http: Request, state: AppState = 
         raise APIError(400, "best_of is not supported (it may only equal n)", param="best_of",
                        code="unsupported_parameter")
     if body.continuation is not None:
-        ctx, ticket = await resume(state, body, model, http)
-        prompt_text = None
+        jobs, texts = [await resume(state, body, model, http)], [None]
     elif body.prompt is None:
         raise APIError(400, "prompt is required (or a continuation handle)", param="prompt",
                        code="missing_required_parameter")
     else:
-        prompt_ids, prompt_text = await completion_prompt(model, body.prompt)
-        req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
-                            echo=body.echo)
-        if body.echo and prompt_text is None:
-            prompt_text = model.engine.tokenizer.decode(prompt_ids)
-        ctx = context("completions", model, req, body.n, http)
-        ticket = await g.submit(state, ctx)
-    rid, created = g.new_id("cmpl"), g.now()
-    if body.stream:
-        return g.EventStream(_stream_completion(body, model, ctx, ticket, rid, created, prompt_text),
-                             on_close=lambda: _close(state, ctx, ticket))
-    try:
-        await g.wait(ticket, http)
-    finally:
-        await g.finished(state, ctx, ticket)
-    choices = []
-    for seq in ticket.seqs:
-        text = "".join(seq.text)
-        lp = None
-        if body.logprobs is not None:
-            builder = LegacyLogprobBuilder(model.engine.tokenizer)
-            lp = builder.build((seq.prompt_logprobs if body.echo else []) + seq.logprobs)
-        choices.append({"index": seq.index, "text": (prompt_text if body.echo else "") + text, "logprobs": lp,
-                        "finish_reason": seq.finish_reason, "continuation": pause(ctx, seq)})
-    return JSONResponse({"id": rid, "object": "text_completion", "created": created, "model": model.name,
-                         "choices": choices, "usage": g.usage_body(ticket),
-                         "continuation": choices[0]["continuation"], **ctx.extra})
-
-
-async def _close(state: AppState, ctx: GenerationContext, ticket: Ticket) -> None:
-    ticket.cancel()
-    await g.finished(state, ctx, ticket)
-
-
-async def _stream_completion(body: CompletionRequest, model: LoadedModel, ctx: GenerationContext, ticket: Ticket,
-                             rid: str, created: int, prompt_text: str | None) -> AsyncIterator[bytes]:
-    tok = model.engine.tokenizer
-    builders = {i: LegacyLogprobBuilder(tok) for i in range(body.n)} if body.logprobs is not None else {}
-    echoed: set[int] = set()
-
-    def chunk(index: int, text: str, logprobs, finish_reason, handle: str | None = None) -> bytes:
-        extra = {"continuation": handle} if handle else {}
-        return g.sse({"id": rid, "object": "text_completion", "created": created, "model": model.name,
-                      "choices": [{"index": index, "text": text, "logprobs": logprobs,
-                                   "finish_reason": finish_reason, **extra}], **extra})
-
-    try:
-        async for ev in ticket:
-            i = ev.seq.index
-            if body.echo and i not in echoed:
-                echoed.add(i)
-                lp = builders[i].build(ev.seq.prompt_logprobs) if builders else None
-                yield chunk(i, prompt_text or "", lp, None)
-            lp = builders[i].build([ev.logprob]) if builders and ev.logprob is not None else None
-            if ev.text or lp or ev.finished:
-                yield chunk(i, ev.text, lp, ev.seq.finish_reason if ev.finished else None,
-                            pause(ctx, ev.seq) if ev.finished else None)
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield g.sse({"id": rid, "object": "text_completion", "created": created, "model": model.name,
-                         "choices": [], "usage": g.usage_body(ticket), **ctx.extra})
-    except Exception as e:
-        yield g.error_event(e)
-    yield g.SSE_DONE
+        contexts, texts = [], []
+        for prompt_ids, text in await completion_prompts(model, body.prompt):
+            req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
+                                echo=body.echo)
+            contexts.append(context("completions", model, req, body.n, http))
+            texts.append(model.engine.tokenizer.decode(prompt_ids) if body.echo and text is None else text)
+        jobs = await g.submit(state, contexts)
+    return await CompletionResponder(state, jobs, body, texts).answer(http)
 
 
 # ---- chat --------------------------------------------------------------------------------------------------------
@@ -250,56 +259,50 @@ def render_messages(model: LoadedModel, messages) -> tuple[str, list[int]]:
     return text, stop_ids
 
 
-@router.post("/chat/completions", response_model=ChatCompletionResponse)
+class ChatResponder(g.Responder):
+    """/v1/chat/completions: assistant messages (content deltas when streamed), chat logprobs."""
+
+    object, chunk_object, id_prefix = "chat.completion", "chat.completion.chunk", "chatcmpl"
+
+    def choice(self, k: int, seq) -> dict[str, Any]:
+        tok = self.model.engine.tokenizer
+        return {"index": self.index(k, seq), "message": {"role": "assistant", "content": "".join(seq.text)},
+                "logprobs": {"content": chat_logprobs(tok, seq.logprobs)} if self.body.logprobs else None,
+                "finish_reason": seq.finish_reason, "continuation": None, **pause(self.jobs[k].ctx, seq)}
+
+    def _chunk(self, index: int, delta: dict, logprobs=None, finish_reason=None, **extra) -> bytes:
+        return self.chunk([{"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason,
+                            **extra}])
+
+    def opening(self):
+        for k, job in enumerate(self.jobs):
+            for seq in job.ticket.seqs:
+                yield self._chunk(self.index(k, seq), {"role": "assistant", "content": ""})
+
+    def chunks(self, k: int, ev):
+        i, tok = self.index(k, ev.seq), self.model.engine.tokenizer
+        lp = ({"content": chat_logprobs(tok, [ev.logprob])} if self.body.logprobs and ev.logprob is not None
+              else None)
+        if ev.text or lp:
+            yield self._chunk(i, {"content": ev.text}, lp)
+        if ev.finished:
+            yield self._chunk(i, {}, None, ev.seq.finish_reason, **pause(self.jobs[k].ctx, ev.seq))
+
+
+@router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATING)
 async def chat_completions(body: ChatCompletionRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
     text, stop_ids = render_messages(model, body.messages)
     prompt_ids = await g.encode(model.engine.tokenizer, text, "messages")
-    max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+    newer = body.max_completion_tokens is not None
+    max_tokens = body.max_completion_tokens if newer else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
-    req = build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,
-                        logprobs=logprobs)
-    ctx = context("chat.completions", model, req, body.n, http)
-    ticket = await g.submit(state, ctx)
-    rid, created = g.new_id("chatcmpl"), g.now()
-    if body.stream:
-        return g.EventStream(_stream_chat(body, model, ctx, ticket, rid, created),
-                             on_close=lambda: _close(state, ctx, ticket))
     try:
-        await g.wait(ticket, http)
-    finally:
-        await g.finished(state, ctx, ticket)
-    tok = model.engine.tokenizer
-    choices = [{"index": s.index, "message": {"role": "assistant", "content": "".join(s.text)},
-                "logprobs": {"content": chat_logprobs(tok, s.logprobs)} if body.logprobs else None,
-                "finish_reason": s.finish_reason, "continuation": pause(ctx, s)} for s in ticket.seqs]
-    return JSONResponse({"id": rid, "object": "chat.completion", "created": created, "model": model.name,
-                         "choices": choices, "usage": g.usage_body(ticket), **ctx.extra})
-
-
-async def _stream_chat(body: ChatCompletionRequest, model: LoadedModel, ctx: GenerationContext, ticket: Ticket,
-                       rid: str, created: int) -> AsyncIterator[bytes]:
-    tok = model.engine.tokenizer
-
-    def chunk(index: int, delta: dict, logprobs=None, finish_reason=None, **extra) -> bytes:
-        return g.sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name,
-                      "choices": [{"index": index, "delta": delta, "logprobs": logprobs,
-                                   "finish_reason": finish_reason, **extra}]})
-
-    try:
-        for i in range(body.n):
-            yield chunk(i, {"role": "assistant", "content": ""})
-        async for ev in ticket:
-            i = ev.seq.index
-            lp = {"content": chat_logprobs(tok, [ev.logprob])} if body.logprobs and ev.logprob is not None else None
-            if ev.text or lp:
-                yield chunk(i, {"content": ev.text}, lp)
-            if ev.finished:
-                handle = pause(ctx, ev.seq)
-                yield chunk(i, {}, None, ev.seq.finish_reason, **({"continuation": handle} if handle else {}))
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield g.sse({"id": rid, "object": "chat.completion.chunk", "created": created, "model": model.name,
-                         "choices": [], "usage": g.usage_body(ticket), **ctx.extra})
-    except Exception as e:
-        yield g.error_event(e)
-    yield g.SSE_DONE
+        req = build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,
+                            logprobs=logprobs)
+    except InvalidParameter as e:  # name the field the client sent
+        if newer and e.param == "max_tokens":
+            e.param = "max_completion_tokens"
+        raise
+    jobs = await g.submit(state, [context("chat.completions", model, req, body.n, http)])
+    return await ChatResponder(state, jobs, body).answer(http)

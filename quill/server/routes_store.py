@@ -18,9 +18,9 @@ import contextlib
 import contextvars
 import errno
 import hashlib
-import importlib.util
 import logging
 import os
+import re
 from typing import Any
 
 import fastapi
@@ -33,12 +33,15 @@ from tuspyserver.storage.local import LocalFileStorage
 from quill.atomic import write_json_durably
 from quill.server.auth import require_admin
 from quill.server.errors import APIError
+from quill.server.schemas import error_responses
 from quill.server.state import AppState, get_state
 from quill.store import Store, StoreError, default_store_dir, limits_from_env, upload_metadata, validate_model_name
 
 log = logging.getLogger("quill.store")
 
 UPLOAD_PREFIX = "/v1/uploads"
+UPLOAD_ID = re.compile(r"[0-9a-f]{32}")  # what tuspyserver names an upload (uuid4().hex)
+UPLOAD_LENGTH = re.compile(r"[0-9]{1,20}")
 TUS_VERSION = "1.0.0"
 TUS_EXTENSIONS = "creation,expiration,termination,checksum"
 CHECKSUMS = {"sha1": hashlib.sha1, "sha256": hashlib.sha256, "sha512": hashlib.sha512, "md5": hashlib.md5}
@@ -209,13 +212,10 @@ class StoreService:
             return None
         if name in self.precision:
             return self.precision[name]
-        try:
-            from quill.quantize import is_quantized_model
+        from quill.quantize import is_quantized_model
 
-            if is_quantized_model(m.engine.model):
-                return "int8"
-        except ImportError:  # pragma: no cover
-            pass
+        if is_quantized_model(m.engine.model):
+            return "int8"
         p = next(m.engine.model.parameters(), None)
         return None if p is None else str(p.dtype).removeprefix("torch.")
 
@@ -241,7 +241,7 @@ class StoreService:
 
 
 def get_service(state: AppState = Depends(get_state)) -> StoreService:
-    service = getattr(state, "model_store", None)
+    service = state.model_store
     if service is None:
         raise APIError(503, "the model store is not enabled on this server", code="store_disabled")
     return service
@@ -256,11 +256,17 @@ async def upload_guard(request: Request, _: str = Depends(require_admin),
     the Upload-Checksum of a PATCH."""
     _CHECKSUM.set(None)
     h = request.headers
+    uid = request.path_params.get("uuid")
+    if uid is not None and not UPLOAD_ID.fullmatch(uid):  # e.g. "<id>.info", the sidecar of an upload
+        raise APIError(404, f"no upload {uid!r}", code="not_found")
     if request.method == "POST":
         if h.get("upload-concat") is not None:
             raise APIError(400, "the concatenation extension is not supported: upload each file whole", code="invalid_value")
         if h.get("upload-defer-length") is not None:
             raise APIError(400, "deferred lengths are not supported: send Upload-Length", code="invalid_value")
+        if not UPLOAD_LENGTH.fullmatch(h.get("upload-length", "")):
+            raise APIError(400, "Upload-Length must be the file's size in bytes (a non-negative integer)",
+                           param="Upload-Length", code="invalid_value")
         if (h.get("content-length") not in (None, "0")) or h.get("transfer-encoding"):
             raise APIError(400, "creation-with-upload is not supported: create the upload, then PATCH its data",
                            code="invalid_value")
@@ -281,17 +287,18 @@ def _tus_headers(service: StoreService) -> dict[str, str]:
             "Tus-Max-Size": str(service.store.max_file_bytes), "Tus-Checksum-Algorithm": ",".join(CHECKSUMS)}
 
 
-uploads = APIRouter(prefix=UPLOAD_PREFIX, dependencies=[Depends(require_admin)], tags=["store"])
+uploads = APIRouter(prefix=UPLOAD_PREFIX, dependencies=[Depends(require_admin)], tags=["store"],
+                    responses=error_responses(401, 403, 503))
 
 
-@uploads.options("")
-@uploads.options("/")
+@uploads.options("", status_code=204, response_class=Response)
+@uploads.options("/", status_code=204, response_class=Response)
 async def tus_options(service: StoreService = Depends(get_service)) -> Response:
     """tus discovery: versions, extensions (checksum included), the largest file."""
     return Response(status_code=204, headers=_tus_headers(service))
 
 
-@uploads.get("")
+@uploads.get("", responses=error_responses(400))
 async def list_uploads(model: str | None = None, service: StoreService = Depends(get_service)) -> dict[str, Any]:
     """Uploads in progress or complete (not yet committed), optionally only those of one model."""
     found = await run_in_threadpool(service.store.uploads, model)
@@ -332,7 +339,8 @@ class LoadRequest(BaseModel):
     dtype: str | None = None  # fp32/float32, bf16/bfloat16, fp16/float16, int8; default: the server's --dtype
 
 
-router = APIRouter(prefix="/v1/models", dependencies=[Depends(require_admin)], tags=["store"])
+router = APIRouter(prefix="/v1/models", dependencies=[Depends(require_admin)], tags=["store"],
+                   responses=error_responses(400, 401, 403, 404, 503))
 
 
 def _stored(service: StoreService, name: str) -> dict[str, Any]:
@@ -346,7 +354,7 @@ def _stored(service: StoreService, name: str) -> dict[str, Any]:
     return m
 
 
-@router.post("/{name}/commit")
+@router.post("/{name}/commit", responses=error_responses(409, 413, 507))
 async def commit_model(name: str, body: CommitRequest, service: StoreService = Depends(get_service)):
     """Verify every file's SHA-256, check the files as a model, publish atomically."""
     try:
@@ -357,7 +365,7 @@ async def commit_model(name: str, body: CommitRequest, service: StoreService = D
             "parameters": manifest["parameters"], "context_length": manifest["context_length"]}
 
 
-@router.post("/{name}/load")
+@router.post("/{name}/load", responses=error_responses(413))
 async def load_model(name: str, body: LoadRequest | None = None, state: AppState = Depends(get_state),
                      service: StoreService = Depends(get_service)):
     """Load a stored model (replacing a loaded model of that name) at fp32, bf16 or int8."""
@@ -368,9 +376,6 @@ async def load_model(name: str, body: LoadRequest | None = None, state: AppState
     kw: dict[str, Any] = {"device": state.config.device, "compile": state.config.compile,
                           "kv_cache": state.config.kv_cache}
     if dtype == "int8":
-        if importlib.util.find_spec("quill.quantize") is None:
-            raise APIError(400, "int8 needs quill.quantize, which this installation does not have", param="dtype",
-                           code="invalid_value")
         kw.update(dtype="float32", quantize="int8")
     else:
         from quill.engine import parse_dtype
@@ -394,7 +399,7 @@ async def unload_model(name: str, state: AppState = Depends(get_state), service:
     return {"object": "model", "id": name, "loaded": False}
 
 
-@router.delete("/{name}")
+@router.delete("/{name}", responses=error_responses(409))
 async def delete_model(name: str, state: AppState = Depends(get_state), service: StoreService = Depends(get_service)):
     """Unload (if loaded) and delete a stored model and its pending uploads."""
     _stored(service, name)
@@ -417,4 +422,5 @@ def mount(app: FastAPI, state: AppState) -> None:
     state.shutdown_hooks.append(service.shutdown)
     state.body_limit_exempt.append(UPLOAD_PREFIX + "/")
     app.include_router(uploads)  # before tuspyserver's: our OPTIONS advertises what we really support
-    app.include_router(tus_router(service), dependencies=[Depends(upload_guard)])
+    app.include_router(tus_router(service), dependencies=[Depends(upload_guard)],
+                       responses=error_responses(400, 401, 403, 404, 409, 410, 412, 413, 460, 503, 507))

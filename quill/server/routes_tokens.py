@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import JSONResponse
-
-from quill.batching import Ticket
 from quill.generate import TokenLogprob
 from quill.server import generation as g
 from quill.server.auth import require_api_key
 from quill.server.errors import APIError
-from quill.server.routes_openai import _close, build_request, context, render_messages
-from quill.server.schemas import (DetokenizeRequest, DetokenizeResponse, InferenceRequest, InferenceResponse,
-                                  TokenizeRequest, TokenizeResponse)
-from quill.server.state import AppState, LoadedModel, get_state
+from quill.server.routes_openai import build_request, context, render_messages
+from quill.server.schemas import (GENERATING, DetokenizeRequest, DetokenizeResponse, InferenceRequest,
+                                  InferenceResponse, TokenizeRequest, TokenizeResponse, error_responses)
+from quill.server.state import AppState, get_state
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["tokens"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["tokens"], responses=error_responses(401))
 
 
-@router.post("/tokenize", response_model=TokenizeResponse)
+@router.post("/tokenize", response_model=TokenizeResponse, responses=error_responses(400, 404, 413, 503))
 async def tokenize(body: TokenizeRequest, state: AppState = Depends(get_state)) -> TokenizeResponse:
     model = g.get_model(state, body.model)
     if (body.text is None) == (body.messages is None):
@@ -32,7 +27,7 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(get_state)) 
                             max_model_len=model.context_length)
 
 
-@router.post("/detokenize", response_model=DetokenizeResponse)
+@router.post("/detokenize", response_model=DetokenizeResponse, responses=error_responses(400, 404, 413, 503))
 async def detokenize(body: DetokenizeRequest, state: AppState = Depends(get_state)) -> DetokenizeResponse:
     model = g.get_model(state, body.model)
     tok = model.engine.tokenizer
@@ -48,37 +43,24 @@ def _logprobs(lps: list[TokenLogprob]) -> list[dict]:
              "top_logprobs": [{"token": i, "logprob": v} for i, v in lp.top]} for lp in lps]
 
 
-@router.post("/inference", response_model=InferenceResponse)
+class InferenceResponder(g.Responder):
+    """/v1/inference: token ids in, token ids out."""
+
+    object, chunk_object, id_prefix = "inference", "inference.chunk", "inf"
+
+    def choice(self, k: int, seq) -> dict:
+        return {"index": self.index(k, seq), "tokens": seq.generated, "finish_reason": seq.finish_reason,
+                "logprobs": _logprobs(seq.logprobs) if self.body.logprobs is not None else None}
+
+    def chunks(self, k: int, ev):
+        lp = _logprobs([ev.logprob]) if ev.logprob is not None else None
+        yield self.chunk([{"index": self.index(k, ev.seq), "tokens": [ev.token] if ev.token >= 0 else [],
+                           "logprobs": lp, "finish_reason": ev.seq.finish_reason if ev.finished else None}])
+
+
+@router.post("/inference", response_model=InferenceResponse, responses=GENERATING)
 async def inference(body: InferenceRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
     req = build_request(model, body, list(body.tokens), body.max_tokens, logprobs=body.logprobs)
-    ctx = context("inference", model, req, body.n, http)
-    ticket = await g.submit(state, ctx)
-    rid, created = g.new_id("inf"), g.now()
-    if body.stream:
-        return g.EventStream(_stream(body, model, ctx, ticket, rid, created), on_close=lambda: _close(state, ctx, ticket))
-    try:
-        await g.wait(ticket, http)
-    finally:
-        await g.finished(state, ctx, ticket)
-    choices = [{"index": s.index, "tokens": s.generated, "finish_reason": s.finish_reason,
-                "logprobs": _logprobs(s.logprobs) if body.logprobs is not None else None} for s in ticket.seqs]
-    return JSONResponse({"id": rid, "object": "inference", "created": created, "model": model.name,
-                         "choices": choices, "usage": g.usage_body(ticket), **ctx.extra})
-
-
-async def _stream(body: InferenceRequest, model: LoadedModel, ctx, ticket: Ticket, rid: str,
-                  created: int) -> AsyncIterator[bytes]:
-    try:
-        async for ev in ticket:
-            tokens = [ev.token] if ev.token >= 0 else []
-            lp = _logprobs([ev.logprob]) if ev.logprob is not None else None
-            yield g.sse({"id": rid, "object": "inference.chunk", "created": created, "model": model.name,
-                         "choices": [{"index": ev.seq.index, "tokens": tokens, "logprobs": lp,
-                                      "finish_reason": ev.seq.finish_reason if ev.finished else None}]})
-        if body.stream_options is not None and body.stream_options.include_usage:
-            yield g.sse({"id": rid, "object": "inference.chunk", "created": created, "model": model.name,
-                         "choices": [], "usage": g.usage_body(ticket), **ctx.extra})
-    except Exception as e:
-        yield g.error_event(e)
-    yield g.SSE_DONE
+    jobs = await g.submit(state, [context("inference", model, req, body.n, http)])
+    return await InferenceResponder(state, jobs, body).answer(http)

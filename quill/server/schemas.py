@@ -1,22 +1,28 @@
 """Request and response bodies of the HTTP API (pydantic 2), OpenAI's field names and defaults.
 
-Unknown request fields are ignored, as vLLM and llama.cpp do, so any OpenAI client works. Ranges are checked
-by Quill's own validation (`GenerationRequest.validate`), which names the offending parameter.
+Unknown request fields are ignored, as vLLM and llama.cpp do, so any OpenAI client works. Each field states its
+range, so /openapi.json tells a client what is accepted; what depends on the model (context length, vocabulary,
+--max-batch) is checked by Quill's own validation (`GenerationRequest.validate`). Either names the parameter.
 """
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from quill.generate import MAX_LOGPROBS
+from quill.sampling import SEED_RANGE
+from quill.sampling import MAX_LOGIT_BIAS, MAX_PENALTY
 
-Prompt = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+TOKEN_ID = re.compile(r"[0-9]{1,12}")  # a token id as logit_bias keys give it
+TokenId = Annotated[StrictInt, Field(ge=0)]
+Prompt = StrictStr | list[TokenId] | list[StrictStr] | list[list[TokenId]]
 
 
 class _Request(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", allow_inf_nan=False)
 
 
 class StreamOptions(_Request):
@@ -27,35 +33,40 @@ class SamplingFields(_Request):
     """Sampling controls shared by every generating endpoint: OpenAI's plus llama.cpp/vLLM extras."""
 
     model: str | None = Field(None, description="a served model's id; default: the first one loaded")
-    n: StrictInt = Field(1, description="samples to generate (at most --max-batch)")
-    seed: StrictInt | None = None
-    temperature: float | None = Field(None, description="0 is greedy; default 1")
-    top_p: float | None = None
-    presence_penalty: float | None = None
-    frequency_penalty: float | None = None
-    logit_bias: dict[str, float] | None = Field(None, description="token id (as a string) -> bias in [-100, 100]")
+    n: StrictInt = Field(1, ge=1, description="samples to generate (at most --max-batch)")
+    seed: StrictInt | None = Field(None, ge=SEED_RANGE[0], le=SEED_RANGE[1] - 1)
+    temperature: StrictFloat | None = Field(None, ge=0, description="0 is greedy; default 1")
+    top_p: StrictFloat | None = Field(None, gt=0, le=1)
+    presence_penalty: StrictFloat | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    frequency_penalty: StrictFloat | None = Field(None, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    # Checked by parse_logit_bias (so that every error names `logit_bias`); the schema states the same.
+    logit_bias: dict[str, Any] | None = Field(None, description="token id (ASCII digits) -> bias in [-100, 100]",
+                                              json_schema_extra={"propertyNames": {"pattern": f"^{TOKEN_ID.pattern}$"},
+                                                                 "additionalProperties": {
+                                                                     "type": "number", "minimum": -MAX_LOGIT_BIAS,
+                                                                     "maximum": MAX_LOGIT_BIAS}})
     user: str | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
     # Extras of llama.cpp / vLLM:
-    top_k: StrictInt | None = None
-    min_p: float | None = None
-    typical_p: float | None = None
-    repetition_penalty: float | None = None
-    no_repeat_ngram_size: StrictInt | None = None
-    min_tokens: StrictInt | None = None
+    top_k: StrictInt | None = Field(None, ge=0, description="0: off")
+    min_p: StrictFloat | None = Field(None, ge=0, le=1)
+    typical_p: StrictFloat | None = Field(None, gt=0, le=1)
+    repetition_penalty: StrictFloat | None = Field(None, gt=0)
+    no_repeat_ngram_size: StrictInt | None = Field(None, ge=0)
+    min_tokens: StrictInt | None = Field(None, ge=0)
     ignore_eos: bool | None = None
-    stop_token_ids: list[StrictInt] | None = None
+    stop_token_ids: list[TokenId] | None = None
     # Quill's metering: a FLOP budget for this call (the call ends with finish_reason "budget" and a handle).
-    max_flops: StrictInt | None = Field(None, description="FLOP budget of this call")
+    max_flops: StrictInt | None = Field(None, ge=1, description="FLOP budget of this call")
     # Search strategies (transformers' names, vLLM's use_beam_search): recognised so that they are refused
     # with a clear error rather than silently ignored; see `searches`.
     num_beams: StrictInt | None = None
     num_beam_groups: StrictInt | None = None
-    diversity_penalty: float | None = None
-    length_penalty: float | None = None
+    diversity_penalty: StrictFloat | None = None
+    length_penalty: StrictFloat | None = None
     early_stopping: bool | str | None = None
-    penalty_alpha: float | None = None
+    penalty_alpha: StrictFloat | None = None
     use_beam_search: bool | None = None
 
     def searches(self) -> list[str]:
@@ -74,15 +85,18 @@ class SamplingFields(_Request):
         return out
 
 
-def parse_logit_bias(bias: dict[str, float]) -> dict[int, float]:
+def parse_logit_bias(bias: dict[str, Any]) -> dict[int, float]:
+    """Token id -> bias; the keys must be ASCII digit strings and the biases numbers (not booleans)."""
     from quill.errors import InvalidParameter
 
     out = {}
     for key, value in bias.items():
-        try:
-            out[int(key)] = value
-        except ValueError:
-            raise InvalidParameter(f"logit_bias keys must be token ids, got {key!r}", "logit_bias") from None
+        if not TOKEN_ID.fullmatch(key):  # int() would also take "１", " 7 ", "1_0", "+5"
+            raise InvalidParameter(f"logit_bias keys must be token ids (ASCII digits), got {key!r}", "logit_bias")
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or abs(value) > MAX_LOGIT_BIAS:
+            raise InvalidParameter(f"logit_bias values must be numbers in [-{MAX_LOGIT_BIAS:g}, {MAX_LOGIT_BIAS:g}], "
+                                   f"got {value!r}", "logit_bias")
+        out[int(key)] = float(value)
     return out
 
 
@@ -91,7 +105,7 @@ class CompletionRequest(SamplingFields):
 
     prompt: Prompt | None = Field(None, description="text, token ids, or a list holding one of them")
     continuation: StrictStr | None = Field(None, description="resume a call its budget ended (instead of prompt)")
-    max_tokens: StrictInt | None = Field(16, description="tokens to generate; null: up to the end of the context")
+    max_tokens: StrictInt | None = Field(16, ge=0, description="tokens to generate; null: up to the end of the context")
     stop: StrictStr | list[StrictStr] | None = None
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
     echo: bool = False
@@ -114,8 +128,8 @@ class ChatCompletionRequest(SamplingFields):
     """POST /v1/chat/completions."""
 
     messages: list[ChatMessage] = Field(..., min_length=1)
-    max_tokens: StrictInt | None = Field(None, description="default: up to the end of the context")
-    max_completion_tokens: StrictInt | None = None
+    max_tokens: StrictInt | None = Field(None, ge=0, description="default: up to the end of the context")
+    max_completion_tokens: StrictInt | None = Field(None, ge=0, description="max_tokens' newer name (wins over it)")
     stop: StrictStr | list[StrictStr] | None = None
     logprobs: bool = False
     top_logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
@@ -133,15 +147,15 @@ class DetokenizeRequest(_Request):
     """POST /v1/detokenize."""
 
     model: str | None = None
-    tokens: list[StrictInt] = Field(..., validation_alias=AliasChoices("tokens", "ids"))
+    tokens: list[TokenId] = Field(..., validation_alias=AliasChoices("tokens", "ids"))
     skip_special_tokens: bool = False
 
 
 class InferenceRequest(SamplingFields):
     """POST /v1/inference: token ids in, token ids out."""
 
-    tokens: list[StrictInt] = Field(..., validation_alias=AliasChoices("tokens", "prompt", "ids"))
-    max_tokens: StrictInt | None = 16
+    tokens: list[TokenId] = Field(..., validation_alias=AliasChoices("tokens", "prompt", "ids"))
+    max_tokens: StrictInt | None = Field(16, ge=0)
     logprobs: StrictInt | None = Field(None, ge=0, le=MAX_LOGPROBS)
 
 
@@ -271,6 +285,48 @@ class InferenceResponse(BaseModel):
     choices: list[InferenceChoice]
     usage: UsageInfo
     model_config = ConfigDict(extra="allow")
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: str
+
+
+class ErrorResponse(BaseModel):
+    """Every error the server answers (OpenAI's shape)."""
+
+    error: ErrorDetail
+
+
+ERRORS = {400: "a parameter out of range or of the wrong type, or a body that is not a JSON object (`param` names "
+               "the field)",
+          401: "missing or wrong key (`WWW-Authenticate: Bearer`)",
+          403: "admin routes are disabled, or a continuation handle of another key",
+          404: "unknown model, handle, upload or route",
+          409: "the stored model exists already (commit without replace) or is in use",
+          410: "the continuation handle expired, or the upload did",
+          412: "unsupported Tus-Resumable version",
+          413: "the body is larger than --max-body-bytes, or the file or model than the store's limits",
+          429: "the model's queue is full; `Retry-After` says when to try again",
+          460: "Upload-Checksum does not match the PATCH body",
+          503: "no model is loaded, or the model is being unloaded, or the server stops",
+          507: "the store's disk is full"}
+
+
+def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI `responses` for these error statuses, each with the error schema (FastAPI's `responses=`)."""
+    out: dict[int | str, dict[str, Any]] = {status: {"model": ErrorResponse, "description": ERRORS[status]}
+                                            for status in statuses}
+    if 429 in out:
+        out[429]["headers"] = {"Retry-After": {"description": "seconds to wait", "schema": {"type": "integer"}}}
+    return out
+
+
+STREAMED = {200: {"content": {"text/event-stream": {"schema": {"type": "string"},
+                                                    "description": "with \"stream\": true"}}}}
+GENERATING = {**STREAMED, **error_responses(400, 404, 413, 429, 503)}  # the routes that queue a generation
 
 
 class Health(BaseModel):

@@ -26,7 +26,7 @@ from fastapi import Request
 from platformdirs import user_data_dir
 
 from quill.batching import Scheduler
-from quill.continuation import DEFAULT_TTL, ContinuationStore
+from quill.continuation import DEFAULT_MAX_HANDLES, DEFAULT_TTL, ContinuationStore
 from quill.engine import Engine
 from quill.generate import GenerationRequest
 
@@ -43,11 +43,17 @@ class ServerConfig:
     max_batch: int = 8  # rows decoded together per model
     max_queue: int = 64  # requests waiting per model before 429
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES  # larger request bodies get 413
+    max_connections: int = 500  # open connections; one more is answered 503 (quill.server.connections)
+    header_timeout: float = 10.0  # seconds for a request's headers to arrive, else 408
+    body_timeout: float = 30.0  # seconds a request's body may stop arriving, else 408
+    keep_alive_timeout: float = 5.0  # seconds an idle keep-alive connection stays open (uvicorn's)
     dtype: str = "float32"
     device: str = "cpu"
     compile: bool = False  # torch.compile every model loaded (--compile)
     kv_cache: str | None = None  # KV cache dtype of every model loaded (--kv-cache; None: quill.load's default)
     continuation_ttl: float = DEFAULT_TTL  # seconds a budget's continuation handle stays valid
+    max_handles: int = DEFAULT_MAX_HANDLES  # continuation handles kept, the least recently used dropped first
+    handle_sweep_seconds: float = 60.0  # how often expired handles (and their files) are removed
 
 
 @dataclass
@@ -97,7 +103,8 @@ class AppState:
         # Paused generations of every model, on disk beside the store so handles survive a restart.
         directory = (self.config.store_dir / ".continuations" if self.config.store_dir is not None
                      else Path(user_data_dir("quill")) / "continuations")
-        self.continuations = ContinuationStore(directory, ttl=self.config.continuation_ttl)
+        self.continuations = ContinuationStore(directory, ttl=self.config.continuation_ttl,
+                                               max_handles=self.config.max_handles)
         self.started = False
 
     @property
