@@ -535,12 +535,9 @@ def _build_plan(model: GPT) -> tuple[Tensor, list[Tensor]]:
         return [ptr(ln.weight), ptr(ln.bias), code[ln.weight.dtype]]
 
     wte, wpe = tr.wte, tr.wpe
-    if type(wte) is nn.Embedding:
-        emb = [ptr(wte.weight), code[wte.weight.dtype], 0]
-    elif getattr(wte, "weight", None) is not None and wte.weight.dtype == torch.int8:
-        emb = [ptr(wte.weight), code[torch.int8], ptr(wte.weight_scale)]
-    else:
+    if type(wte) is not nn.Embedding:
         raise _Unsupported(type(wte).__name__)
+    emb = [ptr(wte.weight), code[wte.weight.dtype], 0]  # no int8 rows: an int8 model's embedding is float
     if type(wpe) is not nn.Embedding:
         raise _Unsupported(type(wpe).__name__)
     words = [cfg.n_layer, cfg.n_embd, cfg.n_head, cfg.inner_dim, cfg.vocab_size,

@@ -3,9 +3,9 @@
 The floors are for a random GPT-2-initialised model (std 0.02: nearly flat logits, where top-1 flips at the
 smallest perturbation) read teacher-forced on a fixed random token sequence, decoded as generation does.
 Measured when written: bf16 as quill.load makes it on the CPU (bf16 matrices, fp32 activations, bf16 KV
-cache) 99.2%, where an all-bf16 model (bf16 residual stream) reached 97.9%; int8 96.5%. Floors: bf16 98.5%
-(above what the bf16 residual stream reaches), int8 94% (the issue's bar for the 124M model, 94.3%, less
-the margin of a tiny model's few hundred positions).
+cache) 99.2%, where an all-bf16 model (bf16 residual stream) reached 97.9%; int8 96.9% (96.5% when the
+input side read the head's int8 rows). Floors: bf16 98.5% (above what the bf16 residual stream reaches),
+int8 95% (the issue's bar for the 124M model is 94.3%; a tiny model's 512 positions move by 0.2% a flip).
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from quill.tokenizer import Tokenizer
 from quill.weights import save_model
 
 T = 512
-FLOORS = {"bf16": 0.985, "int8": 0.94}
+FLOORS = {"bf16": 0.985, "int8": 0.95}
 
 
 @pytest.fixture(scope="module")

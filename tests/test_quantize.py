@@ -25,7 +25,7 @@ from quill import kernels
 from quill.cli import main as cli_main
 from quill.errors import CheckpointError, InvalidParameter
 from quill.model import GPT, GPTConfig
-from quill.quantize import (Int8Embedding, Int8Linear, QUANT_METHOD, is_quantized_model, load_quantized,
+from quill.quantize import (Int8Linear, QUANT_METHOD, is_quantized_model, load_quantized,
                             quantize_model, quantize_weight, save_quantized)
 from quill.tokenizer import Tokenizer
 
@@ -61,11 +61,17 @@ def test_quantize_weight_error_bound():
     assert torch.equal(q[3], torch.zeros(100, dtype=torch.int8))
 
 
-def test_module_swap_covers_every_linear_and_the_tied_embedding():
-    model = quantize_model(random_model(TINY))
+def test_module_swap_covers_every_linear_and_keeps_the_embedding_float():
+    model = random_model(TINY)
+    rows = model.transformer.wte.weight.detach().clone()
+    quantize_model(model)
     assert not any(isinstance(m, torch.nn.Linear) for m in model.modules())
-    assert isinstance(model.lm_head, Int8Linear) and isinstance(model.transformer.wte, Int8Embedding)
-    assert model.transformer.wte.weight is model.lm_head.weight  # still tied: one int8 matrix
+    assert isinstance(model.lm_head, Int8Linear) and type(model.transformer.wte) is torch.nn.Embedding
+    # the input side reads the tied matrix's own rows in bf16, not the head's int8 ones
+    assert torch.equal(model.transformer.wte.weight, rows.bfloat16())
+    idx = torch.tensor([[0, 5, 100], [7, 7, 3]])
+    with torch.inference_mode():
+        assert torch.equal(model.transformer.wte(idx), rows.bfloat16()[idx])
     assert is_quantized_model(model)
     untied = quantize_model(random_model(GPTConfig(**{**TINY.__dict__, "tie_word_embeddings": False})))
     assert isinstance(untied.lm_head, Int8Linear) and isinstance(untied.transformer.wte, torch.nn.Embedding)
@@ -132,18 +138,6 @@ def test_long_inputs_use_the_int8_gemm_and_follow_weight_changes(monkeypatch):
         assert torch.equal(layer(x), F.linear(x, layer.dequantized(torch.float32), layer.bias))
 
 
-@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
-def test_int8_embedding_lookup_dequantises_rows():
-    model = quantize_model(random_model(TINY))
-    emb = model.transformer.wte
-    idx = torch.tensor([[0, 5, 100], [7, 7, 3]])
-    want = emb.weight[idx].float() * emb.weight_scale[idx][..., None]
-    assert torch.equal(emb(idx), want)
-    model.to(torch.bfloat16)  # the lookup follows the model's dtype; scales stay exact enough
-    assert emb(idx).dtype == torch.bfloat16
-    assert rel_err(want, emb(idx)) <= 1e-2
-
-
 def test_save_load_round_trip_is_exact(tmp_path):
     model = quantize_model(random_model(TINY))
     save_quantized(model, tmp_path / "q")
@@ -153,15 +147,21 @@ def test_save_load_round_trip_is_exact(tmp_path):
     x = torch.randint(0, TINY.vocab_size, (2, 9))
     with torch.inference_mode():
         assert torch.equal(model(x), back(x))
-    assert back.transformer.wte.weight is back.lm_head.weight
-    # the file holds int8 matrices and fp32 scales under HF names
-    from safetensors.torch import load_file
+    # the file holds int8 matrices and fp32 scales under HF names, and the embedding in bf16
+    from safetensors.torch import load_file, save_file
 
     tensors = load_file(tmp_path / "q" / "model.safetensors")
     assert tensors["transformer.h.0.attn.c_attn.weight"].dtype == torch.int8
     assert tensors["transformer.h.0.attn.c_attn.weight"].shape == (3 * 48, 48)  # [out, in]
-    assert tensors["transformer.wte.weight_scale"].dtype == torch.float32
-    assert "lm_head.weight" not in tensors
+    assert tensors["lm_head.weight"].dtype == torch.int8 and tensors["lm_head.weight_scale"].dtype == torch.float32
+    assert tensors["transformer.wte.weight"].dtype == torch.bfloat16
+    # the earlier layout (the tied head's int8 matrix as the embedding) loads, its rows dequantised
+    q, s = tensors.pop("lm_head.weight"), tensors.pop("lm_head.weight_scale")
+    tensors.update({"transformer.wte.weight": q, "transformer.wte.weight_scale": s})
+    save_file(tensors, tmp_path / "q" / "model.safetensors")
+    old = load_quantized(tmp_path / "q")
+    assert torch.equal(old.lm_head.weight, q) and torch.equal(old.lm_head.weight_scale, s)
+    assert torch.equal(old.transformer.wte.weight, (q.float() * s[:, None]).bfloat16())
 
 
 def test_corrupt_quantized_checkpoints_are_refused(tmp_path):
