@@ -191,12 +191,13 @@ def start_workers(folder: Path, work: Path, systems: set[str], n_ctx: int, log, 
         configs["quill"] = {"folder": str(folder), "compile": compile}
     if "transformers" in systems and importlib.util.find_spec("transformers"):
         configs["transformers"] = {"folder": str(folder)}
-    if ("ort" in systems and importlib.util.find_spec("onnxruntime")) or "openvino" in systems:
+    openvino = "openvino" in systems and importlib.util.find_spec("openvino") is not None
+    if ("ort" in systems and importlib.util.find_spec("onnxruntime")) or openvino:
         from quill.export import export_onnx
 
         for kind, last_only in (("decode", True), ("scoring", False)):  # scoring: every position's logits
             onnx[kind] = work / ("onnx" if last_only else "onnx-scoring") / "model.onnx"
-            if not onnx[kind].exists() and (last_only or "openvino" in systems):
+            if not onnx[kind].exists() and (last_only or openvino):
                 log(f"exporting ONNX ({kind}) ...")
                 export_onnx(folder, onnx[kind].parent, last_logits_only=last_only)
     if "ort" in systems and importlib.util.find_spec("onnxruntime"):
