@@ -1,0 +1,136 @@
+"""Counted instructions: run a Python worker under valgrind's callgrind and read what each labelled span executed.
+
+Callgrind counts every instruction a process executes (`Ir`), exactly and repeatably, where a machine exposes no
+hardware counters (this project's VM does not: `perf stat -e instructions` says not supported). The worker runs
+with `--instr-atstart=no`, so the interpreter's start-up and the model's loading are not counted, and brackets
+each span it measures with callgrind's client requests (`quill/csrc/callgrind.c`: zero, start, stop, dump with
+the span's label); one process measures every span, and `count` returns the instructions of each label.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import hashlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+from quill.errors import QuillError
+
+SOURCE = Path(__file__).with_name("csrc") / "callgrind.c"
+_TRIGGER = re.compile(r"^desc: Trigger: Client Request: (.*)$", re.M)
+# `totals:` is what the dump counted; `summary:` reads 0 in a dump taken with instrumentation switched off.
+_TOTAL = re.compile(r"^totals: (\d+)", re.M)
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+
+
+class CallgrindUnavailable(QuillError):
+    """Counting instructions needs valgrind (with its headers) and a C compiler; says which is missing."""
+
+
+def _build() -> Path:
+    """Compile the client requests once per source version into the user cache (as quill.kernels does)."""
+    from quill.kernels import _cache_dir
+
+    source = SOURCE.read_text()
+    flags = ["-O2", "-shared", "-fPIC"]
+    digest = hashlib.sha256((source + " ".join(flags)).encode()).hexdigest()[:16]
+    folder = _cache_dir()
+    target = folder / f"quill_callgrind_{digest}.so"
+    if target.exists():
+        return target
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise CallgrindUnavailable("counting instructions needs a C compiler (cc, gcc or clang) on PATH")
+    folder.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=folder) as tmp:
+        out = Path(tmp) / target.name
+        proc = subprocess.run([cc, *flags, str(SOURCE), "-o", str(out)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            missing = "valgrind/callgrind.h" in proc.stderr
+            raise CallgrindUnavailable("counting instructions needs valgrind's headers (valgrind/callgrind.h: "
+                                       "apt-get install valgrind)" if missing else
+                                       f"{cc} failed on {SOURCE.name}: {proc.stderr.strip()[:500]}")
+        os.replace(out, target)  # atomic: concurrent builders each rename a complete file
+    return target
+
+
+def unavailable_reason() -> str | None:
+    """Why instructions cannot be counted here (no valgrind, no headers, no compiler), or None when they can."""
+    if shutil.which("valgrind") is None:
+        return "counting instructions needs valgrind on PATH (apt-get install valgrind)"
+    try:
+        _library()
+    except CallgrindUnavailable as e:
+        return str(e)
+    return None
+
+
+def _library() -> ctypes.CDLL:
+    global _lib
+    with _lock:
+        if _lib is None:
+            lib = ctypes.CDLL(str(_build()))
+            lib.quill_cg_running.restype = ctypes.c_int
+            lib.quill_cg_start.restype = None
+            lib.quill_cg_stop.argtypes = [ctypes.c_char_p]
+            lib.quill_cg_stop.restype = None
+            _lib = lib
+        return _lib
+
+
+def running() -> bool:
+    """Whether this process runs under valgrind."""
+    return bool(_library().quill_cg_running())
+
+
+@contextlib.contextmanager
+def counted(label: str) -> Iterator[None]:
+    """Count the instructions the block executes, dumped under `label` (labels: no newlines)."""
+    if "\n" in label:
+        raise ValueError("a callgrind label must be one line")
+    lib = _library()
+    lib.quill_cg_start()
+    try:
+        yield
+    finally:
+        lib.quill_cg_stop(label.encode())
+
+
+def parse_dumps(folder: Path) -> dict[str, int]:
+    """Instructions of each labelled dump in `folder` (the `totals:` line of each dump file)."""
+    counts: dict[str, int] = {}
+    for path in sorted(folder.iterdir()):
+        text = path.read_text(errors="replace")
+        trigger, total = _TRIGGER.search(text), _TOTAL.search(text)
+        if trigger and total:
+            counts[trigger.group(1).strip()] = int(total.group(1))
+    return counts
+
+
+def count(argv: Sequence[str], timeout: float | None = None) -> dict[str, int]:
+    """Run `python argv...` under callgrind (counting off at start) and return the instructions per label.
+
+    The worker's stderr (its progress, valgrind's warnings) is passed through; a failed worker raises
+    CallgrindUnavailable.
+    """
+    reason = unavailable_reason()
+    if reason is not None:
+        raise CallgrindUnavailable(reason)
+    with tempfile.TemporaryDirectory(prefix="quill-callgrind-") as tmp:
+        cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--quiet",
+               f"--callgrind-out-file={tmp}/callgrind.out", sys.executable, *argv]
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=timeout)
+        if proc.returncode != 0:
+            raise CallgrindUnavailable(f"the counted worker failed under callgrind (exit {proc.returncode}; "
+                                       "its messages are above)")
+        return parse_dumps(Path(tmp))
