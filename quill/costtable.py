@@ -118,17 +118,20 @@ def _label(kind: str, cell: Cell) -> str:
     return f"{kind} {cell.input_tokens} {cell.output_tokens}"
 
 
-def count_cells(spec: ModelSpec, table: list[Cell], no_cache: bool = False, timeout: float | None = None) -> None:
-    """Fill each cell's instructions (and, with `no_cache`, those of the no-cache run) from one callgrind run."""
+RUNS = {"instructions": real_call, "instructions_no_cache": no_cache_call}  # the Cell field each run fills
+
+
+def count_cells(spec: ModelSpec, table: list[Cell], fields: tuple[str, ...] = ("instructions",),
+                timeout: float | None = None) -> None:
+    """Fill `fields` (keys of RUNS) of every cell from one callgrind run of a worker process."""
     from quill import callgrind
 
     job = {"model": dataclasses.asdict(spec), "cells": [[c.input_tokens, c.output_tokens] for c in table],
-           "no_cache": no_cache}
+           "fields": list(fields)}
     counts = callgrind.count(["-m", "quill.costtable", json.dumps(job)], timeout=timeout)
     for cell in table:
-        cell.instructions = counts[_label("cache", cell)]
-        if no_cache:
-            cell.instructions_no_cache = counts[_label("nocache", cell)]
+        for name in fields:
+            setattr(cell, name, counts[_label(name, cell)])
 
 
 def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions: bool = False,
@@ -140,7 +143,7 @@ def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions
     engine = engine or spec.load()
     time_cells(engine, table)
     if instructions or no_cache:
-        count_cells(spec, table, no_cache)
+        count_cells(spec, table, ("instructions",) + (("instructions_no_cache",) if no_cache else ()))
     return table
 
 
@@ -153,13 +156,12 @@ def _worker(job: dict) -> None:
     torch.set_num_threads(1)  # also the kernels' pool size: quill.kernels uses torch.get_num_threads()
     engine = ModelSpec(**job["model"]).load()
     table = [Cell(p, n, 0, 0) for p, n in job["cells"]]
-    runs = [("cache", real_call)] + ([("nocache", no_cache_call)] if job["no_cache"] else [])
     for cell in table:
-        for kind, call in runs:
-            call(engine, cell)
-            with callgrind.counted(_label(kind, cell)):
-                call(engine, cell)
-            print(f"counted {_label(kind, cell)}", file=sys.stderr, flush=True)
+        for name in job["fields"]:
+            RUNS[name](engine, cell)
+            with callgrind.counted(_label(name, cell)):
+                RUNS[name](engine, cell)
+            print(f"counted {_label(name, cell)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":
