@@ -7,7 +7,8 @@
 
 Every cell has exact FLOPs and the native wall time; instructions are counted with callgrind (quill.costtable)
 for inputs up to --count-up-to (and a real no-cache run up to --no-cache-up-to). Counted cells are kept in
-docs/benchmarks/cost-PRECISION.json and not counted again, so a run can be stopped and resumed. Elsewhere, and for the limit figures
+docs/benchmarks/cost-PRECISION.json and not counted again, and callgrind's files of every cell counted so far in the work folder, so
+a run can be stopped and resumed. Only a run's first call is warmed up uncounted (quill.costtable). Elsewhere, and for the limit figures
 within 40 billion instructions, instructions are extrapolated from FLOPs with the measured instructions per
 FLOP (of a prefill at the nearest measured lengths, of a decode step at the nearest measured context), and the
 tables mark those cells. The 1024-input row is a full context: 1024 - outputs inputs.
@@ -27,6 +28,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from quill.bench import random_gpt2  # noqa: E402
+from quill.callgrind import parse_dumps  # noqa: E402
 from quill.cost import forward_flops, generation_flops  # noqa: E402
 from quill.costtable import Cell, ModelSpec, cells, count_cells, time_cells  # noqa: E402
 from quill.weights import load_config  # noqa: E402
@@ -67,8 +69,12 @@ def table_cells(config) -> list[Cell]:
     return [c for p in INPUTS for n in OUTPUTS for c in cells(config, [row_inputs(p, n, config.n_positions)], [n])]
 
 
-def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_cache_up_to: int, save) -> None:
-    """Fill in what `entry` (one precision's cells) lacks: FLOPs and seconds of every cell, then instructions."""
+def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_cache_up_to: int, save,
+            dumps: Path) -> None:
+    """Fill in what `entry` (one precision's cells) lacks: FLOPs and seconds of every cell, then instructions.
+
+    Callgrind's files stay in `dumps`: what a stopped run had counted is read back from there first.
+    """
     table = table_cells(load_config(Path(spec.path)))
     if any(key(c.input_tokens, c.output_tokens) not in entry for c in table):
         log(f"{precision}: wall time of {len(table)} calls")
@@ -76,7 +82,11 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
         for c in table:
             entry[key(c.input_tokens, c.output_tokens)] = c.to_json()
         save()
-    # One callgrind process per group of input lengths, so a stopped run keeps what it finished.
+    if dumps.exists():
+        for label, n in parse_dumps(dumps).items():
+            field, p, o = label.split()
+            entry[key(int(p), int(o))].setdefault(field, n)
+        save()
     groups = [[p for p in INPUTS if p <= 128]] + [[p] for p in INPUTS if p > 128]
     for field, up_to in (("instructions", count_up_to), ("instructions_no_cache", no_cache_up_to)):
         for group in groups:
@@ -87,7 +97,7 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
             log(f"{precision}: counting {field} of {len(todo)} calls, inputs {todo[0].input_tokens}.."
                 f"{todo[-1].input_tokens}")
             t0 = time.perf_counter()
-            count_cells(spec, todo, (field,))
+            count_cells(spec, todo, (field,), warm_each=False, dumps=dumps)
             for c in todo:
                 entry[key(c.input_tokens, c.output_tokens)][field] = getattr(c, field)
             log(f"{precision}: counted in {time.perf_counter() - t0:.0f} s")
@@ -307,7 +317,7 @@ def main(argv=None) -> int:
                 results(prec).write_text(json.dumps(entry, indent=1) + "\n")
 
             measure(entry, ModelSpec(str(folder), quantize=PRECISIONS[prec]), prec, args.count_up_to,
-                    args.no_cache_up_to, save)
+                    args.no_cache_up_to, save, Path(args.work) / f"callgrind-{prec}")
     write_docs(store, config, DOCS)
     print(report(store, config))
     return 0

@@ -117,20 +117,24 @@ def parse_dumps(folder: Path) -> dict[str, int]:
     return counts
 
 
-def count(argv: Sequence[str], timeout: float | None = None) -> dict[str, int]:
+def count(argv: Sequence[str], folder: Path | None = None, timeout: float | None = None) -> dict[str, int]:
     """Run `python argv...` under callgrind (counting off at start) and return the instructions per label.
 
-    The worker's stderr (its progress, valgrind's warnings) is passed through; a failed worker raises
-    CallgrindUnavailable.
+    Dumps go to a temporary folder, or to `folder`, where they stay (named by process id) so that a stopped
+    run's finished spans can be read back with parse_dumps. The worker's stderr (its progress, valgrind's
+    warnings) is passed through; a failed worker raises CallgrindUnavailable.
     """
     reason = unavailable_reason()
     if reason is not None:
         raise CallgrindUnavailable(reason)
-    with tempfile.TemporaryDirectory(prefix="quill-callgrind-") as tmp:
+    with contextlib.ExitStack() as stack:
+        if folder is None:
+            folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="quill-callgrind-")))
+        folder.mkdir(parents=True, exist_ok=True)
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--quiet",
-               f"--callgrind-out-file={tmp}/callgrind.out", sys.executable, *argv]
+               f"--callgrind-out-file={folder}/callgrind.out.%p", sys.executable, *argv]
         proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=timeout)
         if proc.returncode != 0:
             raise CallgrindUnavailable(f"the counted worker failed under callgrind (exit {proc.returncode}; "
                                        "its messages are above)")
-        return parse_dumps(Path(tmp))
+        return parse_dumps(folder)

@@ -4,7 +4,8 @@ Each cell has the exact FLOPs with a KV cache and without one (quill.cost), the 
 (prefill then greedy decode through the library, `ignore_eos` so the length is exact) and, when asked, the
 instructions it executed, counted by callgrind (quill.callgrind) in one worker process that measures every
 cell. Counted calls run on one thread (torch's and the kernels' pool) so the counts repeat exactly; a cell is
-run once uncounted first, so one-time set-up (first use of a shape, lazy initialisation) is not in its count.
+run once uncounted first, so one-time set-up (first use of a shape, lazy initialisation) is not in its count
+(for long calls, as in bench/cost.py, only the first cell is, which saves half the time).
 The no-cache instructions come from a real run that recomputes the whole prefix for every new token.
 `quill cost` and bench/cost.py are shells over `measure`.
 """
@@ -122,13 +123,18 @@ RUNS = {"instructions": real_call, "instructions_no_cache": no_cache_call}  # th
 
 
 def count_cells(spec: ModelSpec, table: list[Cell], fields: tuple[str, ...] = ("instructions",),
-                timeout: float | None = None) -> None:
-    """Fill `fields` (keys of RUNS) of every cell from one callgrind run of a worker process."""
+                warm_each: bool = True, dumps: Path | None = None) -> None:
+    """Fill `fields` (keys of RUNS) of every cell from one callgrind run of a worker process.
+
+    With `warm_each` every cell runs once uncounted before it is counted; without, only the first cell
+    (enough for calls so long that the first use of their shapes is lost in the count). `dumps` keeps
+    callgrind's files (see quill.callgrind.count).
+    """
     from quill import callgrind
 
     job = {"model": dataclasses.asdict(spec), "cells": [[c.input_tokens, c.output_tokens] for c in table],
-           "fields": list(fields)}
-    counts = callgrind.count(["-m", "quill.costtable", json.dumps(job)], timeout=timeout)
+           "fields": list(fields), "warm_each": warm_each}
+    counts = callgrind.count(["-m", "quill.costtable", json.dumps(job)], folder=dumps)
     for cell in table:
         for name in fields:
             setattr(cell, name, counts[_label(name, cell)])
@@ -148,7 +154,7 @@ def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions
 
 
 def _worker(job: dict) -> None:
-    """Inside callgrind: run every cell once uncounted, once counted (one thread, so counts repeat)."""
+    """Inside callgrind: run cells uncounted to warm up, then counted (one thread, so counts repeat)."""
     import torch
 
     from quill import callgrind
@@ -156,9 +162,10 @@ def _worker(job: dict) -> None:
     torch.set_num_threads(1)  # also the kernels' pool size: quill.kernels uses torch.get_num_threads()
     engine = ModelSpec(**job["model"]).load()
     table = [Cell(p, n, 0, 0) for p, n in job["cells"]]
-    for cell in table:
+    for i, cell in enumerate(table):
         for name in job["fields"]:
-            RUNS[name](engine, cell)
+            if i == 0 or job["warm_each"]:
+                RUNS[name](engine, cell)
             with callgrind.counted(_label(name, cell)):
                 RUNS[name](engine, cell)
             print(f"counted {_label(name, cell)}", file=sys.stderr, flush=True)

@@ -19,7 +19,7 @@ from quill.cost import generation_flops
 from quill.costtable import ModelSpec, cells, count_cells, no_cache_call, real_call
 from quill.tokenizer import Tokenizer
 
-INPUTS, OUTPUTS = [1, 2, 4], [1, 2]
+INPUTS, OUTPUTS = [1, 4, 16], [1, 2]
 
 
 @pytest.fixture(scope="module")
@@ -98,7 +98,7 @@ def test_counted_instructions_repeat_and_grow(folder, capsys):
 
     with ThreadPoolExecutor(1) as pool:
         second = pool.submit(direct)
-        code, out, _ = run_cli(capsys, folder, "--inputs", "1,2,4", "--outputs", "1,2", "--no-cache", "--json")
+        code, out, _ = run_cli(capsys, folder, "--inputs", "1,4,16", "--outputs", "1,2", "--no-cache", "--json")
         second = second.result()
     first = json.loads(out)
     assert code == 0
