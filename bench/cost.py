@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from quill.bench import random_gpt2  # noqa: E402
 from quill.callgrind import parse_dumps  # noqa: E402
 from quill.cost import forward_flops, generation_flops  # noqa: E402
-from quill.costtable import Cell, ModelSpec, cells, count_cells, time_cells  # noqa: E402
+from quill.costtable import Cell, ModelSpec, cells, count_runs, time_cells  # noqa: E402
 from quill.weights import load_config  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
@@ -73,7 +73,8 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
             dumps: Path) -> None:
     """Fill in what `entry` (one precision's cells) lacks: FLOPs and seconds of every cell, then instructions.
 
-    Callgrind's files stay in `dumps`: what a stopped run had counted is read back from there first.
+    One callgrind process counts every missing cell, in `priority` order; its files stay in `dumps`, from
+    which a stopped run's counts are read back first.
     """
     table = table_cells(load_config(Path(spec.path)))
     if any(key(c.input_tokens, c.output_tokens) not in entry for c in table):
@@ -87,21 +88,28 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
             field, p, o = label.split()
             entry[key(int(p), int(o))].setdefault(field, n)
         save()
-    groups = [[p for p in INPUTS if p <= 128]] + [[p] for p in INPUTS if p > 128]
-    for field, up_to in (("instructions", count_up_to), ("instructions_no_cache", no_cache_up_to)):
-        for group in groups:
-            todo = [c for c in table if c.input_tokens in group and c.input_tokens <= up_to
-                    and field not in entry[key(c.input_tokens, c.output_tokens)]]
-            if not todo:
-                continue
-            log(f"{precision}: counting {field} of {len(todo)} calls, inputs {todo[0].input_tokens}.."
-                f"{todo[-1].input_tokens}")
-            t0 = time.perf_counter()
-            count_cells(spec, todo, (field,), warm_each=False, dumps=dumps)
-            for c in todo:
-                entry[key(c.input_tokens, c.output_tokens)][field] = getattr(c, field)
-            log(f"{precision}: counted in {time.perf_counter() - t0:.0f} s")
-            save()
+    runs = [(field, c) for field, up_to in (("instructions", count_up_to), ("instructions_no_cache", no_cache_up_to))
+            for c in sorted(table, key=lambda c: priority(field, c)) if c.input_tokens <= up_to
+            and field not in entry[key(c.input_tokens, c.output_tokens)]]
+    if not runs:
+        return
+    log(f"{precision}: counting {len(runs)} calls")
+    t0 = time.perf_counter()
+    count_runs(spec, runs, warm_each=False, dumps=dumps)
+    for field, c in runs:
+        entry[key(c.input_tokens, c.output_tokens)][field] = getattr(c, field)
+    log(f"{precision}: counted in {time.perf_counter() - t0:.0f} s")
+    save()
+
+
+def priority(field: str, c: Cell) -> tuple:
+    """The order of counting, so that a run stopped early has what matters most: with a cache, the cells
+    beside the canister's, then 1 and 8 outputs from the longest input down, then the rest; no-cache runs
+    from the shortest up."""
+    if field == "instructions_no_cache":
+        return (c.input_tokens, c.output_tokens)
+    seed = (c.input_tokens, c.output_tokens) in CANISTER
+    return (not seed, c.output_tokens not in (1, 8), -c.input_tokens, c.output_tokens)
 
 
 # ---- extrapolating ---------------------------------------------------------------------------------------

@@ -124,20 +124,25 @@ RUNS = {"instructions": real_call, "instructions_no_cache": no_cache_call}  # th
 
 def count_cells(spec: ModelSpec, table: list[Cell], fields: tuple[str, ...] = ("instructions",),
                 warm_each: bool = True, dumps: Path | None = None) -> None:
-    """Fill `fields` (keys of RUNS) of every cell from one callgrind run of a worker process.
+    """Fill `fields` (keys of RUNS) of every cell, cell by cell, from one callgrind run of a worker process."""
+    count_runs(spec, [(name, cell) for cell in table for name in fields], warm_each, dumps)
 
-    With `warm_each` every cell runs once uncounted before it is counted; without, only the first cell
-    (enough for calls so long that the first use of their shapes is lost in the count). `dumps` keeps
-    callgrind's files (see quill.callgrind.count).
+
+def count_runs(spec: ModelSpec, runs: list[tuple[str, Cell]], warm_each: bool = True,
+               dumps: Path | None = None) -> None:
+    """Fill field `name` of each (name, cell) in this order from one callgrind run of a worker process.
+
+    With `warm_each` every run is done once uncounted before it is counted; without, only the first (enough
+    for calls so long that the first use of their shapes is lost in the count). `dumps` keeps callgrind's
+    files (see quill.callgrind.count).
     """
     from quill import callgrind
 
-    job = {"model": dataclasses.asdict(spec), "cells": [[c.input_tokens, c.output_tokens] for c in table],
-           "fields": list(fields), "warm_each": warm_each}
+    job = {"model": dataclasses.asdict(spec), "warm_each": warm_each,
+           "runs": [[name, c.input_tokens, c.output_tokens] for name, c in runs]}
     counts = callgrind.count(["-m", "quill.costtable", json.dumps(job)], folder=dumps)
-    for cell in table:
-        for name in fields:
-            setattr(cell, name, counts[_label(name, cell)])
+    for name, cell in runs:
+        setattr(cell, name, counts[_label(name, cell)])
 
 
 def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions: bool = False,
@@ -161,14 +166,13 @@ def _worker(job: dict) -> None:
 
     torch.set_num_threads(1)  # also the kernels' pool size: quill.kernels uses torch.get_num_threads()
     engine = ModelSpec(**job["model"]).load()
-    table = [Cell(p, n, 0, 0) for p, n in job["cells"]]
-    for i, cell in enumerate(table):
-        for name in job["fields"]:
-            if i == 0 or job["warm_each"]:
-                RUNS[name](engine, cell)
-            with callgrind.counted(_label(name, cell)):
-                RUNS[name](engine, cell)
-            print(f"counted {_label(name, cell)}", file=sys.stderr, flush=True)
+    for i, (name, p, n) in enumerate(job["runs"]):
+        cell = Cell(p, n, 0, 0)
+        if i == 0 or job["warm_each"]:
+            RUNS[name](engine, cell)
+        with callgrind.counted(_label(name, cell)):
+            RUNS[name](engine, cell)
+        print(f"counted {_label(name, cell)}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

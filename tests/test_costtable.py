@@ -7,29 +7,23 @@ import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import GPT2Config, GPT2LMHeadModel
 
 import quill
+from conftest import make_tiny_model
 from quill import callgrind
 from quill.cli import main
 from quill.cost import generation_flops
 from quill.costtable import ModelSpec, cells, count_cells, no_cache_call, real_call
-from quill.tokenizer import Tokenizer
 
 INPUTS, OUTPUTS = [1, 4, 16], [1, 2]
 
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("cost")
-    GPT2LMHeadModel(GPT2Config(n_embd=64, n_head=2, n_layer=2, n_positions=32, vocab_size=101, bos_token_id=0,
-                               eos_token_id=0)).save_pretrained(path)
-    Tokenizer.characters("".join(chr(0x100 + i) for i in range(101))).save(path)
-    return path
+    """2 layers, d=64, context 32: callgrind slows the counted calls ~50-fold, so they must be tiny."""
+    return make_tiny_model(tmp_path_factory.mktemp("cost"), n_embd=64, n_positions=32)
 
 
 def run_cli(capsys, *argv) -> tuple[int, str, str]:
