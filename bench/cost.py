@@ -195,6 +195,10 @@ def fmt(x: float) -> str:
     return f"{x / 1e9:.2f}B" if x >= 1e9 else f"{x / 1e6:.1f}M"
 
 
+def row_label(p: int, context: int) -> str:
+    return f"{p} ({context} − out)" if p + max(OUTPUTS) > context else str(p)
+
+
 def report(store: dict, config) -> str:
     """The Markdown tables of docs/cost.md."""
     context = config.n_positions
@@ -211,8 +215,7 @@ def report(store: dict, config) -> str:
                 for n in OUTPUTS:
                     instr, measured = e(row_inputs(p, n, context), n, cached)
                     row.append(fmt(instr) if measured or math.isnan(instr) else f"≈{fmt(instr)}")
-            label = f"{p} (1024 − out)" if p + max(OUTPUTS) > context else str(p)
-            out.append(f"| {label} | " + " | ".join(row) + " |")
+            out.append(f"| {row_label(p, context)} | " + " | ".join(row) + " |")
         out.append("")
     out += ["### Beside the GPT-2 instruct canister (candle, wasm + SIMD)", "",
             "| inputs | outputs | canister | " + " | ".join(f"Quill {p}" for p in est) + " | " +
@@ -242,7 +245,7 @@ def report(store: dict, config) -> str:
     for p in INPUTS:
         row = [fmt(generation_flops(config, row_inputs(p, n, context), n, kv)) for kv in (True, False)
                for n in OUTPUTS]
-        out.append(f"| {p} | " + " | ".join(row) + " |")
+        out.append(f"| {row_label(p, context)} | " + " | ".join(row) + " |")
     return "\n".join(out) + "\n"
 
 

@@ -7,7 +7,7 @@ cell. Counted calls run on one thread (torch's and the kernels' pool) so the cou
 run once uncounted first, so one-time set-up (first use of a shape, lazy initialisation) is not in its count
 (for long calls, as in bench/cost.py, only the first cell is, which saves half the time).
 The no-cache instructions come from a real run that recomputes the whole prefix for every new token.
-`quill cost` and bench/cost.py are shells over `measure`.
+`quill cost` (through `measure`) and bench/cost.py are shells over this module.
 """
 
 from __future__ import annotations
