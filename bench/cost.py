@@ -83,11 +83,8 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
         for c in table:
             entry[key(c.input_tokens, c.output_tokens)] = c.to_json()
         save()
-    if dumps.exists():
-        for label, n in parse_dumps(dumps).items():
-            field, p, o = label.split()
-            entry[key(int(p), int(o))].setdefault(field, n)
-        save()
+    merge_dumps(entry, dumps)
+    save()
     runs = [(field, c) for field, up_to in (("instructions", count_up_to), ("instructions_no_cache", no_cache_up_to))
             for c in sorted(table, key=lambda c: priority(field, c)) if c.input_tokens <= up_to
             and field not in entry[key(c.input_tokens, c.output_tokens)]]
@@ -100,6 +97,15 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
         entry[key(c.input_tokens, c.output_tokens)][field] = getattr(c, field)
     log(f"{precision}: counted in {time.perf_counter() - t0:.0f} s")
     save()
+
+
+def merge_dumps(entry: dict, dumps: Path) -> None:
+    """Take the counts of a stopped run from callgrind's files in `dumps` (cells already timed)."""
+    if dumps.exists():
+        for label, n in parse_dumps(dumps).items():
+            field, p, o = label.split()
+            if key(int(p), int(o)) in entry:
+                entry[key(int(p), int(o))].setdefault(field, n)
 
 
 def priority(field: str, c: Cell) -> tuple:
@@ -134,16 +140,20 @@ class Estimate:
 
     A prefill of L tokens (a 1-output call) takes the instructions per FLOP of the measured 1-output calls at
     the nearest lengths; a decode step at context c, that of the measured steps ((inputs, N) minus (inputs, 1))
-    at the nearest context. Without a cache every token is a prefill of the whole prefix.
+    at the nearest context. Without a cache every token is a prefill of the whole prefix, which costs what a
+    counted no-cache prefill of that length did, else what the cached prefill did.
     """
 
     def __init__(self, config, entry: dict):
         self.config, self.entry = config, entry
-        self.prefill = {kind: {c["input_tokens"]: c[kind] / c["flops"] for c in entry.values()
-                               if c["output_tokens"] == 1 and kind in c}
-                        for kind in ("instructions", "instructions_no_cache")}
-        if not self.prefill["instructions_no_cache"]:  # no no-cache run counted: its prefills cost the same
-            self.prefill["instructions_no_cache"] = self.prefill["instructions"]
+        ones = [c for c in entry.values() if c["output_tokens"] == 1]
+        cached = {c["input_tokens"]: c["instructions"] / c["flops"] for c in ones if "instructions" in c}
+        # A no-cache prefill is the cached one's computation without cache writes (counts within 2% where both
+        # were counted), except a 1-token call, which with a cache runs the fused decode kernels instead.
+        uncached = {p: v for p, v in cached.items() if p > 1}
+        uncached.update({c["input_tokens"]: c["instructions_no_cache"] / c["flops"] for c in ones
+                         if "instructions_no_cache" in c})
+        self.prefill = {"instructions": cached, "instructions_no_cache": uncached}
         self.step = {}
         for c in entry.values():
             one = entry.get(key(c["input_tokens"], 1), {})
@@ -314,21 +324,25 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--count-up-to", type=int, default=128, help="count instructions for inputs up to this")
     ap.add_argument("--no-cache-up-to", type=int, default=32, help="count no-cache runs for inputs up to this")
-    ap.add_argument("--report-only", action="store_true", help="write the docs from the stored results, measure nothing")
+    ap.add_argument("--report-only", action="store_true", help="write the docs from the stored results (and counts left by a stopped run), measure nothing")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "quill-bench"))
     args = ap.parse_args(argv)
     folder = random_gpt2("124M", Path(args.work) / "gpt2-124M-random")
     config = load_config(folder)
     store = {p: json.loads(results(p).read_text()) for p in PRECISIONS if results(p).exists()}
-    if not args.report_only:
-        for prec in args.precisions.split(","):
-            entry = store.setdefault(prec, {})
+    for prec in args.precisions.split(","):
+        entry = store.setdefault(prec, {})
+        dumps = Path(args.work) / f"callgrind-{prec}"
 
-            def save(prec=prec, entry=entry):
-                results(prec).write_text(json.dumps(entry, indent=1) + "\n")
+        def save(prec=prec, entry=entry):
+            results(prec).write_text(json.dumps(entry, indent=1) + "\n")
 
+        if args.report_only:
+            merge_dumps(entry, dumps)
+            save()
+        else:
             measure(entry, ModelSpec(str(folder), quantize=PRECISIONS[prec]), prec, args.count_up_to,
-                    args.no_cache_up_to, save, Path(args.work) / f"callgrind-{prec}")
+                    args.no_cache_up_to, save, dumps)
     write_docs(store, config, DOCS)
     print(report(store, config))
     return 0
