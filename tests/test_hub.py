@@ -1,0 +1,150 @@
+"""Models by Hugging Face repo id, through the real `huggingface_hub` client against a loopback stand-in Hub.
+
+Each test runs Quill in subprocesses with HF_ENDPOINT at the stand-in (tests/hubstub.py) and HF_HOME in a
+temporary folder, as a user would (huggingface_hub reads its variables when it is imported). The stand-in serves
+a random-initialised GPT-2 with the real GPT-2 tokenizer, and repos that must fail in their own ways.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import ROOT, free_port, make_tiny_model
+from hubstub import HubStub
+
+REPO = "quill-test/tiny-gpt2"
+PROMPT = "Hello there"
+GENERATE = ("import json, sys, quill\n"
+            "e = quill.load(sys.argv[1])\n"
+            "print(json.dumps({'name': e.name, 'path': str(e.path), "
+            "'tokens': e.generate(sys.argv[2], 12, temperature=0).tokens}))\n")
+ERRORS = ("import sys, quill\n"
+          "for name in sys.argv[1:]:\n"
+          "    try:\n"
+          "        quill.load(name)\n"
+          "        print(name, 'loaded')\n"
+          "    except quill.errors.QuillError as e:\n"
+          "        print(name, type(e).__name__, e)\n")
+
+
+@pytest.fixture(scope="module")
+def repos(tmp_path_factory) -> dict[str, Path]:
+    """The stand-in Hub's repos: a GPT-2 (13 MB of weights: more than huggingface_hub reads at once, so a cut
+    download keeps a part to resume from), a llama config with weights, and a GPT-2 config without weights."""
+    work = tmp_path_factory.mktemp("hub-repos")
+    tiny = make_tiny_model(work / "tiny-gpt2", tokenizer="gpt2", n_positions=64, n_embd=64)
+    llama = shutil.copytree(tiny, work / "llama")
+    config = json.loads((tiny / "config.json").read_text())
+    (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    no_weights = shutil.copytree(tiny, work / "no-weights", ignore=shutil.ignore_patterns("*.safetensors"))
+    return {REPO: tiny, "quill-test/llama": llama, "quill-test/no-weights": no_weights, "quill-test/gated": tiny}
+
+
+def hub_env(url: str, home: Path, offline: bool = False) -> dict[str, str]:
+    env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if offline else "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    env.pop("HF_TOKEN", None)
+    env.pop("HF_HUB_CACHE", None)
+    return env
+
+
+def python(code: str, *args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=300)
+
+
+def quill(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "quill.cli", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=300)
+
+
+def folder_tokens(folder: Path) -> list[int]:
+    import quill as q
+
+    return q.load(folder).generate(PROMPT, 12, temperature=0).tokens
+
+
+def test_load_by_repo_id_downloads_then_loads_from_the_cache_offline(repos, tmp_path):
+    stub = HubStub(repos)
+    try:
+        first = python(GENERATE, REPO, PROMPT, env=hub_env(stub.url, tmp_path))
+        assert first.returncode == 0, first.stderr
+        got = json.loads(first.stdout)
+        assert got["name"] == REPO and "models--quill-test--tiny-gpt2" in got["path"]
+        assert got["tokens"] == folder_tokens(repos[REPO])
+        fetched = {p.rsplit("/", 1)[-1] for m, p, _ in stub.requests if m == "GET" and "/resolve/" in p}
+        assert "model.safetensors" in fetched and "config.json" in fetched
+    finally:
+        stub.stop()
+    # the Hub is gone: offline mode, and plain mode against a dead endpoint, both load from the cache
+    for env in (hub_env(stub.url, tmp_path, offline=True), hub_env(f"http://127.0.0.1:{free_port()}", tmp_path)):
+        again = python(GENERATE, REPO, PROMPT, env=env)
+        assert again.returncode == 0, again.stderr
+        assert json.loads(again.stdout)["tokens"] == got["tokens"]
+
+
+def test_pull_resumes_a_cut_download_then_models_lists_it_and_rm_removes_it(repos, tmp_path):
+    stub = HubStub(repos, cut_once=("model.safetensors",))
+    env = hub_env(stub.url, tmp_path)
+    try:
+        pulled = quill("pull", "quill-test/tiny-gpt2", env=env)
+    finally:
+        stub.stop()
+    assert pulled.returncode == 0, pulled.stderr
+    assert f"pulling quill-test/tiny-gpt2: {len(list(repos[REPO].iterdir()))} files" in pulled.stderr
+    weights = [(m, r) for m, p, r in stub.requests if m == "GET" and p.endswith("/model.safetensors")]
+    assert len(weights) == 2 and weights[0][1] is None and weights[1][1].startswith("bytes=")  # resumed, not restarted
+    assert int(weights[1][1][6:].rstrip("-")) > 0
+    snapshot = Path(pulled.stdout.split(": ", 1)[1].strip())
+    assert (snapshot / "model.safetensors").read_bytes() == (repos[REPO] / "model.safetensors").read_bytes()
+
+    listed = quill("models", "--json", env=env)
+    assert listed.returncode == 0, listed.stderr
+    from quill.weights import load_config
+
+    entry = next(m for m in json.loads(listed.stdout) if m["name"] == REPO)
+    assert entry["source"] == "cached" and Path(entry["path"]) == snapshot
+    assert entry["parameters"] == load_config(repos[REPO]).num_params()
+    assert entry["bytes"] >= (repos[REPO] / "model.safetensors").stat().st_size
+
+    removed = quill("rm", REPO, env=env)
+    assert removed.returncode == 0, removed.stderr
+    assert not snapshot.exists()
+    assert REPO not in {m["name"] for m in json.loads(quill("models", "--json", env=env).stdout)}
+    again = quill("rm", REPO, env=env)
+    assert again.returncode == 2 and again.stderr.count("\n") == 1 and "not in the Hugging Face cache" in again.stderr
+
+
+def test_unknown_gated_and_non_gpt2_repos_and_no_hub_each_fail_in_their_own_words(repos, tmp_path):
+    stub = HubStub(repos, gated=("quill-test/gated",))
+    try:
+        r = python(ERRORS, "quill-test/nope", "quill-test/tiny-gpt2@v9", "quill-test/gated", "quill-test/llama",
+                   "quill-test/no-weights", env=hub_env(stub.url, tmp_path))
+    finally:
+        stub.stop()
+    assert r.returncode == 0, r.stderr
+    lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
+    assert lines["quill-test/nope"].startswith(f"HubModelNotFound no model 'quill-test/nope' on the Hub at {stub.url}")
+    assert lines["quill-test/tiny-gpt2@v9"].startswith("HubModelNotFound quill-test/tiny-gpt2 has no revision 'v9'")
+    assert lines["quill-test/gated"].startswith("HubAccessDenied quill-test/gated is gated")
+    assert "HF_TOKEN" in lines["quill-test/gated"]
+    assert lines["quill-test/llama"].startswith("NotGPT2Checkpoint") and "model_type 'llama'" in lines["quill-test/llama"]
+    assert lines["quill-test/no-weights"].startswith("NotGPT2Checkpoint") and "no weights" in lines["quill-test/no-weights"]
+    # the wrong repos were refused from their listing and config alone: no weights were fetched
+    assert not [p for m, p, _ in stub.requests if m == "GET" and p.endswith(".safetensors") and "llama" in p]
+    assert not list((tmp_path / "hub").glob("models--quill-test--llama/blobs/*.incomplete"))
+
+    # no Hub at all: the CLI says so in one line and exits 2; offline mode says that instead
+    dead = f"http://127.0.0.1:{free_port()}"
+    for env, words in ((hub_env(dead, tmp_path), f"cannot reach the Hub at {dead}"),
+                       (hub_env(dead, tmp_path, offline=True), "HF_HUB_OFFLINE=1 forbids downloading")):
+        out = quill("generate", "quill-test/elsewhere", "hi", "--max-tokens", "2", env=env)
+        assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
+        assert out.stderr.startswith("quill: error: ") and words in out.stderr
