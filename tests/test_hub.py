@@ -12,6 +12,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -148,3 +149,50 @@ def test_unknown_gated_and_non_gpt2_repos_and_no_hub_each_fail_in_their_own_word
         out = quill("generate", "quill-test/elsewhere", "hi", "--max-tokens", "2", env=env)
         assert out.returncode == 2 and out.stderr.count("\n") == 1, out.stderr
         assert out.stderr.startswith("quill: error: ") and words in out.stderr
+
+
+def test_server_pull_checks_the_repo_downloads_with_progress_then_serves_it(repos, tmp_path):
+    import httpx
+    import quill as q
+
+    from conftest import ServerProcess
+
+    admin = {"Authorization": "Bearer hub-admin"}
+    stub = HubStub(repos, throttle=3_000_000)  # ~4 s for the weights: long enough to watch
+    server = ServerProcess(["--admin-key", "hub-admin", "--store", tmp_path / "store"], tmp_path / "server.log",
+                           env=hub_env(stub.url, tmp_path / "hf")).wait_ready()
+    try:
+        for name, status, code in (("quill-test/nope", 404, "model_not_found"), ("no such/name", 400, "invalid_value"),
+                                   ("quill-test/llama", 400, "not_a_gpt2_checkpoint")):
+            r = httpx.post(f"{server.url}/v1/models/pull", json={"name": name}, headers=admin, timeout=60)
+            assert r.status_code == status and r.json()["error"]["param"] == "name", r.text
+            assert r.json()["error"]["code"] == code
+        assert httpx.post(f"{server.url}/v1/models/pull", json={"name": REPO}, timeout=10).status_code == 401
+
+        r = httpx.post(f"{server.url}/v1/models/pull", json={"name": REPO, "dtype": "bfloat16"}, headers=admin,
+                       timeout=60)
+        assert r.status_code == 202 and r.json()["status"] == "downloading", r.text
+        total = r.json()["bytes_total"]
+        assert total == sum(p.stat().st_size for p in repos[REPO].iterdir())
+        seen, deadline = [], time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pull = next(p for p in httpx.get(f"{server.url}/v1/hub/models", headers=admin, timeout=10).json()["pulls"]
+                        if p["id"] == REPO)
+            seen.append(pull["bytes_done"])
+            if pull["status"] in ("ready", "failed"):
+                break
+            time.sleep(0.2)
+        assert pull["status"] == "ready", pull
+        assert any(0 < b < total for b in seen) and seen == sorted(seen)  # progress, in order, to the end
+        assert pull["bytes_done"] == total and pull["precision"] == "bfloat16"
+
+        ids = q.load(repos[REPO]).tokenizer.encode(PROMPT)
+        want = q.load(repos[REPO], dtype="bfloat16").generate(ids, 12, temperature=0).tokens
+        r = httpx.post(f"{server.url}/v1/inference", json={"model": REPO, "tokens": ids, "max_tokens": 12,
+                                                           "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == want, r.text
+        family = httpx.get(f"{server.url}/v1/hub/models", headers=admin, timeout=10).json()["data"]
+        assert {m["id"]: m["parameters"] for m in family}["gpt2-medium"] == "355M"
+    finally:
+        server.stop()
+        stub.stop()
