@@ -82,6 +82,10 @@ def test_load_by_repo_id_downloads_then_loads_from_the_cache_offline(repos, tmp_
         assert got["tokens"] == folder_tokens(repos[REPO])
         fetched = {p.rsplit("/", 1)[-1] for m, p, _ in stub.requests if m == "GET" and "/resolve/" in p}
         assert "model.safetensors" in fetched and "config.json" in fetched
+        asked = len(stub.requests)
+        cached = python(GENERATE, REPO, PROMPT, env=hub_env(stub.url, tmp_path))  # online, but in the cache
+        assert cached.returncode == 0 and json.loads(cached.stdout)["tokens"] == got["tokens"], cached.stderr
+        assert stub.requests[asked:] == []  # a cached model loads with no network call
     finally:
         stub.stop()
     # the Hub is gone: offline mode, and plain mode against a dead endpoint, both load from the cache
