@@ -24,6 +24,7 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from fnmatch import fnmatch
 from pathlib import Path
 
 from quill.errors import (CheckpointError, ConfigError, HubAccessDenied, HubDiskFull, HubError, HubModelNotFound, HubUnreachable,
@@ -93,7 +94,7 @@ def offline() -> bool:
 
 def patterns_for(files: list[str]) -> list[str]:
     """The allow-patterns for a repo holding `files`: safetensors when it has them, else the pickle."""
-    has_safetensors = any(f == "model.safetensors" or f.endswith(".safetensors") and "/" not in f for f in files)
+    has_safetensors = any(fnmatch(f, p) for f in files for p in SAFETENSORS_PATTERNS if p.endswith(".safetensors"))
     return CONFIG_FILES + (SAFETENSORS_PATTERNS if has_safetensors else [PICKLE_FILE])
 
 
@@ -176,8 +177,6 @@ class Plan:
 def plan(name: HubName) -> Plan:
     """List the repo and check that it is a GPT-2 checkpoint (config.json's model_type, weights present), fetching
     only config.json: a wrong repo fails before any weights are downloaded."""
-    from fnmatch import fnmatch
-
     from huggingface_hub import HfApi, hf_hub_download
     from huggingface_hub.hf_api import RepoFile
 

@@ -200,3 +200,25 @@ def test_server_pull_checks_the_repo_downloads_with_progress_then_serves_it(repo
     finally:
         server.stop()
         stub.stop()
+
+
+def test_a_full_disk_is_its_own_error_and_leaves_no_half_written_model(repos, tmp_path):
+    """The cache on a 4 MB tmpfs (root only: skipped elsewhere) fills up during the 13 MB of weights."""
+    cache = tmp_path / "small-disk"
+    cache.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(cache)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("needs root to mount a small tmpfs")
+    stub = HubStub(repos)
+    try:
+        out = quill("pull", REPO, env=hub_env(stub.url, cache))
+        assert out.returncode == 2, out.stderr
+        last = out.stderr.rstrip("\n").rsplit("\n", 1)[-1]  # after the bars: the one-line error
+        assert last.startswith(f"quill: error: the disk of the Hugging Face cache {cache / 'hub'} is full"), out.stderr
+        assert "Traceback" not in out.stderr
+        assert not list(cache.rglob("model.safetensors")) and not list(cache.rglob("*.incomplete"))
+        again = python(ERRORS, REPO, env=hub_env(f"http://127.0.0.1:{free_port()}", cache, offline=True))
+        assert again.stdout.startswith(f"{REPO} HubUnreachable"), again.stdout + again.stderr  # never loads half
+    finally:
+        stub.stop()
+        subprocess.run(["umount", str(cache)], check=True)

@@ -11,6 +11,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -65,6 +66,8 @@ def progress_bar(pull: Pull):
     """A tqdm class for snapshot_download that counts the bytes written into `pull` (and draws nothing)."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
+    lock = threading.Lock()  # snapshot_download's threads (one per file) update the same bar
+
     class Bar(hf_tqdm):
         def __init__(self, *args, name: str | None = None, **kwargs):
             # snapshot_download's bar of the bytes written to disk, summed over its files (a cut connection
@@ -75,7 +78,8 @@ def progress_bar(pull: Pull):
 
         def update(self, n: float | None = 1):
             if self._counts:
-                pull.bytes_done = max(0, min(pull.bytes_total, pull.bytes_done + int(n or 0)))
+                with lock:
+                    pull.bytes_done = max(0, min(pull.bytes_total, pull.bytes_done + int(n or 0)))
             return super().update(n)
 
     return Bar
