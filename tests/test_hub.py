@@ -45,7 +45,13 @@ def repos(tmp_path_factory) -> dict[str, Path]:
     config = json.loads((tiny / "config.json").read_text())
     (llama / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
     no_weights = shutil.copytree(tiny, work / "no-weights", ignore=shutil.ignore_patterns("*.safetensors"))
-    return {REPO: tiny, "quill-test/llama": llama, "quill-test/no-weights": no_weights, "quill-test/gated": tiny}
+    pickled = shutil.copytree(no_weights, work / "pickled")  # the same tensors as an old pytorch_model.bin
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(tiny / "model.safetensors"), pickled / "pytorch_model.bin")
+    return {REPO: tiny, "quill-test/llama": llama, "quill-test/no-weights": no_weights, "quill-test/gated": tiny,
+            "quill-test/pickled": pickled}
 
 
 def hub_env(url: str, home: Path, offline: bool = False) -> dict[str, str]:
@@ -82,6 +88,8 @@ def test_load_by_repo_id_downloads_then_loads_from_the_cache_offline(repos, tmp_
         assert got["tokens"] == folder_tokens(repos[REPO])
         fetched = {p.rsplit("/", 1)[-1] for m, p, _ in stub.requests if m == "GET" and "/resolve/" in p}
         assert "model.safetensors" in fetched and "config.json" in fetched
+        pickled = python(GENERATE, "quill-test/pickled", PROMPT, env=hub_env(stub.url, tmp_path))
+        assert pickled.returncode == 0 and json.loads(pickled.stdout)["tokens"] == got["tokens"], pickled.stderr
         asked = len(stub.requests)
         cached = python(GENERATE, REPO, PROMPT, env=hub_env(stub.url, tmp_path))  # online, but in the cache
         assert cached.returncode == 0 and json.loads(cached.stdout)["tokens"] == got["tokens"], cached.stderr
