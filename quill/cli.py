@@ -11,18 +11,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from quill.cli_flags import KV_CACHE_HELP, add_load_flags
 
-COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.export", "quill.train.cli")
+COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.catalog", "quill.export",
+                                    "quill.train.cli")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL plus how to load it: shared by every command that loads a model."""
-    p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
+    p.add_argument("model", help="checkpoint folder, a bundled or stored model's name, or a Hugging Face repo "
+                                  "(org/name[@revision], gpt2, gpt2-medium, ...: downloaded on first use)")
     add_load_flags(p)
 
 
@@ -246,6 +249,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from quill.errors import QuillError
 
     args = build_parser().parse_args(argv)
+    # huggingface_hub logs each retry of a failing request; an error is to be one line (its bars show progress)
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     try:
         args.func(args)
     except (QuillError, FileNotFoundError, IsADirectoryError) as e:

@@ -258,5 +258,6 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         kernels.move_to_huge_pages(itertools.chain(model.parameters(), model.buffers()))
     if compile:
         model = compile_model(model)
-    name = path.name if isinstance(path_or_name, os.PathLike) or os.sep in str(path_or_name) else str(path_or_name)
+    # a folder is named for its last part; a bundled, stored or Hub model by the name it was asked for
+    name = path.name if isinstance(path_or_name, os.PathLike) or Path(path_or_name).is_dir() else str(path_or_name)
     return Engine(model, Tokenizer.load(path), name=name, path=path)

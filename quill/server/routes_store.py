@@ -365,14 +365,9 @@ async def commit_model(name: str, body: CommitRequest, service: StoreService = D
             "parameters": manifest["parameters"], "context_length": manifest["context_length"]}
 
 
-@router.post("/{name}/load", responses=error_responses(413))
-async def load_model(name: str, body: LoadRequest | None = None, state: AppState = Depends(get_state),
-                     service: StoreService = Depends(get_service)):
-    """Load a stored model (replacing a loaded model of that name) at fp32, bf16 or int8."""
-    import quill
-
-    _stored(service, name)
-    dtype = (body.dtype if body and body.dtype else state.config.dtype).lower()
+def load_options(state: AppState, dtype: str | None) -> tuple[str, dict[str, Any]]:
+    """The precision asked for (default: the server's --dtype) and the `quill.load` keywords that give it."""
+    dtype = (dtype or state.config.dtype).lower()
     kw: dict[str, Any] = {"device": state.config.device, "compile": state.config.compile,
                           "kv_cache": state.config.kv_cache}
     if dtype == "int8":
@@ -381,6 +376,17 @@ async def load_model(name: str, body: LoadRequest | None = None, state: AppState
         from quill.engine import parse_dtype
 
         kw["dtype"] = parse_dtype(dtype)
+    return dtype, kw
+
+
+@router.post("/{name}/load", responses=error_responses(413))
+async def load_model(name: str, body: LoadRequest | None = None, state: AppState = Depends(get_state),
+                     service: StoreService = Depends(get_service)):
+    """Load a stored model (replacing a loaded model of that name) at fp32, bf16 or int8."""
+    import quill
+
+    _stored(service, name)
+    dtype, kw = load_options(state, body.dtype if body else None)
     engine = await run_in_threadpool(lambda: quill.load(service.store.path(name), **kw))
     engine.name = name
     state.add_model(name, engine)
