@@ -2,12 +2,15 @@
 
 One server for the module, with two models and an API key: the bundled `shakespeare` when it is installed
 (else a tiny random stand-in, `small`) and `long`, a tiny random model with a 4096-token context for long
-generations. Every test saves a screenshot to docs/screenshots/ (fixed names, overwritten).
+generations. Every test saves a screenshot: into the test's scratch folder, or into docs/screenshots/ (fixed
+names, overwritten) with QUILL_SCREENSHOTS=1, so that a test run leaves the checkout as it found it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +25,8 @@ expect = playwright_sync.expect
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = ROOT / "docs" / "screenshots" if os.environ.get("QUILL_SCREENSHOTS") == "1" else \
+    Path(tempfile.mkdtemp(prefix="quill-screenshots-"))
 BUNDLED = (ROOT / "quill" / "models" / "shakespeare" / "config.json").exists()
 KEY, ADMIN = "web-key", "web-admin"
 PROMPT = "ROMEO:\n"
