@@ -6,7 +6,7 @@ PIP := $(PY) -m pip
 HOST ?= 127.0.0.1
 PORT ?= 8000
 
-.PHONY: run test install install-test bench clean
+.PHONY: run test install install-test bench bench-cost clean
 
 # torch is pinned and installed first: anything that depends on it would otherwise pull a CUDA build.
 $(VENV)/.torch:
@@ -22,6 +22,7 @@ $(VENV)/.installed: $(VENV)/.torch pyproject.toml
 $(VENV)/.installed-test: $(VENV)/.torch pyproject.toml
 	$(PIP) install -q -e '.[test]'
 	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium; }
+	@command -v valgrind >/dev/null || { apt-get update -q && apt-get install -y -q valgrind; }
 	touch $@
 
 install: $(VENV)/.installed
@@ -39,6 +40,10 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 
 bench: $(VENV)/.installed-bench
 	$(PY) bench/decode.py
+
+# Counts instructions under callgrind (valgrind, installed with the test extras): hours on 2 cores; resumable.
+bench-cost: $(VENV)/.installed-bench
+	$(PY) bench/cost.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""The decode benchmark on the CPU: Quill against transformers, ONNX Runtime and llama.cpp.
+"""The decode benchmark on the CPU: Quill against transformers, ONNX Runtime, llama.cpp, CTranslate2, OpenVINO.
 
     python bench/decode.py            # GPT-2 124M (random weights), full run, results in docs/benchmarks/
     python bench/decode.py --quick    # a short run
@@ -15,11 +15,16 @@ One run, on this machine, for one model (default: a random-initialised GPT-2 124
    generated token to the last (prefill excluded);
 3. prefill tok/s: a 512-token prompt up to its first generated token;
 4. batched decode tok/s (all rows together) for 1, 4, 8 and 16 sequences;
-5. quality: top-1 agreement of bf16 and int8 with fp32 along a 160-token greedy fp32 sequence, fed through
-   each model's own KV cache as generation does.
+5. quality: teacher-forced top-1 agreement with Quill fp32 (which agrees with transformers fp32 at every
+   position, tests/test_agreement.py) over the first 512 tokens of bench/data/quality.txt (Shakespeare: a
+   random model's greedy text repeats itself, and its confident choices flatter every precision): the
+   whole text in one forward ("prefill") for every system that returns every position's logits, and for
+   Quill also as generation computes it ("decode": 32 tokens prefilled, then one a step).
 
-Systems (bench/runners.py): Quill fp32/bf16/int8; transformers fp32/bf16/dynamic int8; ONNX Runtime
-fp32/int8; llama.cpp f32/f16/q8_0 when llama-cpp-python is installed.
+Systems (bench/runners.py, bench/peers.py): Quill fp32/bf16/int8; transformers fp32/bf16/dynamic int8;
+ONNX Runtime fp32/int8; llama.cpp f32/f16/q8_0 when llama-cpp-python is installed; CTranslate2 int8,
+int8_float32, bfloat16, float32 (those the CPU supports) and OpenVINO fp32, NNCF int8 and bf16 (where the
+CPU has it) when their packages are installed. A peer that is not installed is left out with a note.
 
 How: each family runs in a worker process of its own (bench/worker.py: their thread pools - torch's
 OpenMP, ORT's, ggml's - must not share a process), driven round by round from here so that load from other
@@ -48,6 +53,10 @@ from runners import (  # noqa: E402
     NEW_TOKENS, PREFILL_LEN, PROMPT_LEN, add_model_arguments, benchmark_model, weight_bytes_per_token,
     write_report,
 )
+import peers  # noqa: E402
+
+QUALITY_TEXT = Path(__file__).resolve().with_name("data") / "quality.txt"
+QUALITY_LEN = 512
 
 BATCHES = (1, 4, 8, 16)
 SLOW_S = 20.0  # a measurement slower than this is taken once (transformers bf16 on CPUs without bf16 GEMM)
@@ -144,6 +153,7 @@ class RemoteRunner:
     bytes_per_weight: float
     batching: bool
     compiled: bool
+    agreement_modes: list[str] = field(default_factory=list)
     threads: dict[str, int] = field(default_factory=dict)
 
     def decode(self, prompt, new, batch=1, threads=None):
@@ -152,6 +162,9 @@ class RemoteRunner:
 
     def prefill(self, prompt, threads=None):
         return self.worker.call(self.name, "prefill", threads or self.threads.get("prefill"), prompt=prompt)
+
+    def top1(self, ids, mode):
+        return self.worker.call(self.name, "top1", self.threads.get("prefill"), ids=ids, mode=mode)
 
 
 # ---- the run ----------------------------------------------------------------------------------------------
@@ -168,21 +181,29 @@ def _median(xs):
     return statistics.median(xs) if xs else None
 
 
-def start_workers(folder: Path, work: Path, systems: set[str], n_ctx: int, log, compile: bool = False) -> list[Worker]:
+def start_workers(folder: Path, work: Path, systems: set[str], n_ctx: int, log, notes: list[str],
+                  compile: bool = False) -> list[Worker]:
     import importlib.util
 
     configs: dict[str, dict] = {}
+    onnx: dict[str, Path] = {}
     if "quill" in systems:
         configs["quill"] = {"folder": str(folder), "compile": compile}
     if "transformers" in systems and importlib.util.find_spec("transformers"):
         configs["transformers"] = {"folder": str(folder)}
-    if "ort" in systems and importlib.util.find_spec("onnxruntime"):
-        from quill.export import export_onnx, quantize_onnx_int8
+    openvino = "openvino" in systems and importlib.util.find_spec("openvino") is not None
+    if ("ort" in systems and importlib.util.find_spec("onnxruntime")) or openvino:
+        from quill.export import export_onnx
 
-        fp32 = work / "onnx" / "model.onnx"
-        if not fp32.exists():
-            log("exporting ONNX ...")
-            export_onnx(folder, fp32.parent, last_logits_only=True)
+        for kind, last_only in (("decode", True), ("scoring", False)):  # scoring: every position's logits
+            onnx[kind] = work / ("onnx" if last_only else "onnx-scoring") / "model.onnx"
+            if not onnx[kind].exists() and (last_only or openvino):
+                log(f"exporting ONNX ({kind}) ...")
+                export_onnx(folder, onnx[kind].parent, last_logits_only=last_only)
+    if "ort" in systems and importlib.util.find_spec("onnxruntime"):
+        from quill.export import quantize_onnx_int8
+
+        fp32 = onnx["decode"]
         int8 = work / "onnx-int8" / "model.onnx"
         if not int8.exists():
             log("quantising ONNX (onnxruntime quantize_dynamic) ...")
@@ -202,6 +223,7 @@ def start_workers(folder: Path, work: Path, systems: set[str], n_ctx: int, log, 
                     export_gguf(folder, path, t)
                 paths[t] = str(path)
             configs["llama.cpp"] = {**paths, "n_ctx": n_ctx}
+    configs.update(peers.prepare(systems, folder, work, onnx, log, notes))
     return [Worker(fam, cfg, work / f"worker-{fam}.log") for fam, cfg in configs.items()]
 
 
@@ -225,7 +247,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     thread_choices = sorted({1, torch.get_num_threads()})
     load_before = os.getloadavg()
     log(f"model {label}; cores {cores}; load {load_before}; runs {runs}")
-    workers = start_workers(folder, work, systems, PREFILL_LEN + 8, log, compile=args.compile)
+    notes: list[str] = []
+    workers = start_workers(folder, work, systems, PREFILL_LEN + 8, log, notes, compile=args.compile)
     runners: list[RemoteRunner] = []
     try:
         for w in workers:
@@ -283,9 +306,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                             for _ in range(3)]
                 profile[r.name] = min(profiles, key=lambda p: p["whole token"])
         if not args.no_quality:
-            q = next((r for r in runners if r.name == "quill fp32"), None)
-            if q is not None:
-                quality = q.worker.call(q.name, "quality")
+            quality = measure_quality(runners, folder, cfg, notes)
     finally:
         for w in workers:
             w.close()
@@ -311,18 +332,36 @@ def run_benchmark(args: argparse.Namespace) -> dict:
         "machine": machine_info(), "load_before": load_before, "load_after": os.getloadavg(),
         "bandwidth_GBps": _median(bandwidth) / 1e9,
         "bandwidth_range_GBps": [min(bandwidth) / 1e9, max(bandwidth) / 1e9],
-        "results": results, "top1_agreement_with_fp32": quality, "decode_profile_ms": profile,
+        "results": results, "top1_agreement_with_fp32": quality, "quality_positions": min(QUALITY_LEN, cfg.n_positions),
+        "notes": notes, "decode_profile_ms": profile,
         "time": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
-    report["goals"] = check_goals(results, batches)
+    report["goals"] = check_goals(results, batches, quality)
     return report
+
+
+def measure_quality(runners: list[RemoteRunner], folder: Path, cfg, notes: list[str]) -> dict:
+    """{system: {mode: agreement}}: each system's teacher-forced top-1 over QUALITY_LEN tokens of the quality
+    text against Quill fp32's, in every way the system computes logits (quill/agreement.py)."""
+    from quill.agreement import top1_agreement
+    from quill.tokenizer import Tokenizer
+
+    ref = next((r for r in runners if r.name == "quill fp32"), None)
+    if ref is None:
+        notes.append("top-1 agreement: not measured (it needs quill fp32 as the reference)")
+        return {}
+    n = min(QUALITY_LEN, cfg.n_positions)
+    ids = [i % cfg.vocab_size for i in Tokenizer.load(folder).encode(QUALITY_TEXT.read_text())[:n]]
+    want = ref.top1(ids, "prefill")
+    return {r.name: {mode: top1_agreement(r.top1(ids, mode), want) for mode in r.agreement_modes}
+            for r in runners if r.agreement_modes}
 
 
 def _find(results, system):
     return next((r for r in results if r["system"] == system), None)
 
 
-def check_goals(results: list[dict], batches) -> dict:
+def check_goals(results: list[dict], batches, quality: dict | None = None) -> dict:
     """The issue's targets, evaluated on this run's medians (None where a peer is missing)."""
     g: dict[str, bool | None] = {}
 
@@ -344,11 +383,17 @@ def check_goals(results: list[dict], batches) -> dict:
     peers_by_precision = {"fp32": ("transformers fp32", "onnxruntime fp32", "llama.cpp f32"),
                           "bf16": ("transformers bf16", "llama.cpp f16"),
                           "int8": ("transformers dynamic int8", "onnxruntime int8", "llama.cpp q8_0")}
-    for p, peers in peers_by_precision.items():
+    for p, names in peers_by_precision.items():
         q = _find(results, f"quill {p}")
-        best = max((r["prefill_tok_s"] for r in results if r["system"] in peers), default=None)
+        others = [r for r in results if r["system"] in names
+                  or (r["family"] in ("ctranslate2", "openvino") and r["precision"] == p)]
+        best = max((r["prefill_tok_s"] for r in others), default=None)
         if q and best:
             g[f"{p} prefill-512 >= best peer"] = q["prefill_tok_s"] >= best
+        best_top1 = max((quality[r["system"]]["prefill"] for r in others if r["system"] in (quality or {})),
+                        default=None)
+        if q and best_top1 is not None and q["system"] in quality:
+            g[f"{p} top-1 agreement (prefill) >= best peer's"] = quality[q["system"]]["prefill"] >= best_top1
     if 8 in batches:
         for q in (q32, q16, q8):
             if q and q["batched_tok_s"].get(8):
@@ -407,8 +452,14 @@ def format_report(rep: dict) -> str:
         for part in parts:
             lines.append(f"| {part} | " + " | ".join(f"{prof[n][part]:.2f}" for n in names) + " |")
     if rep.get("top1_agreement_with_fp32"):
-        lines += ["", "Top-1 agreement with Quill fp32 (teacher-forced, 160 positions): " + ", ".join(
-            f"{k} {100 * v:.1f}%" for k, v in rep["top1_agreement_with_fp32"].items())]
+        lines += ["", f"Top-1 agreement with Quill fp32 (= transformers fp32), teacher-forced over "
+                  f"{rep['quality_positions']} tokens of bench/data/quality.txt; prefill: the text in one forward, "
+                  "decode: 32 tokens prefilled, then one a step:", "", "| system | prefill | decode |", "|---|---|---|"]
+        for name, modes in rep["top1_agreement_with_fp32"].items():
+            lines.append(f"| {name} | " + " | ".join(f"{100 * modes[m]:.1f}%" if m in modes else "-"
+                                                    for m in ("prefill", "decode")) + " |")
+    if rep.get("notes"):
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in rep["notes"]]
     if rep.get("goals"):
         lines += ["", "Goals (this run):", ""] + [f"- {'PASS' if ok else 'FAIL'}: {k}" for k, ok in rep["goals"].items()]
     return "\n".join(lines) + "\n"
@@ -460,8 +511,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.splitlines()[1])
     add_model_arguments(p)
     p.add_argument("--quick", action="store_true", help="short run: 3 rounds, 32 new tokens, batches 1 and 8")
-    p.add_argument("--systems", default="quill,transformers,ort,llama",
-                   help="comma-separated subset of quill,transformers,ort,llama")
+    p.add_argument("--systems", default="quill,transformers,ort,llama,ct2,openvino",
+                   help="comma-separated subset of quill,transformers,ort,llama,ct2,openvino")
     p.add_argument("--no-quality", action="store_true", help="skip the top-1 agreement check")
     p.add_argument("--compile", action="store_true", help="also measure Quill fp32 through torch.compile")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu",

@@ -3,7 +3,8 @@
 
 Systems: Quill fp32/bf16/int8; transformers fp32/bf16/dynamic int8 (every Linear incl. lm_head, after
 turning GPT-2's Conv1D layers into Linear); ONNX Runtime fp32/int8 (Quill's exporter, int8 via
-onnxruntime.quantization.quantize_dynamic); llama.cpp f32/f16/q8_0 through llama-cpp-python.
+onnxruntime.quantization.quantize_dynamic); llama.cpp f32/f16/q8_0 through llama-cpp-python; CTranslate2
+and OpenVINO in bench/peers.py.
 
 This module imports neither torch nor quill at the top: the llama.cpp worker (bench/worker.py) loads it
 without them, so that ggml's thread pool never shares a process with torch's OpenMP.
@@ -41,13 +42,15 @@ class Runner:
     compiled = False  # torch.compile'd (Quill's --compile): no kernel profile, compiled during the warm-up
     device = "cpu"  # "cuda": bench/decode_cuda.py's runs on a GPU
 
+    agreement_modes: tuple[str, ...] = ()  # the ways `top1` computes logits (quill/agreement.py's modes)
+
     def __init__(self, name: str, precision: str):
         self.name, self.precision = name, precision
 
     def describe(self) -> dict:
         return {"name": self.name, "family": self.family, "precision": self.precision,
                 "bytes_per_weight": BYTES_PER_WEIGHT[self.precision], "batching": self.batching,
-                "compiled": self.compiled}
+                "compiled": self.compiled, "agreement_modes": list(self.agreement_modes)}
 
     def set_threads(self, n: int) -> None:
         import torch
@@ -69,9 +72,14 @@ class Runner:
         """Seconds from the call to the first generated token."""
         raise NotImplementedError
 
+    def top1(self, ids: list[int], mode: str = "prefill") -> list[int]:
+        """The most likely next token at every position of `ids`, teacher-forced (one of agreement_modes)."""
+        raise NotImplementedError
+
 
 class QuillRunner(Runner):
     family = "quill"
+    agreement_modes = ("prefill", "decode")
 
     def __init__(self, folder: str, precision: str, compile: bool = False, device: str = "cpu",
                  cuda_graphs: bool = True):
@@ -116,29 +124,10 @@ class QuillRunner(Runner):
         parts["whole token"] = wall
         return parts
 
-    def quality(self, n_tokens: int = 160) -> dict:
-        """Top-1 agreement of bf16 and int8 Quill with this (fp32) engine, teacher-forced on its own greedy text
-        as generation computes it: the prompt prefilled into each model's own KV cache, then a token a step."""
-        import quill
-        import torch
+    def top1(self, ids, mode="prefill"):
+        from quill.agreement import position_logits, top1
 
-        prompt = list(range(1000, 1000 + PROMPT_LEN))
-        seq = prompt + self.engine.generate(prompt, n_tokens - PROMPT_LEN, temperature=0, ignore_eos=True).tokens
-        ids = torch.tensor([seq])
-
-        def choices(model) -> torch.Tensor:
-            cache = model.new_cache(1, len(seq))
-            logits = [model(ids[:, :PROMPT_LEN], 0, cache)]
-            logits += [model(ids[:, t:t + 1], t, cache) for t in range(PROMPT_LEN, len(seq))]
-            return torch.cat(logits, 1)[0].float().argmax(-1)
-
-        out = {}
-        with torch.inference_mode():
-            want = choices(self.engine.model)
-            for name, kw in (("bf16", dict(dtype="bfloat16")), ("int8", dict(quantize="int8"))):
-                got = choices(quill.load(self.engine.path, **kw).model)
-                out[name] = float((got == want).float().mean())
-        return out
+        return top1(position_logits(self.engine.model, ids, mode, PROMPT_LEN))
 
 
 class _FirstTokenTimer:

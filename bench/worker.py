@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """A benchmark worker process: `python bench/worker.py FAMILY CONFIG_JSON`, started by bench/decode.py.
 
-Each family (quill, transformers, onnxruntime, llama.cpp) runs in a process of its own because their thread
+Each family (quill, transformers, onnxruntime, llama.cpp, ctranslate2, openvino) runs in a process of its own because their thread
 pools (torch's OpenMP, ORT's, ggml's) must not share one. This script builds the family's runners
 (bench/runners.py) and answers the driver's JSON-line requests; it imports torch or quill only when the
 family's runners do, so the llama.cpp worker never loads them.
@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's quill, as the driver uses
 
+import peers  # noqa: E402
 from runners import LlamaRunner, OrtRunner, QuillRunner, Runner, TransformersRunner  # noqa: E402
 
 
@@ -29,7 +30,10 @@ def _local_runners(family: str, cfg: dict) -> list[Runner]:
         return [OrtRunner(cfg["fp32"], "fp32"), OrtRunner(cfg["int8"], "int8")]
     if family == "llama.cpp":
         return [LlamaRunner(cfg[t], t, cfg["n_ctx"]) for t in ("f32", "f16", "q8_0")]
-    raise ValueError(family)
+    found = peers.runners(family, cfg)
+    if found is None:
+        raise ValueError(family)
+    return found
 
 
 def worker_main(family: str, cfg_json: str) -> None:

@@ -11,18 +11,21 @@ from __future__ import annotations
 import argparse
 import importlib
 import json
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from quill.cli_flags import add_load_flags
+from quill.cli_flags import KV_CACHE_HELP, add_load_flags
 
-COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.export", "quill.train.cli")
+COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.catalog", "quill.export",
+                                    "quill.train.cli")
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL plus how to load it: shared by every command that loads a model."""
-    p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
+    p.add_argument("model", help="checkpoint folder, a bundled or stored model's name, or a Hugging Face repo "
+                                  "(org/name[@revision], gpt2, gpt2-medium, ...: downloaded on first use)")
     add_load_flags(p)
 
 
@@ -185,6 +188,25 @@ def cmd_eval(args: argparse.Namespace) -> None:
                       "perplexity": score.perplexity}))
 
 
+def cmd_cost(args: argparse.Namespace) -> None:
+    from quill.costtable import ModelSpec, measure, parse_lengths
+    from quill.resolve import resolve
+
+    inputs, outputs = parse_lengths(args.inputs, "inputs"), parse_lengths(args.outputs, "outputs")
+    spec = ModelSpec(str(resolve(args.model)), args.dtype, args.quantize, args.kv_cache)
+    table = measure(spec, inputs, outputs, instructions=args.instructions, no_cache=args.no_cache)
+    if args.json:
+        print(json.dumps([c.to_json() for c in table], indent=2))
+        return
+    columns = ["input_tokens", "output_tokens", "flops", "flops_no_cache", "seconds", "instructions",
+               "instructions_no_cache"]
+    rows = [c.to_json() for c in table]
+    columns = [k for k in columns if k in rows[0]]
+    print("\t".join(columns))
+    for row in rows:
+        print("\t".join(f"{row[k]:.4f}" if k == "seconds" else f"{row[k]:,}" for k in columns))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="quill", description="Fast GPT-2-family inference, serving and training.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -229,6 +251,20 @@ def build_parser() -> argparse.ArgumentParser:
                    help="int8 weights, fp32 per-channel scales (the default)")
     p.set_defaults(func=cmd_quantize)
 
+    p = sub.add_parser("cost", help="FLOPs, wall time and counted instructions of calls (docs/cost.md)")
+    p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
+    p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
+    p.add_argument("--quantize", default=None, choices=("int8",), help="quantise the weights on load")
+    p.add_argument("--kv-cache", default=None, metavar="DTYPE", help=KV_CACHE_HELP)
+    p.add_argument("--inputs", default="1,2,4,8,16,32,64,128", help="prompt lengths, comma-separated")
+    p.add_argument("--outputs", default="1,2,4,8", help="generated lengths, comma-separated")
+    p.add_argument("--instructions", action="store_true",
+                   help="count each call's instructions under valgrind's callgrind (slow: ~50x)")
+    p.add_argument("--no-cache", action="store_true",
+                   help="also count the instructions of a real run without KV cache (implies --instructions)")
+    p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
+    p.set_defaults(func=cmd_cost)
+
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(sub)
     return parser
@@ -239,6 +275,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from quill.errors import QuillError
 
     args = build_parser().parse_args(argv)
+    # huggingface_hub logs each retry of a failing request; an error is to be one line (its bars show progress)
+    os.environ.setdefault("HF_HUB_VERBOSITY", "error")
     try:
         args.func(args)
     except (QuillError, FileNotFoundError, IsADirectoryError) as e:

@@ -238,7 +238,10 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
 
     `quantize="int8"` quantises every Linear (and a tied embedding) to int8 weights on load; a folder written
     by `quill quantize` loads as int8 by itself. `compile=True` runs the model through torch.compile.
-    `kv_cache` is the KV cache's dtype; by default the activations' dtype, except bfloat16 for an int8 model
+    On the CPU a half `dtype` (bfloat16, float16) stores the projection matrices and the token embedding in it
+    and computes in fp32 (`GPT.weights_to`): as fast, and the residual stream stays out of half rounding.
+    `kv_cache` is the KV cache's dtype; by default the activations' dtype (the half dtype for half weights on
+    the CPU), except bfloat16 for an int8 model
     with float32 activations (as llama.cpp keeps f16 caches): decode reads the whole cache every step, and at
     GPT-2 124M's 1024 positions an fp32 cache is 75 MB against 124 MB of int8 weights (docs/performance.md).
     """
@@ -252,13 +255,17 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         raise InvalidParameter(f"unknown quantize mode {quantize!r} (supported: {', '.join(quantization.MODES)})",
                                "quantize")
     kv_dtype = parse_dtype(kv_cache, "kv_cache") if kv_cache is not None else None
+    dtype = parse_dtype(dtype)
     with cuda_turn(device):  # never while another thread captures a CUDA graph
         if quantization.quantization_config(path) is not None:
-            model = quantization.load_quantized(path, parse_dtype(dtype), device)
+            model = quantization.load_quantized(path, dtype, device)
+        elif quantize is not None:
+            model = quantization.quantize_model(load_model(path, dtype, device), quantize)
+        elif device == "cpu" and dtype != torch.float32:  # half matrices, fp32 activations, a half KV cache
+            model = load_model(path, torch.float32, device).weights_to(dtype)
+            kv_dtype = kv_dtype or dtype
         else:
-            model = load_model(path, parse_dtype(dtype), device)
-            if quantize is not None:
-                model = quantization.quantize_model(model, quantize)
+            model = load_model(path, dtype, device)
     if kv_dtype is None and quantization.is_quantized_model(model) and model.dtype == torch.float32:
         kv_dtype = torch.bfloat16
     model.kv_dtype = kv_dtype
@@ -266,5 +273,6 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         kernels.move_to_huge_pages(itertools.chain(model.parameters(), model.buffers()))
     if compile:
         model = compile_model(model)
-    name = path.name if isinstance(path_or_name, os.PathLike) or os.sep in str(path_or_name) else str(path_or_name)
+    # a folder is named for its last part; a bundled, stored or Hub model by the name it was asked for
+    name = path.name if isinstance(path_or_name, os.PathLike) or Path(path_or_name).is_dir() else str(path_or_name)
     return Engine(model, Tokenizer.load(path), name=name, path=path)

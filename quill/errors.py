@@ -57,3 +57,32 @@ class ContinuationError(InvalidParameter):
 
 class ModelNotFound(QuillError):
     """A model name that is neither a checkpoint folder nor a bundled or stored model."""
+
+
+class HubError(QuillError):
+    """A Hugging Face Hub model that could not be had; `repo` is what was looked for, `where` the endpoint or
+    cache it was looked for in."""
+
+    def __init__(self, message: str, repo: str, where: str):
+        super().__init__(message)
+        self.repo, self.where = repo, where
+
+
+class HubModelNotFound(HubError, ModelNotFound):
+    """No such repo (or revision) on the Hub, or one that is private to others."""
+
+
+class HubAccessDenied(HubError):
+    """A gated or private repo, and no token (HF_TOKEN) that may read it."""
+
+
+class NotGPT2Checkpoint(HubError):
+    """A repo that is not a GPT-2 checkpoint Quill can load: another model_type, no weights or no tokenizer."""
+
+
+class HubUnreachable(HubError):
+    """The Hub cannot be reached (no network, offline mode, an error on its side) and the cache lacks the model."""
+
+
+class HubDiskFull(HubError):
+    """The disk of the Hugging Face cache filled up during a download (nothing half-written is kept)."""

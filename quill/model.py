@@ -62,6 +62,9 @@ class Linear(nn.Linear):
         if half and kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
+        if x.dtype != w.dtype:  # half weights under fp32 activations (GPT.weights_to): the half GEMM takes half
+            y = F.linear(x.to(w.dtype), w).to(x.dtype)
+            return y if self.bias is None else y + self.bias
         return F.linear(x, w, self.bias)
 
     def kernel_args(self) -> tuple[Tensor, None, Tensor | None]:
@@ -441,6 +444,21 @@ class GPT(nn.Module):
         if decoder is None:
             decoder = self.__dict__["_decode_state"] = plan.Decoder()
         return decoder
+
+    def weights_to(self, dtype: torch.dtype) -> GPT:
+        """Store the projection matrices and the token embedding in `dtype`, in place; the activations,
+        LayerNorms, biases and the position embedding keep the model's dtype.
+
+        bf16 matrices under fp32 activations read as few bytes a decode step as a bf16 model (the kernels
+        widen weights to fp32 in registers either way) but keep the residual stream out of bf16's rounding,
+        which is what costs a bf16 model its top-1 agreement with fp32 (docs/performance.md, "Quality").
+        """
+        with torch.no_grad():
+            for m in self.modules():
+                if isinstance(m, nn.Linear) or m is self.transformer.wte:
+                    m.weight.data = m.weight.data.to(dtype)  # .data: a tied head and embedding stay one tensor
+        self.forget_decode_plan()
+        return self
 
     def forget_decode_plan(self) -> None:
         """Drop the decode kernels' plan and buffers; call after swapping modules in place (`quantize_model`)."""

@@ -1,8 +1,10 @@
 """`quill push MODEL_DIR NAME`: upload a checkpoint folder to a server's model store and publish it.
 
-Each file goes up with tus (the `tuspy` client) in chunks, each chunk with an Upload-Checksum; the upload
-URLs are kept in a small resume file under the user's cache dir, so running the same command again after an
-interruption (network, Ctrl-C, a server restart) continues every file from the offset the server reports.
+Each file goes up with tus (the `tuspy` client) in chunks, each chunk with an Upload-Checksum, under a progress
+bar. While the server is unreachable or answers 5xx (a restart), every step is retried with backoff for up to
+--retry-for seconds, and the file continues from the offset the server reports (tus HEAD). The upload URLs are
+kept in a small resume file under the user's cache dir, so running the same command again after an interruption
+that outlasted that (or Ctrl-C) continues too.
 Then the files are committed with their SHA-256s: the server verifies and checks them and publishes the model.
 """
 
@@ -13,6 +15,7 @@ import hashlib
 import json
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +24,9 @@ from quill.atomic import write_json_durably
 from quill.store import StoreError, file_kind, parse_size, sha256_file, validate_file_name, validate_model_name
 
 DEFAULT_CHUNK = "2MB"
+DEFAULT_RETRY_FOR = 300.0  # seconds one outage may last (a server restart, a network blip) before push gives up
+MAX_DELAY = 5.0  # the longest wait between tries: a server that is back is found within seconds
+TRANSIENT_STATUS = {500, 502, 503, 504}
 
 
 class PushError(QuillError):
@@ -40,6 +46,9 @@ def register(subparsers) -> None:
                                                              f"{DEFAULT_CHUNK})")
     p.add_argument("--replace", action="store_true", help="replace a stored model of that name")
     p.add_argument("--load", action="store_true", help="load the model on the server once it is published")
+    p.add_argument("--retry-for", type=float, default=DEFAULT_RETRY_FOR, metavar="SECONDS",
+                   help=f"keep retrying (with backoff) while the server is unreachable or answers 5xx, for up to "
+                        f"this long per outage (default {DEFAULT_RETRY_FOR:g})")
     p.add_argument("--quiet", action="store_true", help="print only the result")
     p.set_defaults(func=cmd_push)
 
@@ -122,48 +131,121 @@ def _server_message(e: Exception) -> str:
 
 def _print(quiet: bool, *args) -> None:
     if not quiet:
-        print(*args, file=sys.stderr, flush=True)
+        from tqdm import tqdm
+
+        tqdm.write(" ".join(map(str, args)), file=sys.stderr)  # above the progress bars, not through them
+
+
+class _ServerError(Exception):
+    """A 5xx answer to a plain request (commit, load): the server may be restarting."""
+
+    def __init__(self, response):
+        super().__init__(f"HTTP {response.status_code}")
+        self.status_code = response.status_code
+
+
+def _transient(e: Exception) -> bool:
+    """Worth trying again: the server is unreachable, timed out or answered 500/502/503/504 (a restart); not a
+    4xx (a refusal) nor 507 (a full disk, which waiting does not cure)."""
+    import requests
+
+    status = getattr(e, "status_code", None)
+    if status is not None:
+        return status in TRANSIENT_STATUS
+    if isinstance(e, (requests.ConnectionError, requests.Timeout, _ServerError)):
+        return True
+    from tusclient.exceptions import TusCommunicationError, TusUploadFailed
+
+    return isinstance(e, (TusCommunicationError, TusUploadFailed))  # no status: the request itself failed
+
+
+def _describe(e: Exception) -> str:
+    return " ".join(_server_message(e).split())[:200]
+
+
+class Retrier:
+    """Runs a step again with exponential backoff (0.5 s doubling, at most MAX_DELAY) while the server is away,
+    for up to `seconds` from the first failure of one outage; any success starts the count again."""
+
+    def __init__(self, seconds: float, url: str, quiet: bool):
+        self.seconds, self.url, self.quiet = seconds, url, quiet
+
+    def run(self, what: str, step):
+        delay, since = 0.5, None
+        while True:
+            try:
+                return step()
+            except Exception as e:  # sorted below: only transient failures are retried
+                if not _transient(e):
+                    raise
+                now = time.monotonic()
+                since = now if since is None else since
+                if now - since + delay > self.seconds:
+                    raise PushError(f"{what} failed: {self.url} did not answer within {self.seconds:g} s "
+                                    f"(--retry-for): {_describe(e)}") from None
+                if delay == 0.5:
+                    _print(self.quiet, f"{what}: {_describe(e)}; retrying for up to {self.seconds:g} s")
+                time.sleep(delay)
+                delay = min(delay * 2, MAX_DELAY)
 
 
 def upload_file(client, path: Path, name: str, sha256: str, chunk_size: int, resume: ResumeFile, url: str,
-                quiet: bool = False) -> None:
-    """Upload one file (resuming a stored upload URL when the server still has it)."""
+                retry: Retrier, quiet: bool = False) -> None:
+    """Upload one file with a progress bar, resuming a stored upload URL when the server still has it and
+    continuing from the server's offset (tus HEAD) after each failure."""
+    from tqdm import tqdm
     from tusclient.exceptions import TusCommunicationError, TusUploadFailed
 
     size = path.stat().st_size
     key = ResumeFile.key(url, name, path.name, sha256)
     metadata = {"model": name, "filename": path.name, "filetype": "application/octet-stream"}
-    stored = resume.get(key)
-    uploader = None
-    if stored:
-        try:
-            uploader = client.uploader(file_path=str(path), url=stored, chunk_size=chunk_size, metadata=metadata,
-                                       upload_checksum=True, retries=2, retry_delay=1)
-            _print(quiet, f"{path.name}: resuming at {uploader.offset} of {size} bytes")
-        except (TusCommunicationError, TusUploadFailed) as e:
-            if getattr(e, "status_code", None) not in (404, 410):
-                raise PushError(f"cannot resume {path.name}: {_server_message(e)}") from None
-            uploader = None  # gone (committed, expired or deleted): start again
-            resume.set(key, None)
+    options = dict(file_path=str(path), chunk_size=chunk_size, metadata=metadata, upload_checksum=True, retries=0)
+
+    def open_upload():
+        stored = resume.get(key)
+        if stored:
+            try:
+                return client.uploader(url=stored, **options)  # HEAD: the server's offset
+            except (TusCommunicationError, TusUploadFailed) as e:
+                if getattr(e, "status_code", None) not in (404, 410):
+                    raise
+                resume.set(key, None)  # gone (committed, expired or deleted): start again
+        uploader = client.uploader(**options)
+        uploader.set_url(uploader.create_url())
+        uploader.offset = 0
+        resume.set(key, uploader.url)
+        return uploader
+
+    resync = [False]  # after a failed chunk, ask the server where the upload stands before sending more
     try:
-        if uploader is None:
-            uploader = client.uploader(file_path=str(path), chunk_size=chunk_size, metadata=metadata,
-                                       upload_checksum=True, retries=2, retry_delay=1)
-            uploader.set_url(uploader.create_url())
-            uploader.offset = 0
-            resume.set(key, uploader.url)
-        while uploader.offset < size:
-            uploader.upload_chunk()
-            _print(quiet, f"{path.name}: {uploader.offset} of {size} bytes")
-        if size == 0:
-            _print(quiet, f"{path.name}: 0 bytes")
+        uploader = retry.run(f"upload of {path.name}", open_upload)
+        with tqdm(total=size, initial=uploader.offset, desc=path.name, unit="B", unit_scale=True, unit_divisor=1024,
+                  disable=quiet, file=sys.stderr, dynamic_ncols=True) as bar:
+            while uploader.offset < size:
+                retry.run(f"upload of {path.name}", lambda: _next_chunk(uploader, resync, path.name, size, quiet))
+                bar.update(uploader.offset - bar.n)
     except (TusCommunicationError, TusUploadFailed) as e:
         raise PushError(f"upload of {path.name} failed: {_server_message(e)}") from None
 
 
+def _next_chunk(uploader, resync: list[bool], filename: str, size: int, quiet: bool) -> None:
+    """Send one chunk; after a failure, first continue from the offset the server reports (tus HEAD)."""
+    if resync[0]:
+        uploader.offset = uploader.get_offset()
+        resync[0] = False
+        _print(quiet, f"{filename}: the server has {uploader.offset} of {size} bytes; continuing")
+    try:
+        uploader.upload_chunk()
+    except Exception:
+        resync[0] = True
+        raise
+
+
 def push(model_dir: str | os.PathLike, name: str, url: str, admin_key: str | None, chunk_size: int | str = DEFAULT_CHUNK,
-         replace: bool = False, load: bool = False, quiet: bool = False) -> dict[str, Any]:
-    """Upload and commit `model_dir` as `name`; returns the server's commit answer."""
+         replace: bool = False, load: bool = False, quiet: bool = False,
+         retry_for: float = DEFAULT_RETRY_FOR) -> dict[str, Any]:
+    """Upload and commit `model_dir` as `name`, riding out server restarts for up to `retry_for` seconds each;
+    returns the server's commit answer."""
     import requests
     from tusclient.client import TusClient
 
@@ -171,6 +253,8 @@ def push(model_dir: str | os.PathLike, name: str, url: str, admin_key: str | Non
     chunk = parse_size(chunk_size, "chunk_size")
     if chunk < 1:
         raise PushError("--chunk-size must be at least 1 byte")
+    if retry_for < 0:
+        raise PushError("--retry-for must be at least 0 seconds")
     url = url.rstrip("/")
     headers = {"Authorization": f"Bearer {admin_key}"} if admin_key else {}
     files, skipped = model_files(Path(model_dir))
@@ -179,18 +263,26 @@ def push(model_dir: str | os.PathLike, name: str, url: str, admin_key: str | Non
     sums = {p.name: sha256_file(p) for p in files}
     resume = ResumeFile(resume_file())
     client = TusClient(f"{url}/v1/uploads", headers=headers)
+    retry = Retrier(retry_for, url, quiet)
+
+    def post(path: str, body: dict):
+        r = requests.post(f"{url}{path}", json=body, headers=headers, timeout=600)
+        if r.status_code in TRANSIENT_STATUS:
+            raise _ServerError(r)
+        return r
+
     try:
         for p in files:
-            upload_file(client, p, name, sums[p.name], chunk, resume, url, quiet)
-        r = requests.post(f"{url}/v1/models/{name}/commit", json={"files": sums, "replace": replace}, headers=headers,
-                          timeout=600)
+            upload_file(client, p, name, sums[p.name], chunk, resume, url, retry, quiet)
+        r = retry.run(f"commit of {name}", lambda: post(f"/v1/models/{name}/commit",
+                                                         {"files": sums, "replace": replace}))
         answer = _json(r)
         if r.status_code != 200:
             raise PushError(f"commit of {name} failed: HTTP {r.status_code}: {_error(answer, r)}")
         for p in files:
             resume.set(ResumeFile.key(url, name, p.name, sums[p.name]), None)
         if load:
-            r = requests.post(f"{url}/v1/models/{name}/load", json={}, headers=headers, timeout=600)
+            r = retry.run(f"loading {name}", lambda: post(f"/v1/models/{name}/load", {}))
             if r.status_code != 200:
                 raise PushError(f"{name} is published but loading it failed: HTTP {r.status_code}: "
                                 f"{_error(_json(r), r)}")
@@ -217,7 +309,7 @@ def _error(answer: dict, r) -> str:
 
 def cmd_push(args: argparse.Namespace) -> None:
     answer = push(args.model_dir, args.name, args.url, args.admin_key or os.environ.get("QUILL_ADMIN_KEY"),
-                  args.chunk_size, args.replace, args.load, args.quiet)
+                  args.chunk_size, args.replace, args.load, args.quiet, args.retry_for)
     size = answer.get("bytes") or 0
     print(f"published {args.name}: {len(answer.get('files') or {})} files, {size:,} bytes, "
           f"{answer.get('parameters', 0):,} parameters" + (", loaded" if answer.get("loaded") else ""))

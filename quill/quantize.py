@@ -2,9 +2,11 @@
 
 Every `nn.Linear` of a GPT (the fused qkv, attention output, both MLP projections and the lm_head) becomes an
 `Int8Linear`: int8 weights [out, in] with one fp32 scale per output channel (symmetric, no zero point:
-`w ~= q * scale[:, None]`, `q` in [-127, 127], `scale = max|w_row| / 127`). A tied token embedding becomes
-an `Int8Embedding` that shares the lm_head's int8 matrix and dequantises the rows it gathers. Activations,
-LayerNorms, biases and the position embedding stay in the model's dtype.
+`w ~= q * scale[:, None]`, `q` in [-127, 127], `scale = max|w_row| / 127`). A tied token embedding is kept
+apart from the int8 head, in float (bf16 under fp32 activations): the rows the input side gathers are not
+rounded to int8 (teacher-forced top-1 over 512 positions +0.8 points, docs/performance.md; one row read a
+token, so no speed is lost, at 2 bytes a weight of memory). Activations, LayerNorms, biases and the
+position embedding stay in the model's dtype.
 
 Decode steps (a few rows at a time) run on `quill.kernels`, which read 1 byte per weight and meet int16
 activations (one scale per row: near-exact); longer inputs (prefill) run on whichever is fastest on this
@@ -20,9 +22,10 @@ Tensor names are Hugging Face GPT-2 names. For each quantised layer:
     <layer>.weight_scale  float32 [out_features]
     <layer>.bias          float   [out_features]                (the config's torch_dtype)
 
-The tied embedding is stored once as `transformer.wte.weight` (int8 [vocab, n_embd]) and
-`transformer.wte.weight_scale` (float32 [vocab]); an untied model also has `lm_head.weight`/`weight_scale`
-and keeps `transformer.wte.weight` in float. LayerNorms and `transformer.wpe.weight` are float.
+The head is `lm_head.weight` (int8 [vocab, n_embd]) with `lm_head.weight_scale` (float32 [vocab]), tied or
+not, and `transformer.wte.weight` is float. Checkpoints written before the embedding was kept apart store
+the tied head once as `transformer.wte.weight`/`weight_scale` (int8) and no `lm_head.*`: they load with the
+embedding dequantised from it. LayerNorms and `transformer.wpe.weight` are float.
 """
 
 from __future__ import annotations
@@ -141,26 +144,10 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"
 
 
-class Int8Embedding(nn.Module):
-    """Token embedding over an int8 matrix with per-row scales: gathered rows are dequantised on lookup."""
-
-    def __init__(self, weight: Tensor, scale: Tensor, dtype: torch.dtype):
-        super().__init__()
-        self.num_embeddings, self.embedding_dim = weight.shape
-        self.register_buffer("weight", weight)
-        self.register_buffer("weight_scale", scale)
-        # an empty float buffer that follows model.to(dtype): the dtype lookups return
-        self.register_buffer("_dtype_anchor", torch.empty(0, dtype=dtype, device=weight.device), persistent=False)
-
-    def forward(self, idx: Tensor) -> Tensor:
-        dtype = self._dtype_anchor.dtype
-        if idx.device.type == "cpu" and dtype in kernels.FLOAT_DTYPES and kernels.available():
-            return kernels.gather_int8(self.weight, self.weight_scale.float().contiguous(), idx, dtype)
-        rows = self.weight[idx].to(torch.float32) * self.weight_scale.float()[idx].unsqueeze(-1)
-        return rows.to(dtype)
-
-    def extra_repr(self) -> str:
-        return f"{self.num_embeddings}, {self.embedding_dim}, int8"
+def input_embedding(weight: Tensor, dtype: torch.dtype) -> nn.Embedding:
+    """The token embedding of an int8 model of activation dtype `dtype`: float rows, bf16 under fp32."""
+    rows = weight.detach().to(torch.bfloat16 if dtype == torch.float32 else dtype)
+    return nn.Embedding(*rows.shape, _weight=rows, _freeze=True, device=rows.device)
 
 
 def _linear_names(model: GPT) -> list[str]:
@@ -175,7 +162,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def quantize_model(model: GPT, mode: str = "int8") -> GPT:
-    """Swap every nn.Linear (and a tied embedding) of `model` for int8 modules, in place; returns the model."""
+    """Swap every nn.Linear of `model` for an Int8Linear, in place (a tied embedding stays float, apart from
+    the head: `input_embedding`); returns the model."""
     if mode not in MODES:
         raise InvalidParameter(f"unknown quantize mode {mode!r} (supported: {', '.join(MODES)})", "quantize")
     if is_quantized_model(model):
@@ -186,14 +174,13 @@ def quantize_model(model: GPT, mode: str = "int8") -> GPT:
         for name in _linear_names(model):
             _set_module(model, name, Int8Linear.from_linear(model.get_submodule(name)))
         if tied:
-            head = model.lm_head
-            model.transformer.wte = Int8Embedding(head.weight, head.weight_scale, dtype)
+            model.transformer.wte = input_embedding(model.transformer.wte.weight, dtype)
     model.forget_decode_plan()
     return model.eval()
 
 
 def is_quantized_model(model: nn.Module) -> bool:
-    return any(isinstance(m, (Int8Linear, Int8Embedding)) for m in model.modules())
+    return any(isinstance(m, Int8Linear) for m in model.modules())
 
 
 # ---- checkpoints ------------------------------------------------------------------------------------------
@@ -222,15 +209,13 @@ def save_quantized(model: GPT, folder: str | os.PathLike, source: str | os.PathL
     folder.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, Tensor] = {}
     for key, t in model.state_dict().items():
-        if model.config.tie_word_embeddings and key.startswith("lm_head."):
-            continue  # the tied head is transformer.wte.weight / weight_scale
         tensors[key] = t.detach().cpu().contiguous()
     config = model.config.to_hf()
     config["torch_dtype"] = str(model.dtype).removeprefix("torch.")
     config["quantization_config"] = {
         "quant_method": QUANT_METHOD, "bits": 8, "symmetric": True, "granularity": "per_output_channel",
         "weight_layout": "out_in", "scale_suffix": "weight_scale",
-        "modules": "all Linear layers" + (" and the tied token embedding" if model.config.tie_word_embeddings else ""),
+        "modules": "all Linear layers (the token embedding stays float)",
     }
     atomic_write(folder / SAFETENSORS_FILE,
                  lambda p: save_file(tensors, p, metadata={"format": "pt", "quantization": QUANT_METHOD}))
@@ -265,7 +250,7 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     tied = config.tie_word_embeddings
     for name in _linear_names(model):
         if tied and name == "lm_head":
-            continue
+            continue  # below, with the embedding it was tied to
         meta = model.get_submodule(name)
         out_f, in_f = meta.weight.shape
         q = take(f"{name}.weight", torch.int8, (out_f, in_f))
@@ -274,11 +259,15 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
         _set_module(model, name, Int8Linear(q, s, b))
     if tied:
         v, c = config.vocab_size, config.n_embd
-        q = take("transformer.wte.weight", torch.int8, (v, c))
-        s = take("transformer.wte.weight_scale", torch.float32, (v,))
-        head = Int8Linear(q, s, None)
-        model.lm_head = head
-        model.transformer.wte = Int8Embedding(head.weight, head.weight_scale, dtype)
+        shared = "lm_head.weight" not in tensors  # the earlier layout: one int8 matrix, the head's, for both
+        head = "transformer.wte" if shared else "lm_head"
+        model.lm_head = Int8Linear(take(f"{head}.weight", torch.int8, (v, c)),
+                                   take(f"{head}.weight_scale", torch.float32, (v,)), None)
+        rows = model.lm_head.dequantized(torch.float32) if shared else take("transformer.wte.weight", None, (v, c))
+        if not rows.is_floating_point():
+            raise CheckpointError(f"tensor 'transformer.wte.weight' has dtype {rows.dtype}, expected a "
+                                  "floating-point type", SAFETENSORS_FILE)
+        model.transformer.wte = input_embedding(rows, dtype)
     rest = {}
     for key, p in model.state_dict().items():  # the float parameters still on the meta device
         if p.device.type == "meta":
@@ -292,5 +281,5 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     return model.eval()
 
 
-__all__ = ["Int8Linear", "Int8Embedding", "quantize_model", "quantize_weight", "save_quantized", "load_quantized",
+__all__ = ["Int8Linear", "input_embedding", "quantize_model", "quantize_weight", "save_quantized", "load_quantized",
            "quantization_config", "is_quantized_model", "QUANT_METHOD"]

@@ -2,7 +2,7 @@
 
 `resolve(MODEL)` tries each lookup of LOOKUPS in order and returns the first folder found: a folder on disk,
 then a model bundled with the package (quill/models/), then a model published to the default store
-(quill/store.py). A new source of models is one more function `(name) -> Path | None` in LOOKUPS.
+(quill/store.py), then a Hugging Face Hub repo id or GPT-2 family alias (quill/hub.py: the cache, else a download). A new source of models is one more function `(name) -> Path | None` in LOOKUPS.
 """
 
 from __future__ import annotations
@@ -39,7 +39,15 @@ def stored(path_or_name: str | os.PathLike) -> Path | None:
     return find_stored(path_or_name) if isinstance(path_or_name, str) else None
 
 
-LOOKUPS: tuple[Callable[[str | os.PathLike], Path | None], ...] = (folder, bundled, stored)
+def hub(path_or_name: str | os.PathLike) -> Path | None:
+    """The Hugging Face Hub repo of that name (`org/name[@revision]`, or an alias such as gpt2), from the cache or
+    downloaded; a HubError when the name is one but the model cannot be had."""
+    from quill.hub import fetch
+
+    return fetch(path_or_name)
+
+
+LOOKUPS: tuple[Callable[[str | os.PathLike], Path | None], ...] = (folder, bundled, stored, hub)
 
 
 def resolve(path_or_name: str | os.PathLike) -> Path:
@@ -49,4 +57,5 @@ def resolve(path_or_name: str | os.PathLike) -> Path:
         if path is not None:
             return path
     known = ", ".join(bundled_models()) or "none"
-    raise ModelNotFound(f"no model folder or bundled model named {str(path_or_name)!r} (bundled: {known})")
+    raise ModelNotFound(f"no model folder, bundled or stored model named {str(path_or_name)!r}, and it is not a "
+                        f"Hub repo id (org/name) or alias (bundled: {known}; aliases: gpt2, gpt2-medium, ...)")

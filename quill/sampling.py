@@ -27,7 +27,7 @@ MAX_PENALTY = 2.0  # OpenAI's range for presence/frequency penalties
 GREEDY_TEMPERATURE = 1e-5
 _FLOAT_MAX = torch.finfo(torch.float32).max
 _FLOAT_TINY = torch.finfo(torch.float32).tiny
-_SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts (end exclusive)
+SEED_RANGE = (-(2**63), 2**64)  # what torch.Generator.manual_seed accepts (end exclusive)
 
 
 @dataclass
@@ -78,7 +78,7 @@ class SamplingParams:
         if not isinstance(self.ignore_eos, bool):
             raise InvalidParameter(f"ignore_eos must be a boolean, got {self.ignore_eos!r}", param="ignore_eos")
         if self.seed is not None:
-            _check_int("seed", self.seed, low=_SEED_RANGE[0], high=_SEED_RANGE[1] - 1)
+            _check_int("seed", self.seed, low=SEED_RANGE[0], high=SEED_RANGE[1] - 1)
 
 
 def _is_number(value: object) -> bool:

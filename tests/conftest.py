@@ -148,7 +148,8 @@ class ServerProcess:
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log
-        env = {**os.environ, **(env or {}), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1"}
+        # offline unless a test points the server at its own stand-in Hub (tests/hubstub.py)
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "HF_HUB_OFFLINE": "1", **(env or {})}
         cmd = [sys.executable, "-m", "quill.cli", "serve", *map(str, args), "--host", "127.0.0.1",
                "--port", str(self.port), "--threads", "1", "--log-level", "warning"]
         self._out = open(log, "wb")

@@ -55,5 +55,18 @@ def test_decode_benchmark_report(tmp_path):
     assert "bf16 decode >= llama.cpp f16" not in goals  # no llama.cpp in this run: no verdict either way
     assert "fp32 decode >= llama.cpp f32" not in goals
     assert f"{q32['decode_tok_s'] / res['onnxruntime fp32']['decode_tok_s']:.2f}x" in md
-    assert set(rep["top1_agreement_with_fp32"]) == {"bf16", "int8"}
-    assert all(0 <= v <= 1 for v in rep["top1_agreement_with_fp32"].values())
+    quality = rep["top1_agreement_with_fp32"]
+    assert set(quality) == {"quill fp32", "quill bf16", "quill int8"} and rep["quality_positions"] == 512
+    assert quality["quill fp32"] == {"prefill": 1.0, "decode": 1.0}  # the reference against itself, both ways
+    assert all(0 <= v <= 1 for modes in quality.values() for v in modes.values())
+    assert f"| quill int8 | {100 * quality['quill int8']['prefill']:.1f}% | " in md
+
+
+def test_missing_peer_packages_are_left_out_with_a_note(monkeypatch, tmp_path):
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import peers
+
+    monkeypatch.setattr(peers.importlib.util, "find_spec", lambda name: None)
+    notes: list[str] = []
+    assert peers.prepare({"ct2", "openvino"}, tmp_path, tmp_path, {}, print, notes) == {}
+    assert len(notes) == 2 and "ctranslate2" in notes[0] and "openvino" in notes[1]

@@ -13,6 +13,7 @@ Tolerances are relative to the largest logit magnitude (`rel_err`):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import itertools
 from pathlib import Path
 
@@ -218,8 +219,9 @@ def _mapping_of(address: int) -> list[str]:
 
 @pytest.mark.parametrize("quantized", [False, True])
 def test_moving_weights_to_huge_pages_keeps_the_model(quantized):
-    """Weights moved into the huge-page mapping keep their values, tensor objects and the embedding/head tie;
-    the model computes the same logits and still trains; the mapping is advised for 2 MB pages."""
+    """Weights moved into the huge-page mapping keep their values, tensor objects and the embedding/head tie
+    (an int8 model's head is apart from its float embedding); the model computes the same logits and still
+    trains; the mapping is advised for 2 MB pages."""
     from quill.quantize import quantize_model
 
     model = make_model(CONFIGS["odd"])
@@ -236,7 +238,7 @@ def test_moving_weights_to_huge_pages_keeps_the_model(quantized):
         pytest.skip("transparent huge pages are unavailable here")
     assert moved == sum(t.nbytes for t in {id(t): t for t in tensors.values()}.values())
     assert all(named()[name] is t and torch.equal(t, before[name]) for name, t in tensors.items())
-    assert model.lm_head.weight is model.transformer.wte.weight
+    assert (model.lm_head.weight is model.transformer.wte.weight) != quantized
     flags = next(line.split()[1:] for line in _mapping_of(model.lm_head.weight.data_ptr()) if line.startswith("VmFlags:"))
     assert "hg" in flags  # advised MADV_HUGEPAGE
     with torch.no_grad():
@@ -363,6 +365,36 @@ def test_bf16_logits_close_to_fp32(name):
         cache = model.new_cache(2)
         model(x[:, :10], 0, cache)
         assert rel_err(step_ref, model(x[:, 10:], 10, cache)) <= 5e-2
+
+
+@pytest.mark.parametrize("half_gemm", [False, True])
+@pytest.mark.parametrize("name", ["odd", "untied-gelu-upcast"])
+def test_half_weights_under_fp32_activations(name, half_gemm, monkeypatch):
+    """GPT.weights_to (quill.load's half dtype on the CPU): the torch path over 40 rows (a prefill, on the fp32
+    GEMM or, where the CPU has one, on the half GEMM with its inputs rounded) and the decode kernels equal
+    the fp32 model whose matrices were rounded the same way (1e-5; through the half GEMM, which rounds its
+    inputs and outputs, the bf16 tolerance 5e-2)."""
+    monkeypatch.setattr("quill.model._cpu_half_gemm", lambda dtype: half_gemm)
+    cfg = dataclasses.replace(CONFIGS[name], n_positions=64)
+    model = make_model(cfg)
+    rounded = make_model(cfg)
+    with torch.no_grad():
+        for m in rounded.modules():
+            if isinstance(m, nn.Linear) or m is rounded.transformer.wte:
+                m.weight.copy_(m.weight.bfloat16().float())
+    model.weights_to(torch.bfloat16)
+    assert model.dtype == torch.float32 and model.lm_head.weight.dtype == torch.bfloat16
+    x = torch.randint(0, cfg.vocab_size, (1, 41))
+    with torch.inference_mode():
+        ref, got = rounded(x[:, :40]), model(x[:, :40])
+        assert got.dtype == torch.float32
+        assert rel_err(ref, got) <= (5e-2 if half_gemm else 1e-5)
+        steps = []
+        for m in (rounded, model):  # the prompt prefilled into the cache, then one step on the decode kernels
+            cache = m.new_cache(1)
+            m(x[:, :40], 0, cache)
+            steps.append(m(x[:, 40:], 40, cache))
+    assert rel_err(*steps) <= (5e-2 if half_gemm else 1e-5)
 
 
 def _run_batch(model: GPT, tok: Tokenizer, prompts: list[list[int]], capacity: int,

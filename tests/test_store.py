@@ -216,7 +216,8 @@ def test_push_and_plain_tus_publish_models_that_generate_like_the_folder(server,
                      "--replace"]) == 0
     assert cli.main(["push", str(model_dir), "pushed", "--url", server.url, "--admin-key", "wrong"]) == 2
     assert "HTTP 401" in capsys.readouterr().err
-    assert cli.main(["push", str(model_dir), "x", "--url", f"http://127.0.0.1:{free_port()}", "--admin-key", K]) == 2
+    assert cli.main(["push", str(model_dir), "x", "--url", f"http://127.0.0.1:{free_port()}", "--admin-key", K,
+                     "--retry-for", "1", "--quiet"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("quill: error: upload of ") and err.count("\n") == 1
 

@@ -2,12 +2,15 @@
 
 One server for the module, with two models and an API key: the bundled `shakespeare` when it is installed
 (else a tiny random stand-in, `small`) and `long`, a tiny random model with a 4096-token context for long
-generations. Every test saves a screenshot to docs/screenshots/ (fixed names, overwritten).
+generations. Every test saves a screenshot: into the test's scratch folder, or into docs/screenshots/ (fixed
+names, overwritten) with QUILL_SCREENSHOTS=1, so that a test run leaves the checkout as it found it.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import tempfile
 import time
 from pathlib import Path
 
@@ -22,7 +25,8 @@ expect = playwright_sync.expect
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
-SHOTS = ROOT / "docs" / "screenshots"
+SHOTS = ROOT / "docs" / "screenshots" if os.environ.get("QUILL_SCREENSHOTS") == "1" else \
+    Path(tempfile.mkdtemp(prefix="quill-screenshots-"))
 BUNDLED = (ROOT / "quill" / "models" / "shakespeare" / "config.json").exists()
 KEY, ADMIN = "web-key", "web-admin"
 PROMPT = "ROMEO:\n"
@@ -390,6 +394,56 @@ def test_without_store_routes_no_load_controls(browser, server):
     expect(p.page.locator("#admin")).to_be_hidden()
     assert p.page.locator("#model option").count() == 2
     p.close()
+
+
+def test_admin_pulls_gpt2_from_the_hub_with_progress_then_generates(browser, tmp_path):
+    """The Hub picker: an admin downloads `gpt2` from a loopback stand-in Hub (a tiny random GPT-2 with the
+    real tokenizer under openai-community/gpt2), watches the progress bar, then generates with it."""
+    import quill
+
+    from conftest import ServerProcess
+    from hubstub import HubStub
+
+    tiny = make_tiny_model(tmp_path / "gpt2", tokenizer="gpt2", n_positions=64, n_embd=64)
+    stub = HubStub({"openai-community/gpt2": tiny}, throttle=3_000_000)  # ~4 s: the bar is seen moving
+    env = {"HF_ENDPOINT": stub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
+           "HF_HUB_DISABLE_TELEMETRY": "1"}
+    server = ServerProcess([f"small={make_tiny_model(tmp_path / 'small')}", "--api-key", KEY, "--admin-key", ADMIN,
+                            "--store", tmp_path / "store"], tmp_path / "server.log", env=env).wait_ready()
+    try:
+        p = Page(browser, server).open()
+        p.models_ready()
+        pg = p.page
+        pg.click("#admin summary")
+        expect(pg.locator("#hub-controls")).to_be_visible()
+        pg.fill("#admin-key", ADMIN)
+        pg.dispatch_event("#admin-key", "change")
+        expect(pg.locator("#hub-model option")).to_have_count(6)
+        expect(pg.locator("#hub-model option[value=gpt2-medium]")).to_contain_text("355M")
+        pg.select_option("#hub-model", "gpt2")
+        pg.evaluate("""() => {
+            window.__progress = [];
+            setInterval(() => { const b = document.getElementById('pull-progress');
+                                if (!b.hidden) window.__progress.push(b.value / b.max); }, 100);
+        }""")
+        pg.click("#pull")
+        expect(pg.locator("#pull-status")).to_contain_text(re.compile(r"Downloading gpt2 [1-9]"))  # under way
+        p.shot("hub.png")
+        expect(pg.locator("#pull-status")).to_contain_text("Ready: gpt2", timeout=120_000)
+        seen = pg.evaluate("window.__progress")
+        assert any(0 < v < 1 for v in seen), f"no progress shown: {seen}"
+        expect(pg.locator("#model")).to_have_value("gpt2")
+        expect(pg.locator("#model optgroup[label=Loaded] option[value=gpt2]")).to_have_count(1)
+        p.fill(prompt=PROMPT, max_tokens=8, temperature=0)
+        p.generate()
+        expect(pg.locator("#generate")).to_be_enabled(timeout=TIMEOUT)
+        assert p.wait_finished() in ("length", "stop"), pg.locator("#alert-text").text_content()
+        assert pg.locator("#stat-model").text_content() == "gpt2"
+        assert p.output() == quill.load(tiny).generate(PROMPT, 8, temperature=0).text
+        p.close()
+    finally:
+        server.stop()
+        stub.stop()
 
 
 def test_format_control_sends_its_field(page):

@@ -1075,15 +1075,13 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
     const int act = (int)plan[QK_PLAN_ACT], adt = (int)plan[QK_PLAN_DTYPE];
     const float eps = f32_bits(plan[QK_PLAN_EPS]);
     const void *wte = (const void*)plan[QK_PLAN_WTE], *wpe = (const void*)plan[QK_PLAN_WPE];
-    const float* wte_scale = (const float*)plan[QK_PLAN_WTE_SCALE];
     const int wte_dt = (int)plan[QK_PLAN_WTE_DTYPE], wpe_dt = (int)plan[QK_PLAN_WPE_DTYPE];
     const int64_t csz = cdt == F32 ? 4 : 2;
-    /* embedding: x = wte[token] (dequantised) + wpe[pos] */
+    /* embedding: x = wte[token] + wpe[pos] */
     for (int64_t b = 0; b < B; b++) {
         const int64_t t = tokens[b], p = pos ? pos[b] : pos0;
-        const float s = wte_scale ? wte_scale[t] : 1.f;
         for (int64_t c = 0; c < C; c++)
-            st(x, adt, b * C + c, ld(wte, wte_dt, t * C + c) * s + ld(wpe, wpe_dt, p * C + c));
+            st(x, adt, b * C + c, ld(wte, wte_dt, t * C + c) + ld(wpe, wpe_dt, p * C + c));
     }
     if (prof_on) prof_ns[0] += now_ns() - t_embed;
     int rc = 0;
@@ -1151,12 +1149,3 @@ void quill_argmax_banned(void* x, int dt, int64_t M, int64_t N, int64_t ldx, int
     }
 }
 
-/* Rows of an int8 matrix dequantised: out[i, :] = W[idx[i], :] * scale[idx[i]] (embedding lookups). */
-void quill_gather_i8(const int8_t* W, const float* scale, const int64_t* idx, int64_t n, int64_t K,
-                     void* out, int odt) {
-    for (int64_t i = 0; i < n; i++) {
-        const int8_t* w = W + idx[i] * K;
-        const float s = scale[idx[i]];
-        for (int64_t k = 0; k < K; k++) st(out, odt, i * K + k, (float)w[k] * s);
-    }
-}

@@ -33,11 +33,10 @@
 #define QK_PLAN_EPS 7
 #define QK_PLAN_WTE 8
 #define QK_PLAN_WTE_DTYPE 9
-#define QK_PLAN_WTE_SCALE 10
-#define QK_PLAN_WPE 11
-#define QK_PLAN_WPE_DTYPE 12
-#define QK_PLAN_LN_F 13
-#define QK_PLAN_LM_HEAD 16
+#define QK_PLAN_WPE 10
+#define QK_PLAN_WPE_DTYPE 11
+#define QK_PLAN_LN_F 12
+#define QK_PLAN_LM_HEAD 15
 #define QK_PLAN_HEADER 24
 
 #define QK_LAYER_LN_1 0

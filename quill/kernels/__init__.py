@@ -74,8 +74,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_attn_decode.restype = C
     lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
     lib.quill_attn_prefill.restype = C
-    lib.quill_gather_i8.argtypes = [P, P, P, I, I, P, C]
-    lib.quill_gather_i8.restype = None
     lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C]
     lib.quill_decode_step.restype = C
     lib.quill_activate.argtypes = [P, I, C, C, C]
@@ -421,15 +419,5 @@ def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[i
     return list(out)
 
 
-def gather_int8(weight: Tensor, scale: Tensor, idx: Tensor, dtype: torch.dtype) -> Tensor:
-    """Rows `idx` (any shape) of an int8 matrix [V, K], dequantised with per-row `scale` into `dtype`."""
-    lib = _lib if _lib is not None else _load()
-    flat = idx.reshape(-1).contiguous()
-    out = torch.empty(flat.numel(), weight.shape[1], dtype=dtype)
-    lib.quill_gather_i8(weight.data_ptr(), scale.data_ptr(), flat.data_ptr(), flat.numel(), weight.shape[1],
-                        out.data_ptr(), DTYPE_CODES[dtype])
-    return out.view(*idx.shape, weight.shape[1])
-
-
-__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "gather_int8", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]

@@ -70,10 +70,19 @@ def compiler() -> str:
 
 def build(variant: Variant) -> Build:
     """Compile `variant` once per source version into the cache; a failed compile raises RuntimeError."""
-    flags = [*BASE_FLAGS, *variant.cflags]
-    digest = hashlib.sha256((source_digest() + " ".join(flags)).encode()).hexdigest()[:16]
+    return compile_library(f"quill_kernels_{variant.name}", SOURCES, (*BASE_FLAGS, *variant.cflags),
+                           source_digest(), f"the {variant.name} kernels")
+
+
+def compile_library(stem: str, sources: tuple[str, ...], flags: tuple[str, ...], digest: str, what: str) -> Build:
+    """Compile csrc/`sources` with `flags` into `<cache>/kernels/<stem>_<digest of digest and flags>.so`, once.
+
+    `digest` stands for the sources' content. The compiler's messages are kept beside the library (`.log`), so
+    a cached library still shows what its compile printed; a failed compile raises RuntimeError with them.
+    """
+    key = hashlib.sha256((digest + " ".join(flags)).encode()).hexdigest()[:16]
     folder = cache_dir() / "kernels"
-    target = folder / f"quill_kernels_{variant.name}_{digest}.so"
+    target = folder / f"{stem}_{key}.so"
     log = target.with_suffix(".log")
     if target.exists() and log.exists():
         return Build(target, log.read_text())
@@ -81,10 +90,10 @@ def build(variant: Variant) -> Build:
     folder.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=folder) as tmp:
         out = Path(tmp) / target.name
-        proc = subprocess.run([cc, *flags, "-I", str(CSRC), *(str(CSRC / s) for s in SOURCES), "-o", str(out)],
+        proc = subprocess.run([cc, *flags, "-I", str(CSRC), *(str(CSRC / s) for s in sources), "-o", str(out)],
                               capture_output=True, text=True)
         if proc.returncode != 0:
-            raise RuntimeError(f"{cc} failed for the {variant.name} kernels: {proc.stderr.strip()[:2000]}")
+            raise RuntimeError(f"{cc} failed for {what}: {proc.stderr.strip()[:2000]}")
         (Path(tmp) / log.name).write_text(proc.stderr)
         os.replace(Path(tmp) / log.name, log)
         os.replace(out, target)  # atomic: concurrent builders each rename a complete file

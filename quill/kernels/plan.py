@@ -76,18 +76,14 @@ def build_plan(model: nn.Module) -> tuple[Tensor, list[Tensor]]:
 
     head = [0] * ABI["PLAN_HEADER"]
     wte, wpe = tr.wte, tr.wpe
-    if type(wte) is nn.Embedding:
-        emb_scale = None
-    elif getattr(wte, "weight", None) is not None and wte.weight.dtype == torch.int8:
-        emb_scale = wte.weight_scale
-    else:
+    if type(wte) is not nn.Embedding:  # an int8 model's token embedding is float too (quill.quantize)
         raise Unsupported(type(wte).__name__)
     if type(wpe) is not nn.Embedding:
         raise Unsupported(type(wpe).__name__)
     for name, value in (("N_LAYER", cfg.n_layer), ("C", cfg.n_embd), ("H", cfg.n_head), ("INNER", cfg.inner_dim),
                         ("V", cfg.vocab_size), ("ACT", kernels.ACTIVATIONS[cfg.activation_function]),
                         ("DTYPE", code[model.dtype]), ("EPS", f32_bits(cfg.layer_norm_epsilon)),
-                        ("WTE", ptr(wte.weight)), ("WTE_DTYPE", code[wte.weight.dtype]), ("WTE_SCALE", ptr(emb_scale)),
+                        ("WTE", ptr(wte.weight)), ("WTE_DTYPE", code[wte.weight.dtype]),
                         ("WPE", ptr(wpe.weight)), ("WPE_DTYPE", code[wpe.weight.dtype])):
         head[ABI[f"PLAN_{name}"]] = value
     put(head, ABI["PLAN_LN_F"], norm(tr.ln_f))

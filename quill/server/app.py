@@ -38,6 +38,7 @@ ROUTER_MODULES: tuple[str, ...] = (
     "quill.server.metrics",
     "quill.server.routes_web",
     "quill.server.routes_store",
+    "quill.server.routes_hub",
 )
 
 system = APIRouter(tags=["system"])

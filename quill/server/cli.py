@@ -15,7 +15,8 @@ def register(subparsers) -> None:
 
     p = subparsers.add_parser("serve", help="serve models over an OpenAI-compatible HTTP API",
                               description="Serve models over an OpenAI-compatible HTTP API with continuous batching. "
-                                          "MODEL is a checkpoint folder or a bundled model's name, optionally "
+                                          "MODEL is a checkpoint folder, a bundled or stored model's name or a "
+                                          "Hugging Face repo (org/name, gpt2, ...), optionally "
                                           "NAME=MODEL to choose the id clients use (default: the folder's name).")
     p.add_argument("models", nargs="*", metavar="MODEL", help=f"models to serve (default: {DEFAULT_MODEL})")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")

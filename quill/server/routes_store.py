@@ -18,7 +18,6 @@ import contextlib
 import contextvars
 import errno
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -213,13 +212,10 @@ class StoreService:
             return None
         if name in self.precision:
             return self.precision[name]
-        try:
-            from quill.quantize import is_quantized_model
+        from quill.quantize import is_quantized_model
 
-            if is_quantized_model(m.engine.model):
-                return "int8"
-        except ImportError:  # pragma: no cover
-            pass
+        if is_quantized_model(m.engine.model):
+            return "int8"
         p = next(m.engine.model.parameters(), None)
         return None if p is None else str(p.dtype).removeprefix("torch.")
 
@@ -369,6 +365,20 @@ async def commit_model(name: str, body: CommitRequest, service: StoreService = D
             "parameters": manifest["parameters"], "context_length": manifest["context_length"]}
 
 
+def load_options(state: AppState, dtype: str | None) -> tuple[str, dict[str, Any]]:
+    """The precision asked for (default: the server's --dtype) and the `quill.load` keywords that give it."""
+    dtype = (dtype or state.config.dtype).lower()
+    kw: dict[str, Any] = {"device": state.config.device, "compile": state.config.compile,
+                          "kv_cache": state.config.kv_cache}
+    if dtype == "int8":
+        kw.update(dtype="float32", quantize="int8")
+    else:
+        from quill.engine import parse_dtype
+
+        kw["dtype"] = parse_dtype(dtype)
+    return dtype, kw
+
+
 @router.post("/{name}/load", responses=error_responses(413))
 async def load_model(name: str, body: LoadRequest | None = None, state: AppState = Depends(get_state),
                      service: StoreService = Depends(get_service)):
@@ -376,18 +386,7 @@ async def load_model(name: str, body: LoadRequest | None = None, state: AppState
     import quill
 
     _stored(service, name)
-    dtype = (body.dtype if body and body.dtype else state.config.dtype).lower()
-    kw: dict[str, Any] = {"device": state.config.device, "compile": state.config.compile,
-                          "kv_cache": state.config.kv_cache}
-    if dtype == "int8":
-        if importlib.util.find_spec("quill.quantize") is None:
-            raise APIError(400, "int8 needs quill.quantize, which this installation does not have", param="dtype",
-                           code="invalid_value")
-        kw.update(dtype="float32", quantize="int8")
-    else:
-        from quill.engine import parse_dtype
-
-        kw["dtype"] = parse_dtype(dtype)
+    dtype, kw = load_options(state, body.dtype if body else None)
     engine = await run_in_threadpool(lambda: quill.load(service.store.path(name), **kw))
     engine.name = name
     state.add_model(name, engine)

@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
 from quill.generate import MAX_LOGPROBS
-from quill.sampling import _SEED_RANGE as SEED_RANGE  # noqa: PLC2701 (the range torch accepts)
+from quill.sampling import SEED_RANGE
 from quill.sampling import MAX_LOGIT_BIAS, MAX_PENALTY
 from quill.structured import Constraint, constraint_from
 

@@ -100,6 +100,7 @@ class AppState:
         self.body_limit_exempt: list[str] = []
         self.extend_model_list: Callable[[dict], dict] | None = None  # GET /v1/models listing -> listing
         self.model_store: Any = None  # the model store service, when mounted
+        self.hub_pulls: Any = None  # downloads from the Hugging Face Hub (routes_hub), when mounted
         # Paused generations of every model, on disk beside the store so handles survive a restart.
         directory = (self.config.store_dir / ".continuations" if self.config.store_dir is not None
                      else Path(user_data_dir("quill")) / "continuations")

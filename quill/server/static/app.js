@@ -2,7 +2,8 @@
 //
 // API used: GET /v1/models (loaded and stored models), GET /openapi.json (are the store's admin routes there?),
 // POST /v1/completions and /v1/chat/completions with stream: true (SSE read from fetch's ReadableStream, so a
-// POST can stream and an AbortController can stop it), POST /v1/models/{name}/load and /unload (admin key).
+// POST can stream and an AbortController can stop it), POST /v1/models/{name}/load and /unload (admin key),
+// GET /v1/hub/models and POST /v1/models/pull (admin key: the GPT-2 family from the Hugging Face Hub).
 // Errors are OpenAI error JSON; `error.param` names the field, shown next to its control.
 "use strict";
 
@@ -35,12 +36,15 @@
     alert: $("alert"), alertText: $("alert-text"), status: $("server-status"),
     admin: $("admin"), adminKey: $("admin-key"), dtype: $("dtype"), load: $("load"), unload: $("unload"),
     adminStatus: $("admin-status"),
+    hub: $("hub-controls"), hubModel: $("hub-model"), hubRepo: $("hub-repo"), pull: $("pull"),
+    pullProgress: $("pull-progress"), pullStatus: $("pull-status"),
     keyDialog: $("key-dialog"), keyForm: $("key-form"), keyInput: $("api-key"), keyReason: $("key-reason"),
   };
 
   const state = {
     models: [],          // model cards from GET /v1/models
     storeRoutes: false,  // the server has POST /v1/models/{name}/load and /unload
+    hubRoutes: false,    // the server has POST /v1/models/pull and GET /v1/hub/models
     run: null,           // the generation in flight: {controller, ...}
     continuation: null,  // {handle, model} after finish_reason "budget"
     session: null,       // totals over a generation and its continuations
@@ -241,7 +245,8 @@
       (stored.length ? `, ${stored.length} stored` : "");
     ui.status.classList.add("ok");
     if (!state.storeRoutes && state.models.some((m) => "loaded" in m || "status" in m)) state.storeRoutes = true;
-    ui.admin.hidden = !state.storeRoutes;
+    ui.admin.hidden = !state.storeRoutes && !state.hubRoutes;
+    ui.hub.hidden = !state.hubRoutes;
     modelChanged();
   }
 
@@ -252,6 +257,7 @@
       const paths = Object.keys((await res.json()).paths || {});
       state.storeRoutes = paths.some((p) => /\/models\/\{[^}]+\}\/load$/.test(p))
         && paths.some((p) => /\/models\/\{[^}]+\}\/unload$/.test(p));
+      state.hubRoutes = paths.includes("/v1/models/pull") && paths.includes("/v1/hub/models");
     } catch (_) { /* no schema: guess from the model cards */ }
   }
 
@@ -317,6 +323,74 @@
     } finally {
       clearInterval(tick);
       state.adminBusy = false;
+      modelChanged();
+    }
+  }
+
+  // ---- models from the Hugging Face Hub (admin) ----------------------------------------------------------------
+
+  function adminKeyOrAsk(what) {
+    const key = ui.adminKey.value.trim();
+    sessionStorage.setItem(ADMIN_KEY, key);
+    if (!key) fieldError("admin-key", `Enter the admin key (quill serve --admin-key) to ${what}.`);
+    return key;
+  }
+
+  async function refreshHub() {
+    if (!state.hubRoutes || !ui.adminKey.value.trim()) return null;
+    const body = await (await api("/v1/hub/models", { admin: true })).json();
+    const current = ui.hubModel.value;
+    ui.hubModel.replaceChildren();
+    for (const m of body.data || []) {
+      const bits = [m.id, m.parameters];
+      if (m.loaded) bits.push("loaded"); else if (m.cached) bits.push("downloaded");
+      ui.hubModel.append(new Option(bits.join(" · "), m.id));
+    }
+    if (current && [...ui.hubModel.options].some((o) => o.value === current)) ui.hubModel.value = current;
+    return body;
+  }
+
+  function showPull(p) {
+    const total = p.bytes_total || 0;
+    ui.pullProgress.hidden = p.status === "ready" || p.status === "failed";
+    ui.pullProgress.max = Math.max(total, 1);
+    ui.pullProgress.value = p.status === "loading" ? ui.pullProgress.max : p.bytes_done || 0;
+    const words = { downloading: "Downloading", loading: "Loading", ready: "Ready:", failed: "Failed:" }[p.status];
+    const amount = total ? ` ${fmtBytes(p.bytes_done) || "0 B"} of ${fmtBytes(total)}` : "";
+    ui.pullStatus.textContent = `${words} ${p.id}${p.status === "downloading" ? amount : ""}` +
+      (p.status === "ready" ? ` (${p.precision}), selected above.` : p.status === "loading" ? "…" : "");
+  }
+
+  async function pullModel() {
+    clearErrors();
+    if (!adminKeyOrAsk("download models")) return;
+    const name = ui.hubRepo.value.trim() || ui.hubModel.value;
+    if (!name) { fieldError("hub-model", "Choose a model to download."); return; }
+    state.adminBusy = true;
+    ui.pull.disabled = true;
+    modelChanged();
+    try {
+      const res = await api("/v1/models/pull", { method: "POST", body: { name, dtype: ui.dtype.value }, admin: true });
+      let p = await res.json();
+      showPull(p);
+      while (p.status === "downloading" || p.status === "loading") {
+        await new Promise((r) => setTimeout(r, 400));
+        const body = await (await api("/v1/hub/models", { admin: true })).json();
+        p = (body.pulls || []).find((x) => x.id === name) || p;
+        showPull(p);
+      }
+      if (p.status === "failed") throw new ApiError(p.error.status, { error: p.error });
+      await refreshModels(name);
+      await refreshHub();
+    } catch (err) {
+      ui.pullStatus.textContent = "";
+      ui.pullProgress.hidden = true;
+      if (!(err instanceof ApiError && err.param === "name" && fieldError("hub-model", err.message))) {
+        showError(err, { admin: true });
+      }
+    } finally {
+      state.adminBusy = false;
+      ui.pull.disabled = false;
       modelChanged();
     }
   }
@@ -734,7 +808,14 @@
   ui.load.addEventListener("click", () => adminAction("load"));
   ui.unload.addEventListener("click", () => adminAction("unload"));
   ui.adminKey.value = sessionStorage.getItem(ADMIN_KEY) || "";
-  ui.adminKey.addEventListener("change", () => sessionStorage.setItem(ADMIN_KEY, ui.adminKey.value.trim()));
+  ui.adminKey.addEventListener("change", () => {
+    sessionStorage.setItem(ADMIN_KEY, ui.adminKey.value.trim());
+    refreshHub().catch((err) => showError(err, { admin: true }));
+  });
+  ui.admin.addEventListener("toggle", () => {
+    if (ui.admin.open) refreshHub().catch((err) => showError(err, { admin: true }));
+  });
+  ui.pull.addEventListener("click", pullModel);
   $("key-button").addEventListener("click", async () => {
     if (await askKey("")) refreshModels().catch(showError);
   });
