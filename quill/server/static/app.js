@@ -428,7 +428,7 @@
 
   function formatChanged() {
     const kind = $("format").value;
-    $("format-spec").hidden = kind === "none" || kind === "json";
+    $("format-spec").hidden = $("format-spec-label").hidden = kind === "none" || kind === "json";
     $("format-hint").textContent = FORMAT_HINTS[kind];
   }
 
