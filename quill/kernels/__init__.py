@@ -30,7 +30,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -70,6 +70,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C]
     lib.quill_linear.restype = C
+    lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, C, I, I, I, C]
+    lib.quill_gemm_i8.restype = C
     lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
     lib.quill_attn_decode.restype = C
     lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
@@ -196,6 +198,39 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     return out
 
 
+I8_PANEL, I8_GROUP, I8_KSTEP = _ABI["I8_PANEL"], _ABI["I8_GROUP"], _ABI["I8_KSTEP"]
+
+
+def pack_i8(weight: Tensor) -> Tensor:
+    """An int8 weight [N, K] in the panels `gemm_i8` reads (quill.h's QK_I8_*): columns zero-padded to a
+    multiple of I8_PANEL * I8_GROUP, K to I8_KSTEP, then per panel of I8_PANEL columns each pair of K's columns
+    with the panel's columns side by side: [N / I8_PANEL, K / 2, I8_PANEL, 2]."""
+    n, k = weight.shape
+    nc = I8_PANEL * I8_GROUP
+    padded = torch.nn.functional.pad(weight, (0, -k % I8_KSTEP, 0, -n % nc))
+    np_, kp = padded.shape
+    return padded.view(np_ // I8_PANEL, I8_PANEL, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """`(x @ W.T) * scale + bias` for many rows of x [..., K] (a float dtype; the result has it), W int8 [n, K]
+    as `pack_i8(W)` packed it, scale float32 [n]: activations rounded to int16 with one scale a row, exact
+    integer products (the decode kernels' accuracy at GEMM speed; docs/performance.md)."""
+    lib = _lib if _lib is not None else _load()
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    rc = lib.quill_gemm_i8(x2.data_ptr(), DTYPE_CODES[x.dtype], m, x2.stride(0), packed.data_ptr(), scale.data_ptr(),
+                           None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
+                           out.data_ptr(), DTYPE_CODES[out.dtype], n, n, k, torch.get_num_threads())
+    if rc:
+        raise MemoryError("quill_gemm_i8: out of memory")
+    return out.view(*x.shape[:-1], n)
+
+
 def rows(x: Tensor) -> int:
     """Rows of x as a matrix ([..., K] -> [rows, K])."""
     k = x.shape[-1]
@@ -203,7 +238,8 @@ def rows(x: Tensor) -> int:
 
 
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
-            others: dict[str, Callable[[Tensor], Tensor]] | None = None) -> Tensor | None:
+            others: dict[str, Callable[[Tensor], Tensor]] | None = None,
+            inexact: Collection[str] = ()) -> Tensor | None:
     """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it.
 
     They serve CPU inference inputs with a float activation dtype and a contiguous weight of a known dtype; the
@@ -211,6 +247,7 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
     the weight once is the bound); for more rows, `others` (name -> the caller's own implementation: torch's
     GEMM, fbgemm's) compete with the kernel, and the fastest for this shape class on this machine serves
     (quill.kernels.tune; with QUILL_TUNE=0 the kernel up to DEFAULT_ROWS rows, the first of `others` beyond).
+    `inexact` names those of `others` that round more than the rest (they win only by tune.INEXACT_MARGIN).
     """
     m = rows(x)
     if (m <= 0 or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
@@ -229,7 +266,7 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         key = (f"linear w={str(weight.dtype)[6:]} x={str(x.dtype)[6:]} {weight.shape[0]}x{weight.shape[1]} "
                f"rows<={tune.row_class(m)} [{','.join(candidates)}]")
         default = "quill" if m <= DEFAULT_ROWS else next(iter(others))
-        path = tune.choose(_variant.name, key, candidates, default)
+        path = tune.choose(_variant.name, key, candidates, default, inexact)
         if path != "quill":
             return others[path](x)
     return own()
@@ -419,5 +456,5 @@ def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[i
     return list(out)
 
 
-__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
