@@ -28,11 +28,11 @@ enum { F32 = QK_F32, BF16 = QK_BF16, F16 = QK_F16, I8 = QK_I8 };
 /* ---- a barrier-free thread pool with owned ranges -------------------------------------------------------
    A job is `ntasks` independent tasks, split into one contiguous range per thread (the caller is thread 0).
    Each thread takes its own range's tasks from the front, so it streams one contiguous stretch of a weight
-   matrix that the hardware prefetcher can follow (handing out tasks round-robin made the two threads'
-   streams interleave: measured 35 against 47 GB/s over a decode step's matrices), then steals from the back
+   matrix that the hardware prefetcher can follow (handing out tasks round-robin interleaves the threads'
+   streams, which reads slower: docs/performance.md), then steals from the back
    of the other ranges. Unlike an OpenMP parallel region there is no barrier that waits for every thread
    to *arrive*: on a shared machine the caller takes a descheduled helper's range instead of sleeping until
-   its next time slice (measured: OpenMP regions cost up to one scheduler tick, ~4 ms, each under load).
+   its next time slice (under load an OpenMP region can cost a scheduler tick: docs/performance.md).
    Each range is one atomic word, generation | front | back, so a helper that wakes late cannot claim a
    task of a newer job with an older job's function. Helpers spin briefly, then sleep on a futex. One job
    at a time: a second caller (another Python thread) runs its job on its own thread. */
@@ -173,8 +173,8 @@ static inline float hsum(__m256 v) {
 }
 
 /* Software prefetch of the weight rows PFW (float) / PF (int8) rows ahead into L2/L3 (hint T2): a 4-row
-   group of a 768-wide int8 matrix is only 3 KB, too short for the hardware prefetcher to ramp up.
-   Measured on one core: fp32 14 -> 19.5 GB/s, bf16 9 -> 12+, int8 10 -> 20-22 GB/s (docs/performance.md). */
+   group of a 768-wide int8 matrix is only 3 KB, too short for the hardware prefetcher to ramp up
+   (the gain per weight format is in docs/performance.md). */
 #define PFW 16
 #define PF 16
 #define PFH _MM_HINT_T2
@@ -221,7 +221,7 @@ static inline void narrow(void* dst, int dt, int64_t i0, const float* src, int64
    feeds four FMAs (batched decode is compute-bound). Every group of four activation rows runs on one block of
    three weight rows before the next block is read, each group prefetching ahead, so the weights stream from
    memory at an even pace while the FMAs run from L1 (one pass per group over the task's rows left memory
-   idle during the later passes: 8 rows fp32, a step's 49 matrices 20.6 -> 19.2 ms). */
+   idle during the later passes). */
 #define DEFINE_ROWS4(SUF, WT, VLOAD, SLOAD)                                                                 \
 static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int64_t n0, int64_t n1,         \
                         float* acc, int64_t ldacc) {                                                       \
@@ -331,8 +331,8 @@ static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_
                 r0[n - n0] = s0; r1[n - n0] = s1;                                                            \
             }                                                                                                \
         } else {  /* one activation row: one weight row at a time, so each thread reads one sequential stream\
-                     that the hardware prefetcher follows (2 MB pages, no software prefetch: faster than     \
-                     four interleaved rows with prefetch, 35 vs 33 GB/s, and 50-60 vs 43-48 in bursts) */    \
+                     that the hardware prefetcher follows (with 2 MB pages this reads faster than four      \
+                     interleaved rows with software prefetch: docs/performance.md) */                        \
             for (; n < n1; n++) {                                                                            \
                 const WT* w0 = W + n * K;                                                                    \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
@@ -366,7 +366,7 @@ DEFINE_ROWS(i8, int8_t, VLOAD_I8, SLOAD_I8)
    block's lanes are summed exactly (in int64) and rounded to fp32 once, and both variants cut the columns the
    same way (blocks of 2048 up to the last multiple of 32, then the rest in scalar code), so the AVX2 and the
    AVX-512 builds give the same bits. xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined into
-   linear_task, GCC's code for it ran batched int8 ~1.4x slower (8 rows: 12.6 vs 18.7 ms a step). */
+   linear_task, GCC's code for it runs batched int8 markedly slower (docs/performance.md). */
 #define I8Q_BLOCK 2048
 #define I8Q_STEP 32
 static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0,
@@ -810,8 +810,8 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
     /* whole register blocks per task: 4 rows (int8, and float at batch 1 where any count serves); 12 for
-       float weights against 4+ rows (rows4's 3-row blocks: 4 rows a task sent every fourth row of the K=3072
-       projection through the 1-row remainder loop, 10.9 -> 6.3 ms for 8 rows fp32) */
+       float weights against 4+ rows (rows4's 3-row blocks: 4 rows a task would send every fourth row of the
+       K=3072 projection through the slow 1-row remainder loop) */
     const int64_t unit = wdt != I8 && M >= 4 ? 12 : 4;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
@@ -1063,8 +1063,8 @@ int quill_attn_decode(const void* qkv, int dt, int64_t B, int64_t H, int64_t D, 
    computed as a matrix [L, PQ] (keys down, queries across: each key element is broadcast against PQ queries
    in three vectors, 12 accumulators), softmaxed down the columns in vectors, then multiplied into V six query
    rows by 16 dims at a time. Two passes over an exact score block instead of an online softmax: a block is at
-   most 1024 keys (96 KB), which stays in L2. torch's flash kernel took ~7-8 ms a layer for GPT-2's 512-token
-   prompt on this machine (docs/performance.md). */
+   most 1024 keys (96 KB), which stays in L2. It replaces torch's flash kernel for causal prompts, which is
+   slower on these CPUs (docs/performance.md). */
 #define PQ 24
 struct prefill_job {
     const float *q, *k, *v; float* out;

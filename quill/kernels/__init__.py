@@ -1,9 +1,9 @@
 """Decode kernels for x86-64 CPUs with AVX2/FMA: small-batch matrix-vector products and one-query attention.
 
-Why they exist (measured, see docs/performance.md): a decode step is a chain of matrix-*vector* products
-whose cost is reading the weights once. On the 2-core AVX2 machine Quill is tuned on, torch's fp32 path
-(MKL sgemv) reads weights at about half the memory bandwidth, torch's int8 weight-only kernels
-(`_weight_int8pack_mm`, fbgemm's dynamic int8) run at 2-6 GB/s because their fast paths need AVX-512, and
+Why they exist (the measurements are in docs/performance.md): a decode step is a chain of matrix-*vector*
+products whose cost is reading the weights once. On AVX2 machines torch's fp32 path (MKL sgemv) reads
+weights well below the memory bandwidth, torch's int8 weight-only kernels (`_weight_int8pack_mm`, fbgemm's
+dynamic int8) run far below it because their fast paths need AVX-512, and
 SDPA's CPU kernel on a slice of the preallocated cache costs far more than the arithmetic. The kernels
 here read each weight row once, convert it to fp32 in registers (bf16/fp16/int8 weights) and accumulate
 in fp32, so one decode step runs at the memory bound for every weight format.
@@ -276,8 +276,7 @@ def activate_(x: Tensor, act: str) -> bool:
     """Apply activation `act` to x in place with the vectorised kernel; False (x untouched) when it does not serve.
 
     It serves contiguous fp32/bf16/fp16 CPU inference tensors with an activation it knows, computing in fp32
-    (torch's tanh-GELU ran at ~2.7 ns an element on the AVX2 machine, 10% of an int8 prefill; in bf16 3 ms of
-    a 512-token layer's 60).
+    (torch's tanh-GELU is a sizeable share of a prefill, and more in bf16: docs/performance.md).
     """
     if (x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES or not x.is_contiguous() or act not in ACTIVATIONS
             or act is None or (torch.is_grad_enabled() and x.requires_grad) or not available()):
@@ -314,8 +313,8 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
 
     q: [B, H, T, D]; k, v: [B, H, start+T, D] (views of the cache or of the fused qkv projection), float CPU
     inference tensors with a contiguous last dim and D a multiple of 16. The kernel computes in fp32: bf16/fp16
-    inputs are upcast first (~0.1 ms of a 512-token layer, where torch's bf16 flash attention took 8.1 ms
-    against the kernel's 3.1 on the AVX2 machine); the result is fp32.
+    inputs are upcast first (a small cost beside what the kernel saves over torch's bf16 flash attention,
+    docs/performance.md); the result is fp32.
     """
     B, H, T, D = q.shape
     ts = (q, k, v)
@@ -364,9 +363,8 @@ def move_to_huge_pages(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> i
     moved. Each tensor keeps its identity (its `.data` is replaced), so modules and ties are unchanged.
 
     A decode step streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss and stops the
-    hardware prefetcher: over a step's GPT-2 124M matrices, one core read 21 -> 25 GB/s (fp32) and
-    21 -> 29 GB/s (int8), two cores 30 -> 35-45 GB/s (docs/performance.md). Nothing moves where THP is
-    off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
+    hardware prefetcher, so 2 MB pages read a step's matrices faster (docs/performance.md). Nothing moves
+    where THP is off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
     """
     if _switched_off("QUILL_HUGE_PAGES") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
