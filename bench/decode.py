@@ -89,16 +89,15 @@ class BandwidthProbe:
 
 
 def machine_info() -> dict:
+    """The machine as the report names it: the CPU, its SIMD flags and the kernel variant Quill chose."""
     import torch
 
-    cpu, flags = "", ""
-    with contextlib.suppress(OSError):
-        lines = open("/proc/cpuinfo").read().splitlines()
-        cpu = next((ln.split(":", 1)[1].strip() for ln in lines if ln.startswith("model name")), "")
-        flags = next((ln for ln in lines if ln.startswith("flags")), "")
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
-            "avx512": "avx512f" in flags, "avx2": "avx2" in flags, "python": platform.python_version(),
-            "torch": torch.__version__, "platform": platform.platform()}
+    from quill import kernels
+
+    system = kernels.system_report()
+    return {"cpu": system["cpu"], "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+            "simd_flags": system["flags"], "kernels": system["variant"] or system.get("error") or system.get("reason"),
+            "python": platform.python_version(), "torch": torch.__version__, "platform": platform.platform()}
 
 
 # ---- worker processes, as the driver sees them -----------------------------------------------------------
@@ -408,7 +407,8 @@ def format_report(rep: dict) -> str:
     batches = rep["settings"]["batches"]
     lines = [f"# Decode benchmark: {rep['model']} ({rep['time']})", "",
              f"Machine: {rep['machine']['cpu']}, {rep['machine']['cores']} cores, torch threads "
-             f"{rep['machine']['torch_threads']}, AVX-512: {rep['machine']['avx512']}; load average "
+             f"{rep['machine']['torch_threads']}, SIMD flags: {' '.join(rep['machine']['simd_flags'])}, Quill's kernels: "
+             f"{rep['machine']['kernels']}; load average "
              f"{rep['load_before'][0]:.1f} before, {rep['load_after'][0]:.1f} after. Measured read bandwidth "
              f"{rep['bandwidth_GBps']:.1f} GB/s (torch sums over 1 GiB in 2 MB pages for 1 s before and after "
              "every batch-1 decode sample; median, range {:.1f}-{:.1f}).".format(*rep["bandwidth_range_GBps"]),

@@ -42,8 +42,8 @@ class Linear(nn.Linear):
       and for more rows (prompts, batched decode outside the fused step) where it beats torch's GEMM on this
       machine (quill.kernels.tune times both per shape class);
     - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2): computed in fp32. torch's fallback bf16
-      GEMM is about 100x slower than MKL's fp32 one (a 512-token bf16 prefill ran at 5 tok/s); converting
-      the weight costs one pass over it.
+      GEMM is far slower than MKL's fp32 one (docs/performance.md); converting the weight costs one pass
+      over it.
     """
 
     def forward(self, x: Tensor) -> Tensor:

@@ -10,8 +10,10 @@ position embedding stay in the model's dtype.
 
 Decode steps (a few rows at a time) run on `quill.kernels`, which read 1 byte per weight and meet int16
 activations (one scale per row: near-exact); longer inputs (prefill) run on whichever is fastest on this
-machine for their shape (quill.kernels.tune): those kernels, or fbgemm's int8 GEMM with activations quantised
-per tensor to uint8, as ONNX Runtime's and transformers' dynamic int8 do, or the dequantised fp32 GEMM
+machine for their shape (quill.kernels.tune): those kernels, Quill's int8 GEMM (the same int16 activations,
+weights repacked into column panels; the default for long inputs), fbgemm's int8 GEMM with activations
+quantised per tensor to 7-bit uint8 as ONNX Runtime's and transformers' dynamic int8 do (chosen only where
+more than tune.INEXACT_MARGIN times faster: it costs accuracy), or the dequantised fp32 GEMM
 (`QUILL_INT8_GEMM=0` takes fbgemm out; see docs/performance.md).
 
 Checkpoint format (`quill quantize MODEL OUT --int8`, loaded by `quill.load(OUT)`): a folder with the model's
@@ -63,8 +65,8 @@ def quantize_weight(w: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def _int8_gemm_serves(x: Tensor) -> bool:
-    """Whether fbgemm's int8 GEMM may serve a CPU inference input (QUILL_INT8_GEMM=0: never, the dequantised
-    fp32 GEMM does)."""
+    """Whether fbgemm's int8 GEMM may serve a CPU inference input (QUILL_INT8_GEMM=0: never; Quill's int8 GEMM
+    or the dequantised fp32 GEMM do)."""
     return (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not kernels.observed()
             and os.environ.get("QUILL_INT8_GEMM", "1") != "0"
             and torch.backends.quantized.engine in ("x86", "fbgemm"))
@@ -90,6 +92,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight_scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self._packed: tuple[tuple, object] | None = None  # (weights' identity, fbgemm's packed weight), see _gemm
+        self._panels: tuple[tuple, Tensor] | None = None  # (weights' identity, the panels of _panel_gemm)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -106,13 +109,16 @@ class Int8Linear(nn.Module):
         return (self.weight.to(torch.float32) * self.weight_scale.float()[:, None]).to(dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        """Quill's int8 kernel, fbgemm's int8 GEMM or the dequantised GEMM: for several rows, whichever is
-        fastest here (quill.kernels.project times them); without the kernels, fbgemm beyond DEFAULT_ROWS."""
+        """Quill's int8 decode kernel, its int8 GEMM (`_panel_gemm`), fbgemm's int8 GEMM or the dequantised
+        GEMM: for several rows, whichever is fastest here (quill.kernels.project times them; fbgemm, whose 7-bit
+        activations cost accuracy, only where clearly faster); without the kernels, fbgemm beyond DEFAULT_ROWS."""
         w, s, b = self.kernel_args()
         gemm = _int8_gemm_serves(x)
-        others = {"fbgemm": self._gemm} if gemm else {}
+        others = {"i8gemm": self._panel_gemm}
+        if gemm:
+            others["fbgemm"] = self._gemm
         others["torch"] = self._dequantized_forward
-        y = kernels.project(x, w, b, s, others=others)
+        y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",))
         if y is not None:
             return y
         if gemm and kernels.rows(x) > kernels.DEFAULT_ROWS:
@@ -123,6 +129,22 @@ class Int8Linear(nn.Module):
         bias = None if self.bias is None else self.bias.to(x.dtype)
         return F.linear(x, self.dequantized(x.dtype), bias)
 
+    def _weights_key(self) -> tuple:
+        """The weight, scale and bias's identity: a packed copy made from them is remade when it changes."""
+        # inference tensors (made under inference_mode) keep no version counter: their pointer identifies them
+        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
+                     for t in (self.weight, self.weight_scale, self.bias) if t is not None)
+
+    def _panel_gemm(self, x: Tensor) -> Tensor:
+        """Long inputs on Quill's int8 GEMM: activations rounded to int16 with one scale a row (as the decode
+        kernels do), so a prefill keeps the decode path's accuracy (docs/performance.md). The weight is repacked
+        into the kernel's column panels on first use (one more int8 copy) and again when it changes."""
+        key = self._weights_key()
+        if self._panels is None or self._panels[0] != key:
+            self._panels = (key, kernels.pack_i8(self.weight))
+        _, s, b = self.kernel_args()
+        return kernels.gemm_i8(x, self._panels[1], s, b, self.out_features)
+
     def _gemm(self, x: Tensor) -> Tensor:
         """Long inputs (prefill) on fbgemm's int8 GEMM, activations quantised per tensor to uint8 on the fly.
 
@@ -131,9 +153,7 @@ class Int8Linear(nn.Module):
         packed weight (fbgemm's layout, one more int8 copy) is made on first use and remade when the weight,
         scale or bias change.
         """
-        # inference tensors (made under inference_mode) keep no version counter: their pointer identifies them
-        key = tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
-                    for t in (self.weight, self.weight_scale, self.bias) if t is not None)
+        key = self._weights_key()
         if self._packed is None or self._packed[0] != key:
             self._packed = (key, _prepack(self.weight, self.weight_scale, self.bias))
         x2 = x.reshape(-1, self.in_features).float().contiguous()

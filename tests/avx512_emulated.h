@@ -22,6 +22,11 @@ static inline e512i E_dpwssd(e512i src, e512i a, e512i b) {
     int32_t s[16]; int16_t x[32], y[32]; memcpy(s, &src, 64); memcpy(x, &a, 64); memcpy(y, &b, 64);
     for (int j = 0; j < 16; j++) s[j] = (int32_t)((uint32_t)s[j] + (uint32_t)((int32_t)x[2*j] * y[2*j]) + (uint32_t)((int32_t)x[2*j+1] * y[2*j+1]));
     e512i r; memcpy(&r, s, 64); return r; }
+static inline e512i E_cast128_512(__m128i a) { e512i r = {0}; memcpy(&r, &a, 16); return r; }
+static inline e512i E_permutexvar_epi32(e512i idx, e512i a) {
+    int32_t i[16], s[16], d[16]; memcpy(i, &idx, 64); memcpy(s, &a, 64);
+    for (int j = 0; j < 16; j++) d[j] = s[i[j] & 15];
+    e512i r; memcpy(&r, d, 64); return r; }
 static inline __m256i E_cast256(e512i v) { __m256i r; memcpy(&r, &v, 32); return r; }
 static inline __m256i E_extract4(e512i v, int i) { __m256i r; memcpy(&r, (char*)&v + 32 * i, 32); return r; }
 static inline e512i E_cvtepi32_epi64(__m256i a) { int32_t s[8]; int64_t d[8]; memcpy(s, &a, 32); for (int i = 0; i < 8; i++) d[i] = s[i]; e512i r; memcpy(&r, d, 64); return r; }
@@ -40,6 +45,8 @@ static inline e512bh E_cvtne2(e512 a, e512 b) { e512bh r; for (int j = 0; j < 16
 #define _mm512_cvtepi8_epi16 E_cvtepi8_epi16
 #define _mm512_dpwssd_epi32 E_dpwssd
 #define _mm512_castsi512_si256 E_cast256
+#define _mm512_castsi128_si512 E_cast128_512
+#define _mm512_permutexvar_epi32 E_permutexvar_epi32
 #define _mm512_extracti64x4_epi64 E_extract4
 #define _mm512_cvtepi32_epi64 E_cvtepi32_epi64
 #define _mm512_add_epi64 E_add_epi64

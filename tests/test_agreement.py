@@ -4,8 +4,9 @@ The floors are for a random GPT-2-initialised model (std 0.02: nearly flat logit
 smallest perturbation) read teacher-forced on a fixed random token sequence, decoded as generation does.
 Measured when written: bf16 as quill.load makes it on the CPU (bf16 matrices, fp32 activations, bf16 KV
 cache) 99.2%, where an all-bf16 model (bf16 residual stream) reached 97.9%; int8 96.9% (96.5% when the
-input side read the head's int8 rows). Floors: bf16 98.5% (above what the bf16 residual stream reaches),
-int8 95% (the issue's bar for the 124M model is 94.3%; a tiny model's 512 positions move by 0.2% a flip).
+input side read the head's int8 rows), the same 96.9% in one forward on Quill's int8 GEMM (fbgemm's
+7-bit activations: 89.3%). Floors: bf16 98.5% (above what the bf16 residual stream reaches), int8 95% on
+both paths (the issue's bar for the 124M model is 94.3%; a tiny model's 512 positions move by 0.2% a flip).
 """
 
 from __future__ import annotations
@@ -70,12 +71,14 @@ def test_top1_agreement_counts_equal_positions():
         position_logits(None, [1, 2], "sideways")
 
 
-@pytest.mark.parametrize("precision", sorted(FLOORS))
-def test_agreement_with_fp32_over_512_positions_reaches_its_floor(flat_model, precision):
+@pytest.mark.parametrize(("precision", "mode"), [("bf16", "decode"), ("int8", "decode"), ("int8", "prefill")])
+def test_agreement_with_fp32_over_512_positions_reaches_its_floor(flat_model, precision, mode):
+    """Both int8 paths reach the floor: decode steps (the int16-activation kernels) and the 512 tokens in one
+    forward (Quill's int8 GEMM, the same int16 activations; fbgemm's 7-bit ones reached 89.3% here)."""
     folder, ids = flat_model
     kw = dict(dtype="bfloat16") if precision == "bf16" else dict(quantize="int8")
     want = top1(position_logits(quill.load(folder).model, ids))
-    got = top1(position_logits(quill.load(folder, **kw).model, ids))
+    got = top1(position_logits(quill.load(folder, **kw).model, ids, mode))
     agreement = top1_agreement(got, want)
-    print(f"{precision} top-1 agreement with fp32 over {T} positions: {agreement:.2%}")
+    print(f"{precision} ({mode}) top-1 agreement with fp32 over {T} positions: {agreement:.2%}")
     assert agreement >= FLOORS[precision]

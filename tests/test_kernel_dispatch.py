@@ -179,7 +179,7 @@ def test_tuned_paths_agree_with_the_torch_path(tuning):
     assert {k.split()[1] for k in prefill} == {"w=float32", "w=bfloat16"}
     int8 = [k for k in choices if k.startswith("linear w=int8")]
     assert sorted(k.split()[4] for k in int8) == ["rows<=128", "rows<=32"]
-    assert all(choices[k] in ("quill", "torch", "fbgemm") for k in prefill + int8)
+    assert all(choices[k] in ("quill", "torch", "fbgemm", "i8gemm") for k in prefill + int8)
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
@@ -204,12 +204,12 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     x = torch.randn(20, 64)
     tuning.parent.mkdir(parents=True, exist_ok=True)
     bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name),
-             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,fbgemm,torch]": "no-such-path"}}
+             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,fbgemm,torch]": "no-such-path"}}
     if damage == "corrupt":
         tuning.write_bytes(b"\x00{not json")
     elif damage == "foreign":
         tuning.write_text(json.dumps({**bogus, "machine": {**bogus["machine"], "cpu": "another CPU"},
-                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,fbgemm,torch]": "torch"}}))
+                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,fbgemm,torch]": "torch"}}))
     elif damage == "wrong-shape":
         tuning.write_text(json.dumps({**bogus, "choices": ["quill"]}))
     else:  # this machine's file naming a path that no longer exists: timed again
@@ -220,7 +220,7 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     assert rel_err(exact, got) <= 3e-2
     data = json.loads(tuning.read_text())
     assert data["machine"] == tune.machine(kernels.variant().name)
-    assert list(data["choices"].values()) and set(data["choices"].values()) <= {"quill", "fbgemm", "torch"}
+    assert list(data["choices"].values()) and set(data["choices"].values()) <= {"quill", "i8gemm", "fbgemm", "torch"}
 
 
 def test_tuning_off_takes_the_default_without_timing(monkeypatch):
@@ -230,6 +230,20 @@ def test_tuning_off_takes_the_default_without_timing(monkeypatch):
         raise AssertionError("timed with QUILL_TUNE=0")
 
     assert tune.choose("avx2", "k", {"quill": never, "torch": never}, "torch") == "torch"
+
+
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+def test_an_inexact_path_must_be_clearly_faster_to_win(tuning, monkeypatch):
+    """fbgemm's 7-bit activations cost accuracy: the tuner takes it only when more than INEXACT_MARGIN times
+    faster than the fastest exact candidate (timings stand in for the clock here)."""
+    cost = {"exact": 1.0, "inexact": 0.0}
+    monkeypatch.setattr(tune, "_time", lambda fn: cost[fn()])
+    paths = {"exact": lambda: "exact", "inexact": lambda: "inexact"}
+    cost["inexact"] = 1.05 / tune.INEXACT_MARGIN  # faster, not by the margin
+    assert tune.choose("avx2", "a", paths, "exact", inexact=("inexact",)) == "exact"
+    cost["inexact"] = 0.9 / tune.INEXACT_MARGIN  # beyond the margin
+    assert tune.choose("avx2", "b", paths, "exact", inexact=("inexact",)) == "inexact"
+    assert tune.choose("avx2", "c", paths, "exact") == "inexact"  # no penalty without the mark
     assert [tune.row_class(n) for n in (1, 2, 3, 8, 9, 512, 513)] == [1, 2, 4, 8, 16, 512, 1024]
 
 

@@ -157,17 +157,49 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
             assert rel_err(ref, out) <= (1e-5 if xdtype == torch.float32 else 1e-2)
 
 
+def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x's rows rounded to int16 as quantize_i16 does (fp32 scale max|x|/32767, multiply by its fp32 inverse,
+    round half to even): (the integers, the scales), in float64 for an exact reference."""
+    scale = x.abs().amax(1, keepdim=True) / 32767
+    return torch.round(x * (1 / scale)).double(), scale.double()
+
+
+@needs_kernels
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_int8_gemm_matches_an_exact_reference_and_the_torch_path(xdtype):
+    """The prefill GEMM (panels of 8 columns, 3 a block, K in chunks of 512) against float64 products of the
+    int16-rounded activations with the int8 weights (only fp32 rounding differs: 1e-6 of the largest output),
+    and against the dequantised fp32 product within the int16 rounding's bound; rows not a multiple of the
+    register block, K and N tails, several chunks."""
+    torch.manual_seed(0)
+    for m, k, n in [(1, 8, 24), (5, 37, 29), (130, 600, 50), (257, 1030, 77), (121, 3000, 24)]:
+        x = torch.randn(m, k).to(xdtype)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale, bias = torch.rand(n) * 0.01, torch.randn(n).to(xdtype)
+        out = kernels.gemm_i8(x, kernels.pack_i8(w), scale, bias, n)
+        assert out.dtype == xdtype and out.shape == (m, n)
+        q, qs = int16_rows(x.float())
+        exact = (q @ w.double().T) * qs * scale.double() + bias.double()
+        tol = 1e-6 if xdtype == torch.float32 else 1e-2  # bf16 output rounding
+        assert (out.double() - exact).abs().max() <= tol * exact.abs().max()
+        dense = w.float() * scale[:, None]
+        ref = x.float() @ dense.T + bias.float()
+        step_err = x.float().abs().amax(1, keepdim=True) / 65534 * dense.abs().sum(1)[None]
+        assert ((out.float() - ref).abs() <= step_err + tol * ref.abs().max()).all()
+
+
 @needs_kernels
 def test_int8_kernels_give_the_same_bits_in_every_variant(monkeypatch):
     """int8 products sum exact integers in column blocks cut alike by every variant (vpmaddwd on AVX2, VNNI
     vpdpwssd on AVX-512), each block rounded to fp32 once: the same bits as the AVX2 build, tails and odd row
-    counts included."""
+    counts included; the prefill GEMM likewise (its K chunks)."""
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (37, 3000), dtype=torch.int8)
     x, scale, bias = torch.randn(5, 3000), torch.rand(37), torch.randn(37)
-    got = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)]
+    packed, xs = kernels.pack_i8(w), torch.randn(131, 3000)
+    got = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)] + [kernels.gemm_i8(xs, packed, scale, bias, 37)]
     monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(build.build(AVX2).path))))
-    want = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)]
+    want = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)] + [kernels.gemm_i8(xs, packed, scale, bias, 37)]
     assert all(torch.equal(a, b) for a, b in zip(want, got))
 
 

@@ -28,11 +28,11 @@ enum { F32 = QK_F32, BF16 = QK_BF16, F16 = QK_F16, I8 = QK_I8 };
 /* ---- a barrier-free thread pool with owned ranges -------------------------------------------------------
    A job is `ntasks` independent tasks, split into one contiguous range per thread (the caller is thread 0).
    Each thread takes its own range's tasks from the front, so it streams one contiguous stretch of a weight
-   matrix that the hardware prefetcher can follow (handing out tasks round-robin made the two threads'
-   streams interleave: measured 35 against 47 GB/s over a decode step's matrices), then steals from the back
+   matrix that the hardware prefetcher can follow (handing out tasks round-robin interleaves the threads'
+   streams, which reads slower: docs/performance.md), then steals from the back
    of the other ranges. Unlike an OpenMP parallel region there is no barrier that waits for every thread
    to *arrive*: on a shared machine the caller takes a descheduled helper's range instead of sleeping until
-   its next time slice (measured: OpenMP regions cost up to one scheduler tick, ~4 ms, each under load).
+   its next time slice (under load an OpenMP region can cost a scheduler tick: docs/performance.md).
    Each range is one atomic word, generation | front | back, so a helper that wakes late cannot claim a
    task of a newer job with an older job's function. Helpers spin briefly, then sleep on a futex. One job
    at a time: a second caller (another Python thread) runs its job on its own thread. */
@@ -173,8 +173,8 @@ static inline float hsum(__m256 v) {
 }
 
 /* Software prefetch of the weight rows PFW (float) / PF (int8) rows ahead into L2/L3 (hint T2): a 4-row
-   group of a 768-wide int8 matrix is only 3 KB, too short for the hardware prefetcher to ramp up.
-   Measured on one core: fp32 14 -> 19.5 GB/s, bf16 9 -> 12+, int8 10 -> 20-22 GB/s (docs/performance.md). */
+   group of a 768-wide int8 matrix is only 3 KB, too short for the hardware prefetcher to ramp up
+   (the gain per weight format is in docs/performance.md). */
 #define PFW 16
 #define PF 16
 #define PFH _MM_HINT_T2
@@ -221,7 +221,7 @@ static inline void narrow(void* dst, int dt, int64_t i0, const float* src, int64
    feeds four FMAs (batched decode is compute-bound). Every group of four activation rows runs on one block of
    three weight rows before the next block is read, each group prefetching ahead, so the weights stream from
    memory at an even pace while the FMAs run from L1 (one pass per group over the task's rows left memory
-   idle during the later passes: 8 rows fp32, a step's 49 matrices 20.6 -> 19.2 ms). */
+   idle during the later passes). */
 #define DEFINE_ROWS4(SUF, WT, VLOAD, SLOAD)                                                                 \
 static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int64_t n0, int64_t n1,         \
                         float* acc, int64_t ldacc) {                                                       \
@@ -331,8 +331,8 @@ static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_
                 r0[n - n0] = s0; r1[n - n0] = s1;                                                            \
             }                                                                                                \
         } else {  /* one activation row: one weight row at a time, so each thread reads one sequential stream\
-                     that the hardware prefetcher follows (2 MB pages, no software prefetch: faster than     \
-                     four interleaved rows with prefetch, 35 vs 33 GB/s, and 50-60 vs 43-48 in bursts) */    \
+                     that the hardware prefetcher follows (with 2 MB pages this reads faster than four      \
+                     interleaved rows with software prefetch: docs/performance.md) */                        \
             for (; n < n1; n++) {                                                                            \
                 const WT* w0 = W + n * K;                                                                    \
                 __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;                                  \
@@ -366,7 +366,7 @@ DEFINE_ROWS(i8, int8_t, VLOAD_I8, SLOAD_I8)
    block's lanes are summed exactly (in int64) and rounded to fp32 once, and both variants cut the columns the
    same way (blocks of 2048 up to the last multiple of 32, then the rest in scalar code), so the AVX2 and the
    AVX-512 builds give the same bits. xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined into
-   linear_task, GCC's code for it ran batched int8 ~1.4x slower (8 rows: 12.6 vs 18.7 ms a step). */
+   linear_task, GCC's code for it runs batched int8 markedly slower (docs/performance.md). */
 #define I8Q_BLOCK 2048
 #define I8Q_STEP 32
 static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0,
@@ -810,8 +810,8 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
     /* whole register blocks per task: 4 rows (int8, and float at batch 1 where any count serves); 12 for
-       float weights against 4+ rows (rows4's 3-row blocks: 4 rows a task sent every fourth row of the K=3072
-       projection through the 1-row remainder loop, 10.9 -> 6.3 ms for 8 rows fp32) */
+       float weights against 4+ rows (rows4's 3-row blocks: 4 rows a task would send every fourth row of the
+       K=3072 projection through the slow 1-row remainder loop) */
     const int64_t unit = wdt != I8 && M >= 4 ? 12 : 4;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
@@ -830,6 +830,142 @@ int quill_linear(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, 
                  int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps, int act) {
     return linear_run(x, xdt, M, ldx, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, K, nthreads,
                       lnw, lnb, lndt, eps, act);
+}
+
+/* ---- int8 weights against many activation rows (prefill): a register-blocked GEMM ------------------------
+   Activations are rounded to int16 with one scale a row (quantize_i16, as the decode path: near exact), the
+   weights repacked once (quill.kernels.pack_i8) into panels of QK_I8_PANEL output columns: panel p holds,
+   for each pair of columns k, k+1 of K (zero-padded to a multiple of QK_I8_KSTEP), its 8 columns' two weights
+   next to each other, so one int16 pair of an activation row broadcast across the lanes meets 8 output columns
+   in one vpmaddwd (AVX2; AVX-512: two pairs against the same 8 columns per vpdpwssd). A register block is
+   I8G_MR rows x QK_I8_GROUP panels; the weights' columns are walked in chunks of I8G_KC that
+   stay in L1 while every row block of the task meets them. A chunk's lanes sum at most 256 pair products
+   (256 * 2 * 32767 * 127 < 2^31), then are rounded to fp32 and added up chunk by chunk in the same order by
+   both variants, so they give the same bits. */
+#define I8G_KC 512   /* K columns per chunk: 256 pairs */
+#define I8G_MB 120   /* activation rows per task (a multiple of I8G_MR): its fp32 sums, 11 KB, stay in L1 */
+#define I8G_NC (QK_I8_PANEL * QK_I8_GROUP)
+struct gemm_i8_job {
+    const float* x; int64_t M, Mp, K, Kp; const int8_t* Wp; const float* scale; const void* bias; int bdt;
+    void* y; int ydt; int64_t ldy, N, ngroups; int16_t* xq; float* xs;
+};
+
+#ifdef QUILL_AVX512
+#define I8G_MR 4  /* rows a register block: 12 accumulators of 32 registers */
+static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, int64_t Kp, const int8_t* w,
+                                                            int64_t pstride, int64_t k0, int64_t k1, float* f) {
+    static const int32_t halves[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
+    const __m512i idx = _mm512_loadu_si512((const void*)halves);
+    __m512i a[I8G_MR][QK_I8_GROUP];
+    for (int r = 0; r < I8G_MR; r++)
+        for (int c = 0; c < QK_I8_GROUP; c++) a[r][c] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 4) {  /* two pairs: lanes 0-7 the first, 8-15 the second */
+        __m512i u[QK_I8_GROUP];
+        for (int c = 0; c < QK_I8_GROUP; c++)
+            u[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + c * pstride + k * QK_I8_PANEL)));
+        for (int r = 0; r < I8G_MR; r++) {
+            const __m512i v = _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i*)(x + r * Kp + k))));
+            for (int c = 0; c < QK_I8_GROUP; c++) a[r][c] = _mm512_dpwssd_epi32(a[r][c], v, u[c]);
+        }
+    }
+    for (int r = 0; r < I8G_MR; r++)
+        for (int c = 0; c < QK_I8_GROUP; c++) {
+            const __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(a[r][c]), _mm512_extracti64x4_epi64(a[r][c], 1));
+            float* o = f + r * I8G_NC + c * QK_I8_PANEL;
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(s)));
+        }
+}
+#else
+#define I8G_MR 3  /* rows a register block: 9 accumulators, 3 weight vectors, a broadcast and vpmaddwd's product
+                     in 16 registers (4 rows spilled accumulators: no fused accumulate without VNNI) */
+#define I8G_ROW(a0, a1, a2, xr)                                                                              \
+    do {                                                                                                     \
+        int32_t pair_;                                                                                       \
+        memcpy(&pair_, (xr) + k, 4);                                                                         \
+        const __m256i v_ = _mm256_set1_epi32(pair_);                                                         \
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(v_, u0));                                                \
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(v_, u1));                                                \
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(v_, u2));                                                \
+    } while (0)
+static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, int64_t Kp, const int8_t* w,
+                                                            int64_t pstride, int64_t k0, int64_t k1, float* f) {
+    _Static_assert(QK_I8_GROUP == 3, "the AVX2 block names three panels");
+    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0, c0 = a0, c1 = a0, c2 = a0;
+    const int8_t *w0 = w, *w1 = w + pstride, *w2 = w + 2 * pstride;
+    const int16_t *x0 = x, *x1 = x + Kp, *x2 = x + 2 * Kp;
+    for (int64_t k = k0; k < k1; k += 2) {
+        const __m256i u0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w0 + k * QK_I8_PANEL)));
+        const __m256i u1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w1 + k * QK_I8_PANEL)));
+        const __m256i u2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w2 + k * QK_I8_PANEL)));
+        I8G_ROW(a0, a1, a2, x0);
+        I8G_ROW(b0, b1, b2, x1);
+        I8G_ROW(c0, c1, c2, x2);
+        /* the accumulators stay in registers (without it GCC spilled three and copied the rest each pair) */
+        __asm__("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(b0), "+x"(b1), "+x"(b2), "+x"(c0), "+x"(c1), "+x"(c2));
+    }
+    const __m256i acc[9] = {a0, a1, a2, b0, b1, b2, c0, c1, c2};
+    for (int r = 0; r < I8G_MR; r++)
+        for (int c = 0; c < QK_I8_GROUP; c++) {
+            float* o = f + r * I8G_NC + c * QK_I8_PANEL;
+            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(acc[3 * r + c])));
+        }
+}
+#undef I8G_ROW
+#endif
+
+/* Rows [8t, 8t + 8) of the activations to int16 (rows past M, the block's padding, are zeros). */
+static void gemm_i8_quant_task(void* ctx, int64_t t) {
+    const struct gemm_i8_job* j = (const struct gemm_i8_job*)ctx;
+    for (int64_t m = 8 * t; m < 8 * t + 8 && m < j->Mp; m++) {
+        int16_t* q = j->xq + m * j->Kp;
+        if (m < j->M) quantize_i16(j->x + m * j->K, j->K, q, j->xs + m);
+        else { memset(q, 0, (size_t)j->K * sizeof(int16_t)); j->xs[m] = 0.f; }
+        memset(q + j->K, 0, (size_t)(j->Kp - j->K) * sizeof(int16_t));
+    }
+}
+
+/* Task t: rows [I8G_MB * (t / ngroups), +I8G_MB) against the panel group t % ngroups. */
+static void gemm_i8_task(void* ctx, int64_t t) {
+    const struct gemm_i8_job* j = (const struct gemm_i8_job*)ctx;
+    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * I8G_MB;
+    const int64_t mb = j->Mp - m0 < I8G_MB ? j->Mp - m0 : I8G_MB, Kp = j->Kp, pstride = Kp * QK_I8_PANEL;
+    const int8_t* w = j->Wp + g * QK_I8_GROUP * pstride;
+    float f[I8G_MB * I8G_NC];
+    memset(f, 0, (size_t)mb * I8G_NC * sizeof(float));
+    for (int64_t k0 = 0; k0 < Kp; k0 += I8G_KC) {
+        const int64_t k1 = k0 + I8G_KC < Kp ? k0 + I8G_KC : Kp;
+        for (int64_t m = 0; m < mb; m += I8G_MR) i8g_chunk(j->xq + (m0 + m) * Kp, Kp, w, pstride, k0, k1, f + m * I8G_NC);
+    }
+    const int64_t n0 = g * I8G_NC, nn = j->N - n0 < I8G_NC ? j->N - n0 : I8G_NC;
+    for (int64_t m = 0; m < mb && m0 + m < j->M; m++) {
+        float* a = f + m * I8G_NC;
+        const float xs = j->xs[m0 + m];
+        const int64_t o = (m0 + m) * j->ldy + n0;
+        for (int64_t n = 0; n < nn; n++) {  /* the same epilogue order as linear_task */
+            float v = a[n] * xs * j->scale[n0 + n];
+            if (j->bias) v += ld(j->bias, j->bdt, n0 + n);
+            a[n] = v;
+        }
+        if (j->ydt == F32) memcpy((float*)j->y + o, a, (size_t)nn * sizeof(float));
+        else for (int64_t n = 0; n < nn; n++) st(j->y, j->ydt, o + n, a[n]);
+    }
+}
+
+/* y[m, n] = scale[n] * sum_k x[m, k] W[n, k] + bias[n], x: [M, K] (row stride ldx, dtype xdt) rounded to int16
+   per row; Wp: W [N, K] int8 packed as above (N padded to a multiple of QK_I8_PANEL * QK_I8_GROUP, K to
+   QK_I8_KSTEP, zeros); y: [M, N], row stride ldy, dtype ydt. Returns -1 when out of memory. */
+int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* Wp, const float* scale,
+                  const void* bias, int bdt, void* y, int ydt, int64_t ldy, int64_t N, int64_t K, int nthreads) {
+    if (M <= 0 || N <= 0) return 0;
+    const int64_t Mp = (M + I8G_MR - 1) / I8G_MR * I8G_MR, Kp = (K + QK_I8_KSTEP - 1) / QK_I8_KSTEP * QK_I8_KSTEP;
+    float* buf = scratch(M * K + (Mp * Kp + 1) / 2 + Mp);
+    if (!buf) return -1;
+    const float* xf = prepare_x(x, xdt, M, ldx, K, NULL, NULL, 0, 0.f, buf);
+    struct gemm_i8_job job = {xf, M, Mp, K, Kp, Wp, scale, bias, bdt, y, ydt, ldy, N, (N + I8G_NC - 1) / I8G_NC,
+                              (int16_t*)(buf + M * K), buf + M * K + (Mp * Kp + 1) / 2};
+    pool_run(gemm_i8_quant_task, &job, (Mp + 7) / 8, nthreads);
+    pool_run(gemm_i8_task, &job, (Mp + I8G_MB - 1) / I8G_MB * job.ngroups, nthreads);
+    return 0;
 }
 
 struct attn_job {
@@ -927,8 +1063,8 @@ int quill_attn_decode(const void* qkv, int dt, int64_t B, int64_t H, int64_t D, 
    computed as a matrix [L, PQ] (keys down, queries across: each key element is broadcast against PQ queries
    in three vectors, 12 accumulators), softmaxed down the columns in vectors, then multiplied into V six query
    rows by 16 dims at a time. Two passes over an exact score block instead of an online softmax: a block is at
-   most 1024 keys (96 KB), which stays in L2. torch's flash kernel took ~7-8 ms a layer for GPT-2's 512-token
-   prompt on this machine (docs/performance.md). */
+   most 1024 keys (96 KB), which stays in L2. It replaces torch's flash kernel for causal prompts, which is
+   slower on these CPUs (docs/performance.md). */
 #define PQ 24
 struct prefill_job {
     const float *q, *k, *v; float* out;

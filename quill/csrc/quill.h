@@ -17,6 +17,12 @@
 #define QK_ACT_GELU_ERF 2
 #define QK_ACT_RELU 3
 
+/* the int8 GEMM's packed weights (quill_gemm_i8): panels of QK_I8_PANEL output columns, QK_I8_GROUP panels a
+   register block (N is padded to a multiple of their product), K padded to a multiple of QK_I8_KSTEP */
+#define QK_I8_PANEL 8
+#define QK_I8_GROUP 3
+#define QK_I8_KSTEP 4
+
 /* banned ids per row that quill_argmax_banned takes */
 #define QK_MAX_BANS 64
 

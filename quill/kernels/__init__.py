@@ -1,9 +1,9 @@
 """Decode kernels for x86-64 CPUs with AVX2/FMA: small-batch matrix-vector products and one-query attention.
 
-Why they exist (measured, see docs/performance.md): a decode step is a chain of matrix-*vector* products
-whose cost is reading the weights once. On the 2-core AVX2 machine Quill is tuned on, torch's fp32 path
-(MKL sgemv) reads weights at about half the memory bandwidth, torch's int8 weight-only kernels
-(`_weight_int8pack_mm`, fbgemm's dynamic int8) run at 2-6 GB/s because their fast paths need AVX-512, and
+Why they exist (the measurements are in docs/performance.md): a decode step is a chain of matrix-*vector*
+products whose cost is reading the weights once. On AVX2 machines torch's fp32 path (MKL sgemv) reads
+weights well below the memory bandwidth, torch's int8 weight-only kernels (`_weight_int8pack_mm`, fbgemm's
+dynamic int8) run far below it because their fast paths need AVX-512, and
 SDPA's CPU kernel on a slice of the preallocated cache costs far more than the arithmetic. The kernels
 here read each weight row once, convert it to fp32 in registers (bf16/fp16/int8 weights) and accumulate
 in fp32, so one decode step runs at the memory bound for every weight format.
@@ -30,7 +30,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from pathlib import Path
 
 import torch
@@ -70,6 +70,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C]
     lib.quill_linear.restype = C
+    lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, C, I, I, I, C]
+    lib.quill_gemm_i8.restype = C
     lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
     lib.quill_attn_decode.restype = C
     lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
@@ -196,6 +198,39 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     return out
 
 
+I8_PANEL, I8_GROUP, I8_KSTEP = _ABI["I8_PANEL"], _ABI["I8_GROUP"], _ABI["I8_KSTEP"]
+
+
+def pack_i8(weight: Tensor) -> Tensor:
+    """An int8 weight [N, K] in the panels `gemm_i8` reads (quill.h's QK_I8_*): columns zero-padded to a
+    multiple of I8_PANEL * I8_GROUP, K to I8_KSTEP, then per panel of I8_PANEL columns each pair of K's columns
+    with the panel's columns side by side: [N / I8_PANEL, K / 2, I8_PANEL, 2]."""
+    n, k = weight.shape
+    nc = I8_PANEL * I8_GROUP
+    padded = torch.nn.functional.pad(weight, (0, -k % I8_KSTEP, 0, -n % nc))
+    np_, kp = padded.shape
+    return padded.view(np_ // I8_PANEL, I8_PANEL, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
+
+
+def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """`(x @ W.T) * scale + bias` for many rows of x [..., K] (a float dtype; the result has it), W int8 [n, K]
+    as `pack_i8(W)` packed it, scale float32 [n]: activations rounded to int16 with one scale a row, exact
+    integer products (the decode kernels' accuracy at GEMM speed; docs/performance.md)."""
+    lib = _lib if _lib is not None else _load()
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x.dtype)
+    rc = lib.quill_gemm_i8(x2.data_ptr(), DTYPE_CODES[x.dtype], m, x2.stride(0), packed.data_ptr(), scale.data_ptr(),
+                           None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
+                           out.data_ptr(), DTYPE_CODES[out.dtype], n, n, k, torch.get_num_threads())
+    if rc:
+        raise MemoryError("quill_gemm_i8: out of memory")
+    return out.view(*x.shape[:-1], n)
+
+
 def rows(x: Tensor) -> int:
     """Rows of x as a matrix ([..., K] -> [rows, K])."""
     k = x.shape[-1]
@@ -203,7 +238,8 @@ def rows(x: Tensor) -> int:
 
 
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
-            others: dict[str, Callable[[Tensor], Tensor]] | None = None) -> Tensor | None:
+            others: dict[str, Callable[[Tensor], Tensor]] | None = None,
+            inexact: Collection[str] = ()) -> Tensor | None:
     """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it.
 
     They serve CPU inference inputs with a float activation dtype and a contiguous weight of a known dtype; the
@@ -211,6 +247,7 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
     the weight once is the bound); for more rows, `others` (name -> the caller's own implementation: torch's
     GEMM, fbgemm's) compete with the kernel, and the fastest for this shape class on this machine serves
     (quill.kernels.tune; with QUILL_TUNE=0 the kernel up to DEFAULT_ROWS rows, the first of `others` beyond).
+    `inexact` names those of `others` that round more than the rest (they win only by tune.INEXACT_MARGIN).
     """
     m = rows(x)
     if (m <= 0 or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
@@ -229,7 +266,7 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         key = (f"linear w={str(weight.dtype)[6:]} x={str(x.dtype)[6:]} {weight.shape[0]}x{weight.shape[1]} "
                f"rows<={tune.row_class(m)} [{','.join(candidates)}]")
         default = "quill" if m <= DEFAULT_ROWS else next(iter(others))
-        path = tune.choose(_variant.name, key, candidates, default)
+        path = tune.choose(_variant.name, key, candidates, default, inexact)
         if path != "quill":
             return others[path](x)
     return own()
@@ -239,8 +276,7 @@ def activate_(x: Tensor, act: str) -> bool:
     """Apply activation `act` to x in place with the vectorised kernel; False (x untouched) when it does not serve.
 
     It serves contiguous fp32/bf16/fp16 CPU inference tensors with an activation it knows, computing in fp32
-    (torch's tanh-GELU ran at ~2.7 ns an element on the AVX2 machine, 10% of an int8 prefill; in bf16 3 ms of
-    a 512-token layer's 60).
+    (torch's tanh-GELU is a sizeable share of a prefill, and more in bf16: docs/performance.md).
     """
     if (x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES or not x.is_contiguous() or act not in ACTIVATIONS
             or act is None or (torch.is_grad_enabled() and x.requires_grad) or not available()):
@@ -277,8 +313,8 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
 
     q: [B, H, T, D]; k, v: [B, H, start+T, D] (views of the cache or of the fused qkv projection), float CPU
     inference tensors with a contiguous last dim and D a multiple of 16. The kernel computes in fp32: bf16/fp16
-    inputs are upcast first (~0.1 ms of a 512-token layer, where torch's bf16 flash attention took 8.1 ms
-    against the kernel's 3.1 on the AVX2 machine); the result is fp32.
+    inputs are upcast first (a small cost beside what the kernel saves over torch's bf16 flash attention,
+    docs/performance.md); the result is fp32.
     """
     B, H, T, D = q.shape
     ts = (q, k, v)
@@ -327,9 +363,8 @@ def move_to_huge_pages(tensors: Iterable[Tensor], min_bytes: int = 1 << 20) -> i
     moved. Each tensor keeps its identity (its `.data` is replaced), so modules and ties are unchanged.
 
     A decode step streams every weight once, and with 4 KB pages each 4 KB costs a TLB miss and stops the
-    hardware prefetcher: over a step's GPT-2 124M matrices, one core read 21 -> 25 GB/s (fp32) and
-    21 -> 29 GB/s (int8), two cores 30 -> 35-45 GB/s (docs/performance.md). Nothing moves where THP is
-    off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
+    hardware prefetcher, so 2 MB pages read a step's matrices faster (docs/performance.md). Nothing moves
+    where THP is off, outside Linux, or with `QUILL_HUGE_PAGES=0`.
     """
     if _switched_off("QUILL_HUGE_PAGES") or not hasattr(mmap, "MADV_HUGEPAGE"):
         return 0
@@ -419,5 +454,5 @@ def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[i
     return list(out)
 
 
-__all__ = ["available", "observed", "rows", "linear", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]

@@ -106,8 +106,8 @@ def build_plan(model: nn.Module) -> tuple[Tensor, list[Tensor]]:
 class ThreadTuner:
     """Picks the thread count of decode steps from measured step times, per batch size.
 
-    On a machine shared with other work, two threads can be slower than one (measured on the 2-core box:
-    28 vs 20 tok/s while a training run and a test suite were running, the reverse when it is quiet). The
+    On a machine shared with other work, two threads can be slower than one (and the reverse when it is
+    quiet: docs/performance.md). The
     tuner times steps with 1 and with all threads (`torch.get_num_threads()`), keeps the faster (median of
     the last few steps each) and re-checks the other now and then, so it follows the load as it changes.
     """

@@ -4,7 +4,8 @@ A product of several activation rows with a weight (prefill, batched decode) has
 depends on the CPU: Quill's kernels (the weight read once, all rows against it), torch's GEMM (MKL/oneDNN) and,
 for int8 weights, fbgemm's int8 GEMM; a batched decode step can also run as two calls of half the rows. The
 first use of a shape class times each candidate briefly (one warm-up call, then the best of a few) and keeps
-the fastest; the choices live in a JSON file in the user cache named for the machine (CPU model, kernel variant,
+the fastest, where a candidate that rounds more than the others (fbgemm's) must beat the exact ones by
+INEXACT_MARGIN; the choices live in a JSON file in the user cache named for the machine (CPU model, kernel variant,
 kernel sources, torch version, thread count), so later loads do not pay for it. A file that does not parse or
 was written for another machine is ignored and rewritten. `QUILL_TUNE=0` turns timing off: the fixed default
 (Quill's kernels up to DEFAULT_ROWS rows, the GEMM beyond; decode in calls of at most DEFAULT_ROWS rows) serves,
@@ -21,7 +22,7 @@ import os
 import tempfile
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 
 import torch
@@ -32,6 +33,9 @@ from quill.kernels.cpu import this_cpu
 log = logging.getLogger("quill.kernels.tune")
 
 DEFAULT_ROWS = 32  # the fixed default's threshold: up to this many rows on Quill's kernels
+# An inexact candidate (one that rounds more than the others: fbgemm's 7-bit per-tensor activations, 7 points of
+# top-1 agreement over 512 positions) is chosen only when this many times faster than the fastest exact one
+INEXACT_MARGIN = 1.3
 REPEATS = 3  # timed calls per candidate after the warm-up; the fastest counts
 FORMAT = 1  # version of the cache file's layout
 
@@ -111,9 +115,12 @@ def _time(fn: Callable[[], object]) -> float:
     return best
 
 
-def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], default: str) -> str:
+def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], default: str,
+           inexact: Collection[str] = ()) -> str:
     """The name of the fastest of `candidates` (name -> a call running that path once) for shape class `key`:
-    cached for this machine, else timed now and saved. With QUILL_TUNE=0, `default`."""
+    cached for this machine, else timed now and saved. Those named in `inexact` count as INEXACT_MARGIN times
+    slower than measured (they must be that much faster than the exact ones to win). With QUILL_TUNE=0,
+    `default`."""
     if not enabled() or len(candidates) == 1:
         return default
     path = cache_file(isa)
@@ -130,7 +137,7 @@ def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], defa
             times[name] = _time(fn)
         except (RuntimeError, NotImplementedError) as e:  # a backend this build of torch lacks
             log.info("tuning %s: candidate %s failed (%s)", key, name, e)
-    chosen = min(times, key=times.get) if times else default
+    chosen = min(times, key=lambda n: times[n] * (INEXACT_MARGIN if n in inexact else 1.0)) if times else default
     log.info("tuning %s: %s (%s)", key, chosen, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()))
     with _lock:
         table = _tables.setdefault(path, _read(path, isa))

@@ -26,6 +26,7 @@ from quill.errors import HubAccessDenied, HubDiskFull, HubError, HubModelNotFoun
 from quill.server.auth import require_admin
 from quill.server.errors import APIError, from_exception
 from quill.server.routes_store import load_options
+from quill.server.schemas import error_responses
 from quill.server.state import AppState, get_state
 
 # The HTTP status of each HubError (NotGPT2Checkpoint and any other: 400).
@@ -151,10 +152,11 @@ def get_service(state: AppState = Depends(get_state)) -> HubService:
     return state.hub_pulls
 
 
-router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin)], tags=["hub"])
+router = APIRouter(prefix="/v1", dependencies=[Depends(require_admin)], tags=["hub"],
+                   responses=error_responses(400, 401, 403, 413, 503))
 
 
-@router.post("/models/pull", status_code=202)
+@router.post("/models/pull", status_code=202, responses=error_responses(404, 502, 507))
 async def pull_model(body: PullRequest, service: HubService = Depends(get_service)):
     """Check a Hub model, then download and load it in the background; poll GET /v1/hub/models."""
     pull = await service.start(body)

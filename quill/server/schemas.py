@@ -357,7 +357,7 @@ class ErrorResponse(BaseModel):
 ERRORS = {400: "a parameter out of range or of the wrong type, or a body that is not a JSON object (`param` names "
                "the field)",
           401: "missing or wrong key (`WWW-Authenticate: Bearer`)",
-          403: "admin routes are disabled, or a continuation handle of another key",
+          403: "admin routes are disabled, a continuation handle of another key, or a Hub repo this server may not read",
           404: "unknown model, handle, upload or route",
           409: "the stored model exists already (commit without replace) or is in use",
           410: "the continuation handle expired, or the upload did",
@@ -365,8 +365,9 @@ ERRORS = {400: "a parameter out of range or of the wrong type, or a body that is
           413: "the body is larger than --max-body-bytes, or the file or model than the store's limits",
           429: "the model's queue is full; `Retry-After` says when to try again",
           460: "Upload-Checksum does not match the PATCH body",
+          502: "the Hugging Face Hub could not be reached",
           503: "no model is loaded, or the model is being unloaded, or the server stops",
-          507: "the store's disk is full"}
+          507: "the store's (or the Hub cache's) disk is full"}
 
 
 def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
