@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
@@ -22,6 +23,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from quill.errors import QuillError
+from quill.kernels.cpu import AVX2, this_cpu
 
 SOURCE = Path(__file__).with_name("csrc") / "callgrind.c"
 _TRIGGER = re.compile(r"^desc: Trigger: Client Request: (.*)$", re.M)
@@ -106,6 +108,15 @@ def parse_dumps(folder: Path) -> dict[str, int]:
     return counts
 
 
+def worker_environment() -> dict[str, str]:
+    """The counted worker's environment: the AVX2 kernels wherever the CPU has them, since valgrind executes no
+    AVX-512 instruction (the AVX-512 variant dies with SIGILL under it, though /proc/cpuinfo lists the flags)."""
+    env = dict(os.environ)
+    if not this_cpu().missing(AVX2):
+        env["QUILL_ISA"] = AVX2.name
+    return env
+
+
 def count(argv: Sequence[str], folder: Path | None = None, timeout: float | None = None) -> dict[str, int]:
     """Run `python argv...` under callgrind (counting off at start) and return the instructions per label.
 
@@ -122,7 +133,7 @@ def count(argv: Sequence[str], folder: Path | None = None, timeout: float | None
         folder.mkdir(parents=True, exist_ok=True)
         cmd = ["valgrind", "--tool=callgrind", "--instr-atstart=no", "--quiet",
                f"--callgrind-out-file={folder}/callgrind.out.%p", sys.executable, *argv]
-        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=timeout)
+        proc = subprocess.run(cmd, stdout=subprocess.DEVNULL, timeout=timeout, env=worker_environment())
         if proc.returncode != 0:
             raise CallgrindUnavailable(f"the counted worker failed under callgrind (exit {proc.returncode}; "
                                        "its messages are above)")
