@@ -21,6 +21,7 @@ from collections.abc import AsyncIterator
 
 from quill.errors import InvalidParameter, QuillError
 from quill.generate import DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, new_sequences
+from quill.prefix_cache import PrefixHit
 
 log = logging.getLogger("quill.batching")
 
@@ -77,6 +78,7 @@ class Ticket:
         self._last: dict[int, float] = {}  # seq index -> time of its last token
         self._open = self.n  # sequences not finished yet
         self._resume: SequenceState | None = None  # a continued sequence's saved state, placed on admission
+        self._hit = PrefixHit()  # its prompt's cached prefix, pinned from submission until its prefill
 
     # ---- consumer side --------------------------------------------------------------------------------------
 
@@ -95,7 +97,8 @@ class Ticket:
     @property
     def usage(self) -> Usage:
         """Prompt tokens once, generated tokens and FLOPs of every sample, seconds from submission to the end."""
-        u = Usage(prompt_tokens=max(s.usage.prompt_tokens for s in self.seqs))
+        u = Usage(prompt_tokens=max(s.usage.prompt_tokens for s in self.seqs),
+                  cached_tokens=max(s.usage.cached_tokens for s in self.seqs))
         for s in self.seqs:
             u.completion_tokens += s.usage.completion_tokens
             u.flops += s.usage.flops
@@ -139,7 +142,7 @@ class Scheduler:
         self.name = name or getattr(engine, "name", "model")
         self.max_batch, self.max_queue = max_batch, max_queue
         self.observer = observer or SchedulerObserver()
-        self._batch = DecodeBatch(engine.model, max_batch)
+        self._batch = self._new_batch()
         self._waiting: collections.deque[Ticket] = collections.deque()
         self._running: list[Ticket] = []
         self._owner: dict[int, Ticket] = {}  # id(seq) -> its ticket
@@ -184,9 +187,16 @@ class Scheduler:
             raise InvalidParameter(f"n must be a positive integer, got {n!r}", "n")
         if n > self.max_batch:
             raise InvalidParameter(f"n must be at most {self.max_batch} (this server's --max-batch)", "n")
-        request.validate(self.engine.model)
-        seqs = new_sequences(self.engine.model, self.engine.tokenizer, request, n)
-        return self._enqueue(Ticket(request, seqs, _loop(loop)))
+        hit = self._batch.lookup(request)  # pinned now: the budget is checked against what it holds
+        try:
+            request.validate(self.engine.model, hit.tokens)
+            seqs = new_sequences(self.engine.model, self.engine.tokenizer, request, n)
+            ticket = Ticket(request, seqs, _loop(loop))
+            ticket._hit = hit
+            return self._enqueue(ticket)
+        except BaseException:
+            hit.release()
+            raise
 
     def resume(self, state: SequenceState, max_flops: int | None = None,
                loop: asyncio.AbstractEventLoop | None = None) -> Ticket:
@@ -310,7 +320,7 @@ class Scheduler:
             self._batch.resume(t.seqs[0], t._resume.kv)
             events: list[StepEvent] = []
         else:
-            events = self._batch.add(t.seqs)
+            events = self._batch.add(t.seqs, t._hit)
         self._running.append(t)
         for s in t.seqs:
             self._owner[id(s)] = t
@@ -375,6 +385,7 @@ class Scheduler:
         if t.finished_at is not None:
             return
         t.finished_at = time.perf_counter()
+        t._hit.release()  # never admitted (cancelled, failed, closed): its blocks may go
         if t in self._running:
             self._running.remove(t)
         for s in t.seqs:
@@ -393,8 +404,11 @@ class Scheduler:
         for t in list(self._running):
             self._fail(t, error)
         self._owner.clear()
-        self._batch = DecodeBatch(self.engine.model, self.max_batch)
+        self._batch = self._new_batch()
         self._observe()
+
+    def _new_batch(self) -> DecodeBatch:
+        return DecodeBatch(self.engine.model, self.max_batch, prefix_cache=self.engine.prefix_cache)
 
     def _observe(self) -> None:
         try:

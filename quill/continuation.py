@@ -2,8 +2,9 @@
 
 The paused state (tokens, random stream, detokeniser and stop-matcher state) is small and is kept until the
 handle expires: in memory, and on disk when the store has a directory, so a handle outlives a restart. The
-KV cache is large: it is kept in memory only, least-recently-used first out (the memory it took goes back
-to the OS), and a resumed call whose cache is gone recomputes it from the tokens. The number of handles is
+KV cache is large: it is kept in memory only, in a `KVPool` it may share with the prefix cache (one bound,
+least-recently-used first out; the memory it took goes back to the OS), and a resumed call whose cache is gone
+recomputes it from the tokens. The number of handles is
 bounded too. Handles are unguessable and bound to the API key that made them.
 """
 
@@ -31,12 +32,13 @@ import torch
 from quill.atomic import atomic_write
 from quill.errors import ContinuationError
 from quill.generate import GenerationRequest, SequenceState
+from quill.kvpool import KVPool
 from quill.sampling import SamplingParams
 from quill.structured import Constraint
 
 HANDLE = re.compile(r"cont_[A-Za-z0-9_-]{1,64}")  # what `put` makes: "cont_" + URL-safe base64
 DEFAULT_TTL = 3600.0  # seconds a handle stays valid after its call ended
-DEFAULT_KV_BYTES = 512 << 20  # KV caches kept in memory, all handles together
+DEFAULT_KV_BYTES = 512 << 20  # KV caches kept in memory, all handles together (a store with a pool of its own)
 DEFAULT_MAX_HANDLES = 10_000  # handles kept (in memory and on disk), all callers together
 KEY_FILE = re.compile(r"[0-9a-f]{64}\.json")  # a handle's file: the SHA-256 of the handle
 STALE_TEMPORARY_SECONDS = 3600.0  # an unfinished write older than this is removed (another process may be writing)
@@ -82,16 +84,19 @@ def state_from_json(d: dict) -> SequenceState:
 class ContinuationStore:
     """Paused generations by handle, with a time-to-live, bounded in number and in KV bytes, optionally on disk.
 
-    At most `max_handles` handles are kept (the least recently used go first, file and all) and their KV caches
-    take at most `max_kv_bytes` (beyond it the least recently used caches are dropped; their handles stay).
+    At most `max_handles` handles are kept (the least recently used go first, file and all). Their KV caches are
+    entries of `pool` (by default a pool of their own bounded by `max_kv_bytes`): beyond its bound the least
+    recently used entries are dropped; a handle whose cache went stays.
     Expired handles are removed on every `put` and `sweep`; a store on disk indexes the handles a previous run
     left at start, removing expired and unreadable files.
     """
 
     def __init__(self, directory: str | os.PathLike | None = None, ttl: float = DEFAULT_TTL,
-                 max_kv_bytes: int = DEFAULT_KV_BYTES, max_handles: int = DEFAULT_MAX_HANDLES):
+                 max_kv_bytes: int = DEFAULT_KV_BYTES, max_handles: int = DEFAULT_MAX_HANDLES,
+                 pool: KVPool | None = None):
         self.directory = Path(directory) if directory is not None else None
-        self.ttl, self.max_kv_bytes, self.max_handles = ttl, max_kv_bytes, max_handles
+        self.ttl, self.max_handles = ttl, max_handles
+        self.pool = pool if pool is not None else KVPool(max_kv_bytes)
         self._entries: OrderedDict[str, _Entry] = OrderedDict()  # key: hash of the handle; least recent first
         self._lock = threading.Lock()
         if self.directory is not None:
@@ -124,6 +129,11 @@ class ContinuationStore:
         with self._lock:
             self._entries[key] = entry
             freed = self._evict()
+            evictions = self.pool.evictions
+            if _kv_bytes(state) and not self.pool.put((id(self), key), _kv_bytes(state),
+                                                      functools.partial(_drop_kv, entry)):
+                _drop_kv(entry)
+            freed |= self.pool.evictions != evictions
         if freed:
             release_freed_memory()
         return handle
@@ -137,6 +147,7 @@ class ContinuationStore:
             entry = self._entries.get(key)
             if entry is not None:
                 self._entries.move_to_end(key)
+                self.pool.touch((id(self), key))
         if entry is None or entry.state is None:
             entry = self._load(key)
         if entry is None:
@@ -200,12 +211,13 @@ class ContinuationStore:
     def _remove(self, key: str) -> None:
         """Forget a handle and remove its file (the lock held)."""
         self._entries.pop(key, None)
+        self.pool.remove((id(self), key))
         if self.directory is not None:
             self._path(key).unlink(missing_ok=True)
 
     def _evict(self) -> bool:
-        """Drop expired handles, then the least recently used beyond `max_handles`, then their KV caches until
-        the kept caches fit `max_kv_bytes` (the lock held). Whether a KV cache was dropped."""
+        """Drop expired handles, then the least recently used beyond `max_handles` (the lock held); the pool
+        bounds their KV caches. Whether a KV cache was dropped."""
         now, freed = time.time(), False
         for key in [k for k, e in self._entries.items() if e.expires < now]:
             freed |= _kv_bytes(self._entries[key].state) > 0
@@ -214,14 +226,6 @@ class ContinuationStore:
             key = next(iter(self._entries))
             freed |= _kv_bytes(self._entries[key].state) > 0
             self._remove(key)
-        total = sum(_kv_bytes(e.state) for e in self._entries.values())
-        for entry in self._entries.values():
-            if total <= self.max_kv_bytes:
-                break
-            if _kv_bytes(entry.state):
-                total -= _kv_bytes(entry.state)
-                entry.state = dataclasses.replace(entry.state, kv=None)
-                freed = True
         return freed
 
 
@@ -243,6 +247,11 @@ def release_freed_memory() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+def _drop_kv(entry: _Entry) -> None:
+    """The pool evicted a handle's KV cache (any thread, the pool's lock held): a later resume recomputes it."""
+    entry.state = dataclasses.replace(entry.state, kv=None)
 
 
 def _kv_bytes(state: SequenceState | None) -> int:

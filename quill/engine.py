@@ -18,7 +18,9 @@ from quill.errors import InvalidParameter
 from quill.continuation import ContinuationStore
 from quill.generate import GenerationRequest, Sequence, StepEvent, TokenLogprob, Usage, resume, run
 from quill.graphs import cuda_turn
+from quill.kvpool import KVPool
 from quill.model import GPT, GPTConfig
+from quill.prefix_cache import PrefixCache
 from quill.resolve import resolve
 from quill.sampling import SamplingParams
 from quill.search import SearchParams, run_search
@@ -97,9 +99,10 @@ class Engine:
     """A loaded model with its tokenizer: what `quill.load` returns."""
 
     def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", path: Path | None = None,
-                 continuations: ContinuationStore | None = None):
+                 continuations: ContinuationStore | None = None, prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
         self.continuations = continuations or ContinuationStore()
+        self.prefix_cache = prefix_cache  # None: every prompt is computed from its first token
 
     @property
     def config(self) -> GPTConfig:
@@ -117,11 +120,13 @@ class Engine:
                 stop_token_ids: list[int] | None = None, include_stop: bool = False, logprobs: int | None = None,
                 echo: bool = False, max_flops: int | None = None, json_schema: dict | str | None = None,
                 regex: str | None = None, choice: list[str] | None = None, grammar: str | None = None,
-                constraint: Constraint | None = None, **sampling) -> GenerationRequest:
+                constraint: Constraint | None = None, cache_salt: str = "", **sampling) -> GenerationRequest:
         """Build and validate a generation request; sampling keywords are `SamplingParams` fields.
 
         At most one of json_schema (a dict or its JSON), regex, choice (a list of strings) and grammar (Lark or
         GBNF) constrains the output to match it (docs/structured.md); `constraint` is one already made.
+        `cache_salt` decides whose cached prompt blocks it may reuse (the owner: requests of one salt share).
+        A `max_flops` budget must pay for the prefill of what the prefix cache does not hold now.
         """
         unknown = sorted(set(sampling) - _SAMPLING_FIELDS)
         if unknown:
@@ -134,8 +139,9 @@ class Engine:
             prompt_ids=self.encode(prompt), max_tokens=max_tokens, sampling=SamplingParams(**sampling),
             stop=[stop] if isinstance(stop, str) else list(stop or []), stop_token_ids=list(stop_token_ids or []),
             include_stop=include_stop, logprobs=logprobs, echo=echo, max_flops=max_flops,
-            constraint=constraint or made)
-        req.validate(self.model)
+            constraint=constraint or made, cache_salt=cache_salt)
+        cache = self.prefix_cache
+        req.validate(self.model, cache.peek(req.prompt_ids, cache_salt, req.cacheable) if cache is not None else 0)
         if req.constraint is not None:
             # against this vocabulary now, not later in a batch
             compiled(req.constraint, self.tokenizer, self.config.eos_token_ids)
@@ -152,10 +158,10 @@ class Engine:
         """
         if continuation is None:
             search = SearchParams.pop_from(kw)
-            request = self.request(prompt, max_tokens, **kw)
+            request = self.request(prompt, max_tokens, cache_salt=owner, **kw)
             if search is not None:
                 return run_search(self.model, self.tokenizer, request, search, n)
-            return run(self.model, self.tokenizer, request, n)
+            return run(self.model, self.tokenizer, request, n, self.prefix_cache)
         extra = sorted(k for k in kw if k != "max_flops")
         if prompt is not None or extra or n != 1:
             raise InvalidParameter("a continuation carries its own prompt and settings: give only max_flops "
@@ -181,6 +187,7 @@ class Engine:
         choices = []
         for i, seq in sorted(seqs.items()):
             usage.prompt_tokens = max(usage.prompt_tokens, seq.usage.prompt_tokens)
+            usage.cached_tokens = max(usage.cached_tokens, seq.usage.cached_tokens)
             usage.completion_tokens += seq.usage.completion_tokens
             usage.flops += seq.usage.flops
             handle = self.pause(seq, owner) if seq.finish_reason == "budget" else None
@@ -233,7 +240,8 @@ class Engine:
 
 
 def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
-         quantize: str | None = None, compile: bool = False, kv_cache: str | torch.dtype | None = None) -> Engine:
+         quantize: str | None = None, compile: bool = False, kv_cache: str | torch.dtype | None = None,
+         prefix_cache: int | str | None = None) -> Engine:
     """Load a Hugging Face GPT-2 checkpoint folder (or a bundled model by name) ready to generate.
 
     `quantize="int8"` quantises every Linear (and a tied embedding) to int8 weights on load; a folder written
@@ -244,6 +252,9 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
     the CPU), except bfloat16 for an int8 model
     with float32 activations (as llama.cpp keeps f16 caches): decode reads the whole cache every step, and at
     GPT-2 124M's 1024 positions an fp32 cache is 75 MB against 124 MB of int8 weights (docs/performance.md).
+    `prefix_cache` bounds the memory (bytes, or a size such as "2GiB") of the KV kept between calls: prompt
+    blocks later calls reuse (quill.prefix_cache) and paused generations' caches, one least-recently-used pool;
+    None: an eighth of physical memory between 512 MiB and 4 GiB; 0 turns prefix caching off.
     """
     from quill import quantize as quantization
     from quill.model import compile_model
@@ -255,6 +266,7 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         raise InvalidParameter(f"unknown quantize mode {quantize!r} (supported: {', '.join(quantization.MODES)})",
                                "quantize")
     kv_dtype = parse_dtype(kv_cache, "kv_cache") if kv_cache is not None else None
+    pool_bytes = parse_prefix_cache(prefix_cache)
     dtype = parse_dtype(dtype)
     with cuda_turn(device):  # never while another thread captures a CUDA graph
         if quantization.quantization_config(path) is not None:
@@ -275,4 +287,20 @@ def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", 
         model = compile_model(model)
     # a folder is named for its last part; a bundled, stored or Hub model by the name it was asked for
     name = path.name if isinstance(path_or_name, os.PathLike) or Path(path_or_name).is_dir() else str(path_or_name)
-    return Engine(model, Tokenizer.load(path), name=name, path=path)
+    pool = KVPool(pool_bytes or None)  # with prefix caching off, paused generations keep the default bound
+    return Engine(model, Tokenizer.load(path), name=name, path=path, continuations=ContinuationStore(pool=pool),
+                  prefix_cache=PrefixCache(pool) if pool_bytes != 0 else None)
+
+
+def parse_prefix_cache(size: int | str | None) -> int | None:
+    """The prefix cache's bound in bytes from an int or a size such as '2GiB' (None: the default)."""
+    if size is None:
+        return None
+    from quill.store import parse_size
+
+    if isinstance(size, bool) or not isinstance(size, (int, str)):
+        raise InvalidParameter(f"prefix_cache must be a size in bytes, got {size!r}", "prefix_cache")
+    nbytes = parse_size(size, "prefix_cache")
+    if nbytes < 0:
+        raise InvalidParameter(f"prefix_cache must be a size in bytes, got {size!r}", "prefix_cache")
+    return nbytes

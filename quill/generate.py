@@ -23,6 +23,7 @@ from quill.errors import BudgetError, ContextLengthError, InvalidParameter
 from quill.graphs import GraphedStep, graphs_apply, takes_cuda_turn
 from quill.kernels import argmax_rows, single_threaded
 from quill.model import GPT, GPTConfig, KVCache
+from quill.prefix_cache import PrefixCache, PrefixHit
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
 from quill.stopping import StopStrings
 from quill.structured import Constraint, GrammarState
@@ -45,9 +46,12 @@ class GenerationRequest:
     echo: bool = False  # also score the prompt tokens
     max_flops: int | None = None  # per-call budget; the call ends with finish_reason "budget" before exceeding it
     constraint: Constraint | None = None  # structured output: what the generated text must match
+    # whose cached prompt blocks this request may reuse (tenant isolation; quill.prefix_cache): never the tokens
+    cache_salt: str = ""
 
-    def validate(self, model: GPT) -> None:
-        """Raise InvalidParameter (naming the parameter) for anything the model cannot honour."""
+    def validate(self, model: GPT, cached: int = 0) -> None:
+        """Raise InvalidParameter (naming the parameter) for anything the model cannot honour; the budget must pay
+        for the prefill of the prompt after its first `cached` tokens (found in the prefix cache)."""
         cfg = model.config
         if not self.prompt_ids:
             raise InvalidParameter("prompt must contain at least one token", "prompt")
@@ -70,12 +74,20 @@ class GenerationRequest:
             raise InvalidParameter(f"stop_token_ids must lie in [0, {cfg.vocab_size})", "stop_token_ids")
         self.sampling.validate(cfg.vocab_size)
         StopStrings(self.stop, self.include_stop)  # validates the stop list
-        check_budget(self.max_flops, self.prefill_flops(cfg), f"the prefill of {len(self.prompt_ids)} prompt tokens")
+        what = f"the prefill of {len(self.prompt_ids) - cached} prompt tokens" + (f" ({cached} cached)" if cached else "")
+        check_budget(self.max_flops, self.prefill_flops(cfg, cached), what)
 
-    def prefill_flops(self, config: GPTConfig) -> int:
-        """FLOPs of this request's prefill (every prompt position goes through the head with echo)."""
+    def prefill_flops(self, config: GPTConfig, cached: int = 0) -> int:
+        """FLOPs of this request's prefill after `cached` prompt tokens whose KV came from the prefix cache (every
+        prompt position goes through the head with echo)."""
         n = len(self.prompt_ids)
-        return forward_flops(config, n, 0, n if self.echo else 1)
+        return forward_flops(config, n - cached, cached, n if self.echo else 1)
+
+    @property
+    def cacheable(self) -> int:
+        """How many prompt tokens may come from the prefix cache: all but the last, whose logits give the first
+        token; none with echo, which needs the logits of every prompt position."""
+        return 0 if self.echo else len(self.prompt_ids) - 1
 
     @property
     def limit(self) -> int:
@@ -93,12 +105,16 @@ class TokenLogprob:
 
 @dataclass
 class Usage:
-    """What a call cost: tokens in and out, floating-point operations and wall-clock seconds."""
+    """What a call cost: tokens in and out, floating-point operations and wall-clock seconds.
+
+    `cached_tokens` of the prompt tokens came from the prefix cache: their work was not done again, and `flops`
+    counts only the work done."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
     flops: int = 0
     seconds: float = 0.0
+    cached_tokens: int = 0
 
     @property
     def total_tokens(self) -> int:
@@ -109,6 +125,7 @@ class Usage:
         self.completion_tokens += other.completion_tokens
         self.flops += other.flops
         self.seconds += other.seconds
+        self.cached_tokens += other.cached_tokens
 
 
 @dataclass
@@ -268,9 +285,10 @@ class Sequence:
 class DecodeBatch:
     """Up to `capacity` sequences decoded together against one KV cache; active rows are 0..n-1."""
 
-    def __init__(self, model: GPT, capacity: int, max_len: int | None = None):
+    def __init__(self, model: GPT, capacity: int, max_len: int | None = None, prefix_cache: PrefixCache | None = None):
         self.model = model
         self.cache: KVCache = model.new_cache(capacity, max_len)
+        self.prefix_cache = prefix_cache  # prompts' KV rows kept between calls (None: off)
         self.rows: list[Sequence] = []
         self._graphs: dict[int, GraphedStep] = {}  # CUDA: a captured decode step per number of active rows
 
@@ -304,19 +322,37 @@ class DecodeBatch:
             return StepEvent(seq, -1, "", None, True)
         return StepEvent(seq, token, text, lp, seq.finished)
 
+    def lookup(self, request: GenerationRequest) -> PrefixHit:
+        """The longest cached prefix of a request's prompt, pinned until `add` is done with it (or `release`)."""
+        if self.prefix_cache is None:
+            return PrefixHit()
+        return self.prefix_cache.lookup(request.prompt_ids, request.cache_salt, request.cacheable)
+
     @takes_cuda_turn
     @torch.inference_mode()
-    def add(self, seqs: list[Sequence]) -> list[StepEvent]:
-        """Prefill the shared prompt of `seqs` once (they are samples of one request) and emit each one's first token."""
+    def add(self, seqs: list[Sequence], hit: PrefixHit | None = None) -> list[StepEvent]:
+        """Prefill the shared prompt of `seqs` once (they are samples of one request) and emit each one's first token.
+
+        The rows of the prompt's cached prefix (`hit`, else looked up now) are copied, and only the rest is
+        computed; the prompt's whole blocks then go into the prefix cache. The hit is released either way.
+        """
         if len(seqs) > self.free:
             raise RuntimeError(f"batch has {self.free} free rows, {len(seqs)} requested")
-        prompt = seqs[0].request.prompt_ids
-        want_all = seqs[0].request.echo
-        flops = seqs[0].request.prefill_flops(self.model.config)
-        row = len(self.rows)
-        t0 = time.perf_counter()
-        idx = torch.tensor([prompt], device=self.model.device)
-        logits = self.model(idx, 0, self.cache.rows(slice(row, row + 1)), last_only=not want_all)[0].float()
+        request = seqs[0].request
+        hit = hit if hit is not None else self.lookup(request)
+        try:
+            prompt, want_all, cached = request.prompt_ids, request.echo, hit.tokens
+            flops = request.prefill_flops(self.model.config, cached)
+            row = len(self.rows)
+            t0 = time.perf_counter()
+            k_row, v_row = self.cache.k[:, row], self.cache.v[:, row]
+            hit.copy_into(k_row, v_row)
+            idx = torch.tensor([prompt[cached:]], device=self.model.device)
+            logits = self.model(idx, cached, self.cache.rows(slice(row, row + 1)), last_only=not want_all)[0].float()
+        finally:
+            hit.release()
+        if self.prefix_cache is not None:
+            self.prefix_cache.insert(prompt, request.cache_salt, k_row, v_row)
         if len(seqs) > 1:
             self.cache.copy_rows(slice(row + 1, row + len(seqs)), slice(row, row + 1))
         if want_all:
@@ -327,6 +363,7 @@ class DecodeBatch:
         events = []
         for i, seq in enumerate(seqs):
             seq.usage.flops += flops if i == 0 else 0
+            seq.usage.cached_tokens = cached
             seq.usage.seconds += seconds / len(seqs)
             self.rows.append(seq)
             if seq.request.max_tokens == 0:
@@ -420,6 +457,7 @@ class DecodeBatch:
         i = 0
         while i < len(self.rows):
             if self.rows[i].finished:
+                self._keep_prefix(i)
                 last = len(self.rows) - 1
                 if i != last:
                     self.cache.copy_rows(slice(i, i + 1), slice(last, last + 1))
@@ -427,6 +465,14 @@ class DecodeBatch:
                 self.rows.pop()
             else:
                 i += 1
+
+
+    def _keep_prefix(self, i: int) -> None:
+        """Put the whole blocks of a leaving row's tokens into the prefix cache: a chat's next turn resends them."""
+        seq = self.rows[i]
+        if self.prefix_cache is not None and seq.error is None:
+            fed = seq.tokens[:-1]  # the last token was never fed: its keys and values are not in the row
+            self.prefix_cache.insert(fed, seq.request.cache_salt, self.cache.k[:, i], self.cache.v[:, i])
 
 
 def prompt_logprobs(logits: Tensor, prompt: list[int], top_n: int) -> list[TokenLogprob]:
@@ -454,14 +500,20 @@ def resume_flops(config: GPTConfig, state: SequenceState) -> int:
     return (forward_flops(config, cached, 0, 1) if state.kv is None else 0) + forward_flops(config, 1, cached, 1)
 
 
-def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1) -> Iterator[StepEvent]:
-    """Generate `n` samples of one request, yielding each token as it is chosen."""
-    request.validate(model)
+def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1,
+        prefix_cache: PrefixCache | None = None) -> Iterator[StepEvent]:
+    """Generate `n` samples of one request, yielding each token as it is chosen (reusing cached prompt rows)."""
     if not isinstance(n, int) or n < 1:
         raise InvalidParameter(f"n must be a positive integer, got {n!r}", "n")
-    seqs = new_sequences(model, tokenizer, request, n)
-    batch = DecodeBatch(model, n, len(request.prompt_ids) + request.limit)
-    yield from _raising(batch.add(seqs))
+    batch = DecodeBatch(model, n, len(request.prompt_ids) + request.limit, prefix_cache)
+    hit = batch.lookup(request)
+    try:
+        request.validate(model, hit.tokens)
+        seqs = new_sequences(model, tokenizer, request, n)
+    except BaseException:
+        hit.release()
+        raise
+    yield from _raising(batch.add(seqs, hit))
     while batch.rows:
         yield from _raising(batch.step())
 

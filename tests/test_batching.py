@@ -78,10 +78,10 @@ def test_a_failing_request_fails_alone(engine, monkeypatch):
     try:
         add = scheduler._batch.add
 
-        def add_failing_prefill(seqs):
+        def add_failing_prefill(seqs, hit=None):
             if seqs[0].request.prompt_ids == engine.encode("fail at prefill"):
                 raise Injected("prefill failed")
-            return add(seqs)
+            return add(seqs, hit)
 
         monkeypatch.setattr(scheduler._batch, "add", add_failing_prefill)
         greedy = scheduler.submit(request(engine, "the quiet river", 30, temperature=0), loop=LOOP)

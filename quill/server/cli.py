@@ -45,6 +45,13 @@ def register(subparsers) -> None:
                    help="time an idle keep-alive connection stays open (default 5)")
     p.add_argument("--max-handles", type=int, default=None, metavar="N",
                    help="continuation handles kept, the least recently used dropped first (default 10000)")
+    p.add_argument("--prefix-cache", default=None, metavar="SIZE",
+                   help="memory for KV kept between calls: cached prompt blocks that later requests reuse, and paused "
+                        "budgeted calls (bytes or a size like 2GiB; default an eighth of RAM, 512 MiB to 4 GiB; "
+                        "0 turns prefix caching off)")
+    p.add_argument("--prefix-cache-share", action="store_true",
+                   help="reuse cached prompt blocks across API keys (default: only between requests of one key, "
+                        "since a hit shows in timing)")
     add_load_flags(p, "models")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
@@ -79,6 +86,9 @@ def build_state(args: argparse.Namespace):
     for flag in ("header_timeout", "body_timeout", "keep_alive_timeout"):
         if not getattr(args, flag) > 0:
             raise InvalidParameter(f"--{flag.replace('_', '-')} must be positive", flag)
+    from quill.engine import parse_prefix_cache
+
+    prefix_cache = parse_prefix_cache(args.prefix_cache)
     api_keys = read_key_file(args.api_key_file) if args.api_key_file else tuple(k for k in args.api_key or () if k)
     config = ServerConfig(api_keys=api_keys, admin_keys=tuple(k for k in args.admin_key or () if k),
                           store_dir=Path(args.store).expanduser() if args.store else None,
@@ -87,6 +97,7 @@ def build_state(args: argparse.Namespace):
                           max_connections=args.max_connections, header_timeout=args.header_timeout,
                           body_timeout=args.body_timeout, keep_alive_timeout=args.keep_alive_timeout,
                           dtype=args.dtype, device=args.device, compile=args.compile, kv_cache=args.kv_cache,
+                          prefix_cache=prefix_cache, prefix_cache_share=args.prefix_cache_share,
                           **({"continuation_ttl": args.continuation_ttl} if args.continuation_ttl else {}),
                           **({"max_handles": args.max_handles} if args.max_handles else {}))
     models = args.models

@@ -163,14 +163,16 @@ async def wait(tickets: list[Ticket], http: Request) -> None:
 
 
 def usage_body(tickets: list[Ticket]) -> dict[str, Any]:
-    """The `usage` of a call: tokens and FLOPs summed over its tickets, seconds until the last one ended."""
+    """The `usage` of a call: tokens and FLOPs summed over its tickets, seconds until the last one ended; the
+    prompt tokens that came from the prefix cache in OpenAI's `prompt_tokens_details.cached_tokens`."""
     total = Usage()
     for t in tickets:
         u = t.usage
         total.add(dataclasses.replace(u, seconds=0.0))
         total.seconds = max(total.seconds, u.seconds)
     return {"prompt_tokens": total.prompt_tokens, "completion_tokens": total.completion_tokens,
-            "total_tokens": total.total_tokens, "flops": total.flops, "seconds": round(total.seconds, 6)}
+            "total_tokens": total.total_tokens, "prompt_tokens_details": {"cached_tokens": total.cached_tokens},
+            "flops": total.flops, "seconds": round(total.seconds, 6)}
 
 
 def sse(data: dict | str) -> bytes:

@@ -3,7 +3,10 @@
 Exported (all prefixed `quill_`): http_requests_total{method,route,status}, prompt_tokens_total{model},
 generation_tokens_total{model}, flops_total{model}, generations_total{model,outcome}, active_slots{model},
 batch_capacity{model}, queue_depth{model}, time_to_first_token_seconds{model} and
-inter_token_latency_seconds{model} (histograms), http_request_duration_seconds{route} (histogram).
+inter_token_latency_seconds{model} (histograms), http_request_duration_seconds{route} (histogram); the prefix
+cache's prefix_cache_queries_total{model}, prefix_cache_hits_total{model} (lookups that found a block),
+prefix_cache_queried_tokens_total{model}, prefix_cache_hit_tokens_total{model}, prefix_cache_bytes{model}, and
+the KV pool it shares with paused generations: kv_pool_bytes, kv_pool_limit_bytes, kv_pool_evictions_total.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import time
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from quill.batching import SchedulerObserver, Ticket
@@ -67,6 +71,10 @@ class Metrics:
             except KeyError:
                 pass
 
+    def watch_kv(self, state) -> None:
+        """Export the KV pool and every served model's prefix cache of `state` (an AppState), read when scraped."""
+        self.registry.register(_KVCollector(state))
+
     def render(self) -> bytes:
         return generate_latest(self.registry)
 
@@ -100,6 +108,37 @@ class _ModelObserver(SchedulerObserver):
         self.flops.inc(u.flops)
         outcome = "failed" if ticket.error is not None else "cancelled" if ticket.cancelled else "completed"
         self.generations.labels(self.model, outcome).inc()
+
+
+class _KVCollector:
+    """The prefix caches' counters and the KV pool's bytes, read from the server's state at each scrape."""
+
+    def __init__(self, state):
+        self.state = state
+
+    def collect(self):
+        caches = [(name, m.engine.prefix_cache) for name, m in list(self.state.models.items())
+                  if m.engine.prefix_cache is not None]
+        families = [
+            (CounterMetricFamily, "quill_prefix_cache_queries", "Prefix cache lookups (one per request)", "queries"),
+            (CounterMetricFamily, "quill_prefix_cache_hits", "Prefix cache lookups that found a cached block", "hits"),
+            (CounterMetricFamily, "quill_prefix_cache_queried_tokens", "Prompt tokens looked up", "queried_tokens"),
+            (CounterMetricFamily, "quill_prefix_cache_hit_tokens", "Prompt tokens found cached (not computed again)",
+             "hit_tokens"),
+            (GaugeMetricFamily, "quill_prefix_cache_bytes", "Bytes of the prefix cache's blocks", "nbytes"),
+        ]
+        for kind, name, doc, attr in families:
+            family = kind(name, doc, labels=["model"])
+            for model, cache in caches:
+                family.add_metric([model], getattr(cache, attr))
+            yield family
+        pool = self.state.kv_pool
+        yield GaugeMetricFamily("quill_kv_pool_bytes", "Bytes of KV kept between calls (prefix blocks, paused calls)",
+                                value=pool.used)
+        yield GaugeMetricFamily("quill_kv_pool_limit_bytes", "The KV pool's bound (--prefix-cache)",
+                                value=pool.max_bytes)
+        yield CounterMetricFamily("quill_kv_pool_evictions", "KV entries evicted, least recently used first",
+                                  value=pool.evictions)
 
 
 def request_labels(scope: Scope) -> tuple[str, str]:

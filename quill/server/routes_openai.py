@@ -53,8 +53,10 @@ async def get_model(model_id: str, state: AppState = Depends(get_state)) -> Mode
 
 
 def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, *,
-                  stop=None, stop_token_ids: list[int] | None = None, logprobs: int | None = None, echo: bool = False):
-    """A validated GenerationRequest (InvalidParameter / ContextLengthError become 400s naming the parameter)."""
+                  salt: str, stop=None, stop_token_ids: list[int] | None = None, logprobs: int | None = None,
+                  echo: bool = False):
+    """A validated GenerationRequest (InvalidParameter / ContextLengthError become 400s naming the parameter);
+    `salt` (AppState.cache_salt) decides whose cached prompt blocks it may reuse."""
     searches = body.searches()
     if searches:
         raise APIError(400, f"{searches[0]}: beam, diverse beam and contrastive search are not served over HTTP, "
@@ -66,7 +68,7 @@ def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int
     return model.engine.request(prompt_ids, max_tokens, stop=stop,
                                 stop_token_ids=list(stop_token_ids or []) + list(body.stop_token_ids or []),
                                 logprobs=logprobs, echo=echo, max_flops=body.max_flops, constraint=body.constraint(),
-                                **body.sampling())
+                                cache_salt=salt, **body.sampling())
 
 
 def pause(ctx: GenerationContext, seq) -> dict[str, Any]:
@@ -224,7 +226,7 @@ async def completions(body: CompletionRequest, http: Request, state: AppState = 
         contexts, texts = [], []
         for prompt_ids, text in await completion_prompts(model, body.prompt):
             req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
-                                echo=body.echo)
+                                echo=body.echo, salt=state.cache_salt(http.state.api_key))
             contexts.append(context("completions", model, req, body.n, http))
             texts.append(model.engine.tokenizer.decode(prompt_ids) if body.echo and text is None else text)
         jobs = await g.submit(state, contexts)
@@ -300,7 +302,7 @@ async def chat_completions(body: ChatCompletionRequest, http: Request, state: Ap
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
         req = build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,
-                            logprobs=logprobs)
+                            logprobs=logprobs, salt=state.cache_salt(http.state.api_key))
     except InvalidParameter as e:  # name the field the client sent
         if newer and e.param == "max_tokens":
             e.param = "max_completion_tokens"

@@ -61,6 +61,7 @@ class InferenceResponder(g.Responder):
 @router.post("/inference", response_model=InferenceResponse, responses=GENERATING)
 async def inference(body: InferenceRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
-    req = build_request(model, body, list(body.tokens), body.max_tokens, logprobs=body.logprobs)
+    req = build_request(model, body, list(body.tokens), body.max_tokens, logprobs=body.logprobs,
+                        salt=state.cache_salt(http.state.api_key))
     jobs = await g.submit(state, [context("inference", model, req, body.n, http)])
     return await InferenceResponder(state, jobs, body).answer(http)

@@ -216,11 +216,16 @@ class InferenceRequest(SamplingFields):
 # ---- responses ---------------------------------------------------------------------------------------------------
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = Field(description="prompt tokens whose keys and values came from the prefix cache")
+
+
 class UsageInfo(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
-    flops: int = Field(description="floating-point operations spent (Quill extra)")
+    prompt_tokens_details: PromptTokensDetails
+    flops: int = Field(description="floating-point operations spent, none for cached prompt tokens (Quill extra)")
     seconds: float = Field(description="wall-clock seconds from arrival to the last token (Quill extra)")
 
 

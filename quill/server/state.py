@@ -26,9 +26,11 @@ from fastapi import Request
 from platformdirs import user_data_dir
 
 from quill.batching import Scheduler
-from quill.continuation import DEFAULT_MAX_HANDLES, DEFAULT_TTL, ContinuationStore
+from quill.continuation import DEFAULT_MAX_HANDLES, DEFAULT_TTL, ContinuationStore, owner_id
 from quill.engine import Engine
 from quill.generate import GenerationRequest
+from quill.kvpool import KVPool
+from quill.prefix_cache import PrefixCache
 
 DEFAULT_MAX_BODY_BYTES = 2 * 1024 * 1024
 
@@ -54,6 +56,8 @@ class ServerConfig:
     continuation_ttl: float = DEFAULT_TTL  # seconds a budget's continuation handle stays valid
     max_handles: int = DEFAULT_MAX_HANDLES  # continuation handles kept, the least recently used dropped first
     handle_sweep_seconds: float = 60.0  # how often expired handles (and their files) are removed
+    prefix_cache: int | None = None  # bytes of KV kept between calls (prefix blocks, paused calls); None: default
+    prefix_cache_share: bool = False  # reuse cached prompt blocks across API keys (default: only within a key)
 
 
 @dataclass
@@ -104,8 +108,12 @@ class AppState:
         # Paused generations of every model, on disk beside the store so handles survive a restart.
         directory = (self.config.store_dir / ".continuations" if self.config.store_dir is not None
                      else Path(user_data_dir("quill")) / "continuations")
+        # One pool, one bound: the prefix caches of every model and the paused generations' KV caches. With
+        # prefix caching off (--prefix-cache 0) the pool keeps paused generations' caches within the default.
+        self.kv_pool = KVPool(self.config.prefix_cache or None)
         self.continuations = ContinuationStore(directory, ttl=self.config.continuation_ttl,
-                                               max_handles=self.config.max_handles)
+                                               max_handles=self.config.max_handles, pool=self.kv_pool)
+        self.metrics.watch_kv(self)
         self.started = False
 
     @property
@@ -118,6 +126,7 @@ class AppState:
         if name in self.models:
             self.remove_model(name)
         engine.continuations = self.continuations
+        engine.prefix_cache = PrefixCache(self.kv_pool) if self.config.prefix_cache != 0 else None
         scheduler = Scheduler(engine, self.config.max_batch, self.config.max_queue,
                               observer=self.metrics.observer(name, self.config.max_batch), name=name)
         loaded = LoadedModel(name, engine, scheduler)
@@ -131,8 +140,15 @@ class AppState:
         loaded = self.models.pop(name, None)
         if loaded is not None:
             loaded.scheduler.stop()
+            if loaded.engine.prefix_cache is not None:
+                loaded.engine.prefix_cache.clear()
             self.metrics.forget_model(name)
         return loaded
+
+    def cache_salt(self, api_key: str | None) -> str:
+        """The prefix-cache salt of a caller: its key's hash (tenants do not see each other's hits in timing),
+        or one salt for all with --prefix-cache-share."""
+        return "" if self.config.prefix_cache_share else owner_id(api_key)
 
     def start(self) -> None:
         self.started = True
