@@ -187,7 +187,7 @@ class Scheduler:
             raise InvalidParameter(f"n must be a positive integer, got {n!r}", "n")
         if n > self.max_batch:
             raise InvalidParameter(f"n must be at most {self.max_batch} (this server's --max-batch)", "n")
-        hit = self._batch.lookup(request)  # pinned now: the budget is checked against what it holds
+        hit = self._batch.lookup(request, count=False)  # pinned until admission: the budget may count on it
         try:
             request.validate(self.engine.model, hit.tokens)
             seqs = new_sequences(self.engine.model, self.engine.tokenizer, request, n)
@@ -320,7 +320,11 @@ class Scheduler:
             self._batch.resume(t.seqs[0], t._resume.kv)
             events: list[StepEvent] = []
         else:
-            events = self._batch.add(t.seqs, t._hit)
+            # looked up again: what requests admitted since its submission cached counts too (the same prompt
+            # arriving twice at once computes it once); the first hit stays pinned until then, so this one is longer
+            hit = self._batch.lookup(t.request)
+            t._hit.release()
+            events = self._batch.add(t.seqs, hit)
         self._running.append(t)
         for s in t.seqs:
             self._owner[id(s)] = t

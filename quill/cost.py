@@ -36,15 +36,17 @@ def forward_flops(config: GPTConfig, new_tokens: int, cached_tokens: int = 0,
             + heads * 2 * config.n_embd * config.vocab_size)
 
 
-def generation_flops(config: GPTConfig, prompt_tokens: int, new_tokens: int, kv_cache: bool = True) -> int:
+def generation_flops(config: GPTConfig, prompt_tokens: int, new_tokens: int, kv_cache: bool = True,
+                     cached_tokens: int = 0) -> int:
     """FLOPs to generate `new_tokens` after a prompt: one prefill then one step per further token.
 
-    Without a KV cache every step recomputes the whole prefix, which is what capped the canister seeds.
+    Without a KV cache every step recomputes the whole prefix, which is what capped the canister seeds. The first
+    `cached_tokens` of the prompt came from the prefix cache: the prefill computes only the rest.
     """
     if new_tokens <= 0:
         return 0
     if kv_cache:
-        total = forward_flops(config, prompt_tokens, 0, 1)
+        total = forward_flops(config, prompt_tokens - cached_tokens, cached_tokens, 1)
         for t in range(1, new_tokens):
             total += forward_flops(config, 1, prompt_tokens + t - 1, 1)
         return total

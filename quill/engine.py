@@ -101,7 +101,7 @@ class Engine:
     def __init__(self, model: GPT, tokenizer: Tokenizer, name: str = "model", path: Path | None = None,
                  continuations: ContinuationStore | None = None, prefix_cache: PrefixCache | None = None):
         self.model, self.tokenizer, self.name, self.path = model, tokenizer, name, path
-        self.continuations = continuations or ContinuationStore()
+        self.continuations = continuations if continuations is not None else ContinuationStore()
         self.prefix_cache = prefix_cache  # None: every prompt is computed from its first token
 
     @property

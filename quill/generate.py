@@ -322,11 +322,12 @@ class DecodeBatch:
             return StepEvent(seq, -1, "", None, True)
         return StepEvent(seq, token, text, lp, seq.finished)
 
-    def lookup(self, request: GenerationRequest) -> PrefixHit:
-        """The longest cached prefix of a request's prompt, pinned until `add` is done with it (or `release`)."""
+    def lookup(self, request: GenerationRequest, count: bool = True) -> PrefixHit:
+        """The longest cached prefix of a request's prompt, pinned until `add` is done with it (or `release`);
+        `count=False`: not counted in the cache's metrics (a lookup that another will follow)."""
         if self.prefix_cache is None:
             return PrefixHit()
-        return self.prefix_cache.lookup(request.prompt_ids, request.cache_salt, request.cacheable)
+        return self.prefix_cache.lookup(request.prompt_ids, request.cache_salt, request.cacheable, count)
 
     @takes_cuda_turn
     @torch.inference_mode()

@@ -83,8 +83,9 @@ class PrefixCache:
             out.append(parent)
         return out
 
-    def lookup(self, tokens: list[int], salt: str = "", limit: int | None = None) -> PrefixHit:
-        """The longest cached prefix among the first `limit` tokens, its blocks pinned (call `hit.release()`)."""
+    def lookup(self, tokens: list[int], salt: str = "", limit: int | None = None, count: bool = True) -> PrefixHit:
+        """The longest cached prefix among the first `limit` tokens, its blocks pinned (call `hit.release()`);
+        `count`: add it to the counters."""
         keys = self.keys(tokens, salt, limit)
         hit = PrefixHit(self)
         with self.pool.lock:
@@ -95,10 +96,11 @@ class PrefixCache:
                 hit.keys.append(key)
                 hit.blocks.append(block)
             self._touch(hit.keys)
-            self.queries += 1
-            self.hits += bool(hit.blocks)
-            self.queried_tokens += len(tokens)
-            self.hit_tokens += hit.tokens
+            if count:
+                self.queries += 1
+                self.hits += bool(hit.blocks)
+                self.queried_tokens += len(tokens)
+                self.hit_tokens += hit.tokens
         return hit
 
     def peek(self, tokens: list[int], salt: str = "", limit: int | None = None) -> int:
