@@ -270,6 +270,22 @@ def test_budget_then_continue(page, server, default_model):
     page.shot("continue.png")
 
 
+def test_cached_prompt_tokens_shown(page):
+    """The second call of a prompt finds its blocks in the server's prefix cache: the stats say how many."""
+    pg = page.page
+    page.fill(prompt="JULIET:\nO Romeo, Romeo! wherefore art thou Romeo? Deny thy father", max_tokens=2,
+              temperature=0)
+    counts = []
+    for _ in range(2):
+        page.generate()
+        page.wait_finished()
+        expect(pg.locator("#stat-cached")).to_contain_text("prompt")
+        m = re.fullmatch(r"(\d+) of (\d+) prompt", pg.locator("#stat-cached").text_content())
+        counts.append((int(m.group(1)), int(m.group(2))))
+    (first, n), (second, _) = counts
+    assert first == 0 and 0 < second < n
+
+
 def test_switch_models_and_chat(page, server, default_model):
     pg = page.page
     options = pg.eval_on_selector_all("#model option", "os => os.map(o => [o.value, o.textContent])")

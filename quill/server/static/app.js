@@ -474,7 +474,7 @@
     ui.tokenDetail.textContent = "Hover a token, or focus the list and use the arrow keys.";
     state.continuation = null;
     ui.cont.hidden = true;
-    for (const id of ["ttft", "speed", "tokens", "flops", "time", "finish", "model"]) {
+    for (const id of ["ttft", "speed", "tokens", "cached", "flops", "time", "finish", "model"]) {
       $(`stat-${id}`).textContent = id === "model" ? "" : "–";
       $(`stat-${id}`).title = "";
     }
@@ -602,6 +602,12 @@
     }
     const total = s.tokens + n;
     $("stat-tokens").textContent = s.calls ? `${total} (${s.calls + 1} calls)` : String(n);
+    // prompt tokens the server's prefix cache held: their work was not done again, nor billed
+    const details = run.usage && run.usage.prompt_tokens_details;
+    if (details && typeof details.cached_tokens === "number") {
+      $("stat-cached").textContent = `${details.cached_tokens} of ${run.usage.prompt_tokens} prompt`;
+      $("stat-cached").title = "prompt tokens reused from the prefix cache (not computed again, not billed)";
+    }
     const flops = run.usage && typeof run.usage.flops === "number" ? run.usage.flops : null;
     if (flops !== null || s.flops) {
       const sum = s.flops + (flops ?? 0);
