@@ -70,3 +70,18 @@ def test_missing_peer_packages_are_left_out_with_a_note(monkeypatch, tmp_path):
     notes: list[str] = []
     assert peers.prepare({"ct2", "openvino"}, tmp_path, tmp_path, {}, print, notes) == {}
     assert len(notes) == 2 and "ctranslate2" in notes[0] and "openvino" in notes[1]
+
+
+def test_prefix_benchmark_runs_and_reports_the_hits(tmp_path):
+    """`bench/prefix.py` on a tiny model: the hit finds the shared prefix's whole blocks, the chat's turns find
+    the earlier ones, and each ratio follows from its two times."""
+    model = make_tiny_model(tmp_path / "tiny", tokenizer="gpt2", n_positions=1024)
+    run = subprocess.run([sys.executable, "bench/prefix.py", "--model", str(model), "--quick"], cwd=ROOT,
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    rep = json.loads(run.stdout[:run.stdout.rindex("}") + 1])
+    shared, chat = rep["shared_prefix"], rep["chat"]
+    assert shared["cached_tokens"] == 896
+    assert shared["speedup"] == shared["ttft_miss_s"] / shared["ttft_hit_s"]
+    assert chat["cached_tokens"] >= 9 * chat["system_tokens"]  # every turn after the first finds the system prompt
+    assert chat["speedup"] == chat["prefill_without_s"] / chat["prefill_with_cache_s"]
