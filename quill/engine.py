@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from quill import kernels
-from quill.errors import InvalidParameter
+from quill.errors import InvalidParameter, QuillError
 from quill.continuation import ContinuationStore
 from quill.generate import GenerationRequest, Sequence, StepEvent, TokenLogprob, Usage, resume, run
 from quill.graphs import cuda_turn
@@ -298,9 +298,14 @@ def parse_prefix_cache(size: int | str | None) -> int | None:
         return None
     from quill.store import parse_size
 
+    bad = InvalidParameter(f"prefix_cache (--prefix-cache) must be a size such as 2GiB or a number of bytes, 0 to "
+                           f"turn it off; got {size!r}", "prefix_cache")
     if isinstance(size, bool) or not isinstance(size, (int, str)):
-        raise InvalidParameter(f"prefix_cache must be a size in bytes, got {size!r}", "prefix_cache")
-    nbytes = parse_size(size, "prefix_cache")
+        raise bad
+    try:
+        nbytes = parse_size(size, "prefix_cache")
+    except QuillError:
+        raise bad from None
     if nbytes < 0:
-        raise InvalidParameter(f"prefix_cache must be a size in bytes, got {size!r}", "prefix_cache")
+        raise bad
     return nbytes
