@@ -396,3 +396,24 @@ def test_metrics(servers):
     assert values['quill_prefix_cache_bytes{model="tiny"}'] > 0
     assert 0 < values["quill_kv_pool_bytes"] <= values["quill_kv_pool_limit_bytes"]
     assert "quill_kv_pool_evictions_total" in values
+
+
+def test_server_state_one_pool_for_every_model_and_off_switch(model_dir, tmp_path):
+    """The server's models share one pool with the continuation store; --prefix-cache 0 turns prefix caching off
+    and leaves paused calls their default bound; unloading a model frees its blocks."""
+    from quill.kvpool import default_bytes
+    from quill.server.state import AppState, ServerConfig
+
+    state = AppState(ServerConfig(store_dir=tmp_path, prefix_cache=1 << 20))
+    a, b = state.add_model("a", fresh(model_dir)), state.add_model("b", fresh(model_dir))
+    assert a.engine.prefix_cache.pool is b.engine.prefix_cache.pool is state.continuations.pool is state.kv_pool
+    assert state.kv_pool.max_bytes == 1 << 20
+    a.engine.generate(SHARED, max_tokens=0)
+    assert state.kv_pool.used == a.engine.prefix_cache.nbytes > 0
+    state.remove_model("a")
+    assert state.kv_pool.used == 0
+    off = AppState(ServerConfig(store_dir=tmp_path / "off", prefix_cache=0))
+    assert off.add_model("a", fresh(model_dir)).engine.prefix_cache is None
+    assert off.continuations.pool.max_bytes == default_bytes()
+    assert off.cache_salt("k1") != off.cache_salt("k2")
+    assert AppState(ServerConfig(store_dir=tmp_path / "s", prefix_cache_share=True)).cache_salt("k1") == ""
