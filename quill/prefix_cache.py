@@ -115,14 +115,22 @@ class PrefixCache:
 
     def insert(self, tokens: list[int], salt: str, k_row: Tensor, v_row: Tensor) -> int:
         """Keep the whole blocks of `tokens`, whose keys and values are positions 0..len-1 of a KV-cache row;
-        blocks already kept are only touched. Returns how many blocks are new."""
+        blocks already kept are only touched. Returns how many blocks are new.
+
+        The new blocks are copied outside the lock, which lookups from the server's event loop also take."""
         b, added, kept = self.block_size, 0, []
+        keys = self.keys(tokens, salt)
+        with self.pool.lock:
+            missing = [j for j, key in enumerate(keys) if key not in self._blocks]
+        copies = {j: _Block(k_row[:, :, j * b:(j + 1) * b].clone(), v_row[:, :, j * b:(j + 1) * b].clone())
+                  for j in missing}
         with self.pool.lock:
             try:
-                for j, key in enumerate(self.keys(tokens, salt)):
+                for j, key in enumerate(keys):
                     if key not in self._blocks:
-                        block = _Block(k_row[:, :, j * b:(j + 1) * b].clone(), v_row[:, :, j * b:(j + 1) * b].clone())
-                        if not self.pool.put((id(self), key), block.k.nbytes + block.v.nbytes, self._evicter(key)):
+                        block = copies.get(j)  # None: evicted since it was found (another thread made room)
+                        if block is None or not self.pool.put((id(self), key), block.k.nbytes + block.v.nbytes,
+                                                              self._evicter(key)):
                             break  # no room: the blocks after it could never be reached
                         self._blocks[key] = block
                         self.nbytes += block.k.nbytes + block.v.nbytes

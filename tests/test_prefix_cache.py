@@ -417,3 +417,38 @@ def test_server_state_one_pool_for_every_model_and_off_switch(model_dir, tmp_pat
     assert off.continuations.pool.max_bytes == default_bytes()
     assert off.cache_salt("k1") != off.cache_salt("k2")
     assert AppState(ServerConfig(store_dir=tmp_path / "s", prefix_cache_share=True)).cache_salt("k1") == ""
+
+
+def test_concurrent_caches_on_one_pool_keep_the_books():
+    """Two caches (two models' schedulers) inserting and looking up on one small pool from two threads: the
+    bound holds, the pool's bytes are the caches' bytes, and a hit's rows are the ones inserted."""
+    import random
+    import threading
+
+    pool = KVPool(40 * 2 * 4 * 4)  # 40 blocks of [1, 1, 4, 1] keys and values (fp32)
+    caches = [PrefixCache(pool, block_size=4), PrefixCache(pool, block_size=4)]
+    errors = []
+
+    def work(cache, seed):
+        rng = random.Random(seed)
+        try:
+            for _ in range(300):
+                tokens = [rng.randrange(8) for _ in range(rng.randrange(4, 33))]
+                row = torch.tensor(tokens, dtype=torch.float32).reshape(1, 1, -1, 1)
+                cache.insert(tokens, "", row, -row)
+                hit = cache.lookup(tokens + [0], "")
+                k = torch.zeros(1, 1, hit.tokens, 1)
+                hit.copy_into(k, k.clone())
+                assert k.flatten().tolist() == tokens[:hit.tokens]
+                hit.release()
+                assert pool.used <= pool.max_bytes
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(c, i)) for i, c in enumerate(caches)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    assert pool.used == sum(c.nbytes for c in caches) <= pool.max_bytes and pool.evictions > 0
