@@ -469,14 +469,13 @@ class DecodeBatch:
             else:
                 i += 1
 
-
     def _keep_prefix(self, i: int) -> None:
         """Put the whole blocks of a leaving row's tokens into the prefix cache: a chat's next turn resends them."""
         seq = self.rows[i]
         if self.prefix_cache is not None and seq.error is None:
             fed = seq.tokens[:-1]  # the last token was never fed: its keys and values are not in the row
             # One thread: for block-sized copies, waking torch's OpenMP threads costs more than the copy, and
-            # on a busy machine far more (56 blocks of GPT-2 124M: 12 ms on one thread, 10-650 ms on two).
+            # on a busy machine far more (docs/performance.md, "Prefix caching").
             with single_threaded(self.model.device):
                 self.prefix_cache.insert(fed, seq.request.cache_salt, self.cache.k[:, i], self.cache.v[:, i])
 
