@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quill.errors import CheckpointError, ConfigError, HubUnreachable, InvalidParameter, ModelNotFound
-from quill.hub import HubName, cache_dir, download, offline, parse, plan
+from quill.hub import HubName, cache_dir, download, offline, parse, plan, snapshot_bytes
 from quill.resolve import BUNDLED_DIR, bundled_models
 
 
@@ -36,10 +36,6 @@ def _parameters(folder: Path) -> int | None:
         return load_config(folder).num_params()
     except (ConfigError, CheckpointError):
         return None
-
-
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())  # follows the cache's symlinks
 
 
 def cached_models() -> list[ModelEntry]:
@@ -72,7 +68,8 @@ def list_models() -> list[ModelEntry]:
     """Bundled, stored and cached models, in the order names resolve."""
     from quill.store import Store
 
-    out = [ModelEntry(n, "bundled", _size(BUNDLED_DIR / n), _parameters(BUNDLED_DIR / n), str(BUNDLED_DIR / n))
+    out = [ModelEntry(n, "bundled", snapshot_bytes(BUNDLED_DIR / n), _parameters(BUNDLED_DIR / n),
+                      str(BUNDLED_DIR / n))
            for n in bundled_models()]
     store = Store()
     out += [ModelEntry(m["name"], "stored", m.get("bytes") or 0, m.get("parameters"), str(store.path(m["name"])))

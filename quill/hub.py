@@ -243,6 +243,11 @@ def incomplete(folder: Path) -> str | None:
     return None
 
 
+def snapshot_bytes(folder: Path) -> int:
+    """The bytes of a model folder's files (a cache snapshot's symlinks followed to their blobs)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
+
+
 def cached(name: HubName) -> Path | None:
     """The snapshot of `name` when the cache holds everything a load needs; never touches the network."""
     from huggingface_hub import get_cached_repo_tree, snapshot_download

@@ -205,6 +205,21 @@ def test_server_pull_checks_the_repo_downloads_with_progress_then_serves_it(repo
         assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == want, r.text
         family = httpx.get(f"{server.url}/v1/hub/models", headers=admin, timeout=10).json()["data"]
         assert {m["id"]: m["parameters"] for m in family}["gpt2-medium"] == "355M"
+
+        # pulled again, now from the cache: nothing to download (all bytes there at once), loaded as int8
+        asked = len(stub.requests)
+        r = httpx.post(f"{server.url}/v1/models/pull", json={"name": REPO, "dtype": "int8"}, headers=admin,
+                       timeout=60)
+        assert r.status_code == 202 and r.json()["bytes_done"] == r.json()["bytes_total"] == total, r.text
+        deadline = time.monotonic() + 60
+        while pull["status"] not in ("ready", "failed") or pull["precision"] != "int8":
+            assert time.monotonic() < deadline, pull
+            time.sleep(0.2)
+            pull = next(p for p in httpx.get(f"{server.url}/v1/hub/models", headers=admin, timeout=10).json()["pulls"]
+                        if p["id"] == REPO)
+        assert pull["status"] == "ready" and stub.requests[asked:] == []
+        assert {m["id"]: m["precision"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+                }[REPO] == "int8"
     finally:
         server.stop()
         stub.stop()
