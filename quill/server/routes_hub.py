@@ -63,23 +63,25 @@ class Pull:
 
 
 def progress_bar(pull: Pull):
-    """A tqdm class for snapshot_download that counts the bytes written into `pull` (and draws nothing)."""
+    """A tqdm class for hub.download's per-file bars that counts their bytes into `pull` (and draws nothing)."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    lock = threading.Lock()  # snapshot_download's threads (one per file) update the same bar
+    lock = threading.Lock()  # bars of several files may update at once
 
     class Bar(hf_tqdm):
-        def __init__(self, *args, name: str | None = None, **kwargs):
-            # snapshot_download's bar of the bytes written to disk, summed over its files (a cut connection
-            # that restarts a file counts back down)
-            self._counts = name == "huggingface_hub.snapshot_download"
+        def __init__(self, *args, name: str | None = None, initial: float = 0, **kwargs):
+            self._counts = name == "huggingface_hub.http_get"  # one file's bytes; `initial`: a resumed part
             kwargs["disable"] = True
-            super().__init__(*args, name=name, **kwargs)
+            super().__init__(*args, name=name, initial=initial, **kwargs)
+            self.update_pull(initial)
 
-        def update(self, n: float | None = 1):
-            if self._counts:
+        def update_pull(self, n: float | None) -> None:
+            if self._counts:  # a restarted file counts back down (a negative n)
                 with lock:
                     pull.bytes_done = max(0, min(pull.bytes_total, pull.bytes_done + int(n or 0)))
+
+        def update(self, n: float | None = 1):
+            self.update_pull(n)
             return super().update(n)
 
     return Bar
