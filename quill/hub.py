@@ -273,7 +273,8 @@ def fetch_file(p: Plan, filename: str, tqdm_class=None) -> None:
             if e.errno in (errno.ENOSPC, errno.EDQUOT):
                 part.unlink(missing_ok=True)  # it cannot be finished on this disk: give the space back
                 raise
-            if e.errno is None:  # http_get's size check: the connection ended early and retries ran out
+            if type(e) is OSError and e.errno is None:  # http_get's size check (the Hub's errors subclass OSError)
+                # the connection ended early and the client's retries ran out
                 raise HubUnreachable(f"the download of {filename} of {p.name} from {endpoint()} ended early: "
                                      f"run it again to continue", str(p.name), endpoint()) from None
             raise

@@ -189,9 +189,11 @@ def test_unknown_gated_and_non_gpt2_repos_and_no_hub_each_fail_in_their_own_word
     try:
         r = python(ERRORS, "quill-test/nope", "quill-test/tiny-gpt2@v9", "quill-test/gated", "quill-test/llama",
                    "quill-test/no-weights", env=hub_env(stub.url, tmp_path))
+        gated = python(ERRORS, "quill-test/gated", env={**hub_env(stub.url, tmp_path), "HF_TOKEN": "hf_test"})
     finally:
         stub.stop()
     assert r.returncode == 0, r.stderr
+    assert gated.stdout == "quill-test/gated loaded\n", gated.stdout + gated.stderr  # HF_TOKEN opens it
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert lines["quill-test/nope"].startswith(f"HubModelNotFound no model 'quill-test/nope' on the Hub at {stub.url}")
     assert lines["quill-test/tiny-gpt2@v9"].startswith("HubModelNotFound quill-test/tiny-gpt2 has no revision 'v9'")
