@@ -266,8 +266,7 @@ def test_failed_commits_name_the_file_and_change_nothing(server, model_dir):
 
 
 def test_int8_checkpoint_publishes_and_loads_as_int8(server, model_dir, tmp_path, monkeypatch):
-    quantize = pytest.importorskip("quill.quantize")
-    from quill import cli
+    from quill import cli, quantize
     from quill.weights import load_model
 
     out = tmp_path / "int8"
