@@ -2,8 +2,8 @@
 
 `list_models()` gathers the bundled models (quill/models/), the default store's (quill/store.py) and the GPT-2
 checkpoints in the Hugging Face cache (`huggingface_hub.scan_cache_dir`), each with its size, parameter count
-and folder. `quill pull` downloads a Hub model into that cache (huggingface_hub's progress bars; run it again
-after an interruption and the files already whole are kept); `quill rm` deletes a cached one.
+and folder. `quill pull` downloads a Hub model into that cache (a bar per file with bytes, rate and time left; run
+it again after an interruption and it continues where it stopped); `quill rm` deletes a cached one.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from quill.errors import CheckpointError, ConfigError, HubUnreachable, InvalidParameter, ModelNotFound
-from quill.hub import HubName, cache_dir, download, offline, parse, plan
+from quill.hub import HubName, cache_dir, download, offline, parse, plan, snapshot_bytes
 from quill.resolve import BUNDLED_DIR, bundled_models
 
 
@@ -36,10 +36,6 @@ def _parameters(folder: Path) -> int | None:
         return load_config(folder).num_params()
     except (ConfigError, CheckpointError):
         return None
-
-
-def _size(folder: Path) -> int:
-    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())  # follows the cache's symlinks
 
 
 def cached_models() -> list[ModelEntry]:
@@ -72,7 +68,8 @@ def list_models() -> list[ModelEntry]:
     """Bundled, stored and cached models, in the order names resolve."""
     from quill.store import Store
 
-    out = [ModelEntry(n, "bundled", _size(BUNDLED_DIR / n), _parameters(BUNDLED_DIR / n), str(BUNDLED_DIR / n))
+    out = [ModelEntry(n, "bundled", snapshot_bytes(BUNDLED_DIR / n), _parameters(BUNDLED_DIR / n),
+                      str(BUNDLED_DIR / n))
            for n in bundled_models()]
     store = Store()
     out += [ModelEntry(m["name"], "stored", m.get("bytes") or 0, m.get("parameters"), str(store.path(m["name"])))
@@ -160,7 +157,7 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("pull", help="download a model from the Hugging Face Hub into its cache",
                               description="Download NAME (org/name[@revision], or gpt2, gpt2-medium, ...) from the "
                                           "Hugging Face Hub (HF_ENDPOINT) into its cache (HF_HOME, HF_HUB_CACHE). "
-                                          "Run it again after an interruption: whole files are kept.")
+                                          "Run it again after an interruption: it continues where it stopped.")
     p.add_argument("name", metavar="NAME")
     p.add_argument("--quiet", action="store_true", help="print only the result")
     p.set_defaults(func=cmd_pull)

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from quill.cli_flags import KV_CACHE_HELP, add_load_flags
+from quill.cli_flags import KV_CACHE_HELP, MODEL_HELP, add_load_flags
 
 COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.catalog", "quill.export",
                                     "quill.train.cli")
@@ -24,8 +24,7 @@ COMMAND_MODULES: tuple[str, ...] = ("quill.server.cli", "quill.push", "quill.cat
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """MODEL plus how to load it: shared by every command that loads a model."""
-    p.add_argument("model", help="checkpoint folder, a bundled or stored model's name, or a Hugging Face repo "
-                                  "(org/name[@revision], gpt2, gpt2-medium, ...: downloaded on first use)")
+    p.add_argument("model", help=MODEL_HELP)
     add_load_flags(p)
 
 
@@ -227,12 +226,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("tokenize", help="show the token ids and pieces of a text")
-    p.add_argument("model", help="model folder or name, or 'gpt2' for the built-in GPT-2 tokenizer")
+    p.add_argument("model", help="a MODEL as for generate; 'gpt2' is the built-in GPT-2 tokenizer (no download)")
     p.add_argument("text")
     p.set_defaults(func=cmd_tokenize)
 
     p = sub.add_parser("info", help="config, parameter count and size of a model; --system: CPU and kernels")
-    p.add_argument("model", nargs="?")
+    p.add_argument("model", nargs="?", help=MODEL_HELP)
     p.add_argument("--system", action="store_true",
                    help="the CPU, its SIMD flags and the kernel variant chosen (QUILL_ISA overrides it)")
     p.set_defaults(func=cmd_info)
@@ -244,7 +243,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("quantize", help="write an int8 (weight-only, per-channel) copy of a model")
-    p.add_argument("model", help="checkpoint folder or bundled model name")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("out", help="output folder (loadable with quill.load / --model)")
     # int8 is the only mode so far: the flag names it explicitly and is what a second mode will sit beside
     p.add_argument("--int8", dest="mode", action="store_const", const="int8", default="int8",
@@ -252,7 +251,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("cost", help="FLOPs, wall time and counted instructions of calls (docs/cost.md)")
-    p.add_argument("model", help="checkpoint folder, or the name of a bundled or stored model")
+    p.add_argument("model", help=MODEL_HELP)
     p.add_argument("--dtype", default="float32", help="float32, bfloat16 or float16 (default float32)")
     p.add_argument("--quantize", default=None, choices=("int8",), help="quantise the weights on load")
     p.add_argument("--kv-cache", default=None, metavar="DTYPE", help=KV_CACHE_HELP)

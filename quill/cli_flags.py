@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import argparse
 
+MODEL_HELP = ("checkpoint folder, a bundled or stored model's name, or a Hugging Face repo (org/name[@revision], "
+              "gpt2, gpt2-medium, ...: downloaded on first use); docs/models.md")
 KV_CACHE_HELP = "KV cache dtype: float32, bfloat16 or float16 (default: the model's; bfloat16 for int8 models)"
 
 

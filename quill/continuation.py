@@ -241,8 +241,8 @@ def _malloc_trim():
 def release_freed_memory() -> None:
     """Give memory freed to the C heap back to the OS (glibc keeps it otherwise).
 
-    Dropped KV caches come and go in sizes that glibc's heap keeps after they are freed: without this, RSS grew
-    ~0.5 MB per handle beyond the KV bound.
+    Dropped KV caches come and go in sizes that glibc's heap keeps after they are freed, so without this the
+    process outgrows the KV bound a little with every handle (docs/cost.md has the figure).
     """
     trim = _malloc_trim()
     if trim is not None:

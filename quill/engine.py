@@ -242,7 +242,8 @@ class Engine:
 def load(path_or_name: str | os.PathLike, dtype: str | torch.dtype = "float32", device: str = "cpu",
          quantize: str | None = None, compile: bool = False, kv_cache: str | torch.dtype | None = None,
          prefix_cache: int | str | None = None) -> Engine:
-    """Load a Hugging Face GPT-2 checkpoint folder (or a bundled model by name) ready to generate.
+    """Load a GPT-2 model ready to generate: a Hugging Face checkpoint folder, or a bundled, stored or Hub model by
+    name (`gpt2`, `org/name[@revision]`), found by `quill.resolve` in that order (docs/models.md).
 
     `quantize="int8"` quantises every Linear (and a tied embedding) to int8 weights on load; a folder written
     by `quill quantize` loads as int8 by itself. `compile=True` runs the model through torch.compile.

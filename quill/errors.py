@@ -56,7 +56,7 @@ class ContinuationError(InvalidParameter):
 
 
 class ModelNotFound(QuillError):
-    """A model name that is neither a checkpoint folder nor a bundled or stored model."""
+    """A model name that no lookup of quill/resolve.py knows (folder, bundled, stored, Hugging Face Hub)."""
 
 
 class HubError(QuillError):

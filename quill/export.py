@@ -27,6 +27,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from quill.cli_flags import MODEL_HELP
 from quill.errors import InvalidParameter
 from quill.model import GPT
 
@@ -284,12 +285,12 @@ def register(sub) -> None:
     p = sub.add_parser("export", help="export a model to GGUF (llama.cpp) or ONNX (onnxruntime)")
     fmt = p.add_subparsers(dest="format", required=True)
     g = fmt.add_parser("gguf", help="a llama.cpp GGUF file (gpt2 architecture)")
-    g.add_argument("model", help="checkpoint folder or bundled model name")
+    g.add_argument("model", help=MODEL_HELP)
     g.add_argument("out", help="output .gguf file")
     g.add_argument("--type", choices=GGUF_TYPES, default="f16", help="weight type (default f16)")
     g.set_defaults(func=cmd_export)
     o = fmt.add_parser("onnx", help="an ONNX model with past key/value inputs and outputs")
-    o.add_argument("model", help="checkpoint folder or bundled model name")
+    o.add_argument("model", help=MODEL_HELP)
     o.add_argument("out", help="output folder (model.onnx, model.onnx.data, tokenizer)")
     o.set_defaults(func=cmd_export)
 

@@ -8,8 +8,10 @@ only when the repo has no safetensors (quill.weights reads it with `weights_only
 
 - `cached(name)`: the model's snapshot folder when the cache holds it whole, with no network call;
 - `plan(name)`: list the repo and check its config is GPT-2 *before* any weights are fetched;
-- `download(plan)`: `snapshot_download` (files land in `.incomplete` files and are renamed when whole; a cut
-  connection resumes with a Range request), then the snapshot is checked before it is handed out;
+- `download(plan)`: each file into a partial file of the cache named for its content (`blobs/<etag>.part`),
+  continued with a Range request after a cut connection or by the next run after a Ctrl-C or a crash, checked
+  against the listing's SHA-256 (or git blob id) and renamed into place; then `snapshot_download` links the
+  snapshot, which is checked before it is handed out;
 - `fetch(name)`: the `quill.resolve` lookup: the cache, else plan + download.
 
 Every failure is a typed HubError (quill/errors.py) naming the repo and the endpoint or cache.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import hashlib
 import json
 import os
 import re
@@ -26,6 +29,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from fnmatch import fnmatch
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from quill.errors import (CheckpointError, ConfigError, HubAccessDenied, HubDiskFull, HubError, HubModelNotFound, HubUnreachable,
                           NotGPT2Checkpoint)
@@ -163,11 +167,13 @@ def _one_line(e: BaseException) -> str:
 
 @dataclass
 class Plan:
-    """What a download of `name` fetches: the files (name -> bytes) the allow-patterns pick from the listing."""
+    """What a download of `name` fetches: the files (name -> bytes) the allow-patterns pick from the listing,
+    and each one's checksum from the listing: ("sha256", hex) for LFS files, ("git", blob id) for the others."""
 
     name: HubName
     patterns: list[str]
     files: dict[str, int] = field(default_factory=dict)
+    checksums: dict[str, tuple[str, str]] = field(default_factory=dict)
 
     @property
     def total_bytes(self) -> int:
@@ -181,8 +187,10 @@ def plan(name: HubName) -> Plan:
     from huggingface_hub.hf_api import RepoFile
 
     with hub_errors(name):
-        listing = {f.path: f.size or 0 for f in HfApi().list_repo_tree(name.repo, revision=name.revision,
-                                                                         recursive=True) if isinstance(f, RepoFile)}
+        entries = [f for f in HfApi().list_repo_tree(name.repo, revision=name.revision, recursive=True)
+                   if isinstance(f, RepoFile)]
+        listing = {f.path: f.size or 0 for f in entries}
+        checksums = {f.path: ("sha256", f.lfs.sha256) if f.lfs else ("git", f.blob_id) for f in entries}
         where = f"{endpoint()}/{name.repo}"
         patterns = patterns_for(list(listing))
         if "config.json" not in listing:
@@ -191,9 +199,10 @@ def plan(name: HubName) -> Plan:
         if not any(fnmatch(f, p) for f in listing for p in SAFETENSORS_PATTERNS + [PICKLE_FILE]):
             raise NotGPT2Checkpoint(f"{name} at {where} has no weights (model.safetensors, shards or "
                                     f"{PICKLE_FILE})", str(name), where)
-        config = hf_hub_download(name.repo, "config.json", revision=name.revision)
+        config = hf_hub_download(name.repo, "config.json", revision=name.revision, tqdm_class=silent_bar())
         check_config(Path(config).parent, name, where)
-    return Plan(name, patterns, {f: s for f, s in sorted(listing.items()) if any(fnmatch(f, p) for p in patterns)})
+    files = {f: s for f, s in sorted(listing.items()) if any(fnmatch(f, p) for p in patterns)}
+    return Plan(name, patterns, files, {f: checksums[f] for f in files})
 
 
 def check_config(folder: Path, name: HubName, where: str) -> None:
@@ -208,16 +217,97 @@ def check_config(folder: Path, name: HubName, where: str) -> None:
 
 
 def download(p: Plan, tqdm_class=None) -> Path:
-    """Fetch the planned files into the cache (resuming a cut connection) and return the checked snapshot."""
+    """Fetch the planned files into the cache, each resumable across runs (`fetch_file`), and return the checked
+    snapshot. `tqdm_class` is huggingface_hub's per-file bar (named "huggingface_hub.http_get", bytes already
+    there as `initial`): drawn on a terminal by default, or a class that counts them (the server's pulls)."""
     from huggingface_hub import snapshot_download
 
     with hub_errors(p.name):
+        for filename in p.files:
+            fetch_file(p, filename, tqdm_class)
+        # every blob is there now: snapshot_download only links the snapshot and records the revision's ref
         folder = Path(snapshot_download(p.name.repo, revision=p.name.revision, allow_patterns=p.patterns,
-                                        tqdm_class=tqdm_class))
+                                        tqdm_class=silent_bar()))
     problem = incomplete(folder)
     if problem:
         raise NotGPT2Checkpoint(f"{p.name} from {endpoint()}: {problem}", str(p.name), endpoint())
     return folder
+
+
+def fetch_file(p: Plan, filename: str, tqdm_class=None) -> None:
+    """Download one file of the plan into the cache's blob of its etag, where huggingface_hub looks for it.
+
+    huggingface_hub resumes a cut connection within a run but drops its partial file when the run ends, so a
+    Ctrl-C at 90% of gpt2-xl's 6 GB would start over. Here the bytes go to `blobs/<etag>.part` (under the
+    client's own lock of that blob), which the next run continues with a Range request; the whole file must
+    match the listing's checksum before it is renamed into place, so a partial or corrupt file never loads."""
+    from huggingface_hub.file_download import get_hf_file_metadata, hf_hub_url, http_get, repo_folder_name
+    from huggingface_hub.utils import WeakFileLock, build_hf_headers
+
+    url = hf_hub_url(p.name.repo, filename, revision=p.name.revision)
+    meta = get_hf_file_metadata(url)
+    folder = repo_folder_name(repo_id=p.name.repo, repo_type="model")
+    blob = cache_dir() / folder / "blobs" / meta.etag
+    if blob.exists():
+        return
+    blob.parent.mkdir(parents=True, exist_ok=True)
+    lock = cache_dir() / ".locks" / folder / f"{meta.etag}.lock"
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    headers = build_hf_headers()
+    if urlsplit(meta.location).netloc != urlsplit(url).netloc:
+        headers.pop("authorization", None)  # as huggingface_hub does: the token is not sent to the CDN
+    part = blob.with_name(blob.name + ".part")
+    with WeakFileLock(lock):
+        if blob.exists():  # another process finished it while this one waited
+            return
+        have = part.stat().st_size if part.exists() else 0
+        if meta.size is not None and have > meta.size:
+            have = 0
+        try:
+            with open(part, "r+b" if have else "wb") as f:
+                f.truncate(have)
+                f.seek(have)
+                http_get(meta.location, f, resume_size=have, headers=headers, expected_size=meta.size,
+                         displayed_filename=filename, tqdm_class=tqdm_class)
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                part.unlink(missing_ok=True)  # it cannot be finished on this disk: give the space back
+                raise
+            if type(e) is OSError and e.errno is None:  # http_get's size check (the Hub's errors subclass OSError)
+                # the connection ended early and the client's retries ran out
+                raise HubUnreachable(f"the download of {filename} of {p.name} from {endpoint()} ended early: "
+                                     f"run it again to continue", str(p.name), endpoint()) from None
+            raise
+        if not matches(part, p.checksums.get(filename)):
+            part.unlink()
+            raise HubUnreachable(f"{filename} of {p.name} from {endpoint()} does not match the checksum of the "
+                                 f"Hub's listing (the partial download was removed): run it again", str(p.name),
+                                 endpoint())
+        os.replace(part, blob)
+
+
+def matches(path: Path, checksum: tuple[str, str] | None) -> bool:
+    """Whether the file has the listing's checksum: the SHA-256 of an LFS file, the git blob id of another."""
+    if checksum is None:
+        return True
+    kind, want = checksum
+    h = hashlib.sha256() if kind == "sha256" else hashlib.sha1(b"blob %d\0" % path.stat().st_size)
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest() == want
+
+
+def silent_bar():
+    """A huggingface_hub tqdm class that draws nothing (the per-file bars of `download` say it all)."""
+    from huggingface_hub.utils import tqdm as hf_tqdm
+
+    class Silent(hf_tqdm):
+        def __init__(self, *args, **kwargs):
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+
+    return Silent
 
 
 def incomplete(folder: Path) -> str | None:
@@ -241,6 +331,11 @@ def incomplete(folder: Path) -> str | None:
             and (folder / "merges.txt").is_file()):
         return "no tokenizer (tokenizer.json, or vocab.json and merges.txt)"
     return None
+
+
+def snapshot_bytes(folder: Path) -> int:
+    """The bytes of a model folder's files (a cache snapshot's symlinks followed to their blobs)."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.is_file())
 
 
 def cached(name: HubName) -> Path | None:

@@ -6,7 +6,8 @@
 - `HEAD|GET /{repo}/resolve/{rev}/{file}`: the file, with ETag, X-Repo-Commit, Content-Length and Range support.
 Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound, GatedRepo, EntryNotFound) so the client
 raises its own typed errors. `cut_once` names files whose first GET stops at 90% (a dropped connection);
-`throttle` (bytes/s) slows file bodies so a test can watch progress. `requests` logs (method, path, Range).
+`throttle` (bytes/s) slows file bodies so a test can watch progress; `corrupt` names files whose bytes are served
+with one bit flipped (the listing keeps the true checksums). `requests` logs (method, path, Range).
 """
 
 from __future__ import annotations
@@ -22,11 +23,12 @@ from urllib.parse import unquote, urlsplit
 
 class HubStub:
     def __init__(self, repos: dict[str, Path], gated: tuple[str, ...] = (), cut_once: tuple[str, ...] = (),
-                 throttle: int | None = None):
+                 throttle: int | None = None, corrupt: tuple[str, ...] = ()):
         self.repos = {r: Path(p) for r, p in repos.items()}
         self.gated = set(gated)
         self.cut_once = set(cut_once)
         self.throttle = throttle
+        self.corrupt = set(corrupt)
         self.requests: list[tuple[str, str, str | None]] = []
         self.lock = threading.Lock()
         stub = self
@@ -113,6 +115,8 @@ class HubStub:
 
     def _send_file(self, h, name: str, path: Path, head: bool) -> None:
         data = path.read_bytes()
+        if name in self.corrupt:
+            data = data[:-1] + bytes([data[-1] ^ 1])
         size = len(data)
         headers = {"ETag": f'"{hashlib.sha256(data).hexdigest()}"', "X-Repo-Commit": self.commit(
             "/".join(urlsplit(h.path).path.strip("/").split("/")[:2])), "Accept-Ranges": "bytes",

@@ -135,14 +135,65 @@ def test_pull_resumes_a_cut_download_then_models_lists_it_and_rm_removes_it(repo
     assert again.returncode == 2 and again.stderr.count("\n") == 1 and "not in the Hugging Face cache" in again.stderr
 
 
+def test_a_pull_stopped_with_ctrl_c_continues_where_it_stopped(repos, tmp_path):
+    """Ctrl-C mid-file keeps the bytes in a partial file of the cache, which the next run continues (Range)."""
+    import signal
+
+    stub = HubStub(repos, throttle=3_000_000)  # ~4 s for the weights: time to stop it part-way
+    env = hub_env(stub.url, tmp_path)
+    blobs = tmp_path / "hub" / "models--quill-test--tiny-gpt2" / "blobs"
+    try:
+        first = subprocess.Popen([sys.executable, "-m", "quill.cli", "pull", REPO], cwd=ROOT, env=env,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 120
+        while not [p for p in blobs.glob("*.part") if p.stat().st_size > 0]:
+            assert first.poll() is None and time.monotonic() < deadline, first.communicate()
+            time.sleep(0.02)
+        first.send_signal(signal.SIGINT)
+        first.communicate(timeout=60)
+        assert first.returncode == 130
+        part = next(blobs.glob("*.part"))
+        kept = part.stat().st_size
+        weights = (repos[REPO] / "model.safetensors").read_bytes()
+        assert 0 < kept < len(weights) and part.read_bytes() == weights[:kept]
+        asked = len(stub.requests)
+        second = quill("pull", REPO, env=env)
+    finally:
+        stub.stop()
+    assert second.returncode == 0, second.stderr
+    ranges = [r for m, p, r in stub.requests[asked:] if m == "GET" and p.endswith("/model.safetensors")]
+    assert ranges == [f"bytes={kept}-"]  # continued from the partial file, not from the start
+    snapshot = Path(second.stdout.split(": ", 1)[1].strip())
+    assert (snapshot / "model.safetensors").read_bytes() == weights
+    assert not list(blobs.glob("*.part"))
+
+
+def test_a_download_that_does_not_match_the_listing_is_refused_and_removed(repos, tmp_path):
+    stub = HubStub(repos, corrupt=("model.safetensors",))
+    try:
+        out = quill("pull", REPO, env=hub_env(stub.url, tmp_path))
+    finally:
+        stub.stop()
+    assert out.returncode == 2 and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.rstrip("\n").rsplit("\n", 1)[-1].startswith("quill: error: model.safetensors of "
+                                                                 f"{REPO} from {stub.url} does not match the checksum")
+    blobs = tmp_path / "hub" / "models--quill-test--tiny-gpt2" / "blobs"
+    sizes = {p.stat().st_size for p in blobs.iterdir()}
+    assert (repos[REPO] / "model.safetensors").stat().st_size not in sizes  # neither a blob nor a partial file
+    again = python(ERRORS, REPO, env=hub_env(stub.url, tmp_path, offline=True))
+    assert again.stdout.startswith(f"{REPO} HubUnreachable"), again.stdout + again.stderr  # never loads
+
+
 def test_unknown_gated_and_non_gpt2_repos_and_no_hub_each_fail_in_their_own_words(repos, tmp_path):
     stub = HubStub(repos, gated=("quill-test/gated",))
     try:
         r = python(ERRORS, "quill-test/nope", "quill-test/tiny-gpt2@v9", "quill-test/gated", "quill-test/llama",
                    "quill-test/no-weights", env=hub_env(stub.url, tmp_path))
+        gated = python(ERRORS, "quill-test/gated", env={**hub_env(stub.url, tmp_path), "HF_TOKEN": "hf_test"})
     finally:
         stub.stop()
     assert r.returncode == 0, r.stderr
+    assert gated.stdout == "quill-test/gated loaded\n", gated.stdout + gated.stderr  # HF_TOKEN opens it
     lines = dict(line.split(" ", 1) for line in r.stdout.splitlines())
     assert lines["quill-test/nope"].startswith(f"HubModelNotFound no model 'quill-test/nope' on the Hub at {stub.url}")
     assert lines["quill-test/tiny-gpt2@v9"].startswith("HubModelNotFound quill-test/tiny-gpt2 has no revision 'v9'")
@@ -205,6 +256,21 @@ def test_server_pull_checks_the_repo_downloads_with_progress_then_serves_it(repo
         assert r.status_code == 200 and r.json()["choices"][0]["tokens"] == want, r.text
         family = httpx.get(f"{server.url}/v1/hub/models", headers=admin, timeout=10).json()["data"]
         assert {m["id"]: m["parameters"] for m in family}["gpt2-medium"] == "355M"
+
+        # pulled again, now from the cache: nothing to download (all bytes there at once), loaded as int8
+        asked = len(stub.requests)
+        r = httpx.post(f"{server.url}/v1/models/pull", json={"name": REPO, "dtype": "int8"}, headers=admin,
+                       timeout=60)
+        assert r.status_code == 202 and r.json()["bytes_done"] == r.json()["bytes_total"] == total, r.text
+        deadline = time.monotonic() + 60
+        while pull["status"] not in ("ready", "failed") or pull["precision"] != "int8":
+            assert time.monotonic() < deadline, pull
+            time.sleep(0.2)
+            pull = next(p for p in httpx.get(f"{server.url}/v1/hub/models", headers=admin, timeout=10).json()["pulls"]
+                        if p["id"] == REPO)
+        assert pull["status"] == "ready" and stub.requests[asked:] == []
+        assert {m["id"]: m["precision"] for m in httpx.get(f"{server.url}/v1/models", timeout=10).json()["data"]
+                }[REPO] == "int8"
     finally:
         server.stop()
         stub.stop()

@@ -192,14 +192,13 @@ def test_push_and_plain_tus_publish_models_that_generate_like_the_folder(server,
     r = httpx.post(f"{server.url}/v1/models/plain/load", json={"dtype": "bf16"}, headers=AUTH, timeout=60)
     assert r.status_code == 200 and listing(server.url)["plain"]["precision"] == "bfloat16"
     r = httpx.post(f"{server.url}/v1/models/plain/load", json={"dtype": "int8"}, headers=AUTH, timeout=60)
-    import importlib.util
-
-    if importlib.util.find_spec("quill.quantize") is None:
-        assert_error(r, 400, "invalid_value", "dtype")
-    else:
-        assert r.status_code == 200, r.text
-        assert listing(server.url)["plain"]["precision"] == "int8"
-        assert len(tokens_from_server(server.url, "plain", ids)) > 0
+    assert r.status_code == 200 and r.json()["precision"] == "int8", r.text
+    assert listing(server.url)["plain"]["precision"] == "int8"
+    assert len(tokens_from_server(server.url, "plain", ids)) > 0
+    r = httpx.post(f"{server.url}/v1/models/plain/load", json={"dtype": "int4"}, headers=AUTH, timeout=60)
+    assert_error(r, 400, "invalid_value", "dtype")
+    assert "int8" in r.json()["error"]["message"]  # the precisions a load takes, int8 among them
+    assert listing(server.url)["plain"]["precision"] == "int8"  # a refused load leaves the model as it was
     assert httpx.post(f"{server.url}/v1/models/plain/unload", headers=AUTH).status_code == 200
     assert listing(server.url)["plain"]["loaded"] is False
     assert_error(httpx.post(f"{server.url}/v1/models/plain/unload", headers=AUTH), 404, "model_not_found")
@@ -267,8 +266,7 @@ def test_failed_commits_name_the_file_and_change_nothing(server, model_dir):
 
 
 def test_int8_checkpoint_publishes_and_loads_as_int8(server, model_dir, tmp_path, monkeypatch):
-    quantize = pytest.importorskip("quill.quantize")
-    from quill import cli
+    from quill import cli, quantize
     from quill.weights import load_model
 
     out = tmp_path / "int8"

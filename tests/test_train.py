@@ -242,7 +242,7 @@ def test_checkpoint_loads_with_weights_only(dataset, tmp_path):
 
 
 def test_export_matches_transformers(dataset, tmp_path):
-    transformers = pytest.importorskip("transformers")
+    import transformers
     train(TrainConfig(data=str(dataset), out_dir=str(tmp_path / "run"), max_iters=20, eval_interval=20, **TINY),
           log=_quiet)
     ckpt_io.export(tmp_path / "run", tmp_path / "hf")

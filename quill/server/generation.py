@@ -1,5 +1,5 @@
-"""What every generating route shares: model lookup, admission, waiting with disconnect checks, SSE, usage,
-and the `Responder` that answers a generation as one body or a stream."""
+"""What every generating route shares: model lookup, building and admitting requests, chat prompts, waiting
+with disconnect checks, SSE, usage, and the `Responder` that answers a generation as one body or a stream."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from tokenizers import decoders
 from quill.batching import Ticket
 from quill.generate import Sequence, StepEvent, Usage
 from quill.server.errors import APIError, from_exception
+from quill.server.schemas import SamplingFields
 from quill.server.state import AppState, GenerationContext, LoadedModel
-from quill.tokenizer import Tokenizer
+from quill.tokenizer import InstructTemplate, Tokenizer
 
 log = logging.getLogger("quill.server")
 DISCONNECT_POLL_SECONDS = 0.1
@@ -60,6 +61,56 @@ def get_model(state: AppState, name: str | None) -> LoadedModel:
         raise APIError(404, f"the model {name!r} does not exist (served: {known})", param="model",
                        code="model_not_found")
     return model
+
+
+def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, *,
+                  salt: str, stop=None, stop_token_ids: list[int] | None = None, logprobs: int | None = None,
+                  echo: bool = False):
+    """A validated GenerationRequest (InvalidParameter / ContextLengthError become 400s naming the parameter);
+    `salt` (AppState.cache_salt) decides whose cached prompt blocks it may reuse."""
+    searches = body.searches()
+    if searches:
+        raise APIError(400, f"{searches[0]}: beam, diverse beam and contrastive search are not served over HTTP, "
+                       "whose requests share batched decode steps; use `quill generate --num-beams ...` or "
+                       "quill.Engine", param=searches[0], code="unsupported_parameter")
+    if isinstance(body.n, int) and body.n > model.scheduler.max_batch:
+        raise APIError(400, f"n must be at most {model.scheduler.max_batch} (this server's --max-batch)", param="n",
+                       code="invalid_value")
+    return model.engine.request(prompt_ids, max_tokens, stop=stop,
+                                stop_token_ids=list(stop_token_ids or []) + list(body.stop_token_ids or []),
+                                logprobs=logprobs, echo=echo, max_flops=body.max_flops, constraint=body.constraint(),
+                                cache_salt=salt, **body.sampling())
+
+
+def render_messages(model: LoadedModel, messages) -> tuple[str, list[int]]:
+    """The prompt text of chat messages and the stop token ids that end the assistant's turn."""
+    tok = model.engine.tokenizer
+    if not tok.has_chat_template:
+        raise APIError(400, f"model {model.name!r} has no chat template; use /v1/completions",
+                       param="messages", code="chat_template_missing")
+    plain = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            if any(p.type != "text" or p.text is None for p in content):
+                raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content",
+                               code="invalid_value")
+            content = "".join(p.text for p in content)
+        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
+    text = tok.render_chat(plain)
+    stop_ids = []
+    if tok.chat_template is None:  # the Alpaca-style instruct prompt: the turn ends at its end marker
+        end = tok.token_to_id(InstructTemplate().end)
+        if end is None:
+            end = tok.added_tokens.get(InstructTemplate().end)
+        if end is not None:
+            stop_ids.append(end)
+    return text, stop_ids
+
+
+def context(route: str, model: LoadedModel, request, n: int, http: Request) -> GenerationContext:
+    """What the hooks see of one generation request: the route, the model, the request and the caller."""
+    return GenerationContext(route, model, request, n, http, http.state.principal, http.state.api_key)
 
 
 async def _call(hook: Callable, *args) -> None:

@@ -25,7 +25,6 @@ from quill import hub
 from quill.errors import HubAccessDenied, HubDiskFull, HubError, HubModelNotFound, HubUnreachable, QuillError
 from quill.server.auth import require_admin
 from quill.server.errors import APIError, from_exception
-from quill.server.routes_store import load_options
 from quill.server.schemas import error_responses
 from quill.server.state import AppState, get_state
 
@@ -64,23 +63,25 @@ class Pull:
 
 
 def progress_bar(pull: Pull):
-    """A tqdm class for snapshot_download that counts the bytes written into `pull` (and draws nothing)."""
+    """A tqdm class for hub.download's per-file bars that counts their bytes into `pull` (and draws nothing)."""
     from huggingface_hub.utils import tqdm as hf_tqdm
 
-    lock = threading.Lock()  # snapshot_download's threads (one per file) update the same bar
+    lock = threading.Lock()  # bars of several files may update at once
 
     class Bar(hf_tqdm):
-        def __init__(self, *args, name: str | None = None, **kwargs):
-            # snapshot_download's bar of the bytes written to disk, summed over its files (a cut connection
-            # that restarts a file counts back down)
-            self._counts = name == "huggingface_hub.snapshot_download"
+        def __init__(self, *args, name: str | None = None, initial: float = 0, **kwargs):
+            self._counts = name == "huggingface_hub.http_get"  # one file's bytes; `initial`: a resumed part
             kwargs["disable"] = True
-            super().__init__(*args, name=name, **kwargs)
+            super().__init__(*args, name=name, initial=initial, **kwargs)
+            self.update_pull(initial)
 
-        def update(self, n: float | None = 1):
-            if self._counts:
+        def update_pull(self, n: float | None) -> None:
+            if self._counts:  # a restarted file counts back down (a negative n)
                 with lock:
                     pull.bytes_done = max(0, min(pull.bytes_total, pull.bytes_done + int(n or 0)))
+
+        def update(self, n: float | None = 1):
+            self.update_pull(n)
             return super().update(n)
 
     return Bar
@@ -102,23 +103,25 @@ class HubService:
         current = self.pulls.get(body.name)
         if current is not None and current.status in ("downloading", "loading"):
             return current
-        dtype, kw = load_options(self.state, body.dtype)  # a bad dtype is refused before anything is fetched
+        kw = self.state.load_options(body.dtype)  # a bad dtype is refused before anything is fetched
         pull = Pull(body.name, str(name))
         folder = await run_in_threadpool(hub.cached, name)
         plan = None
-        if folder is None:
+        if folder is not None:  # in the cache: nothing to download
+            pull.bytes_total = pull.bytes_done = hub.snapshot_bytes(folder)
+        else:
             try:
                 plan = await run_in_threadpool(hub.plan, name)
             except QuillError as e:
                 raise api_error(e) from None
             pull.bytes_total = plan.total_bytes
         self.pulls[body.name] = pull
-        task = asyncio.create_task(self._run(pull, plan, folder, dtype, kw if body.load else None))
+        task = asyncio.create_task(self._run(pull, plan, folder, kw if body.load else None))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
         return pull
 
-    async def _run(self, pull: Pull, plan, folder, dtype: str, load_kw: dict | None) -> None:
+    async def _run(self, pull: Pull, plan, folder, load_kw: dict | None) -> None:
         import quill
 
         try:
@@ -129,13 +132,7 @@ class HubService:
                 pull.status = "loading"
                 engine = await run_in_threadpool(lambda: quill.load(folder, **load_kw))
                 engine.name = pull.id
-                self.state.add_model(pull.id, engine)
-                store = getattr(self.state, "model_store", None)
-                if store is not None:  # GET /v1/models reports the precision of loaded models through the store
-                    store.precision.pop(pull.id, None)
-                    if dtype == "int8":
-                        store.precision[pull.id] = "int8"
-                pull.precision = dtype
+                pull.precision = self.state.add_model(pull.id, engine).precision
             pull.status = "ready"
         except Exception as e:  # the pull's outcome is its status: a failure is reported, not raised into the loop
             err = api_error(e) if isinstance(e, QuillError) else from_exception(e)

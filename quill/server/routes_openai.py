@@ -16,9 +16,9 @@ from quill.server import generation as g
 from quill.server.auth import require_api_key
 from quill.server.errors import APIError
 from quill.server.schemas import (GENERATING, ChatCompletionRequest, ChatCompletionResponse, CompletionRequest,
-                                  CompletionResponse, ModelCard, ModelList, SamplingFields, error_responses)
+                                  CompletionResponse, ModelCard, ModelList, error_responses)
 from quill.server.state import AppState, GenerationContext, LoadedModel, get_state
-from quill.tokenizer import InstructTemplate, Tokenizer
+from quill.tokenizer import Tokenizer
 
 log = logging.getLogger("quill.server")
 router = APIRouter(prefix="/v1", dependencies=[Depends(require_api_key)], tags=["openai"], responses=error_responses(401))
@@ -52,25 +52,6 @@ async def get_model(model_id: str, state: AppState = Depends(get_state)) -> Mode
     return model_card(g.get_model(state, model_id))
 
 
-def build_request(model: LoadedModel, body: SamplingFields, prompt_ids: list[int], max_tokens: int | None, *,
-                  salt: str, stop=None, stop_token_ids: list[int] | None = None, logprobs: int | None = None,
-                  echo: bool = False):
-    """A validated GenerationRequest (InvalidParameter / ContextLengthError become 400s naming the parameter);
-    `salt` (AppState.cache_salt) decides whose cached prompt blocks it may reuse."""
-    searches = body.searches()
-    if searches:
-        raise APIError(400, f"{searches[0]}: beam, diverse beam and contrastive search are not served over HTTP, "
-                       "whose requests share batched decode steps; use `quill generate --num-beams ...` or "
-                       "quill.Engine", param=searches[0], code="unsupported_parameter")
-    if isinstance(body.n, int) and body.n > model.scheduler.max_batch:
-        raise APIError(400, f"n must be at most {model.scheduler.max_batch} (this server's --max-batch)", param="n",
-                       code="invalid_value")
-    return model.engine.request(prompt_ids, max_tokens, stop=stop,
-                                stop_token_ids=list(stop_token_ids or []) + list(body.stop_token_ids or []),
-                                logprobs=logprobs, echo=echo, max_flops=body.max_flops, constraint=body.constraint(),
-                                cache_salt=salt, **body.sampling())
-
-
 def pause(ctx: GenerationContext, seq) -> dict[str, Any]:
     """The choice fields of a sequence its budget ended: its continuation handle (bound to the caller's API key),
     or, when the handle store cannot keep it (a full disk), no handle and `continuation_error` saying why.
@@ -90,7 +71,7 @@ async def resume(state: AppState, body: CompletionRequest, model: LoadedModel, h
     if fields:
         raise APIError(400, f"a continuation carries its own prompt and settings; {sorted(fields)[0]!r} cannot be "
                        "given with it", param=sorted(fields)[0], code="invalid_value")
-    ctx = context("completions", model, None, 1, http)
+    ctx = g.context("completions", model, None, 1, http)
     paused = model.engine.continuations.get(body.continuation, owner_id(ctx.api_key), model.name)
     try:
         ticket = model.scheduler.resume(paused, body.max_flops)
@@ -98,10 +79,6 @@ async def resume(state: AppState, body: CompletionRequest, model: LoadedModel, h
         raise g.from_exception(e) from e
     ctx.request = ticket.request
     return g.Job(ctx, ticket)
-
-
-def context(route: str, model: LoadedModel, request, n: int, http: Request) -> GenerationContext:
-    return GenerationContext(route, model, request, n, http, http.state.principal, http.state.api_key)
 
 
 # ---- logprobs ----------------------------------------------------------------------------------------------------
@@ -225,41 +202,15 @@ async def completions(body: CompletionRequest, http: Request, state: AppState = 
     else:
         contexts, texts = [], []
         for prompt_ids, text in await completion_prompts(model, body.prompt):
-            req = build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
-                                echo=body.echo, salt=state.cache_salt(http.state.api_key))
-            contexts.append(context("completions", model, req, body.n, http))
+            req = g.build_request(model, body, prompt_ids, body.max_tokens, stop=body.stop, logprobs=body.logprobs,
+                                  echo=body.echo, salt=state.cache_salt(http.state.api_key))
+            contexts.append(g.context("completions", model, req, body.n, http))
             texts.append(model.engine.tokenizer.decode(prompt_ids) if body.echo and text is None else text)
         jobs = await g.submit(state, contexts)
     return await CompletionResponder(state, jobs, body, texts).answer(http)
 
 
 # ---- chat --------------------------------------------------------------------------------------------------------
-
-
-def render_messages(model: LoadedModel, messages) -> tuple[str, list[int]]:
-    """The prompt text of chat messages and the stop token ids that end the assistant's turn."""
-    tok = model.engine.tokenizer
-    if not tok.has_chat_template:
-        raise APIError(400, f"model {model.name!r} has no chat template; use /v1/completions",
-                       param="messages", code="chat_template_missing")
-    plain = []
-    for i, m in enumerate(messages):
-        content = m.content
-        if isinstance(content, list):
-            if any(p.type != "text" or p.text is None for p in content):
-                raise APIError(400, "only text content parts are supported", param=f"messages[{i}].content",
-                               code="invalid_value")
-            content = "".join(p.text for p in content)
-        plain.append({"role": "system" if m.role == "developer" else m.role, "content": content or ""})
-    text = tok.render_chat(plain)
-    stop_ids = []
-    if tok.chat_template is None:  # the Alpaca-style instruct prompt: the turn ends at its end marker
-        end = tok.token_to_id(InstructTemplate().end)
-        if end is None:
-            end = tok.added_tokens.get(InstructTemplate().end)
-        if end is not None:
-            stop_ids.append(end)
-    return text, stop_ids
 
 
 class ChatResponder(g.Responder):
@@ -295,17 +246,17 @@ class ChatResponder(g.Responder):
 @router.post("/chat/completions", response_model=ChatCompletionResponse, responses=GENERATING)
 async def chat_completions(body: ChatCompletionRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
-    text, stop_ids = render_messages(model, body.messages)
+    text, stop_ids = g.render_messages(model, body.messages)
     prompt_ids = await g.encode(model.engine.tokenizer, text, "messages")
     newer = body.max_completion_tokens is not None
     max_tokens = body.max_completion_tokens if newer else body.max_tokens
     logprobs = (body.top_logprobs or 0) if body.logprobs else None
     try:
-        req = build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,
-                            logprobs=logprobs, salt=state.cache_salt(http.state.api_key))
+        req = g.build_request(model, body, prompt_ids, max_tokens, stop=body.stop, stop_token_ids=stop_ids,
+                              logprobs=logprobs, salt=state.cache_salt(http.state.api_key))
     except InvalidParameter as e:  # name the field the client sent
         if newer and e.param == "max_tokens":
             e.param = "max_completion_tokens"
         raise
-    jobs = await g.submit(state, [context("chat.completions", model, req, body.n, http)])
+    jobs = await g.submit(state, [g.context("chat.completions", model, req, body.n, http)])
     return await ChatResponder(state, jobs, body).answer(http)

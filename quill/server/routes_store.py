@@ -190,7 +190,6 @@ class StoreService:
 
     def __init__(self, store: Store, state: AppState):
         self.store, self.state = store, state
-        self.precision: dict[str, str] = {}
 
     def startup(self, state: AppState) -> None:
         explicit = state.config.store_dir is not None
@@ -208,16 +207,7 @@ class StoreService:
 
     def loaded_precision(self, name: str) -> str | None:
         m = self.state.models.get(name)
-        if m is None:
-            return None
-        if name in self.precision:
-            return self.precision[name]
-        from quill.quantize import is_quantized_model
-
-        if is_quantized_model(m.engine.model):
-            return "int8"
-        p = next(m.engine.model.parameters(), None)
-        return None if p is None else str(p.dtype).removeprefix("torch.")
+        return None if m is None else m.precision
 
     def extend_model_list(self, listing: dict[str, Any]) -> dict[str, Any]:
         """GET /v1/models: loaded models get their store fields, stored models that are not loaded are added."""
@@ -365,20 +355,6 @@ async def commit_model(name: str, body: CommitRequest, service: StoreService = D
             "parameters": manifest["parameters"], "context_length": manifest["context_length"]}
 
 
-def load_options(state: AppState, dtype: str | None) -> tuple[str, dict[str, Any]]:
-    """The precision asked for (default: the server's --dtype) and the `quill.load` keywords that give it."""
-    dtype = (dtype or state.config.dtype).lower()
-    kw: dict[str, Any] = {"device": state.config.device, "compile": state.config.compile,
-                          "kv_cache": state.config.kv_cache}
-    if dtype == "int8":
-        kw.update(dtype="float32", quantize="int8")
-    else:
-        from quill.engine import parse_dtype
-
-        kw["dtype"] = parse_dtype(dtype)
-    return dtype, kw
-
-
 @router.post("/{name}/load", responses=error_responses(413))
 async def load_model(name: str, body: LoadRequest | None = None, state: AppState = Depends(get_state),
                      service: StoreService = Depends(get_service)):
@@ -386,13 +362,10 @@ async def load_model(name: str, body: LoadRequest | None = None, state: AppState
     import quill
 
     _stored(service, name)
-    dtype, kw = load_options(state, body.dtype if body else None)
+    kw = state.load_options(body.dtype if body else None)
     engine = await run_in_threadpool(lambda: quill.load(service.store.path(name), **kw))
     engine.name = name
     state.add_model(name, engine)
-    service.precision.pop(name, None)
-    if dtype == "int8":
-        service.precision[name] = "int8"
     return {"object": "model", "id": name, "loaded": True, "precision": service.loaded_precision(name)}
 
 
@@ -401,7 +374,6 @@ async def unload_model(name: str, state: AppState = Depends(get_state), service:
     """Stop serving a model (its waiting and running requests end with an error); the store keeps it."""
     if state.remove_model(name) is None:
         raise APIError(404, f"the model {name!r} is not loaded", param="name", code="model_not_found")
-    service.precision.pop(name, None)
     return {"object": "model", "id": name, "loaded": False}
 
 
@@ -409,8 +381,7 @@ async def unload_model(name: str, state: AppState = Depends(get_state), service:
 async def delete_model(name: str, state: AppState = Depends(get_state), service: StoreService = Depends(get_service)):
     """Unload (if loaded) and delete a stored model and its pending uploads."""
     _stored(service, name)
-    if state.remove_model(name) is not None:
-        service.precision.pop(name, None)
+    state.remove_model(name)
     try:
         await run_in_threadpool(service.store.delete, name)
     except StoreError as e:

@@ -7,7 +7,6 @@ from quill.generate import TokenLogprob
 from quill.server import generation as g
 from quill.server.auth import require_api_key
 from quill.server.errors import APIError
-from quill.server.routes_openai import build_request, context, render_messages
 from quill.server.schemas import (GENERATING, DetokenizeRequest, DetokenizeResponse, InferenceRequest,
                                   InferenceResponse, TokenizeRequest, TokenizeResponse, error_responses)
 from quill.server.state import AppState, get_state
@@ -20,7 +19,7 @@ async def tokenize(body: TokenizeRequest, state: AppState = Depends(get_state)) 
     model = g.get_model(state, body.model)
     if (body.text is None) == (body.messages is None):
         raise APIError(400, "give exactly one of 'text' and 'messages'", param="text", code="invalid_value")
-    text = body.text if body.text is not None else render_messages(model, body.messages)[0]
+    text = body.text if body.text is not None else g.render_messages(model, body.messages)[0]
     tok = model.engine.tokenizer
     ids = await g.encode(tok, text, "text" if body.text is not None else "messages")
     return TokenizeResponse(model=model.name, tokens=ids, pieces=[tok.id_to_piece(i) for i in ids], count=len(ids),
@@ -61,7 +60,7 @@ class InferenceResponder(g.Responder):
 @router.post("/inference", response_model=InferenceResponse, responses=GENERATING)
 async def inference(body: InferenceRequest, http: Request, state: AppState = Depends(get_state)):
     model = g.get_model(state, body.model)
-    req = build_request(model, body, list(body.tokens), body.max_tokens, logprobs=body.logprobs,
-                        salt=state.cache_salt(http.state.api_key))
-    jobs = await g.submit(state, [context("inference", model, req, body.n, http)])
+    req = g.build_request(model, body, list(body.tokens), body.max_tokens, logprobs=body.logprobs,
+                          salt=state.cache_salt(http.state.api_key))
+    jobs = await g.submit(state, [g.context("inference", model, req, body.n, http)])
     return await InferenceResponder(state, jobs, body).answer(http)

@@ -27,7 +27,8 @@ from platformdirs import user_data_dir
 
 from quill.batching import Scheduler
 from quill.continuation import DEFAULT_MAX_HANDLES, DEFAULT_TTL, ContinuationStore, owner_id
-from quill.engine import Engine
+from quill.engine import DTYPES, Engine
+from quill.errors import InvalidParameter
 from quill.generate import GenerationRequest
 from quill.kvpool import KVPool
 from quill.prefix_cache import PrefixCache
@@ -72,6 +73,16 @@ class LoadedModel:
     @property
     def context_length(self) -> int:
         return self.engine.config.n_positions
+
+    @property
+    def precision(self) -> str | None:
+        """int8 for a quantised model, else its weights' dtype (bfloat16 for one loaded at bf16)."""
+        from quill.quantize import is_quantized_model
+
+        if is_quantized_model(self.engine.model):
+            return "int8"
+        p = next(self.engine.model.parameters(), None)
+        return None if p is None else str(p.dtype).removeprefix("torch.")
 
 
 @dataclass
@@ -134,6 +145,19 @@ class AppState:
         if self.started:
             scheduler.start()
         return loaded
+
+    def load_options(self, dtype: str | None) -> dict[str, Any]:
+        """The `quill.load` keywords of a model loaded at run time at `dtype` (float32, bfloat16, float16 or
+        int8; default the server's --dtype), with the server's device, compile and KV cache settings; a bad
+        dtype is an InvalidParameter naming `dtype`."""
+        kw: dict[str, Any] = {"device": self.config.device, "compile": self.config.compile,
+                              "kv_cache": self.config.kv_cache}
+        dtype = dtype or self.config.dtype
+        if isinstance(dtype, str) and dtype.lower() == "int8":
+            return {**kw, "dtype": "float32", "quantize": "int8"}
+        if not (isinstance(dtype, str) and dtype.lower() in DTYPES):
+            raise InvalidParameter(f"dtype must be one of float32, bfloat16, float16, int8, got {dtype!r}", "dtype")
+        return {**kw, "dtype": DTYPES[dtype.lower()]}
 
     def remove_model(self, name: str) -> LoadedModel | None:
         """Stop serving `name`: its waiting and running requests end with an error."""
