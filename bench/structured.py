@@ -132,7 +132,8 @@ def main() -> None:
     print(f"{report['cpu']}: tokenizer info {info_s:.2f} s, schema compile {1e3 * compile_s:.1f} ms")
     for n, r in report["batches"].items():
         print(f"batch {n}: step {r['step_ms']:.2f} ms, constrained {r['constrained_step_ms']:.2f} ms, overhead "
-              f"{100 * r['overhead']:+.1f}% (rounds' IQR {100 * r['overhead_q1']:+.1f}% to {100 * r['overhead_q3']:+.1f}%); "
+              f"{100 * r['overhead']:+.1f}% (rounds' IQR {100 * r['overhead_q1']:+.1f}% to "
+              f"{100 * r['overhead_q3']:+.1f}%); "
               f"the constraint's own work {r['constraint_work_us_per_row']:.0f} us a row and token "
               f"({100 * r['constraint_work_share']:.1f}% of the plain step)")
 

@@ -1,7 +1,7 @@
 """Structured output (quill/structured.py) on random-weight models, whose unconstrained output is noise: every
 constrained output matches its constraint; greedy equals transformers' `generate` with a logits processor over an
-llguidance matcher of llguidance's own tokenizer wrapper; unconstrained rows beside constrained ones are untouched; budgets split
-a constrained generation without changing it."""
+llguidance matcher of llguidance's own tokenizer wrapper; unconstrained rows beside constrained ones are
+untouched; budgets split a constrained generation without changing it."""
 
 from __future__ import annotations
 
