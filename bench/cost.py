@@ -25,9 +25,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's quill
 
-from quill.bench import random_gpt2  # noqa: E402
+from runners import random_gpt2  # noqa: E402  (bench/, this script's folder)
 from quill.callgrind import parse_dumps  # noqa: E402
 from quill.cost import forward_flops, generation_flops  # noqa: E402
 from quill.costtable import Cell, ModelSpec, cells, count_runs, time_cells  # noqa: E402

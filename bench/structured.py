@@ -2,19 +2,26 @@
 """Structured output's cost: the per-token overhead of a JSON-schema constraint on GPT-2 124M int8 decode
 (random weights, transformers' GPT2Config() defaults) at batch 1 and 8, and the grammar compile time.
 
-    python bench/structured.py            # 5 rounds of 64 tokens
-    python bench/structured.py --quick    # 2 rounds of 32 tokens
+    python bench/structured.py            # 12 rounds of 64 tokens
+    python bench/structured.py --quick    # 4 rounds of 32 tokens
 
-Each round decodes the same prompt with and without the constraint (in turn, so that load from other processes
-falls on both alike), EOS ignored, timed from the first generated token to the last; the schema is an
-array of objects with more items than fit in max_tokens, so the constrained rows run to max_tokens too. Batch 8 is one request with n=8,
-seeded sampling. Goal (docs/structured.md): at most 5% of the step.
+Each round decodes the same prompt with and without the constraint, in ABBA order (plain, constrained,
+constrained, plain; the next round BAAB), so that load from other processes and drift fall on both alike; EOS
+is ignored and each run is timed from the first generated token to the last. The schema is an array of
+objects with more items than fit in max_tokens, so the constrained rows run to max_tokens too. Batch 1 is
+greedy (unconstrained rows take the argmax fast path, constrained ones the masked pipeline); batch 8 is one
+request with n=8, seeded sampling. The overhead is the median over rounds of each round's ratio (a paired
+figure), with the rounds' interquartile range. Beside it, the constraint's own work per token and row (the
+mask, its application, advancing the matcher), in thread CPU time, which the load of other processes does not
+inflate. Goal (docs/structured.md): at most 5% of the step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import platform
 import statistics
 import sys
 import tempfile
@@ -25,24 +32,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's q
 
 import quill  # noqa: E402
 from quill import structured  # noqa: E402
+from runners import random_gpt2  # noqa: E402  (bench/, this script's folder)
 
 SCHEMA = {"type": "array", "items": {"type": "object", "properties": {
     "name": {"type": "string", "maxLength": 12}, "age": {"type": "integer", "minimum": 0, "maximum": 120},
     "kind": {"enum": ["cat", "dog", "owl"]}}, "required": ["name", "age", "kind"], "additionalProperties": False},
     "minItems": 100}  # more items than max_tokens can hold: no row ends before the others
 PROMPT = "A list of pets as JSON:"
-
-
-def model_dir(folder: Path) -> Path:
-    import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
-
-    from quill.tokenizer import Tokenizer
-
-    torch.manual_seed(0)
-    GPT2LMHeadModel(GPT2Config()).save_pretrained(folder)
-    Tokenizer.gpt2().save(folder)
-    return folder
 
 
 def decode_seconds_per_token(engine, n: int, tokens: int, **kw) -> float:
@@ -57,35 +53,89 @@ def decode_seconds_per_token(engine, n: int, tokens: int, **kw) -> float:
     return (last - first) / max(steps - 1, 1)
 
 
+@contextlib.contextmanager
+def constraint_clock():
+    """Thread CPU seconds spent in GrammarState's per-token work inside the block, and the tokens advanced:
+    `mask` (the matcher's bitmask, unpacked and applied to the logits) and `advance`."""
+    spent = [0.0, 0]
+    names = ("mask", "advance")
+    originals = {name: getattr(structured.GrammarState, name) for name in names}
+
+    def timed(fn, count):
+        def wrapper(*args, **kw):
+            t0 = time.thread_time()
+            try:
+                return fn(*args, **kw)
+            finally:
+                spent[0] += time.thread_time() - t0
+                spent[1] += count
+        return wrapper
+
+    for name, fn in originals.items():
+        setattr(structured.GrammarState, name, timed(fn, name == "advance"))
+    try:
+        yield spent
+    finally:
+        for name, fn in originals.items():
+            setattr(structured.GrammarState, name, fn)
+
+
+def quartiles(values: list[float]) -> tuple[float, float]:
+    q = statistics.quantiles(values, n=4) if len(values) > 1 else values * 3
+    return q[0], q[2]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--rounds", type=int, default=None)
+    ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "quill-bench"))
     args = ap.parse_args()
-    rounds, tokens = (2, 32) if args.quick else (args.rounds or 5, 64)
-    with tempfile.TemporaryDirectory() as tmp:
-        engine = quill.load(model_dir(Path(tmp)), quantize="int8")
+    rounds, tokens = (args.rounds or 4, 32) if args.quick else (args.rounds or 12, 64)
+    engine = quill.load(random_gpt2("124M", Path(args.work) / "gpt2-124M-random"), quantize="int8")
     t0 = time.perf_counter()
     structured.token_info(engine.tokenizer, engine.config.eos_token_ids)
     info_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     structured.compiled(structured.constraint_from(json_schema=SCHEMA), engine.tokenizer, engine.config.eos_token_ids)
     compile_s = time.perf_counter() - t0
-    report = {"tokenizer_info_s": info_s, "compile_s": compile_s, "batches": {}}
+    from quill.kernels.cpu import this_cpu
+
+    report = {"cpu": this_cpu().model or platform.processor(), "rounds": rounds, "tokens": tokens,
+              "tokenizer_info_s": info_s, "compile_s": compile_s, "batches": {}}
     for n in (1, 8):
         kw = dict(temperature=0) if n == 1 else dict(seed=0)
-        plain, shaped = [], []
+        plain, shaped, ratios, work = [], [], [], []
         decode_seconds_per_token(engine, n, 8, **kw)  # warm-up
-        for _ in range(rounds):
-            plain.append(decode_seconds_per_token(engine, n, tokens, **kw))
-            shaped.append(decode_seconds_per_token(engine, n, tokens, json_schema=SCHEMA, **kw))
-        p, s = statistics.median(plain), statistics.median(shaped)
-        report["batches"][n] = {"step_ms": 1e3 * p, "constrained_step_ms": 1e3 * s, "overhead": s / p - 1}
+        decode_seconds_per_token(engine, n, 8, json_schema=SCHEMA, **kw)
+        for r in range(rounds):
+            times = {False: [], True: []}
+            for constrained in ((False, True, True, False) if r % 2 == 0 else (True, False, False, True)):
+                if constrained:
+                    with constraint_clock() as spent:
+                        times[True].append(decode_seconds_per_token(engine, n, tokens, json_schema=SCHEMA, **kw))
+                    work.append(spent[0] / spent[1])
+                else:
+                    times[False].append(decode_seconds_per_token(engine, n, tokens, **kw))
+            p, s = statistics.mean(times[False]), statistics.mean(times[True])
+            plain.append(p)
+            shaped.append(s)
+            ratios.append(s / p - 1)
+        q1, q3 = quartiles(ratios)
+        step = statistics.median(plain)
+        row_work = statistics.median(work)
+        report["batches"][n] = {"step_ms": 1e3 * step, "constrained_step_ms": 1e3 * statistics.median(shaped),
+                                "overhead": statistics.median(ratios), "overhead_q1": q1, "overhead_q3": q3,
+                                "constraint_work_us_per_row": 1e6 * row_work,
+                                "constraint_work_share": n * row_work / step}
     print(json.dumps(report, indent=2))
-    print(f"tokenizer info {info_s:.2f} s, schema compile {1e3 * compile_s:.1f} ms")
+    print(f"{report['cpu']}: tokenizer info {info_s:.2f} s, schema compile {1e3 * compile_s:.1f} ms")
     for n, r in report["batches"].items():
-        print(f"batch {n}: step {r['step_ms']:.2f} ms, constrained {r['constrained_step_ms']:.2f} ms, "
-              f"overhead {100 * r['overhead']:+.1f}%")
+        print(f"batch {n}: step {r['step_ms']:.2f} ms, constrained {r['constrained_step_ms']:.2f} ms, overhead "
+              f"{100 * r['overhead']:+.1f}% (rounds' IQR {100 * r['overhead_q1']:+.1f}% to "
+              f"{100 * r['overhead_q3']:+.1f}%); "
+              f"the constraint's own work {r['constraint_work_us_per_row']:.0f} us a row and token "
+              f"({100 * r['constraint_work_share']:.1f}% of the plain step)")
 
 
 if __name__ == "__main__":

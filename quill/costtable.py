@@ -140,6 +140,7 @@ def count_runs(spec: ModelSpec, runs: list[tuple[str, Cell]], warm_each: bool = 
 
     job = {"model": dataclasses.asdict(spec), "warm_each": warm_each,
            "runs": [[name, c.input_tokens, c.output_tokens] for name, c in runs]}
+    settle_paths(job)
     counts = callgrind.count(["-m", "quill.costtable", json.dumps(job)], folder=dumps)
     for name, cell in runs:
         setattr(cell, name, counts[_label(name, cell)])
@@ -158,14 +159,37 @@ def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions
     return table
 
 
+def settle_paths(job: dict) -> None:
+    """Run `job`'s calls once natively, in the counted worker's environment (its kernel variant, one thread), so
+    that the multi-row paths they need (quill.kernels.tune) are chosen and cached as a native run chooses them.
+
+    Left to the worker, the paths would be timed under valgrind, whose emulation slows some far more than others
+    (MKL's SGEMM about 3,000-fold, Quill's kernels about 50-fold): the worker would take paths no native run
+    takes, and a cell that first used a shape would count the timing too.
+    """
+    import subprocess
+
+    from quill import callgrind
+    from quill.kernels import tune
+
+    if tune.enabled():
+        subprocess.run([sys.executable, "-m", "quill.costtable", json.dumps({**job, "native": True})],
+                       env=callgrind.worker_environment(), check=True)
+
+
 def _worker(job: dict) -> None:
-    """Inside callgrind: run cells uncounted to warm up, then counted (one thread, so counts repeat)."""
+    """Inside callgrind: run cells uncounted to warm up, then counted (one thread, so counts repeat). With
+    `native` (outside valgrind, `settle_paths`): run each call once, counting nothing."""
     import torch
 
     from quill import callgrind
 
     torch.set_num_threads(1)  # also the kernels' pool size: quill.kernels uses torch.get_num_threads()
     engine = ModelSpec(**job["model"]).load()
+    if job.get("native"):
+        for name, p, n in job["runs"]:
+            RUNS[name](engine, Cell(p, n, 0, 0))
+        return
     for i, (name, p, n) in enumerate(job["runs"]):
         cell = Cell(p, n, 0, 0)
         if i == 0 or job["warm_each"]:

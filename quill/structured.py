@@ -198,16 +198,17 @@ class GrammarState:
         """Bool [vocab_size]: the tokens the grammar allows next (EOS only where the grammar may end)."""
         if self._allowed is None:
             bits = numpy.frombuffer(self.matcher.compute_bitmask(), dtype=numpy.uint8)
-            allowed = numpy.zeros(vocab_size, dtype=bool)
             n = min(self.n_tokens, vocab_size)  # ids past the tokenizer's (a padded head) are never allowed
-            allowed[:n] = numpy.unpackbits(bits, count=n, bitorder="little")
+            allowed = numpy.unpackbits(bits, count=n, bitorder="little").view(bool)  # 0/1 bytes are bools
+            if n < vocab_size:
+                allowed = numpy.concatenate([allowed, numpy.zeros(vocab_size - n, dtype=bool)])
             self._allowed = torch.from_numpy(allowed)
         return self._allowed
 
     def mask(self, logits: Tensor, history: Tensor | None = None, prompt_len: int = 0) -> Tensor:
         """Logits [1, V] with every token the grammar forbids at -inf (a `quill.sampling` logits processor)."""
         allowed = self.allowed(logits.shape[-1]).to(logits.device, non_blocking=True)
-        return logits.masked_fill(~allowed, float("-inf"))
+        return torch.where(allowed, logits, float("-inf"))  # one pass: no inverted copy of the mask
 
     def advance(self, token: int) -> None:
         """Consume the chosen token; one the grammar forbids (every allowed token banned by other settings) fails."""

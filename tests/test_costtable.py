@@ -15,7 +15,7 @@ from conftest import make_tiny_model
 from quill import callgrind
 from quill.cli import main
 from quill.cost import generation_flops
-from quill.costtable import ModelSpec, cells, count_cells, no_cache_call, real_call
+from quill.costtable import ModelSpec, cells, count_cells, no_cache_call, real_call, settle_paths
 
 INPUTS, OUTPUTS = [1, 4, 16], [1, 2]
 
@@ -79,6 +79,26 @@ def test_unavailable_without_valgrind(monkeypatch):
     assert "valgrind" in callgrind.unavailable_reason()
     with pytest.raises(callgrind.CallgrindUnavailable, match="valgrind"):
         callgrind.count(["-c", "pass"])
+
+
+def test_paths_are_settled_natively_for_the_counted_worker(folder, tmp_path, monkeypatch):
+    """With the path tuner on, the calls to count first run natively in the worker's environment (one thread, its
+    kernel variant), so its cache holds their row classes before the worker starts: callgrind's worker reads the
+    choices a native run makes rather than timing paths under valgrind."""
+    from quill.kernels.tune import row_class
+
+    monkeypatch.setenv("QUILL_TUNE", "1")
+    monkeypatch.setenv("QUILL_CACHE_DIR", str(tmp_path))
+    job = {"model": {"path": str(folder)}, "warm_each": False,
+           "runs": [["instructions", 9, 2], ["instructions_no_cache", 3, 2]]}
+    settle_paths(job)
+    files = list((tmp_path / "tuning").glob("paths-*.json"))
+    assert len(files) == 1
+    saved = json.loads(files[0].read_text())
+    assert saved["machine"]["threads"] == 1 and saved["machine"]["isa"] == callgrind.worker_environment().get(
+        "QUILL_ISA", saved["machine"]["isa"])
+    classes = {key.split("rows<=")[1].split()[0] for key in saved["choices"] if "rows<=" in key}
+    assert classes == {str(row_class(9)), str(row_class(3)), str(row_class(4))}  # 9; the no-cache 3 and 3 + 1
 
 
 @pytest.mark.skipif(callgrind.unavailable_reason() is not None, reason=str(callgrind.unavailable_reason()))

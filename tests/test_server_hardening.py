@@ -89,6 +89,11 @@ def test_validation_gaps(app_client):
     err = error(c.post("/v1/chat/completions", json={**chat, "max_completion_tokens": 10_000}), 400,
                 "max_completion_tokens")
     assert err["code"] == "context_length_exceeded"
+    for n, fits in ((1, 8 + 64), (2, 4 + 64)):  # a list longer than an idle model's rows and queue: never a 429
+        err = error(c.post("/v1/completions", json={**base, "n": n, "prompt": ["a"] * (fits + 1)}), 400, "prompt")
+        assert err["code"] == "too_many_prompts" and f"at most {fits}" in err["message"]
+    r = c.post("/v1/completions", json={**base, "n": 2, "max_tokens": 1, "prompt": ["a"] * (4 + 64)})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2 * 68
     error(c.get("/v1/nothing"), 404)
     error(c.request("BREW", "/v1/models"), 405)
 

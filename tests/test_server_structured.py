@@ -91,6 +91,13 @@ def test_json_object_and_streamed_chunks(server):
     assert r.status_code == 200, r.text
     for c in r.json()["choices"]:  # an object may run past max_tokens; one that ends parses to an object
         assert c["text"].startswith("{") and (c["finish_reason"] == "length" or isinstance(json.loads(c["text"]), dict))
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 40, "n": 3, "seed": 2,
+                                         "logit_bias": {"90": 100, "92": 100},  # '{' and '}': an object that closes
+                                         "response_format": {"type": "json_object"}})
+    assert [(json.loads(c["text"]), c["finish_reason"]) for c in r.json()["choices"]] == [({}, "stop")] * 3
+    r = post(server, "/v1/completions", {"prompt": "x", "max_tokens": 5, "logit_bias": {"92": 100},
+                                         "response_format": {"type": "json_object"}})
+    assert r.json()["choices"][0]["text"].startswith("{")  # unconstrained, the +100 on "}" would win at once
     body = {"messages": [{"role": "user", "content": "x"}], "max_tokens": 200, "seed": 8,
             "response_format": FORMAT}
     text, finish, _ = streamed(server, "/v1/chat/completions", body)

@@ -1,7 +1,7 @@
 """Structured output (quill/structured.py) on random-weight models, whose unconstrained output is noise: every
-constrained output matches its constraint; greedy equals an independent loop over transformers' logits masked
-by llguidance's own tokenizer wrapper; unconstrained rows beside constrained ones are untouched; budgets split
-a constrained generation without changing it."""
+constrained output matches its constraint; greedy equals transformers' `generate` with a logits processor over an
+llguidance matcher of llguidance's own tokenizer wrapper; unconstrained rows beside constrained ones are
+untouched; budgets split a constrained generation without changing it."""
 
 from __future__ import annotations
 
@@ -121,33 +121,42 @@ def test_logprobs_are_the_masked_distribution(engine):
 
 
 def test_greedy_equals_transformers_with_llguidance(engine, gpt2_dir):
-    """An independent reference: transformers' logits, llguidance's own tokenizer wrapper of transformers'
-    tokenizer, a matcher from llguidance's own JSON-schema compiler, argmax."""
-    from transformers import GPT2LMHeadModel, PreTrainedTokenizerFast
+    """An independent reference: transformers' `generate` (greedy) over the same checkpoint, with a logits
+    processor that masks by an llguidance matcher built from llguidance's own wrapper of transformers' tokenizer
+    and its own JSON-schema compiler (llguidance ships no processor of its own; this is the few lines one is)."""
+    from transformers import GPT2LMHeadModel, LogitsProcessor, LogitsProcessorList, PreTrainedTokenizerFast
+
+    class Masked(LogitsProcessor):
+        def __init__(self, matcher: llguidance.LLMatcher, prompt_len: int):
+            self.matcher, self.prompt_len, self.consumed, self.stopped_at = matcher, prompt_len, 0, None
+
+        def __call__(self, input_ids, scores):
+            new = input_ids[0, self.prompt_len + self.consumed:].tolist()
+            assert self.matcher.consume_tokens(new)
+            self.consumed += len(new)
+            if self.matcher.is_stopped() and self.stopped_at is None:
+                self.stopped_at = self.consumed  # complete: Quill ends here, generate goes on to the EOS it forces
+            bits = numpy.unpackbits(numpy.frombuffer(self.matcher.compute_bitmask(), numpy.uint8),
+                                    bitorder="little")[: scores.shape[-1]]
+            return scores.masked_fill(torch.from_numpy(bits == 0), float("-inf"))
 
     hf = GPT2LMHeadModel.from_pretrained(gpt2_dir).eval()
     hf_tok = PreTrainedTokenizerFast.from_pretrained(gpt2_dir)
     info = llguidance.hf.from_tokenizer(hf_tok)
+    regex = r"[a-z]{3,6}( [a-z]{2,4}){2}"
     for kw, grammar in [(dict(json_schema=SCHEMA), llguidance.LLMatcher.grammar_from_json_schema(
             json.dumps(SCHEMA), defaults={"whitespace_flexible": False, "item_separator": ", ",
                                           "key_separator": ": "})),
-                        (dict(regex=r"[a-z]{3,6}( [a-z]{2,4}){2}"), llguidance.grammar_from(
-                            "regex", r"[a-z]{3,6}( [a-z]{2,4}){2}"))]:
-        matcher = llguidance.LLMatcher(info, grammar)
-        ids = hf_tok("A pet:")["input_ids"]
-        expected = []
+                        (dict(regex=regex), llguidance.grammar_from("regex", regex))]:
+        ids = hf_tok("A pet:", return_tensors="pt")["input_ids"]
+        masked = Masked(llguidance.LLMatcher(info, grammar), ids.shape[1])
         with torch.no_grad():
-            while not matcher.is_stopped() and len(expected) < 200:
-                logits = hf(torch.tensor([ids + expected])).logits[0, -1]
-                bits = numpy.unpackbits(numpy.frombuffer(matcher.compute_bitmask(), numpy.uint8),
-                                        bitorder="little")[: logits.shape[0]]
-                token = int(logits.masked_fill(torch.from_numpy(bits == 0), float("-inf")).argmax())
-                assert matcher.consume_token(token)
-                expected.append(token)
-                if token == hf_tok.eos_token_id:
-                    break
+            seq = hf.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=200,
+                              logits_processor=LogitsProcessorList([masked]), eos_token_id=hf_tok.eos_token_id,
+                              pad_token_id=hf_tok.eos_token_id)
+        expected = seq[0, ids.shape[1]:].tolist()[: masked.stopped_at]
         out = engine.generate("A pet:", 200, temperature=0, **kw)
-        assert out.tokens == expected and out.finish_reason == "stop"
+        assert out.tokens == expected and out.finish_reason == "stop", (kw, out.tokens, expected)
 
 
 def test_unconstrained_rows_beside_constrained_equal_their_solo_runs(engine):

@@ -123,8 +123,16 @@ async def submit(state: AppState, contexts: list[GenerationContext]) -> list[Job
     """Run the admission checks of every context, then queue each on its model's scheduler (429 when full).
 
     One ticket per context (per prompt of a list), so continuous batching decodes them together; when one
-    cannot be queued, those already queued are cancelled and reported before the error is raised.
+    cannot be queued, those already queued are cancelled and reported before the error is raised. A list longer
+    than an idle model's rows and queue could ever take is a 400 (a 429 would invite retries that cannot succeed).
     """
+    if len(contexts) > 1:
+        scheduler, n = contexts[0].model.scheduler, contexts[0].n
+        most = scheduler.max_batch // n + scheduler.max_queue
+        if len(contexts) > most and n <= scheduler.max_batch:  # (n beyond --max-batch: its own 400)
+            raise APIError(400, f"a list of {len(contexts)} prompts can never be queued: with n={n}, at most {most} "
+                           f"fit this model's rows and queue (--max-batch {scheduler.max_batch}, --max-queue "
+                           f"{scheduler.max_queue})", param="prompt", code="too_many_prompts")
     for ctx in contexts:
         for check in state.admission_checks:
             await _call(check, ctx)
