@@ -31,7 +31,6 @@ ACTIVATIONS = {
 _HALF = (torch.bfloat16, torch.float16)
 
 
-@functools.cache
 def _cpu_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has a fast GEMM for bf16/fp16 (oneDNN with AVX-512-BF16/AMX or AVX512-FP16)."""
     if dtype == torch.bfloat16:
@@ -45,33 +44,28 @@ class Linear(nn.Linear):
     - quill.kernels' matrix-vector kernel, which reads the weight once at memory speed: always for one row,
       and for more rows (prompts, batched decode outside the fused step) where it beats torch's GEMM on this
       machine (quill.kernels.tune times both per shape class);
-    - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2): computed in fp32. torch's fallback bf16
-      GEMM is far slower than MKL's fp32 one (docs/performance.md); converting the weight costs one pass
-      over it.
+    - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2), and fp32 inputs against half weights on
+      every CPU: computed in fp32. torch's fallback bf16 GEMM is far slower than MKL's fp32 one, and its half
+      GEMM rounds the output to half (docs/performance.md); converting the weight costs one pass over it.
     """
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, self.bias)
-        # as a candidate against the kernel (several rows), torch computes half weights in fp32 from 2 rows on;
-        # under fp32 activations torch's half GEMM also rounds its output to half, where the kernel's stays fp32
-        # (3.5 points of top-1 agreement over 512 positions: docs/performance.md, "Quality")
-        inexact = ("torch",) if x.dtype != w.dtype and w.dtype in _HALF and _cpu_half_gemm(w.dtype) else ()
-        y = kernels.project(x, w, self.bias, others={"torch": functools.partial(self._torch_forward, upcast_from=2)},
-                            inexact=inexact)
+        # as a candidate against the kernel (several rows), torch computes half weights in fp32 from 2 rows on
+        y = kernels.project(x, w, self.bias, others={"torch": functools.partial(self._torch_forward, upcast_from=2)})
         return y if y is not None else self._torch_forward(x)
 
     def _torch_forward(self, x: Tensor, upcast_from: int = kernels.DEFAULT_ROWS + 1) -> Tensor:
         """The CPU inference product on torch's GEMM; half-precision weights in fp32 from `upcast_from` rows on
         where the CPU has no half GEMM."""
         w = self.weight
-        if w.dtype in _HALF and kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype):
+        # half weights under fp32 activations (GPT.weights_to) always in fp32: torch's half GEMM would round its
+        # output to half as well as its inputs, 3.5 points of top-1 agreement over 512 positions (docs/performance.md)
+        if w.dtype in _HALF and (x.dtype != w.dtype or kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype)):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
-        if x.dtype != w.dtype:  # half weights under fp32 activations (GPT.weights_to): the half GEMM takes half
-            y = F.linear(x.to(w.dtype), w).to(x.dtype)
-            return y if self.bias is None else y + self.bias
         return F.linear(x, w, self.bias)
 
     def kernel_args(self) -> tuple[Tensor, None, Tensor | None]:

@@ -222,12 +222,12 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     x = torch.randn(20, 64)
     tuning.parent.mkdir(parents=True, exist_ok=True)
     bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name),
-             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,fbgemm,torch]": "no-such-path"}}
+             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,torch]": "no-such-path"}}
     if damage == "corrupt":
         tuning.write_bytes(b"\x00{not json")
     elif damage == "foreign":
         tuning.write_text(json.dumps({**bogus, "machine": {**bogus["machine"], "cpu": "another CPU"},
-                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,fbgemm,torch]": "torch"}}))
+                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,torch]": "torch"}}))
     elif damage == "wrong-shape":
         tuning.write_text(json.dumps({**bogus, "choices": ["quill"]}))
     else:  # this machine's file naming a path that no longer exists: timed again

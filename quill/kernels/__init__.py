@@ -247,9 +247,8 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
     caller falls back to its torch path otherwise (GPU, autograd, tracing). One row always runs here (reading
     the weight once is the bound); for more rows, `others` (name -> the caller's own implementation: torch's
     GEMM, fbgemm's) compete with the kernel, and the fastest for this shape class on this machine serves
-    (quill.kernels.tune; with QUILL_TUNE=0 the kernel up to DEFAULT_ROWS rows, the first exact one of `others`
-    beyond, else the kernel). `inexact` names those of `others` that round more than the rest (they win only
-    by tune.INEXACT_MARGIN).
+    (quill.kernels.tune; with QUILL_TUNE=0 the kernel up to DEFAULT_ROWS rows, the first of `others` beyond).
+    `inexact` names those of `others` that round more than the rest (they win only by tune.INEXACT_MARGIN).
     """
     m = rows(x)
     if (m <= 0 or x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES
@@ -267,7 +266,7 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         candidates = {"quill": own, **{name: functools.partial(f, x) for name, f in others.items()}}
         key = (f"linear w={str(weight.dtype)[6:]} x={str(x.dtype)[6:]} {weight.shape[0]}x{weight.shape[1]} "
                f"rows<={tune.row_class(m)} [{','.join(candidates)}]")
-        default = "quill" if m <= DEFAULT_ROWS else next((n for n in others if n not in inexact), "quill")
+        default = "quill" if m <= DEFAULT_ROWS else next(iter(others))
         path = tune.choose(_variant.name, key, candidates, default, inexact)
         if path != "quill":
             return others[path](x)
