@@ -3,8 +3,8 @@
 A model reads a fixed token sequence and, at every position, its argmax is compared with the reference's at
 the same position. Two ways of computing the logits, as generation does:
 
-- "prefill": the whole sequence in one forward (what a long prompt takes: for int8, fbgemm's GEMM with
-  activations quantised to 7 bits per tensor; docs/performance.md, "Quality");
+- "prefill": the whole sequence in one forward (what a long prompt takes: for int8, Quill's int8 GEMM on
+  int16 activations, or fbgemm's 7-bit ones with QUILL_INT8_GEMM=1; docs/performance.md, "Quality");
 - "decode": the first `prompt` tokens in one forward, then one token a step through the KV cache (the fused
   decode kernels where they serve).
 

@@ -28,6 +28,9 @@ ACTIVATIONS = {
     "relu": F.relu,
 }
 
+_HALF = (torch.bfloat16, torch.float16)
+
+
 def _cpu_half_gemm(dtype: torch.dtype) -> bool:
     """Whether this CPU has a fast GEMM for bf16/fp16 (oneDNN with AVX-512-BF16/AMX or AVX512-FP16)."""
     if dtype == torch.bfloat16:
@@ -41,9 +44,9 @@ class Linear(nn.Linear):
     - quill.kernels' matrix-vector kernel, which reads the weight once at memory speed: always for one row,
       and for more rows (prompts, batched decode outside the fused step) where it beats torch's GEMM on this
       machine (quill.kernels.tune times both per shape class);
-    - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2): computed in fp32. torch's fallback bf16
-      GEMM is far slower than MKL's fp32 one (docs/performance.md); converting the weight costs one pass
-      over it.
+    - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2), and fp32 inputs against half weights on
+      every CPU: computed in fp32. torch's fallback bf16 GEMM is far slower than MKL's fp32 one, and its half
+      GEMM rounds the output to half (docs/performance.md); converting the weight costs one pass over it.
     """
 
     def forward(self, x: Tensor) -> Tensor:
@@ -58,13 +61,11 @@ class Linear(nn.Linear):
         """The CPU inference product on torch's GEMM; half-precision weights in fp32 from `upcast_from` rows on
         where the CPU has no half GEMM."""
         w = self.weight
-        half = w.dtype in (torch.bfloat16, torch.float16)
-        if half and kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype):
+        # half weights under fp32 activations (GPT.weights_to) always in fp32: torch's half GEMM would round its
+        # output to half as well as its inputs, 3.5 points of top-1 agreement over 512 positions (docs/performance.md)
+        if w.dtype in _HALF and (x.dtype != w.dtype or kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype)):
             bias = None if self.bias is None else self.bias.float()
             return F.linear(x.float(), w.float(), bias).to(x.dtype)
-        if x.dtype != w.dtype:  # half weights under fp32 activations (GPT.weights_to): the half GEMM takes half
-            y = F.linear(x.to(w.dtype), w).to(x.dtype)
-            return y if self.bias is None else y + self.bias
         return F.linear(x, w, self.bias)
 
     def kernel_args(self) -> tuple[Tensor, None, Tensor | None]:

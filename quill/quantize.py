@@ -11,10 +11,11 @@ position embedding stay in the model's dtype.
 Decode steps (a few rows at a time) run on `quill.kernels`, which read 1 byte per weight and meet int16
 activations (one scale per row: near-exact); longer inputs (prefill) run on whichever is fastest on this
 machine for their shape (quill.kernels.tune): those kernels, Quill's int8 GEMM (the same int16 activations,
-weights repacked into column panels; the default for long inputs), fbgemm's int8 GEMM with activations
-quantised per tensor to 7-bit uint8 as ONNX Runtime's and transformers' dynamic int8 do (chosen only where
-more than tune.INEXACT_MARGIN times faster: it costs accuracy), or the dequantised fp32 GEMM
-(`QUILL_INT8_GEMM=0` takes fbgemm out; see docs/performance.md).
+weights repacked into column panels; the default for long inputs) or the dequantised fp32 GEMM. fbgemm's int8
+GEMM, activations quantised per tensor to 7-bit uint8 as ONNX Runtime's and transformers' dynamic int8 do,
+serves long inputs only without the kernels, or as a timed candidate with `QUILL_INT8_GEMM=1` (then chosen
+only where more than tune.INEXACT_MARGIN times faster: it costs accuracy); `QUILL_INT8_GEMM=0` takes it out
+entirely (see docs/performance.md).
 
 Checkpoint format (`quill quantize MODEL OUT --int8`, loaded by `quill.load(OUT)`): a folder with the model's
 `config.json` plus a `quantization_config` entry, `model.safetensors` and the source's tokenizer files.
@@ -68,8 +69,15 @@ def _int8_gemm_serves(x: Tensor) -> bool:
     """Whether fbgemm's int8 GEMM may serve a CPU inference input (QUILL_INT8_GEMM=0: never; Quill's int8 GEMM
     or the dequantised fp32 GEMM do)."""
     return (x.device.type == "cpu" and not (torch.is_grad_enabled() and x.requires_grad) and not kernels.observed()
-            and os.environ.get("QUILL_INT8_GEMM", "1") != "0"
+            and os.environ.get("QUILL_INT8_GEMM", "") != "0"
             and torch.backends.quantized.engine in ("x86", "fbgemm"))
+
+
+def _fbgemm_competes() -> bool:
+    """Whether fbgemm's int8 GEMM is timed against Quill's exact paths (QUILL_INT8_GEMM=1). Off by default: its
+    7-bit activations cost 7 points of top-1 agreement over 512 positions, and on AVX-512 VNNI it is about 2x
+    Quill's int8 GEMM, so a speed margin would always take it (docs/performance.md, "Quality")."""
+    return os.environ.get("QUILL_INT8_GEMM", "") == "1"
 
 
 def _prepack(weight: Tensor, scale: Tensor, bias: Tensor | None) -> object:
@@ -111,11 +119,12 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Quill's int8 decode kernel, its int8 GEMM (`_panel_gemm`), fbgemm's int8 GEMM or the dequantised
         GEMM: for several rows, whichever is fastest here (quill.kernels.project times them; fbgemm, whose 7-bit
-        activations cost accuracy, only where clearly faster); without the kernels, fbgemm beyond DEFAULT_ROWS."""
+        activations cost accuracy, only with QUILL_INT8_GEMM=1 and where clearly faster); without the kernels,
+        fbgemm beyond DEFAULT_ROWS."""
         w, s, b = self.kernel_args()
         gemm = _int8_gemm_serves(x)
         others = {"i8gemm": self._panel_gemm}
-        if gemm:
+        if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm
         others["torch"] = self._dequantized_forward
         y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",))

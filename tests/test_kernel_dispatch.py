@@ -114,6 +114,24 @@ def test_quill_isa_overrides_and_refuses_what_the_cpu_lacks(monkeypatch):
         kernels.reload()
 
 
+def test_the_first_call_after_reload_runs_the_new_variant(monkeypatch):
+    """The entry points use the loaded library without asking the dispatcher again: after `reload` (how the
+    tests' kernel_isa fixture switches variants) the first call must already run the newly chosen build."""
+    runnable = [name for name, v in VARIANTS.items() if not this_cpu().missing(v)]
+    if not runnable or not kernels.available():
+        pytest.skip("no kernel variant runs on this CPU")
+    x, w = torch.randn(2, 64), torch.randn(8, 64)
+    try:
+        for name in runnable * 2:
+            monkeypatch.setenv("QUILL_ISA", name)
+            kernels.reload()
+            kernels.linear(x, w)
+            assert kernels._lib.quill_isa().decode() == name
+    finally:
+        monkeypatch.undo()
+        kernels.reload()
+
+
 def make_model(cfg: GPTConfig, seed: int = 0) -> GPT:
     torch.manual_seed(seed)
     model = GPT(cfg).eval()
@@ -204,12 +222,12 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     x = torch.randn(20, 64)
     tuning.parent.mkdir(parents=True, exist_ok=True)
     bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name),
-             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,fbgemm,torch]": "no-such-path"}}
+             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,torch]": "no-such-path"}}
     if damage == "corrupt":
         tuning.write_bytes(b"\x00{not json")
     elif damage == "foreign":
         tuning.write_text(json.dumps({**bogus, "machine": {**bogus["machine"], "cpu": "another CPU"},
-                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,fbgemm,torch]": "torch"}}))
+                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,torch]": "torch"}}))
     elif damage == "wrong-shape":
         tuning.write_text(json.dumps({**bogus, "choices": ["quill"]}))
     else:  # this machine's file naming a path that no longer exists: timed again

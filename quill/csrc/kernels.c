@@ -381,52 +381,46 @@ static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, 
 
 #ifdef QUILL_AVX512
 /* vpdpwssd: 32 int16 x int16 products summed into 16 int32 lanes per instruction (int8 weights widened to
-   int16 in registers), two activation rows against four weight rows at a time. */
+   int16 in registers). Register blocks of MR activation rows (4, 2 or 1) against four weight rows: with four
+   rows each widened weight vector feeds four vpdpwssd (batched decode is compute-bound; 16 accumulators of
+   the 32 registers). */
 static inline __m512i ld_i8x32(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
 static inline float hsum_i512(__m512i v) {
     return (float)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
                                                            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
 }
-/* rows m and m+1 (two = 1) or row m alone (two = 0) against weight rows [n0, n1), columns [kb, ke) */
-static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x0, const int16_t* x1, float* r0,
-                                                               float* r1, const int8_t* W, int64_t K, int64_t n0,
-                                                               int64_t n1, int64_t kb, int64_t ke, const int two) {
+/* rows m .. m+MR-1 (row stride ldq; results at stride ldacc) against weight rows [n0, n1), columns [kb, ke) */
+static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x, int64_t ldq, float* r,
+                                                               int64_t ldacc, const int8_t* W, int64_t K, int64_t n0,
+                                                               int64_t n1, int64_t kb, int64_t ke, const int MR) {
     int64_t n = n0;
     for (; n + 4 <= n1; n += 4) {
-        const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-        __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+        const int8_t* w = W + n * K;
+        __m512i a[4][4];
+        for (int i = 0; i < MR; i++)
+            for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_si512();
         for (int64_t k = kb; k < ke; k += 32) {
-            if (PF && (k & 63) == 0) {
-                _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
-                _mm_prefetch((const char*)(w2 + PF * K + k), PFH); _mm_prefetch((const char*)(w3 + PF * K + k), PFH);
-            }
-            const __m512i c0 = ld_i8x32(w0 + k), c1 = ld_i8x32(w1 + k), c2 = ld_i8x32(w2 + k), c3 = ld_i8x32(w3 + k);
-            const __m512i u = _mm512_loadu_si512((const void*)(x0 + k));
-            a0 = _mm512_dpwssd_epi32(a0, u, c0); a1 = _mm512_dpwssd_epi32(a1, u, c1);
-            a2 = _mm512_dpwssd_epi32(a2, u, c2); a3 = _mm512_dpwssd_epi32(a3, u, c3);
-            if (two) {
-                const __m512i v = _mm512_loadu_si512((const void*)(x1 + k));
-                b0 = _mm512_dpwssd_epi32(b0, v, c0); b1 = _mm512_dpwssd_epi32(b1, v, c1);
-                b2 = _mm512_dpwssd_epi32(b2, v, c2); b3 = _mm512_dpwssd_epi32(b3, v, c3);
+            if (PF && (k & 63) == 0)
+                for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(w + (PF + c) * K + k), PFH);
+            __m512i cw[4];
+            for (int c = 0; c < 4; c++) cw[c] = ld_i8x32(w + c * K + k);
+            for (int i = 0; i < MR; i++) {
+                const __m512i u = _mm512_loadu_si512((const void*)(x + i * ldq + k));
+                for (int c = 0; c < 4; c++) a[i][c] = _mm512_dpwssd_epi32(a[i][c], u, cw[c]);
             }
         }
-        r0[n - n0] += hsum_i512(a0); r0[n - n0 + 1] += hsum_i512(a1);
-        r0[n - n0 + 2] += hsum_i512(a2); r0[n - n0 + 3] += hsum_i512(a3);
-        if (two) {
-            r1[n - n0] += hsum_i512(b0); r1[n - n0 + 1] += hsum_i512(b1);
-            r1[n - n0 + 2] += hsum_i512(b2); r1[n - n0 + 3] += hsum_i512(b3);
-        }
+        for (int i = 0; i < MR; i++)
+            for (int c = 0; c < 4; c++) r[i * ldacc + n - n0 + c] += hsum_i512(a[i][c]);
     }
     for (; n < n1; n++) {
         const int8_t* w0 = W + n * K;
-        __m512i a0 = _mm512_setzero_si512(), b0 = a0;
+        __m512i a[4];
+        for (int i = 0; i < MR; i++) a[i] = _mm512_setzero_si512();
         for (int64_t k = kb; k < ke; k += 32) {
             const __m512i c0 = ld_i8x32(w0 + k);
-            a0 = _mm512_dpwssd_epi32(a0, _mm512_loadu_si512((const void*)(x0 + k)), c0);
-            if (two) b0 = _mm512_dpwssd_epi32(b0, _mm512_loadu_si512((const void*)(x1 + k)), c0);
+            for (int i = 0; i < MR; i++) a[i] = _mm512_dpwssd_epi32(a[i], _mm512_loadu_si512((const void*)(x + i * ldq + k)), c0);
         }
-        r0[n - n0] += hsum_i512(a0);
-        if (two) r1[n - n0] += hsum_i512(b0);
+        for (int i = 0; i < MR; i++) r[i * ldacc + n - n0] += hsum_i512(a[i]);
     }
 }
 __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W,
@@ -436,19 +430,20 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
         for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
     for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
         const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
-        for (int64_t m = 0; m < M; m += 2) {
-            const int16_t* x0 = xq + m * ldq;
-            float* r0 = acc + m * ldacc;
-            if (M - m >= 2) i8q_block512(x0, x0 + ldq, r0, r0 + ldacc, W, K, n0, n1, kb, ke, 1);
-            else i8q_block512(x0, x0, r0, r0, W, K, n0, n1, kb, ke, 0);
-        }
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) i8q_block512(xq + m * ldq, ldq, acc + m * ldacc, ldacc, W, K, n0, n1, kb, ke, 4);
+        for (; m + 2 <= M; m += 2) i8q_block512(xq + m * ldq, ldq, acc + m * ldacc, ldacc, W, K, n0, n1, kb, ke, 2);
+        if (m < M) i8q_block512(xq + m * ldq, ldq, acc + m * ldacc, ldacc, W, K, n0, n1, kb, ke, 1);
     }
     rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
 }
 
-/* bf16 weights against bf16 activations with vdpbf16ps: 32 bf16 products summed in pairs into 16 fp32 lanes
-   per instruction. The activations are the model's bf16 values (LayerNorm output rounded to bf16, as torch's
-   bf16 path rounds it); accumulation in fp32. MR activation rows against NR weight rows at a time. */
+/* bf16 weights against activations rounded to bf16 with vdpbf16ps: 32 bf16 products summed in pairs into 16
+   fp32 lanes per instruction; accumulation in fp32. The rows are a bf16 model's activations (LayerNorm output
+   rounded to bf16, as torch's bf16 path rounds it), or fp32 activations of two rows and more (bf16 matrices
+   under fp32 activations, GPT.weights_to): rounded to bf16 as a bf16 GEMM rounds its inputs, only here, the
+   residual stream stays fp32; one row stays exact (it is bound by reading the weight, not by arithmetic).
+   MR activation rows against NR weight rows at a time. */
 static inline __m512bh ld_bh(const uint16_t* p) { return (__m512bh)_mm512_loadu_si512((const void*)p); }
 static inline __attribute__((always_inline)) void bf16dp_block(const uint16_t* x, int64_t K, const uint16_t* W,
                                                                int64_t n, int64_t n0, float* acc, int64_t ldacc,
@@ -677,7 +672,7 @@ struct linear_job {
     const float* x; int64_t M, K; const void* W; int wdt; const float* scale; const void* bias; int bdt;
     const void* residual; void* y; int ydt; int64_t ldy, N, chunk; int act;
     const int16_t* xq; const float* xs;  /* int8 weights: activations as int16 with one scale per row */
-    const uint16_t* xb;                  /* bf16 weights against bf16 activations (AVX-512 BF16): x as bf16 */
+    const uint16_t* xb;                  /* bf16 weights on AVX-512 BF16 (rows_bf16dp): x rounded to bf16 */
 };
 
 static void linear_task(void* ctx, int64_t t) {
@@ -786,9 +781,9 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
                       int act) {
     if (M <= 0 || N <= 0) return 0;
     /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or (bf16 weights
-       and activations on AVX-512 BF16) bf16 rows [M, K] */
+       on AVX-512 BF16, bf16 activations or two rows and more) bf16 rows [M, K] */
     if (int8_float < 0) { const char* e = getenv("QUILL_INT8_FLOAT"); int8_float = e && atoi(e); }
-    const int bf16dp = HAVE_BF16DP && wdt == BF16 && xdt == BF16;
+    const int bf16dp = HAVE_BF16DP && wdt == BF16 && (xdt == BF16 || M >= 2);
     float* buf = scratch(M * K + (wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0));
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, lnw, lnb, lndt, eps, buf);

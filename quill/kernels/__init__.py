@@ -121,10 +121,11 @@ def _load() -> ctypes.CDLL | None:
 
 
 def reload() -> None:
-    """Choose the variant again at next use (after changing QUILL_ISA or QUILL_KERNELS: tests, benchmarks)."""
-    global _tried
+    """Choose the variant again at next use (after changing QUILL_ISA or QUILL_KERNELS: tests, benchmarks). The
+    loaded library is dropped too: the entry points take `_lib` while it is set, without asking `_load`."""
+    global _tried, _lib
     with _lock:
-        _tried = False
+        _tried, _lib = False, None
 
 
 def variant() -> Variant | None:
