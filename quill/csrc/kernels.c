@@ -1231,8 +1231,9 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
 }
 
 /* Index of the largest value of each row of x [M, N] (row stride ldx): the first one on ties, as torch.argmax;
-   NaN counts as the largest. Single-threaded on purpose: a 50257-wide row takes ~20 us, less than waking
-   threads (torch's argmax runs it on OpenMP threads, which then spin and steal the core from the next step). */
+   NaN counts as the largest. Single-threaded on purpose: one vocabulary-wide row costs less than waking
+   threads (torch's argmax runs it on OpenMP threads, which then spin and steal the core from the next step;
+   docs/performance.md, "Everything around the kernels"). */
 void quill_argmax(const void* x, int dt, int64_t M, int64_t N, int64_t ldx, int64_t* out) {
     for (int64_t m = 0; m < M; m++) {
         const int64_t o = m * ldx;
