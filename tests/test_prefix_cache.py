@@ -110,6 +110,20 @@ def test_kernels_and_torch_decode_paths(model_dir, plain, monkeypatch):
             assert out.tokens == plain.generate(prompt, max_tokens=16, temperature=0, ignore_eos=True).tokens
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_cuda_hit_equals_uncached(model_dir, setting):
+    """On a GPU (blocks kept in device memory, copies under CUDA's turn, graphed decode steps): a hit gives the
+    uncached run's tokens, cached_tokens the earlier prompt's whole blocks."""
+    engine = quill.load(model_dir, device="cuda")
+    ref = quill.load(model_dir, device="cuda", prefix_cache=0)
+    engine.generate(SHARED[:48], max_tokens=0)
+    kw = dict(max_tokens=24, ignore_eos=True, **SETTINGS[setting])
+    out = engine.generate(SHARED, **kw)
+    assert out.usage.cached_tokens == 48
+    assert out.tokens == ref.generate(SHARED, **kw).tokens
+
+
 @pytest.mark.parametrize("dtype,kv", [("float32", "bfloat16"), ("bfloat16", None), ("float16", None),
                                       ("float32", "float16")])
 def test_half_caches(model_dir, dtype, kv):
