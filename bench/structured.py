@@ -9,11 +9,11 @@ Each round decodes the same prompt with and without the constraint, in ABBA orde
 constrained, plain; the next round BAAB), so that load from other processes and drift fall on both alike; EOS
 is ignored and each run is timed from the first generated token to the last. The schema is an array of
 objects with more items than fit in max_tokens, so the constrained rows run to max_tokens too. Batch 1 is
-greedy (unconstrained rows take the argmax fast path, constrained ones an argmax over the allowed ids); batch 8 is one
+greedy (unconstrained rows take the argmax fast path, constrained ones the masked pipeline); batch 8 is one
 request with n=8, seeded sampling. The overhead is the median over rounds of each round's ratio (a paired
 figure), with the rounds' interquartile range. Beside it, the constraint's own work per token and row (the
-mask, computed on a worker thread during the forward step, its application, advancing the matcher), in thread
-CPU time, which the load of other processes does not inflate. Goal (docs/structured.md): at most 5% of the step.
+mask, its application, advancing the matcher), in thread CPU time, which the load of other processes does not
+inflate. Goal (docs/structured.md): at most 5% of the step.
 """
 
 from __future__ import annotations
@@ -56,10 +56,9 @@ def decode_seconds_per_token(engine, n: int, tokens: int, **kw) -> float:
 @contextlib.contextmanager
 def constraint_clock():
     """Thread CPU seconds spent in GrammarState's per-token work inside the block, and the tokens advanced:
-    `_compute` (the matcher's bitmask, unpacked, on the worker thread during the forward step), `mask` or
-    `argmax` (applying it to the logits) and `advance`."""
+    `mask` (the matcher's bitmask, unpacked and applied to the logits) and `advance`."""
     spent = [0.0, 0]
-    names = ("_compute", "mask", "argmax", "advance")
+    names = ("mask", "advance")
     originals = {name: getattr(structured.GrammarState, name) for name in names}
 
     def timed(fn, count):

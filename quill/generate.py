@@ -173,9 +173,6 @@ class Sequence:
         # a greedy choice that only has ids to skip (ignore_eos, banned_tokens) is a plain argmax over the rest
         self.bans = self.pipeline.bans() if request.sampling.greedy and self.grammar is None else None
         self.greedy = self.bans is not None
-        # a greedy constrained choice: the processors before the mask, then an argmax over the allowed tokens
-        self.unmasked = (LogitsPipeline([p for p in self.pipeline.processors if p != self.grammar.mask])
-                         if request.sampling.greedy and self.grammar is not None else None)
         self.stop_ids = set(request.stop_token_ids) | (set() if request.sampling.ignore_eos else set(eos_ids))
         self.decoder = tokenizer.stream_decoder()
         self.matcher = StopStrings(request.stop, request.include_stop).matcher() if request.stop else None
@@ -240,8 +237,6 @@ class Sequence:
         """Process one row of logits [1, V] with this sequence's pipeline; returns the chosen token id."""
         if self.greedy:
             return argmax_rows(logits, [self.bans])[0]
-        if self.unmasked is not None:
-            return self.grammar.argmax(self.unmasked(logits, self.history, self.prompt_len))
         processed = self.pipeline(logits, self.history, self.prompt_len)
         if self.request.sampling.greedy:  # in C, without waking torch's OpenMP threads (a constrained row)
             return argmax_rows(processed)[0]

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import threading
 from collections import OrderedDict
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import llguidance
@@ -30,7 +29,6 @@ _CACHE_SIZE = 64
 _lock = threading.Lock()  # the caches are shared by the server's request threads and its decode thread
 _tokenizers: dict[tuple, tuple[Tokenizer, llguidance.LLTokenizer]] = {}
 _matchers: OrderedDict[tuple, llguidance.LLMatcher] = OrderedDict()
-_worker = ThreadPoolExecutor(1, thread_name_prefix="quill-grammar")  # masks computed during the forward step
 
 
 @dataclass(frozen=True)
@@ -188,53 +186,25 @@ def _begins(matcher: llguidance.LLMatcher, info: llguidance.LLTokenizer) -> bool
 
 
 class GrammarState:
-    """One sequence's place in its constraint: which tokens may come next, advanced token by token.
-
-    The next step's mask is computed on a worker thread as soon as a token is consumed, so that it overlaps the
-    model's forward step (llguidance releases the GIL); `allowed` waits for it. Only that worker touches the
-    matcher meanwhile: every other use waits for it first.
-    """
+    """One sequence's place in its constraint: which tokens may come next, advanced token by token."""
 
     def __init__(self, constraint: Constraint, tokenizer: Tokenizer, eos_ids: list[int] | tuple[int, ...] = ()):
         self.constraint = constraint
         self.matcher = compiled(constraint, tokenizer, eos_ids)
         self.n_tokens = tokenizer.vocab_size
-        # this step's mask and its allowed ids, until the next token is consumed; and the same being computed
-        self._allowed: tuple[numpy.ndarray, numpy.ndarray] | None = None
-        self._next: Future[tuple[numpy.ndarray, numpy.ndarray]] | None = None
-        self._out: numpy.ndarray | None = None  # the masked logits (CPU)
-        self._prefetch()
-
-    def _prefetch(self) -> None:
-        """Start computing the mask of the matcher's present state, unless the grammar is complete."""
-        self._allowed = None
-        self.done = self.matcher.is_stopped()  # the grammar is complete and allows nothing more: the sequence ends
-        self._next = None if self.done else _worker.submit(self._compute)
-
-    def _compute(self) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """The tokens the matcher allows next, unpacked from llguidance's bitmask: bool [n_tokens], and their ids."""
-        bits = numpy.frombuffer(self.matcher.compute_bitmask(), dtype=numpy.uint8)
-        allowed = numpy.unpackbits(bits, count=self.n_tokens, bitorder="little").view(bool)  # 0/1 bytes are bools
-        return allowed, numpy.flatnonzero(allowed)
-
-    def _settle(self) -> tuple[numpy.ndarray, numpy.ndarray] | None:
-        """Wait for the worker's mask, if one is under way, and keep it."""
-        if self._next is not None:
-            self._allowed, self._next = self._next.result(), None
-        return self._allowed
-
-    def _current(self) -> tuple[numpy.ndarray, numpy.ndarray]:
-        """This step's mask and allowed ids, computed now if the worker has not."""
-        if self._settle() is None:
-            self._allowed = self._compute()
-        return self._allowed
+        self._allowed: numpy.ndarray | None = None  # this step's mask, until the next token is consumed
+        self._out: numpy.ndarray | None = None  # the masked logits (CPU), a buffer kept between steps
 
     def allowed(self, vocab_size: int) -> numpy.ndarray:
         """Bool [vocab_size]: the tokens the grammar allows next (EOS only where the grammar may end)."""
-        allowed = self._current()[0]
-        if len(allowed) != vocab_size:  # ids past the tokenizer's (a padded head) are never allowed
-            allowed = numpy.concatenate([allowed[:vocab_size], numpy.zeros(max(vocab_size - len(allowed), 0), bool)])
-        return allowed
+        if self._allowed is None:
+            bits = numpy.frombuffer(self.matcher.compute_bitmask(), dtype=numpy.uint8)
+            n = min(self.n_tokens, vocab_size)  # ids past the tokenizer's (a padded head) are never allowed
+            allowed = numpy.unpackbits(bits, count=n, bitorder="little").view(bool)  # 0/1 bytes are bools
+            if n < vocab_size:
+                allowed = numpy.concatenate([allowed, numpy.zeros(vocab_size - n, dtype=bool)])
+            self._allowed = allowed
+        return self._allowed
 
     def mask(self, logits: Tensor, history: Tensor | None = None, prompt_len: int = 0) -> Tensor:
         """Logits [1, V] with every token the grammar forbids at -inf (a `quill.sampling` logits processor); on a
@@ -242,8 +212,8 @@ class GrammarState:
         allowed = self.allowed(logits.shape[-1])
         if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
             return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))
-        # numpy on the calling thread (torch.where over a CPU row wakes its OpenMP threads and costs several times
-        # more), into a buffer kept between steps (a new one costs more than the masking: docs/structured.md)
+        # numpy on the calling thread: torch.where over a CPU row wakes torch's OpenMP threads, and a new output
+        # row each step costs more than the masking (docs/structured.md)
         src = logits.numpy()
         if self._out is None or self._out.shape != src.shape or self._out.dtype != src.dtype:
             self._out = numpy.empty_like(src)
@@ -251,31 +221,22 @@ class GrammarState:
         numpy.copyto(self._out, src, where=allowed)
         return torch.from_numpy(self._out)
 
-    def argmax(self, logits: Tensor) -> int:
-        """The allowed token of highest logit in a row [1, V], as `torch.argmax` of `mask`'s logits: a greedy
-        choice that reads only the allowed ids' logits (the mask's argmax when all of them are -inf)."""
-        ids = self._current()[1]
-        ids = ids[ids < logits.shape[-1]]
-        if len(ids):
-            values = logits[0].index_select(0, torch.from_numpy(ids).to(logits.device))
-            best = int(values.argmax())
-            if values[best] > float("-inf"):
-                return int(ids[best])
-        return int(self.mask(logits).argmax())
-
     def advance(self, token: int) -> None:
         """Consume the chosen token; one the grammar forbids (every allowed token banned by other settings) fails."""
-        self._settle()
+        self._allowed = None
         if not self.matcher.consume_token(token):
             raise InvalidParameter(f"token {token} does not continue the {self.constraint.kind}: the settings "
                                    "beside it (banned_tokens, logit_bias, ...) left no allowed token",
                                    self.constraint.param)
-        self._prefetch()
 
     def replay(self, tokens: list[int]) -> None:
         """Advance over tokens generated before (a continuation, also after a restart)."""
-        self._settle()
+        self._allowed = None
         if not self.matcher.consume_tokens(tokens):
             raise InvalidParameter(f"the generated tokens do not follow the {self.constraint.kind}",
                                    self.constraint.param)
-        self._prefetch()
+
+    @property
+    def done(self) -> bool:
+        """The grammar is complete and allows nothing more: the sequence ends here."""
+        return self.matcher.is_stopped()
