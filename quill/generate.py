@@ -238,7 +238,9 @@ class Sequence:
         if self.greedy:
             return argmax_rows(logits, [self.bans])[0]
         processed = self.pipeline(logits, self.history, self.prompt_len)
-        return int(sample(processed, self.request.sampling.greedy, self.generator))
+        if self.request.sampling.greedy:  # in C, without waking torch's OpenMP threads (a constrained row)
+            return argmax_rows(processed)[0]
+        return int(sample(processed, False, self.generator))
 
     def logprob_logits(self, logits: Tensor) -> Tensor:
         """The logits that logprobs are reported from: the model's, masked by the constraint when there is one

@@ -192,9 +192,10 @@ class GrammarState:
         self.constraint = constraint
         self.matcher = compiled(constraint, tokenizer, eos_ids)
         self.n_tokens = tokenizer.vocab_size
-        self._allowed: Tensor | None = None  # this step's mask, until the next token is consumed
+        self._allowed: numpy.ndarray | None = None  # this step's mask, until the next token is consumed
+        self._out: numpy.ndarray | None = None  # the masked logits (CPU), a buffer kept between steps
 
-    def allowed(self, vocab_size: int) -> Tensor:
+    def allowed(self, vocab_size: int) -> numpy.ndarray:
         """Bool [vocab_size]: the tokens the grammar allows next (EOS only where the grammar may end)."""
         if self._allowed is None:
             bits = numpy.frombuffer(self.matcher.compute_bitmask(), dtype=numpy.uint8)
@@ -202,13 +203,23 @@ class GrammarState:
             allowed = numpy.unpackbits(bits, count=n, bitorder="little").view(bool)  # 0/1 bytes are bools
             if n < vocab_size:
                 allowed = numpy.concatenate([allowed, numpy.zeros(vocab_size - n, dtype=bool)])
-            self._allowed = torch.from_numpy(allowed)
+            self._allowed = allowed
         return self._allowed
 
     def mask(self, logits: Tensor, history: Tensor | None = None, prompt_len: int = 0) -> Tensor:
-        """Logits [1, V] with every token the grammar forbids at -inf (a `quill.sampling` logits processor)."""
-        allowed = self.allowed(logits.shape[-1]).to(logits.device, non_blocking=True)
-        return torch.where(allowed, logits, float("-inf"))  # one pass: no inverted copy of the mask
+        """Logits [1, V] with every token the grammar forbids at -inf (a `quill.sampling` logits processor); on a
+        CPU the result is overwritten by the next call."""
+        allowed = self.allowed(logits.shape[-1])
+        if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
+            return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))
+        # numpy on the calling thread: torch.where over a CPU row wakes torch's OpenMP threads, and a new output
+        # row each step costs more than the masking (docs/structured.md)
+        src = logits.numpy()
+        if self._out is None or self._out.shape != src.shape or self._out.dtype != src.dtype:
+            self._out = numpy.empty_like(src)
+        self._out.fill(-numpy.inf)
+        numpy.copyto(self._out, src, where=allowed)
+        return torch.from_numpy(self._out)
 
     def advance(self, token: int) -> None:
         """Consume the chosen token; one the grammar forbids (every allowed token banned by other settings) fails."""
