@@ -26,7 +26,7 @@ from quill.model import GPT, GPTConfig, KVCache
 from quill.prefix_cache import PrefixCache, PrefixHit
 from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
 from quill.stopping import StopStrings
-from quill.structured import Constraint, GrammarState
+from quill.structured import Constraint, GrammarState, fill_bitmasks
 from quill.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # top alternatives per token, as the OpenAI API allows
@@ -168,11 +168,15 @@ class Sequence:
         self._history[0, : self.prompt_len] = request.prompt_ids
         self.generator = generator
         self.grammar = GrammarState(request.constraint, tokenizer, eos_ids) if request.constraint is not None else None
+        mask = self.grammar.mask if self.grammar is not None else None
         self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids, stop_token_ids=request.stop_token_ids,
-                                                   mask=self.grammar.mask if self.grammar is not None else None)
+                                                   mask=mask)
         # a greedy choice that only has ids to skip (ignore_eos, banned_tokens) is a plain argmax over the rest
-        self.bans = self.pipeline.bans() if request.sampling.greedy and self.grammar is None else None
-        self.greedy = self.bans is not None
+        # (of what the grammar allows, for a constrained row)
+        if mask is not None:  # the processors around a constraint's mask, for sampling among the allowed ids
+            self._before_mask, self._after_mask = self.pipeline.split(mask)
+        self.bans = (self._before_mask if mask is not None else self.pipeline).bans() if request.sampling.greedy else None
+        self.greedy = self.bans is not None and self.grammar is None  # chosen with the batch's other rows
         self.stop_ids = set(request.stop_token_ids) | (set() if request.sampling.ignore_eos else set(eos_ids))
         self.decoder = tokenizer.stream_decoder()
         self.matcher = StopStrings(request.stop, request.include_stop).matcher() if request.stop else None
@@ -235,12 +239,33 @@ class Sequence:
 
     def choose(self, logits: Tensor) -> int:
         """Process one row of logits [1, V] with this sequence's pipeline; returns the chosen token id."""
-        if self.greedy:
+        if self.grammar is not None:
+            return self._choose_constrained(logits)
+        if self.bans is not None:  # greedy, nothing but ids to skip: an argmax in C, without waking OpenMP
             return argmax_rows(logits, [self.bans])[0]
         processed = self.pipeline(logits, self.history, self.prompt_len)
-        if self.request.sampling.greedy:  # in C, without waking torch's OpenMP threads (a constrained row)
+        if self.request.sampling.greedy:  # in C, as above
             return argmax_rows(processed)[0]
         return int(sample(processed, False, self.generator))
+
+    def _choose_constrained(self, logits: Tensor) -> int:
+        """`choose` for a row with a constraint. Most grammar states allow a handful of tokens: the choice is made
+        among those (the same argmax, the same distribution as over the masked vocabulary), at a fraction of the
+        cost of the whole vocabulary's."""
+        if self.request.sampling.greedy:
+            # bans alone are skipped in the argmax instead of written into the vocabulary's logits
+            processed = logits if self.bans is not None else self._before_mask(logits, self.history, self.prompt_len)
+            best = self.grammar.argmax(processed, self.bans or ())
+            if best is not None:
+                return best
+            return argmax_rows(self.grammar.mask(processed), [self.bans] if self.bans else None)[0]
+        processed = self._before_mask(logits, self.history, self.prompt_len)
+        ids = self.grammar.allowed_ids(processed.shape[-1])
+        if ids is not None:
+            among = self._after_mask(processed[:, ids], self.history, self.prompt_len)
+            return int(ids[sample(among, False, self.generator)])
+        return int(sample(self._after_mask(self.grammar.mask(processed), self.history, self.prompt_len), False,
+                          self.generator))
 
     def logprob_logits(self, logits: Tensor) -> Tensor:
         """The logits that logprobs are reported from: the model's, masked by the constraint when there is one
@@ -435,6 +460,7 @@ class DecodeBatch:
         else:
             start: int | Tensor = lengths[0] if n == 1 else torch.tensor(lengths, device=device)
             raw = self.model(last, start, self.cache.rows(slice(0, n)))[:, -1]  # [n, V]
+        fill_bitmasks([s.grammar for s in self.rows if s.grammar is not None])
         # greedy rows are chosen together, in C: one argmax over [n, V] and one transfer, not one per row
         greedy = argmax_rows(raw, [s.bans or [] for s in self.rows]) if any(s.greedy for s in self.rows) else None
         # Sampling and logprobs are torch ops; they run on one CPU thread: they are small, and waking torch's

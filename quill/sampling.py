@@ -376,6 +376,11 @@ class LogitsPipeline:
             return None
         return sorted({i for p in self.processors for i in p.token_ids.tolist()})
 
+    def split(self, at: LogitsProcessor) -> tuple[LogitsPipeline, LogitsPipeline]:
+        """The processors before `at` and those after it (a constraint's mask: see `from_params`)."""
+        i = self.processors.index(at)
+        return LogitsPipeline(self.processors[:i]), LogitsPipeline(self.processors[i + 1:])
+
     def __call__(self, logits: Tensor, history: Tensor, prompt_len: int) -> Tensor:
         for process in self.processors:
             logits = process(logits, history, prompt_len)

@@ -18,6 +18,7 @@ import numpy
 import torch
 from torch import Tensor
 
+from quill import kernels
 from quill.errors import InvalidParameter
 from quill.tokenizer import Tokenizer
 
@@ -29,6 +30,7 @@ _CACHE_SIZE = 64
 _lock = threading.Lock()  # the caches are shared by the server's request threads and its decode thread
 _tokenizers: dict[tuple, tuple[Tokenizer, llguidance.LLTokenizer]] = {}
 _matchers: OrderedDict[tuple, llguidance.LLMatcher] = OrderedDict()
+_executor: llguidance.LLExecutor | None = None  # for a batch's bitmasks (fill_bitmasks), made on first use
 
 
 @dataclass(frozen=True)
@@ -190,40 +192,52 @@ class GrammarState:
 
     def __init__(self, constraint: Constraint, tokenizer: Tokenizer, eos_ids: list[int] | tuple[int, ...] = ()):
         self.constraint = constraint
+        info = token_info(tokenizer, eos_ids)
         self.matcher = compiled(constraint, tokenizer, eos_ids)
         self.n_tokens = tokenizer.vocab_size
-        self._allowed: numpy.ndarray | None = None  # this step's mask, until the next token is consumed
-        self._out: numpy.ndarray | None = None  # the masked logits (CPU), a buffer kept between steps
+        # this step's bitmask (llguidance's: bit i of 32-bit word i // 32), valid until the next token
+        self._bits = numpy.empty((info.vocab_size + 31) // 32, dtype=numpy.int32)
+        self._filled = False
+        self._out: Tensor | None = None  # the masked logits (CPU), a buffer kept between steps
 
-    def allowed(self, vocab_size: int) -> numpy.ndarray:
-        """Bool [vocab_size]: the tokens the grammar allows next (EOS only where the grammar may end)."""
-        if self._allowed is None:
-            bits = numpy.frombuffer(self.matcher.compute_bitmask(), dtype=numpy.uint8)
-            n = min(self.n_tokens, vocab_size)  # ids past the tokenizer's (a padded head) are never allowed
-            allowed = numpy.unpackbits(bits, count=n, bitorder="little").view(bool)  # 0/1 bytes are bools
-            if n < vocab_size:
-                allowed = numpy.concatenate([allowed, numpy.zeros(vocab_size - n, dtype=bool)])
-            self._allowed = allowed
-        return self._allowed
+    def bitmask(self) -> numpy.ndarray:
+        """Int32 words: bit i set where the grammar allows token i next (EOS only where it may end)."""
+        if not self._filled:
+            self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
+            self._filled = True
+        return self._bits
 
     def mask(self, logits: Tensor, history: Tensor | None = None, prompt_len: int = 0) -> Tensor:
         """Logits [1, V] with every token the grammar forbids at -inf (a `quill.sampling` logits processor); on a
         CPU the result is overwritten by the next call."""
-        allowed = self.allowed(logits.shape[-1])
-        if logits.device.type != "cpu" or logits.dtype not in (torch.float32, torch.float64):
-            return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))
-        # numpy on the calling thread: torch.where over a CPU row wakes torch's OpenMP threads, and a new output
-        # row each step costs more than the masking (docs/structured.md)
-        src = logits.numpy()
-        if self._out is None or self._out.shape != src.shape or self._out.dtype != src.dtype:
-            self._out = numpy.empty_like(src)
-        self._out.fill(-numpy.inf)
-        numpy.copyto(self._out, src, where=allowed)
-        return torch.from_numpy(self._out)
+        bits = torch.from_numpy(self.bitmask())
+        n = min(self.n_tokens, logits.shape[-1])  # ids past the tokenizer's (a padded head) are never allowed
+        if logits.device.type == "cpu" and logits.dtype == torch.float32:
+            # in C on the calling thread, into a buffer kept between steps: torch.where over a CPU row wakes
+            # torch's OpenMP threads, and a new output row each step costs more than the masking itself
+            if self._out is None or self._out.shape != logits.shape:
+                self._out = torch.empty_like(logits)
+            out = kernels.mask_bits(logits, bits, n, self._out)
+            if out is not None:
+                return out
+        allowed = numpy.zeros(logits.shape[-1], dtype=bool)
+        allowed[:n] = numpy.unpackbits(bits.numpy().view(numpy.uint8), count=n, bitorder="little")
+        return torch.where(torch.from_numpy(allowed).to(logits.device), logits, float("-inf"))
+
+    def argmax(self, logits: Tensor, banned: list[int] | tuple[int, ...] = ()) -> int | None:
+        """The allowed id with the largest logit in `logits` [1, V], skipping `banned` (the argmax of the masked
+        row, found without writing it); None when no id is allowed, or where the kernels cannot serve."""
+        return kernels.argmax_bits(logits, torch.from_numpy(self.bitmask()), min(self.n_tokens, logits.shape[-1]),
+                                   banned)
+
+    def allowed_ids(self, vocab_size: int, most: int = 2048) -> Tensor | None:
+        """The ids (int64, ascending, below `vocab_size`) the grammar allows next, when there are at most `most`;
+        else None (also where the kernels cannot serve): the caller masks the whole vocabulary instead."""
+        return kernels.bits_ids(torch.from_numpy(self.bitmask()), min(self.n_tokens, vocab_size), most)
 
     def advance(self, token: int) -> None:
         """Consume the chosen token; one the grammar forbids (every allowed token banned by other settings) fails."""
-        self._allowed = None
+        self._filled = False
         if not self.matcher.consume_token(token):
             raise InvalidParameter(f"token {token} does not continue the {self.constraint.kind}: the settings "
                                    "beside it (banned_tokens, logit_bias, ...) left no allowed token",
@@ -231,7 +245,7 @@ class GrammarState:
 
     def replay(self, tokens: list[int]) -> None:
         """Advance over tokens generated before (a continuation, also after a restart)."""
-        self._allowed = None
+        self._filled = False
         if not self.matcher.consume_tokens(tokens):
             raise InvalidParameter(f"the generated tokens do not follow the {self.constraint.kind}",
                                    self.constraint.param)
@@ -240,3 +254,22 @@ class GrammarState:
     def done(self) -> bool:
         """The grammar is complete and allows nothing more: the sequence ends here."""
         return self.matcher.is_stopped()
+
+
+def fill_bitmasks(states: list[GrammarState]) -> None:
+    """Compute the next bitmask of each of a batch's constrained rows in one llguidance call: after a forward
+    pass its data is out of the caches, and one call over the rows reads it once for all of them (and costs one
+    crossing into it, not one per row)."""
+    global _executor
+    todo = [s for s in states if not s._filled]
+    if len(todo) < 2 or len({s._bits.size for s in todo}) > 1:
+        return  # one row (or rows of different vocabularies) fills on demand
+    if _executor is None:
+        with _lock:
+            if _executor is None:
+                _executor = llguidance.LLExecutor(1)  # more threads gain nothing: the fill waits on memory
+    block = numpy.empty((len(todo), todo[0]._bits.size), dtype=numpy.int32)
+    _executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(todo)], block.ctypes.data,
+                                      block.shape[1] * block.itemsize, len(todo))
+    for s, row in zip(todo, block):
+        s._bits, s._filled = row, True

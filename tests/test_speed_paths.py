@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
 import torch.nn.functional as F
@@ -302,6 +303,46 @@ def test_argmax_with_bans_equals_index_fill_then_argmax(dtype):
     too_many = [list(range(kernels.MAX_BANS + 1))] * 4  # beyond what the kernel takes: torch does it
     assert kernels.argmax_rows(logits, too_many) == [
         int(row.index_fill(0, torch.tensor(too_many[0]), float("-inf")).argmax()) for row in logits]
+
+
+@needs_kernels
+@pytest.mark.parametrize("nbits", [1000, 997, 1003, 960])  # the row's length, a partial last byte, past the row
+def test_mask_bits_equals_unpacked_where(kernel_isa, nbits):
+    rng = numpy.random.default_rng(nbits)
+    logits = torch.randn(1, 1000)
+    words = rng.integers(-2**31, 2**31, size=(nbits + 31) // 32, dtype=numpy.int64).astype(numpy.int32)
+    words[1], words[2], words[3] = 0, -1, -2**31  # whole clear, whole set and one-bit words
+    allowed = numpy.zeros(1000, dtype=bool)
+    n = min(nbits, 1000)
+    allowed[:n] = numpy.unpackbits(words.view(numpy.uint8), bitorder="little")[:n]
+    want = torch.where(torch.from_numpy(allowed), logits, float("-inf"))
+    out = torch.empty_like(logits)
+    assert kernels.mask_bits(logits, torch.from_numpy(words), nbits, out) is out
+    assert torch.equal(out, want)
+
+
+@needs_kernels
+@pytest.mark.parametrize("density", [0.001, 0.3, 0.99])
+def test_argmax_and_ids_of_bits_equal_the_masked_row(kernel_isa, density):
+    rng = numpy.random.default_rng(int(density * 1000))
+    logits = torch.randn(1, 1003)
+    allowed = rng.random(1000) < density  # ids 1000..1002 are past the mask: never allowed
+    allowed[[5, 700]] = True
+    bits = torch.from_numpy(numpy.packbits(allowed, bitorder="little"))
+    ids = numpy.flatnonzero(allowed)
+    masked = torch.full_like(logits, float("-inf"))
+    masked[0, ids] = logits[0, ids]
+    assert torch.equal(kernels.bits_ids(bits, 1000, 1000), torch.from_numpy(ids))
+    assert kernels.bits_ids(bits, 1000, len(ids) - 1) is None  # more than asked for
+    assert kernels.argmax_bits(logits, bits, 1000) == int(masked.argmax())
+    top = int(masked.argmax())
+    banned = [top, 3, 999]
+    assert kernels.argmax_bits(logits, bits, 1000, banned) == int(masked.index_fill(1, torch.tensor(banned), float("-inf")).argmax())
+    logits[0, 700] = float("nan")  # an allowed NaN wins, as in torch.argmax; a banned one does not
+    masked[0, 700] = float("nan")
+    assert kernels.argmax_bits(logits, bits, 1000) == int(masked.argmax()) == 700
+    assert kernels.argmax_bits(logits, bits, 1000, [700]) == int(masked.index_fill(1, torch.tensor([700]), float("-inf")).argmax())
+    assert kernels.argmax_bits(logits, bits, 1000, ids.tolist()) is None  # every allowed id banned
 
 
 @needs_kernels

@@ -19,6 +19,7 @@ import quill
 from quill.continuation import ContinuationStore, state_from_json, state_to_json
 from quill.errors import InvalidParameter
 from quill.generate import DecodeBatch, new_sequences, run
+from quill import kernels, structured
 from quill.structured import Constraint, constraint_from
 
 from conftest import make_tiny_model
@@ -67,6 +68,23 @@ def test_json_schema_outputs_validate(engine, sampler):
     for choice in out.choices:
         assert choice.finish_reason == "stop", choice.text
         jsonschema.validate(json.loads(choice.text), SCHEMA)
+
+
+@pytest.mark.parametrize("sampler", [s for s in SAMPLERS if s != "greedy"])
+def test_sampling_among_allowed_ids_equals_the_masked_vocabulary(engine, sampler, monkeypatch):
+    """A sampled row draws among the grammar's allowed ids where they are few; drawing over the whole masked
+    vocabulary (the path taken where they are many) gives the same tokens."""
+    if not kernels.available():
+        pytest.skip("the allowed ids are listed by the C kernels, which this CPU cannot run")
+    kw = dict(prompt="Describe a pet:", max_tokens=120, n=3, json_schema=SCHEMA, seed=11, **SAMPLERS[sampler])
+    listed = structured.GrammarState.allowed_ids
+    few = []
+    monkeypatch.setattr(structured.GrammarState, "allowed_ids",
+                        lambda self, *a: few.append(listed(self, *a)) or few[-1])
+    among = [c.text for c in engine.generate(**kw).choices]
+    assert sum(ids is not None for ids in few) > len(few) / 2  # most steps drew among a few ids
+    monkeypatch.setattr(structured.GrammarState, "allowed_ids", lambda self, *a: None)
+    assert [c.text for c in engine.generate(**kw).choices] == among
 
 
 def test_json_object_outputs_parse(engine):

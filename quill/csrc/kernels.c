@@ -1281,3 +1281,75 @@ void quill_argmax_banned(void* x, int dt, int64_t M, int64_t N, int64_t ldx, int
     }
 }
 
+/* dst[i] = src[i] where bit i of `bits` is set (nbits ids, bit i of byte i / 8: a grammar engine's token
+   bitmask), else -inf; ids at or past nbits are -inf. For a constrained row's logits [N]: a grammar state
+   mostly allows a few tokens, so whole clear (and whole set) 32-id words take the store-only path. */
+void quill_mask_bits(const float* src, const uint8_t* bits, int64_t nbits, float* dst, int64_t N) {
+    const __m256 ninf = _mm256_set1_ps(-INFINITY);
+    const __m256i sel = _mm256_setr_epi32(1, 2, 4, 8, 16, 32, 64, 128);
+    const int64_t n = nbits < N ? nbits : N;
+    int64_t i = 0;
+    for (; i + 32 <= n; i += 32) {
+        uint32_t w;
+        memcpy(&w, bits + i / 8, 4);
+        for (int j = 0; j < 4; j++) {
+            const uint32_t b = (w >> (8 * j)) & 0xff;
+            __m256 v;
+            if (b == 0) v = ninf;
+            else if (b == 0xff) v = _mm256_loadu_ps(src + i + 8 * j);
+            else {  /* lane k keeps src where bit k of b is set */
+                const __m256i keep = _mm256_cmpeq_epi32(_mm256_and_si256(_mm256_set1_epi32((int)b), sel), sel);
+                v = _mm256_blendv_ps(ninf, _mm256_loadu_ps(src + i + 8 * j), _mm256_castsi256_ps(keep));
+            }
+            _mm256_storeu_ps(dst + i + 8 * j, v);
+        }
+    }
+    for (; i < n; i++) dst[i] = (bits[i / 8] >> (i % 8)) & 1 ? src[i] : -INFINITY;
+    for (; i < N; i++) dst[i] = -INFINITY;
+}
+
+/* quill_argmax over the ids whose bit is set in `bits` (below nbits; bit i of byte i / 8) and not in
+   ban[0:nban] (short): the first largest, NaN the largest, as an argmax over the masked row; -1 when no id is
+   allowed. 8-id groups with no bit set are skipped, whole groups compared 8 at a time. */
+int64_t quill_argmax_bits(const float* x, const uint8_t* bits, int64_t nbits, const int64_t* ban, int64_t nban) {
+    int64_t best = -1;
+    float bv = -INFINITY;
+    for (int64_t g = 0; g * 8 < nbits; g++) {
+        unsigned b = bits[g];
+        if (nbits - g * 8 < 8) b &= (1u << (nbits - g * 8)) - 1;
+        if (!b) continue;
+        if (b == 0xff && best >= 0) {  /* nothing larger (or NaN) among the 8: skip them */
+            const __m256 v = _mm256_loadu_ps(x + g * 8);
+            const __m256 gt = _mm256_or_ps(_mm256_cmp_ps(v, _mm256_set1_ps(bv), _CMP_GT_OQ), _mm256_cmp_ps(v, v, _CMP_UNORD_Q));
+            if (!_mm256_movemask_ps(gt)) continue;
+        }
+        for (; b; b &= b - 1) {
+            const int64_t i = g * 8 + __builtin_ctz(b);
+            const float r = x[i];
+            if (best >= 0 && !(r > bv) && r == r) continue;
+            int banned = 0;
+            for (int64_t j = 0; j < nban; j++) banned |= ban[j] == i;
+            if (banned) continue;
+            if (r != r) return i;
+            best = i;
+            bv = r;
+        }
+    }
+    return best;
+}
+
+/* The ids whose bit is set in `bits` (below nbits), ascending, into ids[0:cap]; returns how many are set, which
+   may be more than cap (then ids holds the first cap). A grammar state mostly allows a handful of tokens. */
+int64_t quill_bits_ids(const uint8_t* bits, int64_t nbits, int64_t* ids, int64_t cap) {
+    int64_t count = 0;
+    for (int64_t w = 0; w * 64 < nbits; w++) {
+        uint64_t word = 0;
+        const int64_t nbytes = (nbits - w * 64 + 7) / 8;
+        memcpy(&word, bits + w * 8, nbytes < 8 ? nbytes : 8);
+        if (nbits - w * 64 < 64) word &= (UINT64_C(1) << (nbits - w * 64)) - 1;
+        for (; word; word &= word - 1, count++)
+            if (count < cap) ids[count] = w * 64 + __builtin_ctzll(word);
+    }
+    return count;
+}
+

@@ -84,6 +84,12 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_argmax.restype = None
     lib.quill_argmax_banned.argtypes = [P, C, I, I, I, P, P, P]
     lib.quill_argmax_banned.restype = None
+    lib.quill_mask_bits.argtypes = [P, P, I, P, I]
+    lib.quill_mask_bits.restype = None
+    lib.quill_bits_ids.argtypes = [P, I, P, I]
+    lib.quill_bits_ids.restype = I
+    lib.quill_argmax_bits.argtypes = [P, P, I, P, I]
+    lib.quill_argmax_bits.restype = I
     lib.quill_step_profile.argtypes = [P]
     lib.quill_step_profile.restype = None
     lib.quill_isa.argtypes = []
@@ -455,5 +461,41 @@ def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[i
     return list(out)
 
 
-__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+def mask_bits(logits: Tensor, bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
+    """`out` = `logits` (one contiguous fp32 CPU row) with every id whose bit in `bits` is clear, or at or past
+    `nbits`, at -inf: a grammar's token bitmask (bit i of byte i // 8) applied in one pass on the calling thread.
+    None where the kernels cannot serve; the caller masks with torch."""
+    lib = _lib if _lib is not None else _load()
+    if (lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous()
+            or out.shape != logits.shape or out.dtype != torch.float32 or not out.is_contiguous()
+            or not bits.is_contiguous() or bits.device.type != "cpu" or bits.numel() * bits.element_size() * 8 < nbits):
+        return None
+    lib.quill_mask_bits(logits.data_ptr(), bits.data_ptr(), nbits, out.data_ptr(), logits.numel())
+    return out
+
+def argmax_bits(logits: Tensor, bits: Tensor, nbits: int, banned: Collection[int] = ()) -> int | None:
+    """argmax_rows over one fp32 CPU row with every id whose bit in `bits` is clear (or at or past `nbits`),
+    and every id in `banned`, left out, without writing the masked row; None when no id is left, or where the
+    kernels cannot serve."""
+    lib = _lib if _lib is not None else _load()
+    if (lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous()
+            or logits.numel() < nbits or not bits.is_contiguous() or bits.device.type != "cpu"
+            or bits.numel() * bits.element_size() * 8 < nbits):
+        return None
+    ban = (ctypes.c_int64 * len(banned))(*banned)
+    best = lib.quill_argmax_bits(logits.data_ptr(), bits.data_ptr(), nbits, ban, len(banned))
+    return best if best >= 0 else None
+
+def bits_ids(bits: Tensor, nbits: int, cap: int) -> Tensor | None:
+    """The ids (int64, ascending) whose bit is set in `bits` (bit i of byte i // 8, ids below `nbits`), when
+    there are at most `cap` of them; None when there are more, or where the kernels cannot serve."""
+    lib = _lib if _lib is not None else _load()
+    if (lib is None or bits.device.type != "cpu" or not bits.is_contiguous()
+            or bits.numel() * bits.element_size() * 8 < nbits):
+        return None
+    ids = torch.empty(cap, dtype=torch.int64)
+    count = lib.quill_bits_ids(bits.data_ptr(), nbits, ids.data_ptr(), cap)
+    return ids[:count] if count <= cap else None
+
+__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
