@@ -24,7 +24,7 @@ from quill.graphs import GraphedStep, graphs_apply, takes_cuda_turn
 from quill.kernels import argmax_rows, single_threaded
 from quill.model import GPT, GPTConfig, KVCache
 from quill.prefix_cache import PrefixCache, PrefixHit
-from quill.sampling import LogitsPipeline, SamplingParams, sample, top_logprobs
+from quill.sampling import NEG_INF, LogitsPipeline, SamplingParams, sample, top_logprobs
 from quill.stopping import StopStrings
 from quill.structured import Constraint, GrammarState, fill_bitmasks
 from quill.tokenizer import Tokenizer
@@ -263,7 +263,8 @@ class Sequence:
         ids = self.grammar.allowed_ids(processed.shape[-1])
         if ids is not None:
             among = self._after_mask(processed[:, ids], self.history, self.prompt_len)
-            return int(ids[sample(among, False, self.generator)])
+            if bool(among.amax() > NEG_INF):  # else all are suppressed: as over the masked vocabulary, which fails
+                return int(ids[sample(among, False, self.generator)])
         return int(sample(self._after_mask(self.grammar.mask(processed), self.history, self.prompt_len), False,
                           self.generator))
 

@@ -402,14 +402,16 @@ def sample(logits: Tensor, greedy: bool, generators: Generators = None) -> Tenso
     # fraction of torch.multinomial or an exponential race (Tensor.exponential_ is slow), and one uniform per
     # row keeps each row's random stream its own. The CDF is float64 so tiny probabilities keep their mass;
     # zero-probability (filtered) tokens have empty intervals and are never picked.
-    probs = logits.softmax(dim=-1)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     rows = logits.shape[0]
     options = {"dtype": torch.float64, "device": logits.device}
     if isinstance(generators, list):
         uniform = torch.cat([torch.rand(1, generator=g, **options) for g in generators])
     else:
         uniform = torch.rand(rows, generator=generators, **options)
+    if logits.shape[-1] == 1:  # one candidate (a grammar's forced token): drawn all the same, for the stream
+        return torch.zeros(rows, dtype=torch.long, device=logits.device)
+    probs = logits.softmax(dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64)
     # 1 - u lies in (0, 1], so the target is never 0 and never beyond the total mass.
     total = cdf[:, -1:]
     target = (1 - uniform).unsqueeze(-1) * total

@@ -188,24 +188,57 @@ def _begins(matcher: llguidance.LLMatcher, info: llguidance.LLTokenizer) -> bool
 
 
 class GrammarState:
-    """One sequence's place in its constraint: which tokens may come next, advanced token by token."""
+    """One sequence's place in its constraint: which tokens may come next, advanced token by token.
+
+    Where a state allows a single token, the matcher runs ahead: it consumes that token at once and computes
+    the next bitmask while its data is still in the caches (after a forward pass, which evicts it, a bitmask
+    costs several times more), and so on while the tokens are forced. The sequence still takes them one step at
+    a time; `advance` then only checks them.
+    """
+
+    RUN_AHEAD = 32  # forced tokens the matcher may be ahead of the sequence
 
     def __init__(self, constraint: Constraint, tokenizer: Tokenizer, eos_ids: list[int] | tuple[int, ...] = ()):
         self.constraint = constraint
         info = token_info(tokenizer, eos_ids)
         self.matcher = compiled(constraint, tokenizer, eos_ids)
         self.n_tokens = tokenizer.vocab_size
-        # this step's bitmask (llguidance's: bit i of 32-bit word i // 32), valid until the next token
-        self._bits = numpy.empty((info.vocab_size + 31) // 32, dtype=numpy.int32)
-        self._filled = False
+        self._words = (info.vocab_size + 31) // 32
+        self._eos = frozenset(info.eos_tokens)
+        # The bitmasks computed ahead (llguidance's: bit i of 32-bit word i // 32), [0] that of the sequence's next
+        # token; _forced[i] is the one token _masks[i] allows, already consumed by the matcher, and _stopped_after[i]
+        # whether the grammar is complete after it. len(_masks) is len(_forced) or one more.
+        self._masks: list[numpy.ndarray] = []
+        self._forced: list[int] = []
+        self._stopped_after: list[bool] = []
+        self._stopped = self.matcher.is_stopped()
         self._out: Tensor | None = None  # the masked logits (CPU), a buffer kept between steps
+        self._ids: Tensor | None = None  # allowed_ids' buffer
 
     def bitmask(self) -> numpy.ndarray:
         """Int32 words: bit i set where the grammar allows token i next (EOS only where it may end)."""
-        if not self._filled:
-            self.matcher.unsafe_compute_mask_ptr(self._bits.ctypes.data, self._bits.nbytes)
-            self._filled = True
-        return self._bits
+        if not self._masks:
+            bits = numpy.empty(self._words, dtype=numpy.int32)
+            self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+            self._take(bits)
+        return self._masks[0]
+
+    def _take(self, bits: numpy.ndarray) -> None:
+        """Keep the bitmask of the matcher's state, and run ahead while it allows a single token (not an EOS)."""
+        self._masks.append(bits)
+        while len(self._forced) < self.RUN_AHEAD:
+            token = kernels.only_bit(torch.from_numpy(self._masks[-1]), self.n_tokens)
+            if token is None or token in self._eos:
+                return
+            if not self.matcher.consume_token(token):
+                return  # llguidance allowed what it then refused: left to `advance` to report
+            self._forced.append(token)
+            self._stopped_after.append(self.matcher.is_stopped())
+            if self._stopped_after[-1]:
+                return
+            bits = numpy.empty(self._words, dtype=numpy.int32)
+            self.matcher.unsafe_compute_mask_ptr(bits.ctypes.data, bits.nbytes)
+            self._masks.append(bits)
 
     def mask(self, logits: Tensor, history: Tensor | None = None, prompt_len: int = 0) -> Tensor:
         """Logits [1, V] with every token the grammar forbids at -inf (a `quill.sampling` logits processor); on a
@@ -226,34 +259,52 @@ class GrammarState:
 
     def argmax(self, logits: Tensor, banned: list[int] | tuple[int, ...] = ()) -> int | None:
         """The allowed id with the largest logit in `logits` [1, V], skipping `banned` (the argmax of the masked
-        row, found without writing it); None when no id is allowed, or where the kernels cannot serve."""
+        row, found without writing it); None when no allowed id's logit is above -inf, or where the kernels
+        cannot serve."""
         return kernels.argmax_bits(logits, torch.from_numpy(self.bitmask()), min(self.n_tokens, logits.shape[-1]),
                                    banned)
 
     def allowed_ids(self, vocab_size: int, most: int = 2048) -> Tensor | None:
         """The ids (int64, ascending, below `vocab_size`) the grammar allows next, when there are at most `most`;
         else None (also where the kernels cannot serve): the caller masks the whole vocabulary instead."""
-        return kernels.bits_ids(torch.from_numpy(self.bitmask()), min(self.n_tokens, vocab_size), most)
+        if self._ids is None or self._ids.numel() != most:
+            self._ids = torch.empty(most, dtype=torch.int64)
+        if self._forced and self._forced[0] < vocab_size:  # the one token this state allows, known already
+            return self._ids[:1].fill_(self._forced[0])
+        return kernels.bits_ids(torch.from_numpy(self.bitmask()), min(self.n_tokens, vocab_size), self._ids)
 
     def advance(self, token: int) -> None:
         """Consume the chosen token; one the grammar forbids (every allowed token banned by other settings) fails."""
-        self._filled = False
+        if self._forced:  # consumed already, when it was the only one allowed
+            forced = self._forced.pop(0)
+            self._masks.pop(0)
+            self._stopped = self._stopped_after.pop(0)
+            if token == forced:
+                return
+            self.matcher.rollback(len(self._forced) + 1)
+            self._masks, self._forced, self._stopped_after = [], [], []
+        else:
+            self._masks.clear()
         if not self.matcher.consume_token(token):
             raise InvalidParameter(f"token {token} does not continue the {self.constraint.kind}: the settings "
                                    "beside it (banned_tokens, logit_bias, ...) left no allowed token",
                                    self.constraint.param)
+        self._stopped = self.matcher.is_stopped()
 
     def replay(self, tokens: list[int]) -> None:
         """Advance over tokens generated before (a continuation, also after a restart)."""
-        self._filled = False
+        if self._forced:
+            self.matcher.rollback(len(self._forced))
+        self._masks, self._forced, self._stopped_after = [], [], []
         if not self.matcher.consume_tokens(tokens):
             raise InvalidParameter(f"the generated tokens do not follow the {self.constraint.kind}",
                                    self.constraint.param)
+        self._stopped = self.matcher.is_stopped()
 
     @property
     def done(self) -> bool:
         """The grammar is complete and allows nothing more: the sequence ends here."""
-        return self.matcher.is_stopped()
+        return self._stopped
 
 
 def fill_bitmasks(states: list[GrammarState]) -> None:
@@ -261,15 +312,15 @@ def fill_bitmasks(states: list[GrammarState]) -> None:
     pass its data is out of the caches, and one call over the rows reads it once for all of them (and costs one
     crossing into it, not one per row)."""
     global _executor
-    todo = [s for s in states if not s._filled]
-    if len(todo) < 2 or len({s._bits.size for s in todo}) > 1:
+    todo = [s for s in states if not s._masks]
+    if len(todo) < 2 or len({s._words for s in todo}) > 1:
         return  # one row (or rows of different vocabularies) fills on demand
     if _executor is None:
         with _lock:
             if _executor is None:
                 _executor = llguidance.LLExecutor(1)  # more threads gain nothing: the fill waits on memory
-    block = numpy.empty((len(todo), todo[0]._bits.size), dtype=numpy.int32)
+    block = numpy.empty((len(todo), todo[0]._words), dtype=numpy.int32)
     _executor.unsafe_compute_mask_ptr([(s.matcher, i) for i, s in enumerate(todo)], block.ctypes.data,
                                       block.shape[1] * block.itemsize, len(todo))
-    for s, row in zip(todo, block):
-        s._bits, s._filled = row, True
+    for s, bits in zip(todo, block):
+        s._take(bits)

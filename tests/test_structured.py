@@ -87,6 +87,13 @@ def test_sampling_among_allowed_ids_equals_the_masked_vocabulary(engine, sampler
     assert [c.text for c in engine.generate(**kw).choices] == among
 
 
+@pytest.mark.parametrize("sampler", ["greedy", "plain", "warped"])
+def test_banning_every_allowed_token_fails(engine, sampler):
+    """The grammar allows one token here and banned_tokens bans it: no token is left, whichever path chose."""
+    with pytest.raises(InvalidParameter, match="left no allowed token"):
+        engine.generate("Pick:", 5, regex="x", banned_tokens=engine.tokenizer.encode("x"), seed=3, **SAMPLERS[sampler])
+
+
 def test_json_object_outputs_parse(engine):
     bounded = {"type": "object", "maxProperties": 2, "additionalProperties": False,
                "patternProperties": {"^[a-z]{1,3}$": {"type": "integer", "minimum": 0, "maximum": 999}}}

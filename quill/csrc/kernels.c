@@ -1309,8 +1309,9 @@ void quill_mask_bits(const float* src, const uint8_t* bits, int64_t nbits, float
 }
 
 /* quill_argmax over the ids whose bit is set in `bits` (below nbits; bit i of byte i / 8) and not in
-   ban[0:nban] (short): the first largest, NaN the largest, as an argmax over the masked row; -1 when no id is
-   allowed. 8-id groups with no bit set are skipped, whole groups compared 8 at a time. */
+   ban[0:nban] (short): the first largest, NaN the largest, as an argmax over the masked row; -1 when no such
+   id has a logit above -inf (the masked row's argmax is then no allowed id). 8-id groups with no bit set are
+   skipped, whole groups compared 8 at a time. */
 int64_t quill_argmax_bits(const float* x, const uint8_t* bits, int64_t nbits, const int64_t* ban, int64_t nban) {
     int64_t best = -1;
     float bv = -INFINITY;
@@ -1335,7 +1336,7 @@ int64_t quill_argmax_bits(const float* x, const uint8_t* bits, int64_t nbits, co
             bv = r;
         }
     }
-    return best;
+    return bv > -INFINITY ? best : -1;
 }
 
 /* The ids whose bit is set in `bits` (below nbits), ascending, into ids[0:cap]; returns how many are set, which

@@ -475,8 +475,8 @@ def mask_bits(logits: Tensor, bits: Tensor, nbits: int, out: Tensor) -> Tensor |
 
 def argmax_bits(logits: Tensor, bits: Tensor, nbits: int, banned: Collection[int] = ()) -> int | None:
     """argmax_rows over one fp32 CPU row with every id whose bit in `bits` is clear (or at or past `nbits`),
-    and every id in `banned`, left out, without writing the masked row; None when no id is left, or where the
-    kernels cannot serve."""
+    and every id in `banned`, left out, without writing the masked row; None when no id left has a logit above
+    -inf, or where the kernels cannot serve."""
     lib = _lib if _lib is not None else _load()
     if (lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous()
             or logits.numel() < nbits or not bits.is_contiguous() or bits.device.type != "cpu"
@@ -486,16 +486,26 @@ def argmax_bits(logits: Tensor, bits: Tensor, nbits: int, banned: Collection[int
     best = lib.quill_argmax_bits(logits.data_ptr(), bits.data_ptr(), nbits, ban, len(banned))
     return best if best >= 0 else None
 
-def bits_ids(bits: Tensor, nbits: int, cap: int) -> Tensor | None:
-    """The ids (int64, ascending) whose bit is set in `bits` (bit i of byte i // 8, ids below `nbits`), when
-    there are at most `cap` of them; None when there are more, or where the kernels cannot serve."""
+def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
+    """The ids (ascending) whose bit is set in `bits` (bit i of byte i // 8, ids below `nbits`), written into
+    `out` (int64; its length is the most asked for) and returned as its head; None when there are more, or
+    where the kernels cannot serve."""
     lib = _lib if _lib is not None else _load()
-    if (lib is None or bits.device.type != "cpu" or not bits.is_contiguous()
-            or bits.numel() * bits.element_size() * 8 < nbits):
+    if (lib is None or bits.device.type != "cpu" or not bits.is_contiguous() or out.dtype != torch.int64
+            or not out.is_contiguous() or bits.numel() * bits.element_size() * 8 < nbits):
         return None
-    ids = torch.empty(cap, dtype=torch.int64)
-    count = lib.quill_bits_ids(bits.data_ptr(), nbits, ids.data_ptr(), cap)
-    return ids[:count] if count <= cap else None
+    count = lib.quill_bits_ids(bits.data_ptr(), nbits, out.data_ptr(), out.numel())
+    return out[:count] if count <= out.numel() else None
 
-__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+
+def only_bit(bits: Tensor, nbits: int) -> int | None:
+    """The id of the one bit set in `bits` (as `bits_ids`); None when none or several are, or where the
+    kernels cannot serve."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None or bits.device.type != "cpu" or not bits.is_contiguous() or bits.numel() * bits.element_size() * 8 < nbits:
+        return None
+    one = ctypes.c_int64()
+    return one.value if lib.quill_bits_ids(bits.data_ptr(), nbits, ctypes.byref(one), 1) == 1 else None
+
+__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "only_bit", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
