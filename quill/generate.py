@@ -260,7 +260,8 @@ class Sequence:
                 return best
             return argmax_rows(self.grammar.mask(processed), [self.bans] if self.bans else None)[0]
         processed = self._before_mask(logits, self.history, self.prompt_len)
-        ids = self.grammar.allowed_ids(processed.shape[-1])
+        on_cpu = processed.device.type == "cpu"  # the ids are listed on the CPU, where the draw among them pays
+        ids = self.grammar.allowed_ids(processed.shape[-1]) if on_cpu else None
         if ids is not None:
             among = self._after_mask(processed[:, ids], self.history, self.prompt_len)
             if bool(among.amax() > NEG_INF):  # else all are suppressed: as over the masked vocabulary, which fails

@@ -281,3 +281,12 @@ def test_cli_flags(engine, gpt2_dir, tmp_path, capsys):
         assert main(base + flags) == 2
         err = capsys.readouterr().err
         assert err.startswith("quill: error:") and words in err
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_constrained_rows_equal_cpu_and_conform(engine, gpt2_dir):
+    gpu = quill.load(gpt2_dir, device="cuda")
+    kw = dict(prompt="Describe a pet:", max_tokens=200, json_schema=SCHEMA)
+    assert gpu.generate(**kw, temperature=0).choices[0].text == engine.generate(**kw, temperature=0).choices[0].text
+    for choice in gpu.generate(**kw, n=3, seed=5, top_p=0.9).choices:
+        jsonschema.validate(json.loads(choice.text), SCHEMA)
