@@ -171,10 +171,10 @@ class Sequence:
         mask = self.grammar.mask if self.grammar is not None else None
         self.pipeline = LogitsPipeline.from_params(request.sampling, eos_ids, stop_token_ids=request.stop_token_ids,
                                                    mask=mask)
-        # a greedy choice that only has ids to skip (ignore_eos, banned_tokens) is a plain argmax over the rest
-        # (of what the grammar allows, for a constrained row)
-        if mask is not None:  # the processors around a constraint's mask, for sampling among the allowed ids
+        if mask is not None:  # the processors around a constraint's mask: _choose_constrained runs them itself
             self._before_mask, self._after_mask = self.pipeline.split(mask)
+        # a greedy choice that only has ids to skip (ignore_eos, banned_tokens) is an argmax over the rest (of
+        # what the grammar allows, for a constrained row)
         self.bans = (self._before_mask if mask is not None else self.pipeline).bans() if request.sampling.greedy else None
         self.greedy = self.bans is not None and self.grammar is None  # chosen with the batch's other rows
         self.stop_ids = set(request.stop_token_ids) | (set() if request.sampling.ignore_eos else set(eos_ids))
