@@ -6,8 +6,10 @@
 - `HEAD|GET /{repo}/resolve/{rev}/{file}`: the file, with ETag, X-Repo-Commit, Content-Length and Range support.
 Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound, GatedRepo, EntryNotFound) so the client
 raises its own typed errors. `cut_once` names files whose first GET stops at 90% (a dropped connection);
-`throttle` (bytes/s) slows file bodies so a test can watch progress; `corrupt` names files whose bytes are served
-with one bit flipped (the listing keeps the true checksums). `requests` logs (method, path, Range).
+`hold_once` names files whose first GET pauses at 90% until `release()` (a download caught in the middle, however
+slowly the test looks); `throttle` (bytes/s) slows file bodies so a test can watch progress; `corrupt` names files
+whose bytes are served with one bit flipped (the listing keeps the true checksums). `requests` logs (method, path,
+Range).
 """
 
 from __future__ import annotations
@@ -23,10 +25,12 @@ from urllib.parse import unquote, urlsplit
 
 class HubStub:
     def __init__(self, repos: dict[str, Path], gated: tuple[str, ...] = (), cut_once: tuple[str, ...] = (),
-                 throttle: int | None = None, corrupt: tuple[str, ...] = ()):
+                 throttle: int | None = None, corrupt: tuple[str, ...] = (), hold_once: tuple[str, ...] = ()):
         self.repos = {r: Path(p) for r, p in repos.items()}
         self.gated = set(gated)
         self.cut_once = set(cut_once)
+        self.hold_once = set(hold_once)
+        self.released = threading.Event()
         self.throttle = throttle
         self.corrupt = set(corrupt)
         self.requests: list[tuple[str, str, str | None]] = []
@@ -51,7 +55,12 @@ class HubStub:
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
         self.thread.start()
 
+    def release(self) -> None:
+        """Let a held download go on."""
+        self.released.set()
+
     def stop(self) -> None:
+        self.release()
         self.server.shutdown()
         self.server.server_close()
 
@@ -135,13 +144,20 @@ class HubStub:
         for k, v in {**headers, "Content-Length": str(len(body))}.items():
             h.send_header(k, v)
         h.end_headers()
-        cut = None
+        cut = hold = None
         with self.lock:
             if name in self.cut_once:
                 self.cut_once.discard(name)
                 cut = len(body) * 9 // 10  # past huggingface_hub's 10 MB read size, so some of it is kept
+            if name in self.hold_once:
+                self.hold_once.discard(name)
+                hold = len(body) * 9 // 10
         step = 16384
         for i in range(0, len(body) if cut is None else cut, step):
+            if hold is not None and i >= hold:
+                h.wfile.flush()
+                self.released.wait(120)
+                hold = None
             h.wfile.write(body[i:min(i + step, cut if cut is not None else len(body))])
             if self.throttle:
                 time.sleep(step / self.throttle)

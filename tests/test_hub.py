@@ -139,7 +139,7 @@ def test_a_pull_stopped_with_ctrl_c_continues_where_it_stopped(repos, tmp_path):
     """Ctrl-C mid-file keeps the bytes in a partial file of the cache, which the next run continues (Range)."""
     import signal
 
-    stub = HubStub(repos, throttle=3_000_000)  # ~4 s for the weights: time to stop it part-way
+    stub = HubStub(repos, hold_once=("model.safetensors",))  # the weights' download waits at 90% to be stopped
     env = hub_env(stub.url, tmp_path)
     blobs = tmp_path / "hub" / "models--quill-test--tiny-gpt2" / "blobs"
     try:
@@ -156,6 +156,7 @@ def test_a_pull_stopped_with_ctrl_c_continues_where_it_stopped(repos, tmp_path):
         kept = part.stat().st_size
         weights = (repos[REPO] / "model.safetensors").read_bytes()
         assert 0 < kept < len(weights) and part.read_bytes() == weights[:kept]
+        stub.release()
         asked = len(stub.requests)
         second = quill("pull", REPO, env=env)
     finally:
@@ -221,7 +222,7 @@ def test_server_pull_checks_the_repo_downloads_with_progress_then_serves_it(repo
     from conftest import ServerProcess
 
     admin = {"Authorization": "Bearer hub-admin"}
-    stub = HubStub(repos, throttle=3_000_000)  # ~4 s for the weights: long enough to watch
+    stub = HubStub(repos, hold_once=("model.safetensors",))  # the weights wait at 90% until progress is seen
     server = ServerProcess(["--admin-key", "hub-admin", "--store", tmp_path / "store"], tmp_path / "server.log",
                            env=hub_env(stub.url, tmp_path / "hf")).wait_ready()
     try:
@@ -242,6 +243,8 @@ def test_server_pull_checks_the_repo_downloads_with_progress_then_serves_it(repo
             pull = next(p for p in httpx.get(f"{server.url}/v1/hub/models", headers=admin, timeout=10).json()["pulls"]
                         if p["id"] == REPO)
             seen.append(pull["bytes_done"])
+            if 0 < seen[-1] < total:
+                stub.release()
             if pull["status"] in ("ready", "failed"):
                 break
             time.sleep(0.2)

@@ -421,7 +421,7 @@ def test_admin_pulls_gpt2_from_the_hub_with_progress_then_generates(browser, tmp
     from hubstub import HubStub
 
     tiny = make_tiny_model(tmp_path / "gpt2", tokenizer="gpt2", n_positions=64, n_embd=64)
-    stub = HubStub({"openai-community/gpt2": tiny}, throttle=3_000_000)  # ~4 s: the bar is seen moving
+    stub = HubStub({"openai-community/gpt2": tiny}, hold_once=("model.safetensors",))  # waits at 90%: the bar is seen
     env = {"HF_ENDPOINT": stub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
            "HF_HUB_DISABLE_TELEMETRY": "1"}
     server = ServerProcess([f"small={make_tiny_model(tmp_path / 'small')}", "--api-key", KEY, "--admin-key", ADMIN,
@@ -444,7 +444,10 @@ def test_admin_pulls_gpt2_from_the_hub_with_progress_then_generates(browser, tmp
         }""")
         pg.click("#pull")
         expect(pg.locator("#pull-status")).to_contain_text(re.compile(r"Downloading gpt2 [1-9]"))  # under way
+        expect(pg.locator("#pull-progress")).to_be_visible()
+        pg.wait_for_function("window.__progress.some(v => v > 0 && v < 1)")
         p.shot("hub.png")
+        stub.release()
         expect(pg.locator("#pull-status")).to_contain_text("Ready: gpt2", timeout=120_000)
         seen = pg.evaluate("window.__progress")
         assert any(0 < v < 1 for v in seen), f"no progress shown: {seen}"
