@@ -150,8 +150,8 @@ def test_a_pull_stopped_with_ctrl_c_continues_where_it_stopped(repos, tmp_path):
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
             time.sleep(0.02)
         first.send_signal(signal.SIGINT)
-        first.communicate(timeout=60)
-        assert first.returncode == 130
+        out, err = first.communicate(timeout=60)
+        assert first.returncode == 130, (out, err)
         part = next(blobs.glob("*.part"))
         kept = part.stat().st_size
         weights = (repos[REPO] / "model.safetensors").read_bytes()
