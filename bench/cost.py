@@ -5,7 +5,8 @@
     python bench/cost.py --count-up-to 128 --no-cache-up-to 32
     python bench/cost.py --report-only         # tables and chart from docs/benchmarks/cost-*.json as they are
 
-Every cell has exact FLOPs and the native wall time; instructions are counted with callgrind (quill.costtable)
+Every cell has exact FLOPs and the native wall time; instructions are counted with callgrind (quill.costtable;
+`--counter perf` for the hardware counter, which counts another kernel variant: do not mix the two in one file)
 for inputs up to --count-up-to (and a real no-cache run up to --no-cache-up-to). Counted cells are kept in
 docs/benchmarks/cost-PRECISION.json and not counted again, and callgrind's files of every cell counted so far in the work folder, so
 a run can be stopped and resumed. Only a run's first call is warmed up uncounted (quill.costtable). Elsewhere, and for the limit figures
@@ -70,11 +71,11 @@ def table_cells(config) -> list[Cell]:
 
 
 def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_cache_up_to: int, save,
-            dumps: Path) -> None:
+            dumps: Path, counter: str) -> None:
     """Fill in what `entry` (one precision's cells) lacks: FLOPs and seconds of every cell, then instructions.
 
-    One callgrind process counts every missing cell, in `priority` order; its files stay in `dumps`, from
-    which a stopped run's counts are read back first.
+    One counted process (`counter`) counts every missing cell, in `priority` order; callgrind's files stay in
+    `dumps`, from which a stopped run's counts are read back first.
     """
     table = table_cells(load_config(Path(spec.path)))
     if any(key(c.input_tokens, c.output_tokens) not in entry for c in table):
@@ -92,9 +93,9 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
         return
     log(f"{precision}: counting {len(runs)} calls")
     t0 = time.perf_counter()
-    count_runs(spec, runs, warm_each=False, dumps=dumps)
+    count_runs(spec, runs, warm_each=False, dumps=dumps, counter=counter)
     for field, c in runs:
-        entry[key(c.input_tokens, c.output_tokens)][field] = getattr(c, field)
+        entry[key(c.input_tokens, c.output_tokens)].update({field: getattr(c, field), "counter": c.counter})
     log(f"{precision}: counted in {time.perf_counter() - t0:.0f} s")
     save()
 
@@ -104,8 +105,8 @@ def merge_dumps(entry: dict, dumps: Path) -> None:
     if dumps.exists():
         for label, n in parse_dumps(dumps).items():
             field, p, o = label.split()
-            if key(int(p), int(o)) in entry:
-                entry[key(int(p), int(o))].setdefault(field, n)
+            if key(int(p), int(o)) in entry and field not in entry[key(int(p), int(o))]:
+                entry[key(int(p), int(o))].update({field: n, "counter": "callgrind"})
 
 
 def priority(field: str, c: Cell) -> tuple:
@@ -295,7 +296,7 @@ def chart(store: dict, config, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     ax_i.set_ylabel("per call")
-    ax_i.set_title("Instructions (markers: counted by callgrind; lines elsewhere extrapolated)", fontsize=9)
+    ax_i.set_title("Instructions (markers: counted; lines elsewhere extrapolated)", fontsize=9)
     ax_f.set_title("FLOPs of the matrix products (exact)", fontsize=9)
     fig.suptitle("GPT-2 124M: the cost of one call")
     fig.tight_layout()
@@ -324,6 +325,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--count-up-to", type=int, default=128, help="count instructions for inputs up to this")
     ap.add_argument("--no-cache-up-to", type=int, default=32, help="count no-cache runs for inputs up to this")
+    ap.add_argument("--counter", default="callgrind", choices=("perf", "callgrind"),
+                    help="what counts instructions (default callgrind, which counted the stored cells)")
     ap.add_argument("--report-only", action="store_true", help="write the docs from the stored results (and counts left by a stopped run), measure nothing")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "quill-bench"))
     args = ap.parse_args(argv)
@@ -342,7 +345,7 @@ def main(argv=None) -> int:
             save()
         else:
             measure(entry, ModelSpec(str(folder), quantize=PRECISIONS[prec]), prec, args.count_up_to,
-                    args.no_cache_up_to, save, dumps)
+                    args.no_cache_up_to, save, dumps, args.counter)
     write_docs(store, config, DOCS)
     print(report(store, config))
     return 0
