@@ -140,27 +140,38 @@ class Estimate:
     """Instructions of any call of one precision: measured where counted, else FLOPs x instructions per FLOP.
 
     A prefill of L tokens (a 1-output call) takes the instructions per FLOP of the measured 1-output calls at
-    the nearest lengths; a decode step at context c, that of the measured steps ((inputs, N) minus (inputs, 1))
+    the nearest lengths (or, at a length counted only with more outputs, that count less its estimated
+    decode steps); a decode step at context c, that of the measured steps ((inputs, N) minus (inputs, 1))
     at the nearest context. Without a cache every token is a prefill of the whole prefix, which costs what a
     counted no-cache prefill of that length did, else what the cached prefill did.
     """
 
     def __init__(self, config, entry: dict):
         self.config, self.entry = config, entry
-        ones = [c for c in entry.values() if c["output_tokens"] == 1]
-        cached = {c["input_tokens"]: c["instructions"] / c["flops"] for c in ones if "instructions" in c}
-        # A no-cache prefill is the cached one's computation without cache writes (counts within 2% where both
-        # were counted), except a 1-token call, which with a cache runs the fused decode kernels instead.
-        uncached = {p: v for p, v in cached.items() if p > 1}
-        uncached.update({c["input_tokens"]: c["instructions_no_cache"] / c["flops"] for c in ones
-                         if "instructions_no_cache" in c})
-        self.prefill = {"instructions": cached, "instructions_no_cache": uncached}
         self.step = {}
         for c in entry.values():
             one = entry.get(key(c["input_tokens"], 1), {})
             if c["output_tokens"] > 1 and "instructions" in c and "instructions" in one:
                 context = c["input_tokens"] + c["output_tokens"] / 2
                 self.step[context] = (c["instructions"] - one["instructions"]) / (c["flops"] - one["flops"])
+        ones = [c for c in entry.values() if c["output_tokens"] == 1]
+        cached = {c["input_tokens"]: c["instructions"] / c["flops"] for c in ones if "instructions" in c}
+        # A length counted only with more outputs: its prefill is that count less its decode steps' estimate
+        # (a few percent of such a call), which pins the prefill far better than a rate from other lengths.
+        for c in sorted(entry.values(), key=lambda c: c["output_tokens"]):
+            p, n = c["input_tokens"], c["output_tokens"]
+            if n > 1 and "instructions" in c and p not in cached and self.step:
+                cached[p] = (c["instructions"] - self.steps(p, n)) / generation_flops(config, p, 1)
+        # A no-cache prefill is the cached one's computation without cache writes (counts within 2% where both
+        # were counted), except a 1-token call, which with a cache runs the fused decode kernels instead.
+        uncached = {p: v for p, v in cached.items() if p > 1}
+        uncached.update({c["input_tokens"]: c["instructions_no_cache"] / c["flops"] for c in ones
+                         if "instructions_no_cache" in c})
+        self.prefill = {"instructions": cached, "instructions_no_cache": uncached}
+
+    def steps(self, p: int, n: int) -> float:
+        """Estimated instructions of the n - 1 decode steps after a prefill of p tokens."""
+        return sum(interpolate(self.step, p + t - 1) * forward_flops(self.config, 1, p + t - 1, 1) for t in range(1, n))
 
     def __call__(self, p: int, n: int, cached: bool = True) -> tuple[float, bool]:
         """(instructions, measured) of a call of p inputs and n outputs."""
@@ -170,11 +181,7 @@ class Estimate:
             return counted, True
         if not cached:
             return sum(self.prefill_of(p + t, kind) for t in range(n)), False
-        total = self.prefill_of(p, kind)
-        for t in range(1, n):
-            c = p + t - 1
-            total += interpolate(self.step, c) * forward_flops(self.config, 1, c, 1)
-        return total, False
+        return self.prefill_of(p, kind) + self.steps(p, n), False
 
     def prefill_of(self, length: int, kind: str) -> float:
         counted = self.entry.get(key(length, 1), {}).get(kind)

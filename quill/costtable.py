@@ -3,9 +3,10 @@
 Each cell has the exact FLOPs with a KV cache and without one (quill.cost), the wall time of the real call
 (prefill then greedy decode through the library, `ignore_eos` so the length is exact) and, when asked, the
 instructions it executed, counted in one worker process that measures every cell: with the CPU's hardware
-counter where the machine exposes one (quill.perfcount), else under callgrind (quill.callgrind). Counted calls run on one thread (torch's and the kernels' pool) so the counts repeat exactly; a cell is
-run once uncounted first, so one-time set-up (first use of a shape, lazy initialisation) is not in its count
-(for long calls, as in bench/cost.py, only the first cell is, which saves half the time).
+counter where the machine exposes one (quill.perfcount), else under callgrind (quill.callgrind). Counted calls
+run on one thread (torch's and the kernels' pool) so the counts repeat; a cell is run once uncounted first, so
+one-time set-up (first use of a shape, lazy initialisation) is not in its count (for long calls, as in
+bench/cost.py, only the first cell is, which saves half the time). Cells share no prefix cache (ModelSpec.load).
 The no-cache instructions come from a real run that recomputes the whole prefix for every new token.
 `quill cost` (through `measure`) and bench/cost.py are shells over this module.
 """
