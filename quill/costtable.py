@@ -130,13 +130,18 @@ COUNTERS = ("auto", "perf", "callgrind")
 
 
 def choose_counter(counter: str = "auto") -> str:
-    """`perf` (the hardware counter) or `callgrind`; `auto`: the hardware counter where it opens."""
+    """`perf` (the hardware counter) or `callgrind`; `auto`: the hardware counter where it opens. A counter
+    that cannot count here raises its Unavailable error (before any cell runs)."""
+    from quill import callgrind, perfcount
+
     if counter not in COUNTERS:
         raise InvalidParameter(f"counter must be one of {', '.join(COUNTERS)}, got {counter!r}", "counter")
     if counter == "auto":
-        from quill import perfcount
-
-        return "perf" if perfcount.unavailable_reason() is None else "callgrind"
+        counter = "perf" if perfcount.unavailable_reason() is None else "callgrind"
+    module, error = ((perfcount, perfcount.CounterUnavailable) if counter == "perf"
+                     else (callgrind, callgrind.CallgrindUnavailable))
+    if (reason := module.unavailable_reason()) is not None:
+        raise error(reason)
     return counter
 
 
@@ -177,6 +182,8 @@ def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions
     from quill.weights import load_config
 
     table = cells(load_config(Path(spec.path)), inputs, outputs)  # bad lengths fail before the model loads
+    if instructions or no_cache:
+        counter = choose_counter(counter)  # and a counter that cannot count here
     engine = engine or spec.load()
     time_cells(engine, table)
     if instructions or no_cache:

@@ -9,7 +9,7 @@ import pytest
 
 import quill
 from conftest import make_tiny_model
-from quill import perfcount
+from quill import callgrind, perfcount
 from quill.cli import main
 from quill.costtable import ModelSpec, cells, choose_counter, count_cells
 
@@ -22,9 +22,18 @@ def folder(tmp_path_factory):
     return make_tiny_model(tmp_path_factory.mktemp("perfcount"), n_embd=64, n_positions=32)
 
 
+@pytest.mark.skipif(callgrind.unavailable_reason() is not None, reason=str(callgrind.unavailable_reason()))
 def test_auto_takes_the_counter_where_it_opens():
     assert choose_counter("auto") == ("perf" if REASON is None else "callgrind")
     assert choose_counter("callgrind") == "callgrind"
+
+
+@pytest.mark.skipif(REASON is None, reason="this machine has a hardware instruction counter")
+def test_asking_for_a_missing_counter_is_a_one_line_error(folder, capsys):
+    assert main(["cost", str(folder), "--inputs", "1", "--outputs", "1", "--instructions", "--counter",
+                 "perf"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and "perf_event_open" in err
 
 
 def test_a_failed_open_names_the_syscall_and_errno(monkeypatch):
