@@ -5,7 +5,8 @@
     python bench/cost.py --count-up-to 128 --no-cache-up-to 32
     python bench/cost.py --report-only         # tables and chart from docs/benchmarks/cost-*.json as they are
 
-Every cell has exact FLOPs and the native wall time; instructions are counted with callgrind (quill.costtable)
+Every cell has exact FLOPs and the native wall time; instructions are counted with callgrind (quill.costtable;
+`--counter perf` for the hardware counter, which counts another kernel variant: do not mix the two in one file)
 for inputs up to --count-up-to (and a real no-cache run up to --no-cache-up-to). Counted cells are kept in
 docs/benchmarks/cost-PRECISION.json and not counted again, and callgrind's files of every cell counted so far in the work folder, so
 a run can be stopped and resumed. Only a run's first call is warmed up uncounted (quill.costtable). Elsewhere, and for the limit figures
@@ -70,11 +71,11 @@ def table_cells(config) -> list[Cell]:
 
 
 def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_cache_up_to: int, save,
-            dumps: Path) -> None:
+            dumps: Path, counter: str) -> None:
     """Fill in what `entry` (one precision's cells) lacks: FLOPs and seconds of every cell, then instructions.
 
-    One callgrind process counts every missing cell, in `priority` order; its files stay in `dumps`, from
-    which a stopped run's counts are read back first.
+    One counted process (`counter`) counts every missing cell, in `priority` order; callgrind's files stay in
+    `dumps`, from which a stopped run's counts are read back first.
     """
     table = table_cells(load_config(Path(spec.path)))
     if any(key(c.input_tokens, c.output_tokens) not in entry for c in table):
@@ -92,9 +93,9 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
         return
     log(f"{precision}: counting {len(runs)} calls")
     t0 = time.perf_counter()
-    count_runs(spec, runs, warm_each=False, dumps=dumps)
+    count_runs(spec, runs, warm_each=False, dumps=dumps, counter=counter)
     for field, c in runs:
-        entry[key(c.input_tokens, c.output_tokens)][field] = getattr(c, field)
+        entry[key(c.input_tokens, c.output_tokens)].update({field: getattr(c, field), "counter": c.counter})
     log(f"{precision}: counted in {time.perf_counter() - t0:.0f} s")
     save()
 
@@ -104,8 +105,8 @@ def merge_dumps(entry: dict, dumps: Path) -> None:
     if dumps.exists():
         for label, n in parse_dumps(dumps).items():
             field, p, o = label.split()
-            if key(int(p), int(o)) in entry:
-                entry[key(int(p), int(o))].setdefault(field, n)
+            if key(int(p), int(o)) in entry and field not in entry[key(int(p), int(o))]:
+                entry[key(int(p), int(o))].update({field: n, "counter": "callgrind"})
 
 
 def priority(field: str, c: Cell) -> tuple:
@@ -139,27 +140,38 @@ class Estimate:
     """Instructions of any call of one precision: measured where counted, else FLOPs x instructions per FLOP.
 
     A prefill of L tokens (a 1-output call) takes the instructions per FLOP of the measured 1-output calls at
-    the nearest lengths; a decode step at context c, that of the measured steps ((inputs, N) minus (inputs, 1))
+    the nearest lengths (or, at a length counted only with more outputs, that count less its estimated
+    decode steps); a decode step at context c, that of the measured steps ((inputs, N) minus (inputs, 1))
     at the nearest context. Without a cache every token is a prefill of the whole prefix, which costs what a
     counted no-cache prefill of that length did, else what the cached prefill did.
     """
 
     def __init__(self, config, entry: dict):
         self.config, self.entry = config, entry
-        ones = [c for c in entry.values() if c["output_tokens"] == 1]
-        cached = {c["input_tokens"]: c["instructions"] / c["flops"] for c in ones if "instructions" in c}
-        # A no-cache prefill is the cached one's computation without cache writes (counts within 2% where both
-        # were counted), except a 1-token call, which with a cache runs the fused decode kernels instead.
-        uncached = {p: v for p, v in cached.items() if p > 1}
-        uncached.update({c["input_tokens"]: c["instructions_no_cache"] / c["flops"] for c in ones
-                         if "instructions_no_cache" in c})
-        self.prefill = {"instructions": cached, "instructions_no_cache": uncached}
         self.step = {}
         for c in entry.values():
             one = entry.get(key(c["input_tokens"], 1), {})
             if c["output_tokens"] > 1 and "instructions" in c and "instructions" in one:
                 context = c["input_tokens"] + c["output_tokens"] / 2
                 self.step[context] = (c["instructions"] - one["instructions"]) / (c["flops"] - one["flops"])
+        ones = [c for c in entry.values() if c["output_tokens"] == 1]
+        cached = {c["input_tokens"]: c["instructions"] / c["flops"] for c in ones if "instructions" in c}
+        # A length counted only with more outputs: its prefill is that count less its decode steps' estimate
+        # (a few percent of such a call), which pins the prefill far better than a rate from other lengths.
+        for c in sorted(entry.values(), key=lambda c: c["output_tokens"]):
+            p, n = c["input_tokens"], c["output_tokens"]
+            if n > 1 and "instructions" in c and p not in cached and self.step:
+                cached[p] = (c["instructions"] - self.steps(p, n)) / generation_flops(config, p, 1)
+        # A no-cache prefill is the cached one's computation without cache writes (counts within 2% where both
+        # were counted), except a 1-token call, which with a cache runs the fused decode kernels instead.
+        uncached = {p: v for p, v in cached.items() if p > 1}
+        uncached.update({c["input_tokens"]: c["instructions_no_cache"] / c["flops"] for c in ones
+                         if "instructions_no_cache" in c})
+        self.prefill = {"instructions": cached, "instructions_no_cache": uncached}
+
+    def steps(self, p: int, n: int) -> float:
+        """Estimated instructions of the n - 1 decode steps after a prefill of p tokens."""
+        return sum(interpolate(self.step, p + t - 1) * forward_flops(self.config, 1, p + t - 1, 1) for t in range(1, n))
 
     def __call__(self, p: int, n: int, cached: bool = True) -> tuple[float, bool]:
         """(instructions, measured) of a call of p inputs and n outputs."""
@@ -169,11 +181,7 @@ class Estimate:
             return counted, True
         if not cached:
             return sum(self.prefill_of(p + t, kind) for t in range(n)), False
-        total = self.prefill_of(p, kind)
-        for t in range(1, n):
-            c = p + t - 1
-            total += interpolate(self.step, c) * forward_flops(self.config, 1, c, 1)
-        return total, False
+        return self.prefill_of(p, kind) + self.steps(p, n), False
 
     def prefill_of(self, length: int, kind: str) -> float:
         counted = self.entry.get(key(length, 1), {}).get(kind)
@@ -295,7 +303,7 @@ def chart(store: dict, config, path: Path) -> None:
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
     ax_i.set_ylabel("per call")
-    ax_i.set_title("Instructions (markers: counted by callgrind; lines elsewhere extrapolated)", fontsize=9)
+    ax_i.set_title("Instructions (markers: counted; lines elsewhere extrapolated)", fontsize=9)
     ax_f.set_title("FLOPs of the matrix products (exact)", fontsize=9)
     fig.suptitle("GPT-2 124M: the cost of one call")
     fig.tight_layout()
@@ -324,6 +332,8 @@ def main(argv=None) -> int:
     ap.add_argument("--precisions", default="fp32,int8")
     ap.add_argument("--count-up-to", type=int, default=128, help="count instructions for inputs up to this")
     ap.add_argument("--no-cache-up-to", type=int, default=32, help="count no-cache runs for inputs up to this")
+    ap.add_argument("--counter", default="callgrind", choices=("perf", "callgrind"),
+                    help="what counts instructions (default callgrind, which counted the stored cells)")
     ap.add_argument("--report-only", action="store_true", help="write the docs from the stored results (and counts left by a stopped run), measure nothing")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "quill-bench"))
     args = ap.parse_args(argv)
@@ -342,7 +352,7 @@ def main(argv=None) -> int:
             save()
         else:
             measure(entry, ModelSpec(str(folder), quantize=PRECISIONS[prec]), prec, args.count_up_to,
-                    args.no_cache_up_to, save, dumps)
+                    args.no_cache_up_to, save, dumps, args.counter)
     write_docs(store, config, DOCS)
     print(report(store, config))
     return 0

@@ -193,17 +193,19 @@ def cmd_cost(args: argparse.Namespace) -> None:
 
     inputs, outputs = parse_lengths(args.inputs, "inputs"), parse_lengths(args.outputs, "outputs")
     spec = ModelSpec(str(resolve(args.model)), args.dtype, args.quantize, args.kv_cache)
-    table = measure(spec, inputs, outputs, instructions=args.instructions, no_cache=args.no_cache)
+    table = measure(spec, inputs, outputs, instructions=args.instructions, no_cache=args.no_cache,
+                    counter=args.counter)
     if args.json:
         print(json.dumps([c.to_json() for c in table], indent=2))
         return
     columns = ["input_tokens", "output_tokens", "flops", "flops_no_cache", "seconds", "instructions",
-               "instructions_no_cache"]
+               "instructions_no_cache", "counter"]
     rows = [c.to_json() for c in table]
     columns = [k for k in columns if k in rows[0]]
     print("\t".join(columns))
     for row in rows:
-        print("\t".join(f"{row[k]:.4f}" if k == "seconds" else f"{row[k]:,}" for k in columns))
+        print("\t".join(f"{row[k]:.4f}" if k == "seconds" else f"{row[k]:,}" if k != "counter" else row[k]
+                        for k in columns))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -258,9 +260,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inputs", default="1,2,4,8,16,32,64,128", help="prompt lengths, comma-separated")
     p.add_argument("--outputs", default="1,2,4,8", help="generated lengths, comma-separated")
     p.add_argument("--instructions", action="store_true",
-                   help="count each call's instructions under valgrind's callgrind (slow: ~50x)")
+                   help="count each call's instructions: with the CPU's hardware counter where the machine exposes "
+                   "one, else under valgrind's callgrind (slow, docs/cost.md)")
     p.add_argument("--no-cache", action="store_true",
                    help="also count the instructions of a real run without KV cache (implies --instructions)")
+    p.add_argument("--counter", default="auto", choices=("auto", "perf", "callgrind"),
+                   help="what counts instructions: perf (the hardware counter), callgrind, or auto (perf where "
+                   "it opens; the default)")
     p.add_argument("--json", action="store_true", help="JSON rows instead of a table")
     p.set_defaults(func=cmd_cost)
 

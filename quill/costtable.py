@@ -2,10 +2,11 @@
 
 Each cell has the exact FLOPs with a KV cache and without one (quill.cost), the wall time of the real call
 (prefill then greedy decode through the library, `ignore_eos` so the length is exact) and, when asked, the
-instructions it executed, counted by callgrind (quill.callgrind) in one worker process that measures every
-cell. Counted calls run on one thread (torch's and the kernels' pool) so the counts repeat exactly; a cell is
-run once uncounted first, so one-time set-up (first use of a shape, lazy initialisation) is not in its count
-(for long calls, as in bench/cost.py, only the first cell is, which saves half the time).
+instructions it executed, counted in one worker process that measures every cell: with the CPU's hardware
+counter where the machine exposes one (quill.perfcount), else under callgrind (quill.callgrind). Counted calls
+run on one thread (torch's and the kernels' pool) so the counts repeat; a cell is run once uncounted first, so
+one-time set-up (first use of a shape, lazy initialisation) is not in its count (for long calls, as in
+bench/cost.py, only the first cell is, which saves half the time). Cells share no prefix cache (ModelSpec.load).
 The no-cache instructions come from a real run that recomputes the whole prefix for every new token.
 `quill cost` (through `measure`) and bench/cost.py are shells over this module.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -34,14 +36,17 @@ class ModelSpec:
     kv_cache: str | None = None
 
     def load(self):
+        """The engine, with prefix caching off: each cell stands for one call of a new prompt, and the cells'
+        prompts all start alike (`prompt`), so a cache would hand later cells the earlier ones' KV rows."""
         import quill
 
-        return quill.load(self.path, dtype=self.dtype, quantize=self.quantize, kv_cache=self.kv_cache)
+        return quill.load(self.path, dtype=self.dtype, quantize=self.quantize, kv_cache=self.kv_cache,
+                          prefix_cache=0)
 
 
 @dataclass
 class Cell:
-    """One call's cost; `instructions*` are None where not counted."""
+    """One call's cost; `instructions*` are None where not counted, `counter` names what counted them."""
 
     input_tokens: int
     output_tokens: int
@@ -50,6 +55,7 @@ class Cell:
     seconds: float | None = None
     instructions: int | None = None
     instructions_no_cache: int | None = None
+    counter: str | None = None
 
     def to_json(self) -> dict:
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
@@ -120,69 +126,96 @@ def _label(kind: str, cell: Cell) -> str:
 
 
 RUNS = {"instructions": real_call, "instructions_no_cache": no_cache_call}  # the Cell field each run fills
+COUNTERS = ("auto", "perf", "callgrind")
+
+
+def choose_counter(counter: str = "auto") -> str:
+    """`perf` (the hardware counter) or `callgrind`; `auto`: the hardware counter where it opens. A counter
+    that cannot count here raises its Unavailable error (before any cell runs)."""
+    from quill import callgrind, perfcount
+
+    if counter not in COUNTERS:
+        raise InvalidParameter(f"counter must be one of {', '.join(COUNTERS)}, got {counter!r}", "counter")
+    if counter == "auto":
+        counter = "perf" if perfcount.unavailable_reason() is None else "callgrind"
+    module, error = ((perfcount, perfcount.CounterUnavailable) if counter == "perf"
+                     else (callgrind, callgrind.CallgrindUnavailable))
+    if (reason := module.unavailable_reason()) is not None:
+        raise error(reason)
+    return counter
 
 
 def count_cells(spec: ModelSpec, table: list[Cell], fields: tuple[str, ...] = ("instructions",),
-                warm_each: bool = True, dumps: Path | None = None) -> None:
-    """Fill `fields` (keys of RUNS) of every cell, cell by cell, from one callgrind run of a worker process."""
-    count_runs(spec, [(name, cell) for cell in table for name in fields], warm_each, dumps)
+                warm_each: bool = True, dumps: Path | None = None, counter: str = "auto") -> None:
+    """Fill `fields` (keys of RUNS) and `counter` of every cell, cell by cell, from one counted worker process."""
+    count_runs(spec, [(name, cell) for cell in table for name in fields], warm_each, dumps, counter)
 
 
 def count_runs(spec: ModelSpec, runs: list[tuple[str, Cell]], warm_each: bool = True,
-               dumps: Path | None = None) -> None:
-    """Fill field `name` of each (name, cell) in this order from one callgrind run of a worker process.
+               dumps: Path | None = None, counter: str = "auto") -> None:
+    """Fill field `name` and `counter` of each (name, cell) in this order from one counted worker process.
 
     With `warm_each` every run is done once uncounted before it is counted; without, only the first (enough
-    for calls so long that the first use of their shapes is lost in the count). `dumps` keeps callgrind's
-    files (see quill.callgrind.count).
+    for calls so long that the first use of their shapes is lost in the count). `counter` as for
+    choose_counter; `dumps` keeps callgrind's files (see quill.callgrind.count).
     """
-    from quill import callgrind
+    from quill import callgrind, perfcount
 
-    job = {"model": dataclasses.asdict(spec), "warm_each": warm_each,
+    counter = choose_counter(counter)
+    job = {"model": dataclasses.asdict(spec), "warm_each": warm_each, "counter": counter,
            "runs": [[name, c.input_tokens, c.output_tokens] for name, c in runs]}
-    settle_paths(job)
-    counts = callgrind.count(["-m", "quill.costtable", json.dumps(job)], folder=dumps)
+    argv = ["-m", "quill.costtable", json.dumps(job)]
+    if counter == "perf":
+        settle_paths(job, dict(os.environ))
+        counts = perfcount.count(argv)
+    else:
+        settle_paths(job, callgrind.worker_environment())
+        counts = callgrind.count(argv, folder=dumps)
     for name, cell in runs:
         setattr(cell, name, counts[_label(name, cell)])
+        cell.counter = counter
 
 
 def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions: bool = False,
-            no_cache: bool = False, engine=None) -> list[Cell]:
+            no_cache: bool = False, engine=None, counter: str = "auto") -> list[Cell]:
     """The cost table of `spec`'s model over inputs x outputs: FLOPs, wall time and optionally instructions."""
     from quill.weights import load_config
 
     table = cells(load_config(Path(spec.path)), inputs, outputs)  # bad lengths fail before the model loads
+    if instructions or no_cache:
+        counter = choose_counter(counter)  # and a counter that cannot count here
     engine = engine or spec.load()
     time_cells(engine, table)
     if instructions or no_cache:
-        count_cells(spec, table, ("instructions",) + (("instructions_no_cache",) if no_cache else ()))
+        count_cells(spec, table, ("instructions",) + (("instructions_no_cache",) if no_cache else ()),
+                    counter=counter)
     return table
 
 
-def settle_paths(job: dict) -> None:
-    """Run `job`'s calls once natively, in the counted worker's environment (its kernel variant, one thread), so
-    that the multi-row paths they need (quill.kernels.tune) are chosen and cached as a native run chooses them.
+def settle_paths(job: dict, env: dict[str, str]) -> None:
+    """Run `job`'s calls once natively, in the counted worker's environment `env` (its kernel variant; one
+    thread), so that the multi-row paths they need (quill.kernels.tune) are chosen and cached as a native run
+    chooses them, and no counted cell that first uses a shape class counts its timing.
 
-    Left to the worker, the paths would be timed under valgrind, whose emulation slows some far more than others
-    (MKL's SGEMM about 3,000-fold, Quill's kernels about 50-fold): the worker would take paths no native run
-    takes, and a cell that first used a shape would count the timing too.
+    Left to a callgrind worker, the paths would also be timed under valgrind, whose emulation slows some far
+    more than others (those whose time natively is their arithmetic: valgrind emulates every fused
+    multiply-add lane by lane, docs/cost.md): it would take paths no native run takes.
     """
     import subprocess
 
-    from quill import callgrind
     from quill.kernels import tune
 
     if tune.enabled():
         subprocess.run([sys.executable, "-m", "quill.costtable", json.dumps({**job, "native": True})],
-                       env=callgrind.worker_environment(), check=True)
+                       env=env, check=True)
 
 
 def _worker(job: dict) -> None:
-    """Inside callgrind: run cells uncounted to warm up, then counted (one thread, so counts repeat). With
-    `native` (outside valgrind, `settle_paths`): run each call once, counting nothing."""
+    """Under the job's counter: run cells uncounted to warm up, then counted (one thread, so counts repeat).
+    With `native` (`settle_paths`): run each call once, counting nothing."""
     import torch
 
-    from quill import callgrind
+    from quill import callgrind, perfcount
 
     torch.set_num_threads(1)  # also the kernels' pool size: quill.kernels uses torch.get_num_threads()
     engine = ModelSpec(**job["model"]).load()
@@ -194,7 +227,7 @@ def _worker(job: dict) -> None:
         cell = Cell(p, n, 0, 0)
         if i == 0 or job["warm_each"]:
             RUNS[name](engine, cell)
-        with callgrind.counted(_label(name, cell)):
+        with (perfcount if job["counter"] == "perf" else callgrind).counted(_label(name, cell)):
             RUNS[name](engine, cell)
         print(f"counted {_label(name, cell)}", file=sys.stderr, flush=True)
 

@@ -15,7 +15,7 @@ from conftest import make_tiny_model
 from quill import callgrind
 from quill.cli import main
 from quill.cost import generation_flops
-from quill.costtable import ModelSpec, cells, count_cells, no_cache_call, real_call, settle_paths
+from quill.costtable import ModelSpec, cells, count_cells, no_cache_call, prompt, real_call, settle_paths
 
 INPUTS, OUTPUTS = [1, 4, 16], [1, 2]
 
@@ -89,9 +89,9 @@ def test_paths_are_settled_natively_for_the_counted_worker(folder, tmp_path, mon
 
     monkeypatch.setenv("QUILL_TUNE", "1")
     monkeypatch.setenv("QUILL_CACHE_DIR", str(tmp_path))
-    job = {"model": {"path": str(folder)}, "warm_each": False,
+    job = {"model": {"path": str(folder)}, "warm_each": False, "counter": "callgrind",
            "runs": [["instructions", 9, 2], ["instructions_no_cache", 3, 2]]}
-    settle_paths(job)
+    settle_paths(job, callgrind.worker_environment())
     files = list((tmp_path / "tuning").glob("paths-*.json"))
     assert len(files) == 1
     saved = json.loads(files[0].read_text())
@@ -107,17 +107,19 @@ def test_counted_instructions_repeat_and_grow(folder, capsys):
     and a longer prompt always costs more instructions, with and without a cache."""
     def direct():
         table = cells(quill.load(folder).config, INPUTS, OUTPUTS)
-        count_cells(ModelSpec(str(folder)), table, ("instructions", "instructions_no_cache"))
+        count_cells(ModelSpec(str(folder)), table, ("instructions", "instructions_no_cache"), counter="callgrind")
         return table
 
     with ThreadPoolExecutor(1) as pool:
         second = pool.submit(direct)
-        code, out, _ = run_cli(capsys, folder, "--inputs", "1,4,16", "--outputs", "1,2", "--no-cache", "--json")
+        code, out, _ = run_cli(capsys, folder, "--inputs", "1,4,16", "--outputs", "1,2", "--no-cache", "--counter",
+                                 "callgrind", "--json")
         second = second.result()
     first = json.loads(out)
     assert code == 0
     for row, cell in zip(first, second):
         assert (row["input_tokens"], row["output_tokens"]) == (cell.input_tokens, cell.output_tokens)
+        assert row["counter"] == cell.counter == "callgrind"
         for field in ("instructions", "instructions_no_cache"):
             assert row[field] > 0 and abs(row[field] - getattr(cell, field)) <= 0.01 * row[field]
     for field in ("instructions", "instructions_no_cache"):
@@ -127,3 +129,13 @@ def test_counted_instructions_repeat_and_grow(folder, capsys):
         for p in INPUTS:  # and a longer generation too
             counts = [r[field] for r in first if r["input_tokens"] == p]
             assert counts[0] < counts[1], (field, p, counts)
+
+
+def test_cells_share_no_prefix_cache(folder):
+    """Each cell stands for a call of a new prompt: the cells' prompts start alike, and a default engine's
+    prefix cache would hand a later, longer one the earlier one's KV rows."""
+    for engine, reused in ((quill.load(folder), True), (ModelSpec(str(folder)).load(), False)):
+        config = engine.config
+        engine.generate(prompt(config, 20), 1, temperature=0, ignore_eos=True)
+        cached = engine.generate(prompt(config, 24), 1, temperature=0, ignore_eos=True).usage.cached_tokens
+        assert (cached > 0) == reused, (reused, cached)
