@@ -6,10 +6,10 @@
 - `HEAD|GET /{repo}/resolve/{rev}/{file}`: the file, with ETag, X-Repo-Commit, Content-Length and Range support.
 Errors carry the Hub's X-Error-Code (RepoNotFound, RevisionNotFound, GatedRepo, EntryNotFound) so the client
 raises its own typed errors. `cut_once` names files whose first GET stops at 90% (a dropped connection);
-`hold_once` names files whose first GET pauses at 90% until `release()` (a download caught in the middle, however
-slowly the test looks); `throttle` (bytes/s) slows file bodies so a test can watch progress; `corrupt` names files
-whose bytes are served with one bit flipped (the listing keeps the true checksums). `requests` logs (method, path,
-Range).
+`hold_once` names files whose first GET pauses at 90% until `release()` (a download caught in the middle,
+however slowly the test looks; the client's read timeout, HF_HUB_DOWNLOAD_TIMEOUT, must outlast the pause);
+`throttle` (bytes/s) slows file bodies so a test can watch progress; `corrupt` names files whose bytes are
+served with one bit flipped (the listing keeps the true checksums). `requests` logs (method, path, Range).
 """
 
 from __future__ import annotations

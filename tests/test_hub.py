@@ -55,8 +55,10 @@ def repos(tmp_path_factory) -> dict[str, Path]:
 
 
 def hub_env(url: str, home: Path, offline: bool = False) -> dict[str, str]:
+    # a download held by the stub (hold_once) must wait for the test, not time out into a retry that finishes it
     env = {**os.environ, "HF_ENDPOINT": url, "HF_HOME": str(home), "HF_HUB_OFFLINE": "1" if offline else "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "300", "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(ROOT)}
     env.pop("HF_TOKEN", None)
     env.pop("HF_HUB_CACHE", None)
     return env

@@ -423,7 +423,7 @@ def test_admin_pulls_gpt2_from_the_hub_with_progress_then_generates(browser, tmp
     tiny = make_tiny_model(tmp_path / "gpt2", tokenizer="gpt2", n_positions=64, n_embd=64)
     stub = HubStub({"openai-community/gpt2": tiny}, hold_once=("model.safetensors",))  # waits at 90%: the bar is seen
     env = {"HF_ENDPOINT": stub.url, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "0",
-           "HF_HUB_DISABLE_TELEMETRY": "1"}
+           "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DOWNLOAD_TIMEOUT": "300"}  # held: no timeout and retry
     server = ServerProcess([f"small={make_tiny_model(tmp_path / 'small')}", "--api-key", KEY, "--admin-key", ADMIN,
                             "--store", tmp_path / "store"], tmp_path / "server.log", env=env).wait_ready()
     try:
