@@ -145,8 +145,11 @@ def test_a_pull_stopped_with_ctrl_c_continues_where_it_stopped(repos, tmp_path):
     env = {**hub_env(stub.url, tmp_path), "HF_HUB_VERBOSITY": "warning"}  # a retried read shows in a failure
     blobs = tmp_path / "hub" / "models--quill-test--tiny-gpt2" / "blobs"
     try:
+        # SIGINT as a terminal delivers it: a test run started in the background (`make test &`) ignores it,
+        # and a child would inherit that
         first = subprocess.Popen([sys.executable, "-m", "quill.cli", "pull", REPO], cwd=ROOT, env=env,
-                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         deadline = time.monotonic() + 120
         while not [p for p in blobs.glob("*.part") if p.stat().st_size > 0]:
             assert first.poll() is None and time.monotonic() < deadline, first.communicate()
