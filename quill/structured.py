@@ -197,6 +197,7 @@ class GrammarState:
     """
 
     RUN_AHEAD = 32  # forced tokens the matcher may be ahead of the sequence
+    MOST_IDS = 2048  # allowed ids listed for a choice among them; more: the whole vocabulary is masked
 
     def __init__(self, constraint: Constraint, tokenizer: Tokenizer, eos_ids: list[int] | tuple[int, ...] = ()):
         self.constraint = constraint
@@ -213,7 +214,7 @@ class GrammarState:
         self._stopped_after: list[bool] = []
         self._stopped = self.matcher.is_stopped()
         self._out: Tensor | None = None  # the masked logits (CPU), a buffer kept between steps
-        self._ids: Tensor | None = None  # allowed_ids' buffer
+        self._ids = torch.empty(self.MOST_IDS, dtype=torch.int64)  # the allowed ids listed (allowed_ids, _take)
 
     def bitmask(self) -> numpy.ndarray:
         """Int32 words: bit i set where the grammar allows token i next (EOS only where it may end)."""
@@ -227,8 +228,8 @@ class GrammarState:
         """Keep the bitmask of the matcher's state, and run ahead while it allows a single token (not an EOS)."""
         self._masks.append(bits)
         while len(self._forced) < self.RUN_AHEAD:
-            token = kernels.only_bit(torch.from_numpy(self._masks[-1]), self.n_tokens)
-            if token is None or token in self._eos:
+            ids = kernels.bits_ids(torch.from_numpy(self._masks[-1]), self.n_tokens, self._ids[:1])
+            if ids is None or len(ids) != 1 or (token := int(ids[0])) in self._eos:
                 return
             if not self.matcher.consume_token(token):
                 return  # llguidance allowed what it then refused: left to `advance` to report
@@ -264,11 +265,10 @@ class GrammarState:
         return kernels.argmax_bits(logits, torch.from_numpy(self.bitmask()), min(self.n_tokens, logits.shape[-1]),
                                    banned)
 
-    def allowed_ids(self, vocab_size: int, most: int = 2048) -> Tensor | None:
-        """The ids (int64, ascending, below `vocab_size`) the grammar allows next, when there are at most `most`;
-        else None (also where the kernels cannot serve): the caller masks the whole vocabulary instead."""
-        if self._ids is None or self._ids.numel() != most:
-            self._ids = torch.empty(most, dtype=torch.int64)
+    def allowed_ids(self, vocab_size: int) -> Tensor | None:
+        """The ids (int64, ascending, below `vocab_size`) the grammar allows next, when there are at most
+        MOST_IDS; else None (also where the kernels cannot serve): the caller masks the whole vocabulary instead.
+        A view of a buffer that the next call overwrites."""
         if self._forced and self._forced[0] < vocab_size:  # the one token this state allows, known already
             return self._ids[:1].fill_(self._forced[0])
         return kernels.bits_ids(torch.from_numpy(self.bitmask()), min(self.n_tokens, vocab_size), self._ids)

@@ -461,51 +461,50 @@ def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[i
     return list(out)
 
 
+def _bits_lib(bits: Tensor, nbits: int) -> ctypes.CDLL | None:
+    """The library, where the kernels can read `nbits` bits of a token bitmask (a contiguous CPU tensor of any
+    integer dtype; bit i of byte i // 8); else None."""
+    lib = _lib if _lib is not None else _load()
+    if lib is None or bits.device.type != "cpu" or not bits.is_contiguous() or bits.numel() * bits.element_size() * 8 < nbits:
+        return None
+    return lib
+
+
 def mask_bits(logits: Tensor, bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     """`out` = `logits` (one contiguous fp32 CPU row) with every id whose bit in `bits` is clear, or at or past
-    `nbits`, at -inf: a grammar's token bitmask (bit i of byte i // 8) applied in one pass on the calling thread.
-    None where the kernels cannot serve; the caller masks with torch."""
-    lib = _lib if _lib is not None else _load()
+    `nbits`, at -inf: a grammar's token bitmask applied in one pass on the calling thread. None where the
+    kernels cannot serve; the caller masks with torch."""
+    lib = _bits_lib(bits, nbits)
     if (lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous()
-            or out.shape != logits.shape or out.dtype != torch.float32 or not out.is_contiguous()
-            or not bits.is_contiguous() or bits.device.type != "cpu" or bits.numel() * bits.element_size() * 8 < nbits):
+            or out.shape != logits.shape or out.dtype != torch.float32 or not out.is_contiguous()):
         return None
     lib.quill_mask_bits(logits.data_ptr(), bits.data_ptr(), nbits, out.data_ptr(), logits.numel())
     return out
+
 
 def argmax_bits(logits: Tensor, bits: Tensor, nbits: int, banned: Collection[int] = ()) -> int | None:
     """argmax_rows over one fp32 CPU row with every id whose bit in `bits` is clear (or at or past `nbits`),
     and every id in `banned`, left out, without writing the masked row; None when no id left has a logit above
     -inf, or where the kernels cannot serve."""
-    lib = _lib if _lib is not None else _load()
+    lib = _bits_lib(bits, nbits)
     if (lib is None or logits.device.type != "cpu" or logits.dtype != torch.float32 or not logits.is_contiguous()
-            or logits.numel() < nbits or not bits.is_contiguous() or bits.device.type != "cpu"
-            or bits.numel() * bits.element_size() * 8 < nbits):
+            or logits.numel() < nbits):
         return None
     ban = (ctypes.c_int64 * len(banned))(*banned)
     best = lib.quill_argmax_bits(logits.data_ptr(), bits.data_ptr(), nbits, ban, len(banned))
     return best if best >= 0 else None
 
+
 def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
-    """The ids (ascending) whose bit is set in `bits` (bit i of byte i // 8, ids below `nbits`), written into
-    `out` (int64; its length is the most asked for) and returned as its head; None when there are more, or
-    where the kernels cannot serve."""
-    lib = _lib if _lib is not None else _load()
-    if (lib is None or bits.device.type != "cpu" or not bits.is_contiguous() or out.dtype != torch.int64
-            or not out.is_contiguous() or bits.numel() * bits.element_size() * 8 < nbits):
+    """The ids (ascending) whose bit is set in `bits` (ids below `nbits`), written into `out` (int64; its
+    length is the most asked for) and returned as its head; None when there are more, or where the kernels
+    cannot serve."""
+    lib = _bits_lib(bits, nbits)
+    if lib is None or out.dtype != torch.int64 or not out.is_contiguous():
         return None
     count = lib.quill_bits_ids(bits.data_ptr(), nbits, out.data_ptr(), out.numel())
     return out[:count] if count <= out.numel() else None
 
 
-def only_bit(bits: Tensor, nbits: int) -> int | None:
-    """The id of the one bit set in `bits` (as `bits_ids`); None when none or several are, or where the
-    kernels cannot serve."""
-    lib = _lib if _lib is not None else _load()
-    if lib is None or bits.device.type != "cpu" or not bits.is_contiguous() or bits.numel() * bits.element_size() * 8 < nbits:
-        return None
-    one = ctypes.c_int64()
-    return one.value if lib.quill_bits_ids(bits.data_ptr(), nbits, ctypes.byref(one), 1) == 1 else None
-
-__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "only_bit", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
