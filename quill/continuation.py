@@ -129,9 +129,8 @@ class ContinuationStore:
         with self._lock:
             self._entries[key] = entry
             freed = self._evict()
-            evictions = self.pool.evictions
-            if _kv_bytes(state) and not self.pool.put((id(self), key), _kv_bytes(state),
-                                                      functools.partial(_drop_kv, entry)):
+            evictions, nbytes = self.pool.evictions, _kv_bytes(state)
+            if nbytes and not self.pool.put((id(self), key), nbytes, functools.partial(_drop_kv, entry)):
                 _drop_kv(entry)
             freed |= self.pool.evictions != evictions
         if freed:

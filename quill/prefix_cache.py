@@ -25,6 +25,10 @@ class _Block:
     k: Tensor  # [n_layer, n_head, block_size, head_dim]
     v: Tensor
 
+    @property
+    def nbytes(self) -> int:
+        return self.k.nbytes + self.v.nbytes
+
 
 @dataclass
 class PrefixHit:
@@ -129,11 +133,11 @@ class PrefixCache:
                 for j, key in enumerate(keys):
                     if key not in self._blocks:
                         block = copies.get(j)  # None: evicted since it was found (another thread made room)
-                        if block is None or not self.pool.put((id(self), key), block.k.nbytes + block.v.nbytes,
+                        if block is None or not self.pool.put((id(self), key), block.nbytes,
                                                               self._evicter(key)):
                             break  # no room: the blocks after it could never be reached
                         self._blocks[key] = block
-                        self.nbytes += block.k.nbytes + block.v.nbytes
+                        self.nbytes += block.nbytes
                         added += 1
                     self.pool.pin((id(self), key))  # making room for its children must not evict it
                     kept.append(key)
@@ -161,5 +165,5 @@ class PrefixCache:
         def evict() -> None:
             block = self._blocks.pop(key, None)
             if block is not None:
-                self.nbytes -= block.k.nbytes + block.v.nbytes
+                self.nbytes -= block.nbytes
         return evict
