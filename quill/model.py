@@ -38,24 +38,49 @@ def _cpu_half_gemm(dtype: torch.dtype) -> bool:
     return torch.ops.mkldnn._is_mkldnn_fp16_supported()
 
 
+# oneDNN's linear op (torch builds with mkldnn, which every x86 wheel is): an fp32 GEMM candidate beside MKL's
+_ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+
+
 class Linear(nn.Linear):
     """nn.Linear with CPU inference fast paths (autograd and other devices use F.linear unchanged).
 
     - quill.kernels' matrix-vector kernel, which reads the weight once at memory speed: always for one row,
-      and for more rows (prompts, batched decode outside the fused step) where it beats torch's GEMM on this
-      machine (quill.kernels.tune times both per shape class);
+      and for more rows (prompts, batched decode outside the fused step) where it beats the GEMMs (MKL's
+      through F.linear; for fp32 oneDNN's; for bf16 weights on AVX-512 BF16 Quill's own) on this machine
+      (quill.kernels.tune times them per shape class);
     - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2), and fp32 inputs against half weights on
       every CPU: computed in fp32. torch's fallback bf16 GEMM is far slower than MKL's fp32 one, and its half
       GEMM rounds the output to half (docs/performance.md); converting the weight costs one pass over it.
     """
+
+    _panels: tuple[tuple, Tensor] | None = None  # (the weight's identity, its panels for _panel_gemm)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
             return F.linear(x, w, self.bias)
         # as a candidate against the kernel (several rows), torch computes half weights in fp32 from 2 rows on
-        y = kernels.project(x, w, self.bias, others={"torch": functools.partial(self._torch_forward, upcast_from=2)})
+        others = {"torch": functools.partial(self._torch_forward, upcast_from=2)}
+        if x.dtype == w.dtype == torch.float32 and _ONEDNN_LINEAR:
+            others["onednn"] = self._onednn_forward
+        if w.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) and kernels.has_gemm_bf16():
+            others["bf16gemm"] = self._panel_gemm
+        y = kernels.project(x, w, self.bias, others=others)
         return y if y is not None else self._torch_forward(x)
+
+    def _onednn_forward(self, x: Tensor) -> Tensor:
+        """fp32 product on oneDNN's GEMM: F.linear takes MKL's, which oneDNN's JIT kernels beat on some CPUs
+        (AVX-512 ones: docs/performance.md), so the tuner times both."""
+        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+
+    def _panel_gemm(self, x: Tensor) -> Tensor:
+        """bf16 weights against many rows on Quill's bf16 GEMM (rows rounded to bf16 as the kernel's bf16 rows
+        are; fp32 sums). The weight is repacked into the GEMM's panels on first use and again when it changes."""
+        key = kernels.identity(self.weight)
+        if self._panels is None or self._panels[0] != key:
+            self._panels = (key, kernels.pack_bf16(self.weight))
+        return kernels.gemm_bf16(x, self._panels[1], self.bias, self.out_features)
 
     def _torch_forward(self, x: Tensor, upcast_from: int = kernels.DEFAULT_ROWS + 1) -> Tensor:
         """The CPU inference product on torch's GEMM; half-precision weights in fp32 from `upcast_from` rows on

@@ -140,9 +140,7 @@ class Int8Linear(nn.Module):
 
     def _weights_key(self) -> tuple:
         """The weight, scale and bias's identity: a packed copy made from them is remade when it changes."""
-        # inference tensors (made under inference_mode) keep no version counter: their pointer identifies them
-        return tuple((t.data_ptr(), -1 if t.is_inference() else t._version)
-                     for t in (self.weight, self.weight_scale, self.bias) if t is not None)
+        return kernels.identity(self.weight, self.weight_scale, self.bias)
 
     def _panel_gemm(self, x: Tensor) -> Tensor:
         """Long inputs on Quill's int8 GEMM: activations rounded to int16 with one scale a row (as the decode

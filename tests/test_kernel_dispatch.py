@@ -17,6 +17,7 @@ from quill import kernels
 from quill.errors import InvalidParameter
 from quill.kernels import build, tune
 from quill.kernels.cpu import AVX2, AVX512, VARIANTS, CPU, choose_variant, parse_cpuinfo, this_cpu
+from quill import model as model_module
 from quill.model import GPT, GPTConfig
 from quill.quantize import Int8Linear
 
@@ -197,7 +198,18 @@ def test_tuned_paths_agree_with_the_torch_path(tuning):
     assert {k.split()[1] for k in prefill} == {"w=float32", "w=bfloat16"}
     int8 = [k for k in choices if k.startswith("linear w=int8")]
     assert sorted(k.split()[4] for k in int8) == ["rows<=128", "rows<=32"]
-    assert all(choices[k] in ("quill", "torch", "fbgemm", "i8gemm") for k in prefill + int8)
+    assert all(choices[k] in ("quill", "torch", "onednn", "bf16gemm", "fbgemm", "i8gemm") for k in prefill + int8)
+
+
+@pytest.mark.skipif(not model_module._ONEDNN_LINEAR, reason="torch built without oneDNN's linear op")
+@pytest.mark.parametrize("bias", [True, False])
+def test_the_onednn_candidate_equals_f_linear(bias):
+    """The fp32 candidate beside MKL's GEMM: the same product for 2-d and 3-d inputs, with or without bias."""
+    torch.manual_seed(0)
+    layer = model_module.Linear(96, 80, bias=bias)
+    with torch.inference_mode():
+        for x in (torch.randn(20, 96), torch.randn(3, 40, 96)):
+            assert rel_err(torch.nn.functional.linear(x, layer.weight, layer.bias), layer._onednn_forward(x)) <= 1e-6
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")

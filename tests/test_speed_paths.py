@@ -193,6 +193,30 @@ def test_int8_gemm_matches_an_exact_reference_and_the_torch_path(xdtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_bf16_gemm_matches_an_exact_reference(kernel_isa, xdtype):
+    """The bf16 prefill GEMM (panels of 16 columns, 4 a block, 6-row register blocks, 120-row tasks) against
+    float64 products of the bf16-rounded activations with the bf16 weights (fp32 sums: 1e-5 of the largest
+    output), bias of either dtype or none; rows not a multiple of the block, K odd, N and column-stride tails;
+    a variant without vdpbf16ps says so and refuses."""
+    if not kernels.has_gemm_bf16():
+        with pytest.raises(RuntimeError, match="no bf16 GEMM"):
+            kernels.gemm_bf16(torch.randn(4, 8), kernels.pack_bf16(torch.randn(16, 8)), None, 16)
+        pytest.skip(f"the {kernel_isa} kernels have no bf16 GEMM (vdpbf16ps)")
+    torch.manual_seed(0)
+    for m, k, n, bias_dtype in [(1, 8, 24, None), (5, 37, 29, torch.float32), (130, 601, 70, torch.bfloat16),
+                                (257, 768, 130, torch.float32)]:
+        x = torch.randn(m, k + 3)[:, 1:k + 1].to(xdtype)  # rows with a stride of their own
+        w = torch.randn(n, k).to(torch.bfloat16)
+        bias = None if bias_dtype is None else torch.randn(n).to(bias_dtype)
+        out = kernels.gemm_bf16(x, kernels.pack_bf16(w), bias, n)
+        assert out.dtype == xdtype and out.shape == (m, n)
+        exact = x.to(torch.bfloat16).double() @ w.double().T + (0 if bias is None else bias.double())
+        tol = 1e-5 if xdtype == torch.float32 else 1e-2  # bf16 output rounding
+        assert (out.double() - exact).abs().max() <= tol * exact.abs().max()
+
+
+@needs_kernels
 def test_int8_kernels_give_the_same_bits_in_every_variant(monkeypatch):
     """int8 products sum exact integers in column blocks cut alike by every variant (vpmaddwd on AVX2, VNNI
     vpdpwssd on AVX-512), each block rounded to fp32 once: the same bits as the AVX2 build, tails and odd row

@@ -963,6 +963,100 @@ int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* 
     return 0;
 }
 
+/* ---- bf16 weights against many activation rows (prefill, batched rows; AVX-512 BF16): a register-blocked GEMM
+   The rows are rounded to bf16 once (as rows_bf16dp rounds them), the sums and the output stay fp32. The
+   weights are repacked once (quill.kernels.pack_bf16) into panels of QK_BF16_PANEL output columns: for each
+   pair of K's columns, the panel's 16 columns' two weights side by side (one vector), so an activation pair
+   broadcast across the lanes meets 16 output columns in one vdpbf16ps. A register block is BG_MR rows x
+   QK_BF16_GROUP panels (24 accumulators), summed over the whole of K in registers: the panel group (K x 64
+   columns, 96 KB at K = 768) stays in L2 while every row block of the task passes over it, and the rows'
+   16 horizontal sums per block that rows_bf16dp pays are gone. */
+#if HAVE_BF16DP
+#define BG_MR 6    /* rows a register block: 24 accumulators, 4 weight vectors and a broadcast of 32 registers */
+#define BG_MB 120  /* activation rows per task (a multiple of BG_MR): their bf16 copy stays in L2 */
+#define BG_NC (QK_BF16_PANEL * QK_BF16_GROUP)
+struct gemm_bf16_job {
+    const void* x; int xdt; int64_t M, Mp, ldx, K, Kp; const uint16_t* Wp; const void* bias; int bdt;
+    void* y; int ydt; int64_t ldy, N, ngroups; uint16_t* xb;
+};
+
+/* Rows [8t, 8t + 8) of the activations to bf16, K zero-padded to Kp (rows past M, the block's padding, zeros). */
+static void gemm_bf16_round_task(void* ctx, int64_t t) {
+    const struct gemm_bf16_job* j = (const struct gemm_bf16_job*)ctx;
+    for (int64_t m = 8 * t; m < 8 * t + 8 && m < j->Mp; m++) {
+        uint16_t* b = j->xb + m * j->Kp;
+        if (m >= j->M) memset(b, 0, (size_t)j->K * sizeof(uint16_t));
+        else if (j->xdt == BF16) memcpy(b, (const uint16_t*)j->x + m * j->ldx, (size_t)j->K * sizeof(uint16_t));
+        else if (j->xdt == F32) to_bf16((const float*)j->x + m * j->ldx, j->K, b);
+        else for (int64_t k = 0; k < j->K; k++) b[k] = f32_bf16(ld(j->x, j->xdt, m * j->ldx + k));
+        memset(b + j->K, 0, (size_t)(j->Kp - j->K) * sizeof(uint16_t));
+    }
+}
+
+/* Task t: rows [BG_MB * (t / ngroups), +BG_MB) against the panel group t % ngroups. */
+static void gemm_bf16_task(void* ctx, int64_t t) {
+    const struct gemm_bf16_job* j = (const struct gemm_bf16_job*)ctx;
+    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * BG_MB, Kp = j->Kp, pstride = Kp * QK_BF16_PANEL;
+    const int64_t mb = j->Mp - m0 < BG_MB ? j->Mp - m0 : BG_MB;
+    const int64_t n0 = g * BG_NC, nn = j->N - n0 < BG_NC ? j->N - n0 : BG_NC;
+    const uint16_t* w = j->Wp + g * QK_BF16_GROUP * pstride;
+    for (int64_t m = 0; m < mb; m += BG_MR) {
+        const uint16_t* x = j->xb + (m0 + m) * Kp;
+        __m512 a[BG_MR][QK_BF16_GROUP];
+        for (int r = 0; r < BG_MR; r++)
+            for (int c = 0; c < QK_BF16_GROUP; c++) a[r][c] = _mm512_setzero_ps();
+        for (int64_t k = 0; k < Kp; k += 2) {
+            __m512bh u[QK_BF16_GROUP];
+            for (int c = 0; c < QK_BF16_GROUP; c++) u[c] = ld_bh(w + c * pstride + k * QK_BF16_PANEL);
+            for (int r = 0; r < BG_MR; r++) {
+                int32_t pair;
+                memcpy(&pair, x + r * Kp + k, 4);
+                const __m512bh v = (__m512bh)_mm512_set1_epi32(pair);
+                for (int c = 0; c < QK_BF16_GROUP; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], v, u[c]);
+            }
+        }
+        for (int r = 0; r < BG_MR && m0 + m + r < j->M; r++) {
+            float f[BG_NC];
+            for (int c = 0; c < QK_BF16_GROUP; c++) _mm512_storeu_ps(f + c * QK_BF16_PANEL, a[r][c]);
+            const int64_t o = (m0 + m + r) * j->ldy + n0;
+            int64_t n = 0;
+            for (; n + 8 <= nn; n += 8) {
+                __m256 v = _mm256_loadu_ps(f + n);
+                if (j->bias) v = _mm256_add_ps(v, vld(j->bias, j->bdt, n0 + n));
+                if (j->ydt == F32) _mm256_storeu_ps((float*)j->y + o + n, v);
+                else { _mm256_storeu_ps(f + n, v); for (int i = 0; i < 8; i++) st(j->y, j->ydt, o + n + i, f[n + i]); }
+            }
+            for (; n < nn; n++) st(j->y, j->ydt, o + n, f[n] + (j->bias ? ld(j->bias, j->bdt, n0 + n) : 0.f));
+        }
+    }
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] W[n, k] + bias[n] with x: [M, K] (row stride ldx, dtype xdt) rounded to bf16; Wp: W
+   [N, K] bf16 packed as above (N padded to a multiple of QK_BF16_PANEL * QK_BF16_GROUP, K to QK_BF16_KSTEP,
+   zeros); y: [M, N], row stride ldy, dtype ydt. Returns -1 when out of memory, -2 where this variant has no
+   vdpbf16ps (quill_has_gemm_bf16 says which). */
+int quill_gemm_bf16(const void* x, int xdt, int64_t M, int64_t ldx, const uint16_t* Wp, const void* bias, int bdt,
+                    void* y, int ydt, int64_t ldy, int64_t N, int64_t K, int nthreads) {
+#if HAVE_BF16DP
+    if (M <= 0 || N <= 0) return 0;
+    const int64_t Mp = (M + BG_MR - 1) / BG_MR * BG_MR, Kp = (K + QK_BF16_KSTEP - 1) / QK_BF16_KSTEP * QK_BF16_KSTEP;
+    float* buf = scratch((Mp * Kp + 1) / 2);
+    if (!buf) return -1;
+    struct gemm_bf16_job job = {x, xdt, M, Mp, ldx, K, Kp, Wp, bias, bdt, y, ydt, ldy, N,
+                                (N + BG_NC - 1) / BG_NC, (uint16_t*)buf};
+    pool_run(gemm_bf16_round_task, &job, (Mp + 7) / 8, nthreads);
+    pool_run(gemm_bf16_task, &job, (Mp + BG_MB - 1) / BG_MB * job.ngroups, nthreads);
+    return 0;
+#else
+    (void)x; (void)xdt; (void)M; (void)ldx; (void)Wp; (void)bias; (void)bdt; (void)y; (void)ydt; (void)ldy;
+    (void)N; (void)K; (void)nthreads;
+    return -2;
+#endif
+}
+
+int quill_has_gemm_bf16(void) { return HAVE_BF16DP; }
+
 struct attn_job {
     const void* qkv; int dt; int64_t H, D, ldq; void *kc, *vc; int cdt; int64_t sb, sh, sl; const int64_t* pos;
     int64_t pos0; float scale; void* out; int64_t ldo; _Atomic int err;

@@ -23,6 +23,11 @@
 #define QK_I8_GROUP 3
 #define QK_I8_KSTEP 4
 
+/* the bf16 GEMM's packed weights (quill_gemm_bf16, AVX-512 BF16): the same layout with QK_BF16_PANEL columns */
+#define QK_BF16_PANEL 16
+#define QK_BF16_GROUP 4
+#define QK_BF16_KSTEP 2
+
 /* banned ids per row that quill_argmax_banned takes */
 #define QK_MAX_BANS 64
 

@@ -72,6 +72,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_linear.restype = C
     lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, C, I, I, I, C]
     lib.quill_gemm_i8.restype = C
+    lib.quill_gemm_bf16.argtypes = [P, C, I, I, P, P, C, P, C, I, I, I, C]
+    lib.quill_gemm_bf16.restype = C
+    lib.quill_has_gemm_bf16.argtypes = []
+    lib.quill_has_gemm_bf16.restype = C
     lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
     lib.quill_attn_decode.restype = C
     lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
@@ -206,35 +210,77 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
 
 
 I8_PANEL, I8_GROUP, I8_KSTEP = _ABI["I8_PANEL"], _ABI["I8_GROUP"], _ABI["I8_KSTEP"]
+BF16_PANEL, BF16_GROUP, BF16_KSTEP = _ABI["BF16_PANEL"], _ABI["BF16_GROUP"], _ABI["BF16_KSTEP"]
+
+
+def identity(*tensors: Tensor | None) -> tuple:
+    """The tensors' identity: a packed copy made from them is remade when it changes."""
+    # inference tensors (made under inference_mode) keep no version counter: their pointer identifies them
+    return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors if t is not None)
+
+
+def _pack(weight: Tensor, panel: int, group: int, kstep: int) -> Tensor:
+    """A weight [N, K] in a GEMM's panels: columns zero-padded to a multiple of panel * group, K to kstep, then
+    per panel of `panel` columns each pair of K's columns with the panel's columns side by side:
+    [N / panel, K / 2, panel, 2]."""
+    n, k = weight.shape
+    padded = torch.nn.functional.pad(weight, (0, -k % kstep, 0, -n % (panel * group)))
+    np_, kp = padded.shape
+    return padded.view(np_ // panel, panel, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
 def pack_i8(weight: Tensor) -> Tensor:
-    """An int8 weight [N, K] in the panels `gemm_i8` reads (quill.h's QK_I8_*): columns zero-padded to a
-    multiple of I8_PANEL * I8_GROUP, K to I8_KSTEP, then per panel of I8_PANEL columns each pair of K's columns
-    with the panel's columns side by side: [N / I8_PANEL, K / 2, I8_PANEL, 2]."""
-    n, k = weight.shape
-    nc = I8_PANEL * I8_GROUP
-    padded = torch.nn.functional.pad(weight, (0, -k % I8_KSTEP, 0, -n % nc))
-    np_, kp = padded.shape
-    return padded.view(np_ // I8_PANEL, I8_PANEL, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
+    """An int8 weight [N, K] in the panels `gemm_i8` reads (quill.h's QK_I8_*)."""
+    return _pack(weight, I8_PANEL, I8_GROUP, I8_KSTEP)
+
+
+def pack_bf16(weight: Tensor) -> Tensor:
+    """A weight [N, K] as bf16 in the panels `gemm_bf16` reads (quill.h's QK_BF16_*)."""
+    return _pack(weight.to(torch.bfloat16), BF16_PANEL, BF16_GROUP, BF16_KSTEP)
+
+
+def _gemm_args(x: Tensor, n: int) -> tuple[ctypes.CDLL, Tensor, Tensor]:
+    """The loaded library, x as rows [M, K] with unit column stride, and the output [M, n] in x's dtype."""
+    lib = _lib if _lib is not None else _load()
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    if x2.stride(-1) != 1:
+        x2 = x2.contiguous()
+    return lib, x2, torch.empty(x2.shape[0], n, dtype=x.dtype)
 
 
 def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int) -> Tensor:
     """`(x @ W.T) * scale + bias` for many rows of x [..., K] (a float dtype; the result has it), W int8 [n, K]
     as `pack_i8(W)` packed it, scale float32 [n]: activations rounded to int16 with one scale a row, exact
     integer products (the decode kernels' accuracy at GEMM speed; docs/performance.md)."""
-    lib = _lib if _lib is not None else _load()
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    if x2.stride(-1) != 1:
-        x2 = x2.contiguous()
-    m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x.dtype)
-    rc = lib.quill_gemm_i8(x2.data_ptr(), DTYPE_CODES[x.dtype], m, x2.stride(0), packed.data_ptr(), scale.data_ptr(),
-                           None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
-                           out.data_ptr(), DTYPE_CODES[out.dtype], n, n, k, torch.get_num_threads())
+    lib, x2, out = _gemm_args(x, n)
+    rc = lib.quill_gemm_i8(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), packed.data_ptr(),
+                           scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                           0 if bias is None else DTYPE_CODES[bias.dtype], out.data_ptr(), DTYPE_CODES[out.dtype],
+                           n, n, x2.shape[1], torch.get_num_threads())
     if rc:
         raise MemoryError("quill_gemm_i8: out of memory")
+    return out.view(*x.shape[:-1], n)
+
+
+def has_gemm_bf16() -> bool:
+    """Whether the loaded kernel variant has `gemm_bf16` (AVX-512 BF16's vdpbf16ps)."""
+    lib = _lib if _lib is not None else _load()
+    return lib is not None and bool(lib.quill_has_gemm_bf16())
+
+
+def gemm_bf16(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
+    """`x @ W.T + bias` for many rows of x [..., K] (a float dtype; the result has it), W [n, K] as
+    `pack_bf16(W)` packed it: activations rounded to bf16 once, sums and output in fp32 (as the row kernels'
+    vdpbf16ps path; docs/performance.md). Only where `has_gemm_bf16()`."""
+    lib, x2, out = _gemm_args(x, n)
+    rc = lib.quill_gemm_bf16(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), packed.data_ptr(),
+                             None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
+                             out.data_ptr(), DTYPE_CODES[out.dtype], n, n, x2.shape[1], torch.get_num_threads())
+    if rc == -2:
+        raise RuntimeError(f"quill_gemm_bf16: the {_variant.name} kernels have no bf16 GEMM")
+    if rc:
+        raise MemoryError("quill_gemm_bf16: out of memory")
     return out.view(*x.shape[:-1], n)
 
 
@@ -506,5 +552,5 @@ def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     return out[:count] if count <= out.numel() else None
 
 
-__all__ = ["available", "observed", "rows", "linear", "pack_i8", "gemm_i8", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "identity", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
