@@ -146,7 +146,7 @@ class Int8Linear(nn.Module):
         """Long inputs on Quill's int8 GEMM: activations rounded to int16 with one scale a row (as the decode
         kernels do), so a prefill keeps the decode path's accuracy (docs/performance.md). The weight is repacked
         into the kernel's column panels on first use (one more int8 copy) and again when it changes."""
-        key = self._weights_key()
+        key = (self._weights_key(), kernels.i8_panels())  # the loaded variant's layout
         if self._panels is None or self._panels[0] != key:
             self._panels = (key, kernels.pack_i8(self.weight))
         _, s, b = self.kernel_args()

@@ -12,12 +12,15 @@ typedef short e512bh __attribute__((vector_size(64)));
 #define __m512i e512i
 #define __m512 e512
 #define __m512bh e512bh
+#define IN_REGISTER(v) ((void)0)  /* kernels.c's register pin: an emulated vector is no register */
 static inline e512i E_setzero_si512(void) { e512i z = {0}; return z; }
 static inline e512 E_setzero_ps(void) { e512 z = {0}; return z; }
 static inline e512i E_loadu_si512(const void* p) { e512i r; memcpy(&r, p, 64); return r; }
 static inline void E_storeu_si512(void* p, e512i v) { memcpy(p, &v, 64); }
 static inline e512 E_loadu_ps(const float* p) { e512 r; memcpy(&r, p, 64); return r; }
 static inline void E_storeu_ps(float* p, e512 v) { memcpy(p, &v, 64); }
+static inline e512 E_add_ps(e512 a, e512 b) { return a + b; }
+static inline e512 E_cvtepi32_ps(e512i a) { int32_t s[16]; e512 r; memcpy(s, &a, 64); for (int i = 0; i < 16; i++) r[i] = (float)s[i]; return r; }
 static inline e512i E_set1_epi32(int a) { int32_t d[16]; for (int i = 0; i < 16; i++) d[i] = a; e512i r; memcpy(&r, d, 64); return r; }
 static inline e512i E_cvtepi8_epi16(__m256i a) { int8_t s[32]; int16_t d[32]; memcpy(s, &a, 32); for (int i = 0; i < 32; i++) d[i] = s[i]; e512i r; memcpy(&r, d, 64); return r; }
 static inline e512i E_dpwssd(e512i src, e512i a, e512i b) {
@@ -45,6 +48,8 @@ static inline e512bh E_cvtne2(e512 a, e512 b) { e512bh r; for (int j = 0; j < 16
 #define _mm512_storeu_si512 E_storeu_si512
 #define _mm512_loadu_ps E_loadu_ps
 #define _mm512_storeu_ps E_storeu_ps
+#define _mm512_add_ps E_add_ps
+#define _mm512_cvtepi32_ps E_cvtepi32_ps
 #define _mm512_set1_epi32 E_set1_epi32
 #define _mm512_cvtepi8_epi16 E_cvtepi8_epi16
 #define _mm512_dpwssd_epi32 E_dpwssd

@@ -171,7 +171,7 @@ def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 @needs_kernels
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_int8_gemm_matches_an_exact_reference_and_the_torch_path(xdtype):
-    """The prefill GEMM (panels of 8 columns, 3 a block, K in chunks of 512) against float64 products of the
+    """The prefill GEMM (the variant's panels, K in chunks of 512) against float64 products of the
     int16-rounded activations with the int8 weights (only fp32 rounding differs: 1e-6 of the largest output),
     and against the dequantised fp32 product within the int16 rounding's bound; rows not a multiple of the
     register block, K and N tails, several chunks."""
@@ -217,16 +217,22 @@ def test_bf16_gemm_matches_an_exact_reference(kernel_isa, xdtype):
 
 
 @needs_kernels
-def test_int8_kernels_give_the_same_bits_in_every_variant(monkeypatch):
+def test_int8_kernels_give_the_same_bits_in_every_variant(kernel_isa, monkeypatch):
     """int8 products sum exact integers in column blocks cut alike by every variant (vpmaddwd on AVX2, VNNI
     vpdpwssd on AVX-512), each block rounded to fp32 once: the same bits as the AVX2 build, tails and odd row
-    counts included; the prefill GEMM likewise (its K chunks)."""
+    counts included; the prefill GEMM likewise (its K chunks), each variant on weights packed in its own panels,
+    and a weight packed for another variant's panels is refused."""
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (37, 3000), dtype=torch.int8)
     x, scale, bias = torch.randn(5, 3000), torch.rand(37), torch.randn(37)
     packed, xs = kernels.pack_i8(w), torch.randn(131, 3000)
     got = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)] + [kernels.gemm_i8(xs, packed, scale, bias, 37)]
     monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(build.build(AVX2).path))))
+    monkeypatch.setattr(kernels, "_variant", AVX2)
+    if kernel_isa != "avx2":
+        with pytest.raises(ValueError, match="pack them again"):
+            kernels.gemm_i8(xs, packed, scale, bias, 37)
+    packed = kernels.pack_i8(w)
     want = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)] + [kernels.gemm_i8(xs, packed, scale, bias, 37)]
     assert all(torch.equal(a, b) for a, b in zip(want, got))
 

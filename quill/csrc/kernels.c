@@ -829,50 +829,67 @@ int quill_linear(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, 
 
 /* ---- int8 weights against many activation rows (prefill): a register-blocked GEMM ------------------------
    Activations are rounded to int16 with one scale a row (quantize_i16, as the decode path: near exact), the
-   weights repacked once (quill.kernels.pack_i8) into panels of QK_I8_PANEL output columns: panel p holds,
-   for each pair of columns k, k+1 of K (zero-padded to a multiple of QK_I8_KSTEP), its 8 columns' two weights
-   next to each other, so one int16 pair of an activation row broadcast across the lanes meets 8 output columns
-   in one vpmaddwd (AVX2; AVX-512: two pairs against the same 8 columns per vpdpwssd). A register block is
-   I8G_MR rows x QK_I8_GROUP panels; the weights' columns are walked in chunks of I8G_KC that
-   stay in L1 while every row block of the task meets them. A chunk's lanes sum at most 256 pair products
+   weights repacked once (quill.kernels.pack_i8) into panels of I8G_PANEL output columns: panel p holds, for
+   each pair of columns k, k+1 of K (zero-padded to a multiple of QK_I8_KSTEP), its columns' two weights next
+   to each other, so one int16 pair of an activation row broadcast across the lanes meets the panel's columns
+   in one instruction (AVX2: 8 columns a vpmaddwd; AVX-512: 16 a vpdpwssd, the broadcast a plain load). The
+   panel width is the variant's (quill.h), so a packed weight serves only the variant it was packed for. A
+   register block is I8G_MR rows x I8G_GROUP panels; the weights' columns are walked in chunks of I8G_KC that
+   every row block of the task meets in turn. A chunk's lanes sum at most 256 pair products
    (256 * 2 * 32767 * 127 < 2^31), then are rounded to fp32 and added up chunk by chunk in the same order by
    both variants, so they give the same bits. */
 #define I8G_KC 512   /* K columns per chunk: 256 pairs */
-#define I8G_MB 120   /* activation rows per task (a multiple of I8G_MR): its fp32 sums, 11 KB, stay in L1 */
-#define I8G_NC (QK_I8_PANEL * QK_I8_GROUP)
+#define I8G_MB 120   /* activation rows per task (a multiple of I8G_MR): its fp32 sums stay in L1/L2 */
+#ifdef QUILL_AVX512
+#define I8G_PANEL QK_I8_PANEL_AVX512
+#define I8G_GROUP QK_I8_GROUP_AVX512
+#else
+#define I8G_PANEL QK_I8_PANEL_AVX2
+#define I8G_GROUP QK_I8_GROUP_AVX2
+#endif
+#define I8G_NC (I8G_PANEL * I8G_GROUP)
 struct gemm_i8_job {
     const float* x; int64_t M, Mp, K, Kp; const int8_t* Wp; const float* scale; const void* bias; int bdt;
     void* y; int ydt; int64_t ldy, N, ngroups; int16_t* xq; float* xs;
 };
 
 #ifdef QUILL_AVX512
-#define I8G_MR 4  /* rows a register block: 12 accumulators of 32 registers */
+#ifndef IN_REGISTER  /* (tests/avx512_emulated.h, whose vectors live in memory, defines it empty) */
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#endif
+#define I8G_MR 6  /* rows a register block: 24 accumulators, 4 weight vectors and a broadcast of 32 registers */
+#define I8G_ROWS_OUTER 1  /* a chunk's weights (32 KB) would fill L1: each row block walks all of K from L2 */
 static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, int64_t Kp, const int8_t* w,
                                                             int64_t pstride, int64_t k0, int64_t k1, float* f) {
-    static const int32_t halves[16] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1};
-    const __m512i idx = _mm512_loadu_si512((const void*)halves);
-    __m512i a[I8G_MR][QK_I8_GROUP];
+    _Static_assert(I8G_PANEL == 16, "a vpdpwssd meets 16 columns");
+    __m512i a[I8G_MR][I8G_GROUP];
     for (int r = 0; r < I8G_MR; r++)
-        for (int c = 0; c < QK_I8_GROUP; c++) a[r][c] = _mm512_setzero_si512();
-    for (int64_t k = k0; k < k1; k += 4) {  /* two pairs: lanes 0-7 the first, 8-15 the second */
-        __m512i u[QK_I8_GROUP];
-        for (int c = 0; c < QK_I8_GROUP; c++)
-            u[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + c * pstride + k * QK_I8_PANEL)));
+        for (int c = 0; c < I8G_GROUP; c++) a[r][c] = _mm512_setzero_si512();
+    for (int64_t k = k0; k < k1; k += 2) {
+        __m512i u[I8G_GROUP];
+        for (int c = 0; c < I8G_GROUP; c++)
+            u[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + c * pstride + k * I8G_PANEL)));
         for (int r = 0; r < I8G_MR; r++) {
-            const __m512i v = _mm512_permutexvar_epi32(idx, _mm512_castsi128_si512(_mm_loadl_epi64((const __m128i*)(x + r * Kp + k))));
-            for (int c = 0; c < QK_I8_GROUP; c++) a[r][c] = _mm512_dpwssd_epi32(a[r][c], v, u[c]);
+            int32_t pair;
+            memcpy(&pair, x + r * Kp + k, 4);
+            const __m512i v = _mm512_set1_epi32(pair);
+            for (int c = 0; c < I8G_GROUP; c++) a[r][c] = _mm512_dpwssd_epi32(a[r][c], v, u[c]);
         }
+        /* the accumulators stay in registers (without it GCC kept the array on the stack too and copied each
+           accumulator there and back every pair) */
+        for (int r = 0; r < I8G_MR; r++)
+            for (int c = 0; c < I8G_GROUP; c++) IN_REGISTER(a[r][c]);
     }
     for (int r = 0; r < I8G_MR; r++)
-        for (int c = 0; c < QK_I8_GROUP; c++) {
-            const __m256i s = _mm256_add_epi32(_mm512_castsi512_si256(a[r][c]), _mm512_extracti64x4_epi64(a[r][c], 1));
-            float* o = f + r * I8G_NC + c * QK_I8_PANEL;
-            _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(s)));
+        for (int c = 0; c < I8G_GROUP; c++) {
+            float* o = f + r * I8G_NC + c * I8G_PANEL;
+            _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_cvtepi32_ps(a[r][c])));
         }
 }
 #else
 #define I8G_MR 3  /* rows a register block: 9 accumulators, 3 weight vectors, a broadcast and vpmaddwd's product
                      in 16 registers (4 rows spilled accumulators: no fused accumulate without VNNI) */
+#define I8G_ROWS_OUTER 0  /* a chunk's weights (12 KB) stay in L1 while every row block of the task meets them */
 #define I8G_ROW(a0, a1, a2, xr)                                                                              \
     do {                                                                                                     \
         int32_t pair_;                                                                                       \
@@ -884,14 +901,14 @@ static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, in
     } while (0)
 static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, int64_t Kp, const int8_t* w,
                                                             int64_t pstride, int64_t k0, int64_t k1, float* f) {
-    _Static_assert(QK_I8_GROUP == 3, "the AVX2 block names three panels");
+    _Static_assert(I8G_GROUP == 3 && I8G_PANEL == 8, "the AVX2 block names three panels of 8 columns");
     __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0, c0 = a0, c1 = a0, c2 = a0;
     const int8_t *w0 = w, *w1 = w + pstride, *w2 = w + 2 * pstride;
     const int16_t *x0 = x, *x1 = x + Kp, *x2 = x + 2 * Kp;
     for (int64_t k = k0; k < k1; k += 2) {
-        const __m256i u0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w0 + k * QK_I8_PANEL)));
-        const __m256i u1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w1 + k * QK_I8_PANEL)));
-        const __m256i u2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w2 + k * QK_I8_PANEL)));
+        const __m256i u0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w0 + k * I8G_PANEL)));
+        const __m256i u1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w1 + k * I8G_PANEL)));
+        const __m256i u2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w2 + k * I8G_PANEL)));
         I8G_ROW(a0, a1, a2, x0);
         I8G_ROW(b0, b1, b2, x1);
         I8G_ROW(c0, c1, c2, x2);
@@ -900,8 +917,8 @@ static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, in
     }
     const __m256i acc[9] = {a0, a1, a2, b0, b1, b2, c0, c1, c2};
     for (int r = 0; r < I8G_MR; r++)
-        for (int c = 0; c < QK_I8_GROUP; c++) {
-            float* o = f + r * I8G_NC + c * QK_I8_PANEL;
+        for (int c = 0; c < I8G_GROUP; c++) {
+            float* o = f + r * I8G_NC + c * I8G_PANEL;
             _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(acc[3 * r + c])));
         }
 }
@@ -923,13 +940,15 @@ static void gemm_i8_quant_task(void* ctx, int64_t t) {
 static void gemm_i8_task(void* ctx, int64_t t) {
     const struct gemm_i8_job* j = (const struct gemm_i8_job*)ctx;
     const int64_t g = t % j->ngroups, m0 = t / j->ngroups * I8G_MB;
-    const int64_t mb = j->Mp - m0 < I8G_MB ? j->Mp - m0 : I8G_MB, Kp = j->Kp, pstride = Kp * QK_I8_PANEL;
-    const int8_t* w = j->Wp + g * QK_I8_GROUP * pstride;
+    const int64_t mb = j->Mp - m0 < I8G_MB ? j->Mp - m0 : I8G_MB, Kp = j->Kp, pstride = Kp * I8G_PANEL;
+    const int8_t* w = j->Wp + g * I8G_GROUP * pstride;
     float f[I8G_MB * I8G_NC];
     memset(f, 0, (size_t)mb * I8G_NC * sizeof(float));
-    for (int64_t k0 = 0; k0 < Kp; k0 += I8G_KC) {
-        const int64_t k1 = k0 + I8G_KC < Kp ? k0 + I8G_KC : Kp;
-        for (int64_t m = 0; m < mb; m += I8G_MR) i8g_chunk(j->xq + (m0 + m) * Kp, Kp, w, pstride, k0, k1, f + m * I8G_NC);
+    const int64_t nchunks = (Kp + I8G_KC - 1) / I8G_KC, nblocks = mb / I8G_MR;
+    for (int64_t i = 0; i < nchunks * nblocks; i++) {  /* each block's chunks in K's order either way */
+        const int64_t m = (I8G_ROWS_OUTER ? i / nchunks : i % nblocks) * I8G_MR;
+        const int64_t k0 = (I8G_ROWS_OUTER ? i % nchunks : i / nblocks) * I8G_KC, k1 = k0 + I8G_KC < Kp ? k0 + I8G_KC : Kp;
+        i8g_chunk(j->xq + (m0 + m) * Kp, Kp, w, pstride, k0, k1, f + m * I8G_NC);
     }
     const int64_t n0 = g * I8G_NC, nn = j->N - n0 < I8G_NC ? j->N - n0 : I8G_NC;
     for (int64_t m = 0; m < mb && m0 + m < j->M; m++) {
@@ -947,7 +966,7 @@ static void gemm_i8_task(void* ctx, int64_t t) {
 }
 
 /* y[m, n] = scale[n] * sum_k x[m, k] W[n, k] + bias[n], x: [M, K] (row stride ldx, dtype xdt) rounded to int16
-   per row; Wp: W [N, K] int8 packed as above (N padded to a multiple of QK_I8_PANEL * QK_I8_GROUP, K to
+   per row; Wp: W [N, K] int8 packed as above (N padded to a multiple of I8G_PANEL * I8G_GROUP, K to
    QK_I8_KSTEP, zeros); y: [M, N], row stride ldy, dtype ydt. Returns -1 when out of memory. */
 int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* Wp, const float* scale,
                   const void* bias, int bdt, void* y, int ydt, int64_t ldy, int64_t N, int64_t K, int nthreads) {

@@ -17,11 +17,14 @@
 #define QK_ACT_GELU_ERF 2
 #define QK_ACT_RELU 3
 
-/* the int8 GEMM's packed weights (quill_gemm_i8): panels of QK_I8_PANEL output columns, QK_I8_GROUP panels a
-   register block (N is padded to a multiple of their product), K padded to a multiple of QK_I8_KSTEP */
-#define QK_I8_PANEL 8
-#define QK_I8_GROUP 3
-#define QK_I8_KSTEP 4
+/* the int8 GEMM's packed weights (quill_gemm_i8), per variant: panels of QK_I8_PANEL_* output columns,
+   QK_I8_GROUP_* panels a register block (N is padded to a multiple of their product), K padded to a multiple
+   of QK_I8_KSTEP */
+#define QK_I8_PANEL_AVX2 8
+#define QK_I8_GROUP_AVX2 3
+#define QK_I8_PANEL_AVX512 16
+#define QK_I8_GROUP_AVX512 4
+#define QK_I8_KSTEP 2
 
 /* the bf16 GEMM's packed weights (quill_gemm_bf16, AVX-512 BF16): the same layout with QK_BF16_PANEL columns */
 #define QK_BF16_PANEL 16

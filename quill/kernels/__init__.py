@@ -209,7 +209,6 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     return out
 
 
-I8_PANEL, I8_GROUP, I8_KSTEP = _ABI["I8_PANEL"], _ABI["I8_GROUP"], _ABI["I8_KSTEP"]
 BF16_PANEL, BF16_GROUP, BF16_KSTEP = _ABI["BF16_PANEL"], _ABI["BF16_GROUP"], _ABI["BF16_KSTEP"]
 
 
@@ -229,9 +228,15 @@ def _pack(weight: Tensor, panel: int, group: int, kstep: int) -> Tensor:
     return padded.view(np_ // panel, panel, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
 
 
+def i8_panels() -> tuple[int, int]:
+    """(columns a panel, panels a block) of the loaded variant's int8 GEMM (quill.h's QK_I8_*_AVX2 / _AVX512)."""
+    family = "AVX512" if variant().name.startswith("avx512") else "AVX2"
+    return _ABI[f"I8_PANEL_{family}"], _ABI[f"I8_GROUP_{family}"]
+
+
 def pack_i8(weight: Tensor) -> Tensor:
-    """An int8 weight [N, K] in the panels `gemm_i8` reads (quill.h's QK_I8_*)."""
-    return _pack(weight, I8_PANEL, I8_GROUP, I8_KSTEP)
+    """An int8 weight [N, K] in the panels the loaded variant's `gemm_i8` reads (its own panel width)."""
+    return _pack(weight, *i8_panels(), _ABI["I8_KSTEP"])
 
 
 def pack_bf16(weight: Tensor) -> Tensor:
@@ -253,6 +258,9 @@ def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: in
     """`(x @ W.T) * scale + bias` for many rows of x [..., K] (a float dtype; the result has it), W int8 [n, K]
     as `pack_i8(W)` packed it, scale float32 [n]: activations rounded to int16 with one scale a row, exact
     integer products (the decode kernels' accuracy at GEMM speed; docs/performance.md)."""
+    if packed.shape[2] != i8_panels()[0]:
+        raise ValueError(f"weights packed in panels of {packed.shape[2]} columns; the {_variant.name} kernels read "
+                         f"{i8_panels()[0]}: pack them again (pack_i8)")
     lib, x2, out = _gemm_args(x, n)
     rc = lib.quill_gemm_i8(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), packed.data_ptr(),
                            scale.data_ptr(), None if bias is None else bias.data_ptr(),
@@ -552,5 +560,5 @@ def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     return out[:count] if count <= out.numel() else None
 
 
-__all__ = ["available", "observed", "rows", "linear", "identity", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "identity", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
