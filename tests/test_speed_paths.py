@@ -417,11 +417,13 @@ def test_activation_kernel_half(act, dtype):
 @needs_kernels
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
-def test_attention_kernel_writes_cache_and_matches_sdpa(dtype, cache_dtype):
+@pytest.mark.parametrize("D", [12, 24, 64, 128])
+def test_attention_kernel_writes_cache_and_matches_sdpa(dtype, cache_dtype, D):
     """The new key/value lands at each row's position, rounded to the cache's dtype as torch's cast rounds it,
-    and attention over the cache as stored equals SDPA; no other position changes."""
+    and attention over the cache as stored equals SDPA; no other position changes. Head widths: any (12), a
+    multiple of 8 (scores 8 positions at a time), of 64 (the output in registers); 1, 6 and 20 positions."""
     torch.manual_seed(0)
-    B, H, D, L = 3, 4, 12, 20
+    B, H, L = 3, 4, 20
     k_cache, v_cache = torch.randn(B, H, L, D).to(cache_dtype), torch.randn(B, H, L, D).to(cache_dtype)
     qkv = torch.randn(B, 3 * H * D).to(dtype)
     pos = torch.tensor([5, 0, 19])
