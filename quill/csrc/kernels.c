@@ -380,6 +380,12 @@ static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, 
 }
 
 #ifdef QUILL_AVX512
+/* Register blocks of __m512i accumulators: GCC 12 kept their arrays on the stack as well and copied each
+   accumulator there and back every iteration (a third of the inner loop's instructions). Their loops over
+   rows and columns carry unroll pragmas, and IN_REGISTER pins each accumulator after an iteration. */
+#ifndef IN_REGISTER  /* (tests/avx512_emulated.h, whose vectors live in memory, defines it empty) */
+#define IN_REGISTER(v) __asm__("" : "+v"(v))
+#endif
 /* vpdpwssd: 32 int16 x int16 products summed into 16 int32 lanes per instruction (int8 weights widened to
    int16 in registers). Register blocks of MR activation rows (4, 2 or 1) against four weight rows: with four
    rows each widened weight vector feeds four vpdpwssd (batched decode is compute-bound; 16 accumulators of
@@ -397,30 +403,33 @@ static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x,
     for (; n + 4 <= n1; n += 4) {
         const int8_t* w = W + n * K;
         __m512i a[4][4];
-        for (int i = 0; i < MR; i++)
-            for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++)
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) a[i][c] = _mm512_setzero_si512();
         for (int64_t k = kb; k < ke; k += 32) {
             if (PF && (k & 63) == 0)
-                for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(w + (PF + c) * K + k), PFH);
+                _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) _mm_prefetch((const char*)(w + (PF + c) * K + k), PFH);
             __m512i cw[4];
-            for (int c = 0; c < 4; c++) cw[c] = ld_i8x32(w + c * K + k);
-            for (int i = 0; i < MR; i++) {
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) cw[c] = ld_i8x32(w + c * K + k);
+            _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) {
                 const __m512i u = _mm512_loadu_si512((const void*)(x + i * ldq + k));
-                for (int c = 0; c < 4; c++) a[i][c] = _mm512_dpwssd_epi32(a[i][c], u, cw[c]);
+                _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) a[i][c] = _mm512_dpwssd_epi32(a[i][c], u, cw[c]);
             }
+            _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++)
+                _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) IN_REGISTER(a[i][c]);
         }
-        for (int i = 0; i < MR; i++)
-            for (int c = 0; c < 4; c++) r[i * ldacc + n - n0 + c] += hsum_i512(a[i][c]);
+        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++)
+            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) r[i * ldacc + n - n0 + c] += hsum_i512(a[i][c]);
     }
     for (; n < n1; n++) {
         const int8_t* w0 = W + n * K;
         __m512i a[4];
-        for (int i = 0; i < MR; i++) a[i] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) a[i] = _mm512_setzero_si512();
         for (int64_t k = kb; k < ke; k += 32) {
             const __m512i c0 = ld_i8x32(w0 + k);
-            for (int i = 0; i < MR; i++) a[i] = _mm512_dpwssd_epi32(a[i], _mm512_loadu_si512((const void*)(x + i * ldq + k)), c0);
+            _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) a[i] = _mm512_dpwssd_epi32(a[i], _mm512_loadu_si512((const void*)(x + i * ldq + k)), c0);
+            _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) IN_REGISTER(a[i]);
         }
-        for (int i = 0; i < MR; i++) r[i * ldacc + n - n0] += hsum_i512(a[i]);
+        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) r[i * ldacc + n - n0] += hsum_i512(a[i]);
     }
 }
 __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W,
@@ -450,21 +459,23 @@ static inline __attribute__((always_inline)) void bf16dp_block(const uint16_t* x
                                                                const int MR, const int NR) {
     const int64_t K32 = K & ~(int64_t)31;
     __m512 a[4][4];
-    for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NR; c++) a[r][c] = _mm512_setzero_ps();
+    _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) a[r][c] = _mm512_setzero_ps();
     for (int64_t k = 0; k < K32; k += 32) {
         __m512bh w[4];
-        for (int c = 0; c < NR; c++) {
+        _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
             if (PFW && (k & 31) == 0) _mm_prefetch((const char*)(W + (n + c + PFW) * K + k), PFH);
             w[c] = ld_bh(W + (n + c) * K + k);
         }
-        for (int r = 0; r < MR; r++) {
+        _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) {
             const __m512bh u = ld_bh(x + r * K + k);
-            for (int c = 0; c < NR; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], u, w[c]);
+            _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], u, w[c]);
         }
+        _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++)
+            _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) IN_REGISTER(a[r][c]);
     }
-    for (int r = 0; r < MR; r++)
-        for (int c = 0; c < NR; c++) {
+    _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++)
+        _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
             float s = _mm512_reduce_add_ps(a[r][c]);
             for (int64_t k = K32; k < K; k++) s += bf16_f32(x[r * K + k]) * bf16_f32(W[(n + c) * K + k]);
             acc[r * ldacc + n - n0 + c] = s;
@@ -854,34 +865,29 @@ struct gemm_i8_job {
 };
 
 #ifdef QUILL_AVX512
-#ifndef IN_REGISTER  /* (tests/avx512_emulated.h, whose vectors live in memory, defines it empty) */
-#define IN_REGISTER(v) __asm__("" : "+v"(v))
-#endif
 #define I8G_MR 6  /* rows a register block: 24 accumulators, 4 weight vectors and a broadcast of 32 registers */
 #define I8G_ROWS_OUTER 1  /* a chunk's weights (32 KB) would fill L1: each row block walks all of K from L2 */
 static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, int64_t Kp, const int8_t* w,
                                                             int64_t pstride, int64_t k0, int64_t k1, float* f) {
     _Static_assert(I8G_PANEL == 16, "a vpdpwssd meets 16 columns");
     __m512i a[I8G_MR][I8G_GROUP];
-    for (int r = 0; r < I8G_MR; r++)
-        for (int c = 0; c < I8G_GROUP; c++) a[r][c] = _mm512_setzero_si512();
+    _Pragma("GCC unroll 8") for (int r = 0; r < I8G_MR; r++)
+        _Pragma("GCC unroll 8") for (int c = 0; c < I8G_GROUP; c++) a[r][c] = _mm512_setzero_si512();
     for (int64_t k = k0; k < k1; k += 2) {
         __m512i u[I8G_GROUP];
-        for (int c = 0; c < I8G_GROUP; c++)
+        _Pragma("GCC unroll 8") for (int c = 0; c < I8G_GROUP; c++)
             u[c] = _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)(w + c * pstride + k * I8G_PANEL)));
-        for (int r = 0; r < I8G_MR; r++) {
+        _Pragma("GCC unroll 8") for (int r = 0; r < I8G_MR; r++) {
             int32_t pair;
             memcpy(&pair, x + r * Kp + k, 4);
             const __m512i v = _mm512_set1_epi32(pair);
-            for (int c = 0; c < I8G_GROUP; c++) a[r][c] = _mm512_dpwssd_epi32(a[r][c], v, u[c]);
+            _Pragma("GCC unroll 8") for (int c = 0; c < I8G_GROUP; c++) a[r][c] = _mm512_dpwssd_epi32(a[r][c], v, u[c]);
         }
-        /* the accumulators stay in registers (without it GCC kept the array on the stack too and copied each
-           accumulator there and back every pair) */
-        for (int r = 0; r < I8G_MR; r++)
-            for (int c = 0; c < I8G_GROUP; c++) IN_REGISTER(a[r][c]);
+        _Pragma("GCC unroll 8") for (int r = 0; r < I8G_MR; r++)
+            _Pragma("GCC unroll 8") for (int c = 0; c < I8G_GROUP; c++) IN_REGISTER(a[r][c]);
     }
-    for (int r = 0; r < I8G_MR; r++)
-        for (int c = 0; c < I8G_GROUP; c++) {
+    _Pragma("GCC unroll 8") for (int r = 0; r < I8G_MR; r++)
+        _Pragma("GCC unroll 8") for (int c = 0; c < I8G_GROUP; c++) {
             float* o = f + r * I8G_NC + c * I8G_PANEL;
             _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), _mm512_cvtepi32_ps(a[r][c])));
         }
