@@ -101,9 +101,18 @@ class Page:
     def generate(self) -> None:
         self.page.click("#generate")
 
+    def throttle(self, bytes_per_s: int = 400_000) -> None:
+        """Deliver responses at `bytes_per_s`: a small model can generate every token within two of the page's
+        draws (at most one a frame, or 100 ms in a hidden tab), and a long stream before a test can press Stop;
+        throttled, a stream (~1.7 KB a token) takes about a second per 240 tokens on any machine."""
+        cdp = self.context.new_cdp_session(self.page)
+        cdp.send("Network.enable")
+        cdp.send("Network.emulateNetworkConditions", {"offline": False, "latency": 0, "uploadThroughput": -1,
+                                                      "downloadThroughput": bytes_per_s})
+
     def wait_finished(self, reason: str | None = None) -> str:
         finish = self.page.locator("#stat-finish")
-        expect(self.page.locator("#generate")).to_be_enabled()
+        expect(self.page.locator("#generate")).to_be_enabled(timeout=TIMEOUT)
         if reason is not None:
             expect(finish).to_have_attribute("data-reason", reason)
         return finish.get_attribute("data-reason") or ""
@@ -174,6 +183,7 @@ def test_asks_for_key_then_streams(browser, server, default_model, stream_tokens
             .observe(document.getElementById('out-text'), {childList: true, characterData: true, subtree: true});
     }""")
     p.fill(prompt=PROMPT, max_tokens=stream_tokens, temperature=0.8, seed=7)
+    p.throttle()
     p.generate()
     finish = p.wait_finished()
     assert finish in ("length", "stop")
@@ -219,6 +229,7 @@ def test_stop_long_generation(page, server):
         let last = performance.now();
         setInterval(() => { const now = performance.now(); window.__gap = Math.max(window.__gap, now - last); last = now; }, 20);
     }""")
+    page.throttle()
     page.generate()
     expect(pg.locator("#stop-button")).to_be_enabled()
     expect(pg.locator("#generate")).to_be_disabled()
