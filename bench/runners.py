@@ -86,8 +86,10 @@ class QuillRunner(Runner):
         import quill
 
         dtype = {"fp32": "float32", "bf16": "bfloat16", "int8": "float32"}[precision]
+        # no prefix cache: every measured call repeats its prompt, and each stands for a new one (the peers
+        # keep none either; bench/prefix.py measures the cache)
         self.engine = quill.load(folder, dtype=dtype, quantize="int8" if precision == "int8" else None,
-                                 compile=compile, device=device)
+                                 compile=compile, device=device, prefix_cache=0)
         self.compiled, self.device = compile, device
         eager = device == "cuda" and not cuda_graphs
         if device == "cuda":
