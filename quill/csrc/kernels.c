@@ -380,7 +380,7 @@ static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, 
 }
 
 #ifdef QUILL_AVX512
-/* Register blocks of __m512i accumulators: GCC 12 kept their arrays on the stack as well and copied each
+/* Register blocks of __m512i/__m512 accumulators: GCC 12 kept their arrays on the stack as well and copied each
    accumulator there and back every iteration (a third of the inner loop's instructions). Their loops over
    rows and columns carry unroll pragmas, and IN_REGISTER pins each accumulator after an iteration. */
 #ifndef IN_REGISTER  /* (tests/avx512_emulated.h, whose vectors live in memory, defines it empty) */
@@ -1048,8 +1048,7 @@ static void gemm_bf16_task(void* ctx, int64_t t) {
             for (; n + 8 <= nn; n += 8) {
                 __m256 v = _mm256_loadu_ps(f + n);
                 if (j->bias) v = _mm256_add_ps(v, vld(j->bias, j->bdt, n0 + n));
-                if (j->ydt == F32) _mm256_storeu_ps((float*)j->y + o + n, v);
-                else { _mm256_storeu_ps(f + n, v); for (int i = 0; i < 8; i++) st(j->y, j->ydt, o + n + i, f[n + i]); }
+                vst(j->y, j->ydt, o + n, v);
             }
             for (; n < nn; n++) st(j->y, j->ydt, o + n, f[n] + (j->bias ? ld(j->bias, j->bdt, n0 + n) : 0.f));
         }
