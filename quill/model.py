@@ -54,7 +54,9 @@ class Linear(nn.Linear):
       GEMM rounds the output to half (docs/performance.md); converting the weight costs one pass over it.
     """
 
-    _panels: tuple[tuple, Tensor] | None = None  # (the weight's identity, its panels for _panel_gemm)
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._panels = kernels.PackedCopy()  # the weight in the bf16 GEMM's panels (_panel_gemm)
 
     def forward(self, x: Tensor) -> Tensor:
         w = self.weight
@@ -77,10 +79,8 @@ class Linear(nn.Linear):
     def _panel_gemm(self, x: Tensor) -> Tensor:
         """bf16 weights against many rows on Quill's bf16 GEMM (rows rounded to bf16 as the kernel's bf16 rows
         are; fp32 sums). The weight is repacked into the GEMM's panels on first use and again when it changes."""
-        key = kernels.identity(self.weight)
-        if self._panels is None or self._panels[0] != key:
-            self._panels = (key, kernels.pack_bf16(self.weight))
-        return kernels.gemm_bf16(x, self._panels[1], self.bias, self.out_features)
+        panels = self._panels.get(kernels.identity(self.weight), lambda: kernels.pack_bf16(self.weight))
+        return kernels.gemm_bf16(x, panels, self.bias, self.out_features)
 
     def _torch_forward(self, x: Tensor, upcast_from: int = kernels.DEFAULT_ROWS + 1) -> Tensor:
         """The CPU inference product on torch's GEMM; half-precision weights in fp32 from `upcast_from` rows on

@@ -99,8 +99,8 @@ class Int8Linear(nn.Module):
         self.register_buffer("weight", weight.contiguous())
         self.register_buffer("weight_scale", scale.float().contiguous())
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
-        self._packed: tuple[tuple, object] | None = None  # (weights' identity, fbgemm's packed weight), see _gemm
-        self._panels: tuple[tuple, Tensor] | None = None  # (weights' identity, the panels of _panel_gemm)
+        self._packed = kernels.PackedCopy()  # fbgemm's packed weight, see _gemm
+        self._panels = kernels.PackedCopy()  # the panels of _panel_gemm
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -147,10 +147,9 @@ class Int8Linear(nn.Module):
         kernels do), so a prefill keeps the decode path's accuracy (docs/performance.md). The weight is repacked
         into the kernel's column panels on first use (one more int8 copy) and again when it changes."""
         key = (self._weights_key(), kernels.i8_panels())  # the loaded variant's layout
-        if self._panels is None or self._panels[0] != key:
-            self._panels = (key, kernels.pack_i8(self.weight))
+        panels = self._panels.get(key, lambda: kernels.pack_i8(self.weight))
         _, s, b = self.kernel_args()
-        return kernels.gemm_i8(x, self._panels[1], s, b, self.out_features)
+        return kernels.gemm_i8(x, panels, s, b, self.out_features)
 
     def _gemm(self, x: Tensor) -> Tensor:
         """Long inputs (prefill) on fbgemm's int8 GEMM, activations quantised per tensor to uint8 on the fly.
@@ -160,11 +159,9 @@ class Int8Linear(nn.Module):
         packed weight (fbgemm's layout, one more int8 copy) is made on first use and remade when the weight,
         scale or bias change.
         """
-        key = self._weights_key()
-        if self._packed is None or self._packed[0] != key:
-            self._packed = (key, _prepack(self.weight, self.weight_scale, self.bias))
+        packed = self._packed.get(self._weights_key(), lambda: _prepack(self.weight, self.weight_scale, self.bias))
         x2 = x.reshape(-1, self.in_features).float().contiguous()
-        y = torch.ops.quantized.linear_dynamic(x2, self._packed[1], True)  # reduce_range: no vpmaddubsw overflow
+        y = torch.ops.quantized.linear_dynamic(x2, packed, True)  # reduce_range: no vpmaddubsw overflow
         return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:

@@ -218,6 +218,25 @@ def identity(*tensors: Tensor | None) -> tuple:
     return tuple((t.data_ptr(), -1 if t.is_inference() else t._version) for t in tensors if t is not None)
 
 
+class PackedCopy:
+    """A weight in a GEMM's own layout, made on first use and made again when the key it was made for changes
+    (the `identity` of what it was made from, and anything else its layout depends on)."""
+
+    def __init__(self) -> None:
+        self._key: tuple | None = None
+        self._value: object = None
+
+    @property
+    def made(self) -> bool:
+        return self._key is not None
+
+    def get(self, key: tuple, make: Callable[[], object]) -> object:
+        """The copy for `key`, made by `make()` unless the one kept was made for the same key."""
+        if self._key != key:
+            self._value, self._key = make(), key
+        return self._value
+
+
 def _pack(weight: Tensor, panel: int, group: int, kstep: int) -> Tensor:
     """A weight [N, K] in a GEMM's panels: columns zero-padded to a multiple of panel * group, K to kstep, then
     per panel of `panel` columns each pair of K's columns with the panel's columns side by side:
@@ -560,5 +579,5 @@ def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     return out[:count] if count <= out.numel() else None
 
 
-__all__ = ["available", "observed", "rows", "linear", "identity", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
