@@ -42,6 +42,28 @@ static inline e512 E_dpbf16(e512 src, e512bh a, e512bh b) { for (int j = 0; j < 
 static inline float E_reduce_add_ps(e512 v) { float s = 0; for (int i = 0; i < 16; i++) s += v[i]; return s; }
 static inline short E_rne(float f) { uint32_t u; memcpy(&u, &f, 4); u += 0x7fffu + ((u >> 16) & 1u); return (short)(u >> 16); }
 static inline e512bh E_cvtne2(e512 a, e512 b) { e512bh r; for (int j = 0; j < 16; j++) { r[j] = E_rne(b[j]); r[j + 16] = E_rne(a[j]); } return r; }
+static inline e512 E_div_ps(e512 a, e512 b) { return a / b; }
+static inline e512 E_mul_ps(e512 a, e512 b) { return a * b; }
+static inline e512 E_set1_ps(float a) { e512 r; for (int i = 0; i < 16; i++) r[i] = a; return r; }
+static inline e512i E_permutexvar_epi16(e512i idx, e512i a) {
+    int16_t i[32], s[32], d[32]; memcpy(i, &idx, 64); memcpy(s, &a, 64);
+    for (int j = 0; j < 32; j++) d[j] = s[i[j] & 31];
+    e512i r; memcpy(&r, d, 64); return r; }
+static inline e512i E_permutex2var_epi16(e512i a, e512i idx, e512i b) {
+    int16_t i[32], s[64], d[32]; memcpy(i, &idx, 64); memcpy(s, &a, 64); memcpy(s + 32, &b, 64);
+    for (int j = 0; j < 32; j++) d[j] = s[i[j] & 63];
+    e512i r; memcpy(&r, d, 64); return r; }
+static inline e512i E_slli_epi32(e512i a, unsigned n) { uint32_t s[16]; memcpy(s, &a, 64); for (int j = 0; j < 16; j++) s[j] <<= n; e512i r; memcpy(&r, s, 64); return r; }
+static inline e512i E_and_si512(e512i a, e512i b) { return a & b; }
+static inline e512 E_castsi512_ps(e512i a) { e512 r; memcpy(&r, &a, 64); return r; }
+static inline e512i E_cast256_512(__m256i a) { e512i r = {0}; memcpy(&r, &a, 32); return r; }
+static inline e512i E_set_epi16(short e31, short e30, short e29, short e28, short e27, short e26, short e25, short e24,
+                                short e23, short e22, short e21, short e20, short e19, short e18, short e17, short e16,
+                                short e15, short e14, short e13, short e12, short e11, short e10, short e9, short e8,
+                                short e7, short e6, short e5, short e4, short e3, short e2, short e1, short e0) {
+    const int16_t d[32] = {e0, e1, e2, e3, e4, e5, e6, e7, e8, e9, e10, e11, e12, e13, e14, e15,
+                           e16, e17, e18, e19, e20, e21, e22, e23, e24, e25, e26, e27, e28, e29, e30, e31};
+    e512i r; memcpy(&r, d, 64); return r; }
 #define _mm512_setzero_si512 E_setzero_si512
 #define _mm512_setzero_ps E_setzero_ps
 #define _mm512_loadu_si512 E_loadu_si512
@@ -63,3 +85,13 @@ static inline e512bh E_cvtne2(e512 a, e512 b) { e512bh r; for (int j = 0; j < 16
 #define _mm512_dpbf16_ps E_dpbf16
 #define _mm512_reduce_add_ps E_reduce_add_ps
 #define _mm512_cvtne2ps_pbh E_cvtne2
+#define _mm512_div_ps E_div_ps
+#define _mm512_permutexvar_epi16 E_permutexvar_epi16
+#define _mm512_permutex2var_epi16 E_permutex2var_epi16
+#define _mm512_slli_epi32 E_slli_epi32
+#define _mm512_and_si512 E_and_si512
+#define _mm512_castsi512_ps E_castsi512_ps
+#define _mm512_castsi256_si512 E_cast256_512
+#define _mm512_set_epi16 E_set_epi16
+#define _mm512_mul_ps E_mul_ps
+#define _mm512_set1_ps E_set1_ps

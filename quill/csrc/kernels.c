@@ -1178,6 +1178,26 @@ int quill_attn_decode(const void* qkv, int dt, int64_t B, int64_t H, int64_t D, 
    rows by 16 dims at a time. Two passes over an exact score block instead of an online softmax: a block is at
    most 1024 keys (96 KB), which stays in L2. It replaces torch's flash kernel for causal prompts, which is
    slower on these CPUs (docs/performance.md). */
+/* A query block's causal softmax weights, unnormalised: s holds scores [L keys][W queries] (W a multiple of 8),
+   query i at position p0 + i sees keys 0..p0 + i. Each column becomes exp(score - column max), the masked keys
+   exactly 0; z (when not NULL) gets the column sums. */
+static void causal_exp(float* s, int64_t L, int64_t W, int64_t p0, float* z) {
+    for (int64_t l = p0 + 1; l < L; l++)  /* the causal mask: key l is after queries 0..l - p0 - 1 */
+        for (int64_t i = 0; i < l - p0; i++) s[l * W + i] = -INFINITY;
+    for (int64_t c = 0; c < W; c += 8) {  /* down each column, eight queries at a time */
+        __m256 mx = _mm256_set1_ps(-INFINITY), sum = _mm256_setzero_ps();
+        for (int64_t l = 0; l < L; l++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + l * W + c));
+        for (int64_t l = 0; l < L; l++) {
+            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + l * W + c), mx));
+            _mm256_storeu_ps(s + l * W + c, e);
+            sum = _mm256_add_ps(sum, e);
+        }
+        if (z) _mm256_storeu_ps(z + c, sum);
+    }
+    for (int64_t l = p0 + 1; l < L; l++)  /* exp_neg clamps at -87: masked weights to exactly 0 (the sums */
+        for (int64_t i = 0; i < l - p0; i++) s[l * W + i] = 0.f;  /* took e^-87 each: below fp32's resolution) */
+}
+
 #define PQ 24
 struct prefill_job {
     const float *q, *k, *v; float* out;
@@ -1233,21 +1253,9 @@ static void prefill_task(void* ctx, int64_t t) {
         }
         _mm256_storeu_ps(s + l * PQ, a0); _mm256_storeu_ps(s + l * PQ + 8, a1); _mm256_storeu_ps(s + l * PQ + 16, a2);
     }
-    for (l = p0 + 1; l < L; l++)  /* the causal mask: key l is after queries 0..l - p0 - 1 */
-        for (int64_t i = 0; i < l - p0; i++) s[l * PQ + i] = -INFINITY;
     float inv[PQ];
-    for (int c = 0; c < PQ; c += 8) {  /* softmax down each column, eight queries at a time */
-        __m256 mx = _mm256_set1_ps(-INFINITY), z = _mm256_setzero_ps();
-        for (l = 0; l < L; l++) mx = _mm256_max_ps(mx, _mm256_loadu_ps(s + l * PQ + c));
-        for (l = 0; l < L; l++) {
-            const __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + l * PQ + c), mx));
-            _mm256_storeu_ps(s + l * PQ + c, e);
-            z = _mm256_add_ps(z, e);
-        }
-        _mm256_storeu_ps(inv + c, _mm256_div_ps(_mm256_set1_ps(1.f), z));
-    }
-    for (l = p0 + 1; l < L; l++)  /* exp_neg clamps at -87: masked weights to exactly 0 */
-        for (int64_t i = 0; i < l - p0; i++) s[l * PQ + i] = 0.f;
+    causal_exp(s, L, PQ, p0, inv);
+    for (int i = 0; i < PQ; i++) inv[i] = 1.f / inv[i];
     const float* vb = j->v + b * j->vsb + h * j->vsh;
     const int64_t vsl = j->vsl, ost = j->H * D;
     float* ob = j->out + ((b * j->T + i0) * j->H + h) * D;
@@ -1296,6 +1304,148 @@ int quill_attn_prefill(const float* q, int64_t qsb, int64_t qsh, int64_t qst,
 /* ---- a whole decode step --------------------------------------------------------------------------------
    `plan` describes the model as int64 words, laid out as quill.h's QK_PLAN_* / QK_LAYER_* say.
    One call runs embedding, every block and the head for B rows, one token each. */
+/* ---- causal attention of many queries on vdpbf16ps (AVX-512 BF16), for bf16 keys and values (a bf16 or int8
+   model's cache). The queries are scaled, then rounded to bf16; scores, softmax and output sums are fp32; the
+   weights are rounded to bf16 and normalised by the sum of the rounded weights. A task is AB queries of one
+   head. Scores: lanes are queries, a key's pair of dims broadcast against the queries' pairs (q^T repacked as
+   [D/2][AB][2]). Output: lanes are dims, a query's pair of weights ([keys/2][AB][2]) broadcast against two
+   keys' values side by side (V repacked as [keys/2][D][2]), so the rows come out as the output stores them. */
+#if HAVE_BF16DP
+#define AB 32  /* queries a task: two vectors of 16 */
+#define AK 8   /* keys a block of scores: 16 accumulators */
+#define AQ 4   /* queries a block of output, against up to AV vectors of 16 dims: 16 accumulators */
+#define AV 4
+struct attn_bf16_job {
+    const void* q; int qdt; const uint16_t *k, *v; void* out; int odt;
+    int64_t H, T, D, start, nqb, qsb, qsh, qst, ksb, ksh, ksl, vsb, vsh, vsl;
+    float scale; _Atomic int err;
+};
+
+static inline __m512bh bcast_pair(const uint16_t* p) { int32_t u; memcpy(&u, p, 4); return (__m512bh)_mm512_set1_epi32(u); }
+
+/* Scores of NK keys (rows of k, stride ksl) against the task's queries: s[r][0..AB) */
+static inline __attribute__((always_inline)) void attn_scores(const uint16_t* qt, const uint16_t* k, int64_t ksl,
+                                                              int64_t D, float* s, const int NK) {
+    __m512 a[AK][2];
+    _Pragma("GCC unroll 8") for (int r = 0; r < NK; r++) a[r][0] = a[r][1] = _mm512_setzero_ps();
+    for (int64_t d = 0; d < D; d += 2) {
+        const __m512bh u0 = ld_bh(qt + d * AB), u1 = ld_bh(qt + d * AB + 32);
+        _Pragma("GCC unroll 8") for (int r = 0; r < NK; r++) {
+            const __m512bh c = bcast_pair(k + r * ksl + d);
+            a[r][0] = _mm512_dpbf16_ps(a[r][0], c, u0);
+            a[r][1] = _mm512_dpbf16_ps(a[r][1], c, u1);
+        }
+        _Pragma("GCC unroll 8") for (int r = 0; r < NK; r++) { IN_REGISTER(a[r][0]); IN_REGISTER(a[r][1]); }
+    }
+    _Pragma("GCC unroll 8") for (int r = 0; r < NK; r++) {
+        _mm512_storeu_ps(s + r * AB, a[r][0]);
+        _mm512_storeu_ps(s + r * AB + 16, a[r][1]);
+    }
+}
+
+/* Output rows of queries i..i+AQ, dims [16 dv, 16 (dv + NV)): sum over key pairs, times zinv; o: [AQ][D] */
+static inline __attribute__((always_inline)) void attn_values(const uint16_t* pw, const uint16_t* vp, int64_t L2,
+                                                              int64_t D, int64_t i, int64_t dv, const float* zinv,
+                                                              float* o, const int NV) {
+    __m512 a[AQ][AV];
+    _Pragma("GCC unroll 4") for (int r = 0; r < AQ; r++)
+        _Pragma("GCC unroll 4") for (int c = 0; c < NV; c++) a[r][c] = _mm512_setzero_ps();
+    for (int64_t lp = 0; lp < L2; lp++) {
+        __m512bh w[AV];
+        _Pragma("GCC unroll 4") for (int c = 0; c < NV; c++) w[c] = ld_bh(vp + (lp * D + 16 * (dv + c)) * 2);
+        _Pragma("GCC unroll 4") for (int r = 0; r < AQ; r++) {
+            const __m512bh p = bcast_pair(pw + (lp * AB + i + r) * 2);
+            _Pragma("GCC unroll 4") for (int c = 0; c < NV; c++) a[r][c] = _mm512_dpbf16_ps(a[r][c], p, w[c]);
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < AQ; r++)
+            _Pragma("GCC unroll 4") for (int c = 0; c < NV; c++) IN_REGISTER(a[r][c]);
+    }
+    _Pragma("GCC unroll 4") for (int r = 0; r < AQ; r++)
+        _Pragma("GCC unroll 4") for (int c = 0; c < NV; c++)
+            _mm512_storeu_ps(o + r * D + 16 * (dv + c), _mm512_mul_ps(a[r][c], _mm512_set1_ps(zinv[i + r])));
+}
+
+static void attn_bf16_task(void* ctx, int64_t t) {
+    struct attn_bf16_job* j = (struct attn_bf16_job*)ctx;
+    const int64_t D = j->D, qb = t % j->nqb, h = t / j->nqb % j->H, b = t / j->nqb / j->H;
+    const int64_t i0 = qb * AB, nq = j->T - i0 < AB ? j->T - i0 : AB;
+    const int64_t p0 = j->start + i0, L = p0 + nq, L2 = (L + 1) / 2;  /* query i sees keys 0..p0 + i */
+    float* buf = scratch(AB * L + AQ * D + AB + (D * AB + 2 * L2 * AB + 2 * L2 * D + D) / 2);
+    if (!buf) { j->err = -1; return; }
+    /* fp32: scores, then weights [L][AB]; AQ output rows; 1 / the weights' sums. bf16: q^T pairs, weight pairs,
+       V pairs, one query row */
+    float *s = buf, *o = s + AB * L, *zinv = o + AQ * D;
+    uint16_t *qt = (uint16_t*)(zinv + AB), *pw = qt + D * AB, *vp = pw + 2 * L2 * AB, *qrow = vp + 2 * L2 * D;
+    for (int64_t i = 0; i < AB; i++) {  /* q^T pairs, scaled and rounded; queries past T are zeros */
+        if (i < nq) {
+            widen(o, j->q, j->qdt, b * j->qsb + h * j->qsh + (i0 + i) * j->qst, D);
+            for (int64_t d = 0; d < D; d += 8) _mm256_storeu_ps(o + d, _mm256_mul_ps(_mm256_loadu_ps(o + d), _mm256_set1_ps(j->scale)));
+            to_bf16(o, D, qrow);
+        }
+        for (int64_t d = 0; d < D; d += 2) memcpy(qt + (d / 2 * AB + i) * 2, i < nq ? qrow + d : (const uint16_t[2]){0, 0}, 4);
+    }
+    const uint16_t* kb = j->k + b * j->ksb + h * j->ksh;
+    int64_t l = 0;
+    for (; l + AK <= L; l += AK) attn_scores(qt, kb + l * j->ksl, j->ksl, D, s + l * AB, AK);
+    for (; l < L; l++) attn_scores(qt, kb + l * j->ksl, j->ksl, D, s + l * AB, 1);
+    causal_exp(s, L, AB, p0, NULL);
+    /* weights to bf16, two keys side by side per query ([L2][AB][2], an odd last key paired with a zero), and
+       the sums of the rounded weights */
+    const __m512i pairs = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                           23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    __m512 z[2] = {_mm512_setzero_ps(), _mm512_setzero_ps()};
+    for (int64_t lp = 0; lp < L2; lp++)
+        for (int c = 0; c < 2; c++) {
+            const float* e = s + 2 * lp * AB + 16 * c;
+            const __m512 e0 = _mm512_loadu_ps(e), e1 = 2 * lp + 1 < L ? _mm512_loadu_ps(e + AB) : _mm512_setzero_ps();
+            const __m512i w = _mm512_permutexvar_epi16(pairs, (__m512i)_mm512_cvtne2ps_pbh(e1, e0));
+            _mm512_storeu_si512((void*)(pw + (lp * AB + 16 * c) * 2), w);
+            z[c] = _mm512_add_ps(z[c], _mm512_add_ps(_mm512_castsi512_ps(_mm512_slli_epi32(w, 16)),
+                                                     _mm512_castsi512_ps(_mm512_and_si512(w, _mm512_set1_epi32((int)0xffff0000u)))));
+        }
+    _mm512_storeu_ps(zinv, _mm512_div_ps(_mm512_set1_ps(1.f), z[0]));
+    _mm512_storeu_ps(zinv + 16, _mm512_div_ps(_mm512_set1_ps(1.f), z[1]));
+    const uint16_t* vb = j->v + b * j->vsb + h * j->vsh;
+    const __m512i rows = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8,
+                                          39, 7, 38, 6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    for (int64_t lp = 0; lp < L2; lp++)  /* V pairs: keys 2lp and 2lp + 1 side by side per dim, 16 dims a vector */
+        for (int64_t d = 0; d < D; d += 16) {
+            const __m512i r0 = _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(vb + 2 * lp * j->vsl + d)));
+            const __m512i r1 = 2 * lp + 1 < L ? _mm512_castsi256_si512(_mm256_loadu_si256((const __m256i*)(vb + (2 * lp + 1) * j->vsl + d)))
+                                              : _mm512_setzero_si512();
+            _mm512_storeu_si512((void*)(vp + (lp * D + d) * 2), _mm512_permutex2var_epi16(r0, rows, r1));
+        }
+    for (int64_t i = 0; i < nq; i += AQ) {
+        int64_t dv = 0;
+        for (; dv + AV <= D / 16; dv += AV) attn_values(pw, vp, L2, D, i, dv, zinv, o, AV);
+        for (; dv < D / 16; dv++) attn_values(pw, vp, L2, D, i, dv, zinv, o, 1);
+        for (int64_t r = 0; r < AQ && i + r < nq; r++)
+            narrow(j->out, j->odt, ((b * j->T + i0 + i + r) * j->H + h) * D, o + r * D, D);
+    }
+}
+#endif
+
+/* quill_attn_prefill on vdpbf16ps, for bf16 k and v (q of any float dtype): out [B, T, H, D] contiguous of dtype
+   odt. D a multiple of 16. Returns -1 when out of memory, -2 where this variant has no vdpbf16ps. */
+int quill_attn_prefill_bf16(const void* q, int qdt, int64_t qsb, int64_t qsh, int64_t qst,
+                            const uint16_t* k, int64_t ksb, int64_t ksh, int64_t ksl,
+                            const uint16_t* v, int64_t vsb, int64_t vsh, int64_t vsl,
+                            int64_t B, int64_t H, int64_t T, int64_t D, int64_t start, float scale, void* out, int odt,
+                            int nthreads) {
+#if HAVE_BF16DP
+    const int64_t nqb = (T + AB - 1) / AB;
+    struct attn_bf16_job job = {q, qdt, k, v, out, odt, H, T, D, start, nqb, qsb, qsh, qst, ksb, ksh, ksl,
+                                vsb, vsh, vsl, scale, 0};
+    pool_run(attn_bf16_task, &job, B * H * nqb, nthreads);
+    return job.err;
+#else
+    (void)q; (void)qdt; (void)qsb; (void)qsh; (void)qst; (void)k; (void)ksb; (void)ksh; (void)ksl; (void)v;
+    (void)vsb; (void)vsh; (void)vsl; (void)B; (void)H; (void)T; (void)D; (void)start; (void)scale; (void)out;
+    (void)odt; (void)nthreads;
+    return -2;
+#endif
+}
+
 static inline float f32_bits(int64_t w) { uint32_t u = (uint32_t)w; float f; memcpy(&f, &u, 4); return f; }
 
 static int lin(const void* x, int xdt, int64_t M, const int64_t* l, const void* res, void* y, int ydt,

@@ -80,6 +80,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_attn_decode.restype = C
     lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
     lib.quill_attn_prefill.restype = C
+    lib.quill_attn_prefill_bf16.argtypes = [P, C, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C, C]
+    lib.quill_attn_prefill_bf16.restype = C
     lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C]
     lib.quill_decode_step.restype = C
     lib.quill_activate.argtypes = [P, I, C, C, C]
@@ -392,9 +394,11 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
     when the kernel does not serve (the caller runs torch's SDPA).
 
     q: [B, H, T, D]; k, v: [B, H, start+T, D] (views of the cache or of the fused qkv projection), float CPU
-    inference tensors with a contiguous last dim and D a multiple of 16. The kernel computes in fp32: bf16/fp16
-    inputs are upcast first (a small cost beside what the kernel saves over torch's bf16 flash attention,
-    docs/performance.md); the result is fp32.
+    inference tensors with a contiguous last dim and D a multiple of 16. bf16 keys and values (a bf16 or int8
+    model's cache) run on vdpbf16ps where the CPU has it (`has_gemm_bf16`): q rounded to bf16, the softmax
+    weights too, sums in fp32; the result has q's dtype. Otherwise the kernel computes in fp32 (bf16/fp16
+    inputs upcast first: a small cost beside what it saves over torch's bf16 flash attention,
+    docs/performance.md) and the result is fp32.
     """
     B, H, T, D = q.shape
     ts = (q, k, v)
@@ -402,11 +406,17 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
             or any(t.dtype not in FLOAT_DTYPES or t.stride(-1) != 1 for t in ts)
             or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) or not available()):
         return None
-    q, k, v = q.float(), k.float(), v.float()
-    out = torch.empty(B, T, H, D)
-    rc = _lib.quill_attn_prefill(
-        q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
-        B, H, T, D, start, scale, out.data_ptr(), torch.get_num_threads())
+    if k.dtype == v.dtype == torch.bfloat16 and q.dtype in (torch.float32, torch.bfloat16) and has_gemm_bf16():
+        out = torch.empty(B, T, H, D, dtype=q.dtype)
+        rc = _lib.quill_attn_prefill_bf16(
+            q.data_ptr(), DTYPE_CODES[q.dtype], *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
+            *v.stride()[:3], B, H, T, D, start, scale, out.data_ptr(), DTYPE_CODES[out.dtype], torch.get_num_threads())
+    else:
+        q, k, v = q.float(), k.float(), v.float()
+        out = torch.empty(B, T, H, D)
+        rc = _lib.quill_attn_prefill(
+            q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
+            B, H, T, D, start, scale, out.data_ptr(), torch.get_num_threads())
     if rc:
         raise MemoryError("quill_attn_prefill: out of memory")
     return out
