@@ -132,19 +132,22 @@ class QuillRunner(Runner):
         return top1(position_logits(self.engine.model, ids, mode, PROMPT_LEN))
 
 
-class _FirstTokenTimer:
-    """A transformers streamer that records when the first generated token arrives."""
+def first_token_timer():
+    """A transformers stopping criterion that never stops and records when it is first asked, which is when
+    every row has its first generated token (the prefill done): timing from there is timing the decode steps,
+    for any number of rows."""
+    import torch
+    from transformers import StoppingCriteria
 
-    def __init__(self):
-        self.calls, self.first = 0, None
+    class FirstTokenTimer(StoppingCriteria):
+        first: float | None = None
 
-    def put(self, value):
-        self.calls += 1
-        if self.calls == 2:  # the first put is the prompt
-            self.first = time.perf_counter()
+        def __call__(self, input_ids, scores, **kwargs):
+            if self.first is None:
+                self.first = time.perf_counter()
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
-    def end(self):
-        pass
+    return FirstTokenTimer()
 
 
 def conv1d_to_linear(model) -> None:
@@ -187,21 +190,11 @@ class TransformersRunner(Runner):
 
         ids = torch.tensor([prompt] * batch, device=self.device)
         kw = dict(attention_mask=torch.ones_like(ids), do_sample=False, use_cache=True)
+        timer = first_token_timer()
         with torch.inference_mode():
-            if batch == 1:  # a streamer times the first token (streamers take one row only)
-                timer = _FirstTokenTimer()
-                self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, streamer=timer, **kw)
-                self._sync()
-                return time.perf_counter() - timer.first
-            self._sync()
-            t0 = time.perf_counter()  # rows: total time minus that of a one-token generate (the prefill)
-            self.model.generate(ids, max_new_tokens=1, **kw)
-            self._sync()
-            t1 = time.perf_counter()
-            self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, **kw)
-            self._sync()
-            t2 = time.perf_counter()
-        return (t2 - t1) - (t1 - t0)
+            self.model.generate(ids, max_new_tokens=new, min_new_tokens=new, stopping_criteria=[timer], **kw)
+        self._sync()
+        return time.perf_counter() - timer.first
 
     def prefill(self, prompt):
         import torch

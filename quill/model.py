@@ -313,7 +313,7 @@ class CausalSelfAttention(nn.Module):
         start = 0 if pos is None else pos.causal_start
         y = None
         if start is not None and not (self.training and self.attn_pdrop > 0):
-            y = kernels.attn_prefill(q, k, v, start, self.scale)  # [B, T, H, D] fp32
+            y = kernels.attn_prefill(q, k, v, start, self.scale)  # [B, T, H, D], fp32 or q's dtype
         if y is None:
             if self.upcast:
                 q, k, v = q.float(), k.float(), v.float()
