@@ -41,7 +41,8 @@ $(VENV)/.installed-bench: $(VENV)/.installed-test
 bench: $(VENV)/.installed-bench
 	$(PY) bench/decode.py
 
-# Counts instructions under callgrind (valgrind, installed with the test extras): hours on 2 cores; resumable.
+# Counts instructions under callgrind (valgrind, installed with the test extras): about two hours of a core
+# per precision with valgrind 3.24, many more with 3.19 (docs/cost.md); resumable.
 bench-cost: $(VENV)/.installed-bench
 	$(PY) bench/cost.py
 

@@ -2,7 +2,7 @@
 """The canister cost tables for Quill: GPT-2 124M (random weights) at fp32 and int8, beside the seeds' figures.
 
     python bench/cost.py                       # measure what is missing, then write docs/cost.md, docs/benchmarks/cost.png
-    python bench/cost.py --count-up-to 128 --no-cache-up-to 32
+    python bench/cost.py --count-up-to 128 --no-cache-up-to 32   # fewer cells (defaults: 1024 and 256)
     python bench/cost.py --report-only         # tables and chart from docs/benchmarks/cost-*.json as they are
 
 Every cell has exact FLOPs and the native wall time; instructions are counted with callgrind (quill.costtable;
@@ -330,8 +330,8 @@ def write_docs(store: dict, config, docs: Path) -> None:
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--precisions", default="fp32,int8")
-    ap.add_argument("--count-up-to", type=int, default=128, help="count instructions for inputs up to this")
-    ap.add_argument("--no-cache-up-to", type=int, default=32, help="count no-cache runs for inputs up to this")
+    ap.add_argument("--count-up-to", type=int, default=1024, help="count instructions for inputs up to this")
+    ap.add_argument("--no-cache-up-to", type=int, default=256, help="count no-cache runs for inputs up to this")
     ap.add_argument("--counter", default="callgrind", choices=("perf", "callgrind"),
                     help="what counts instructions (default callgrind, which counted the stored cells)")
     ap.add_argument("--report-only", action="store_true", help="write the docs from the stored results (and counts left by a stopped run), measure nothing")
