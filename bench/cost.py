@@ -4,6 +4,7 @@
     python bench/cost.py                       # measure what is missing, then write docs/cost.md, docs/benchmarks/cost.png
     python bench/cost.py --count-up-to 128 --no-cache-up-to 32   # fewer cells (defaults: 1024 and 256)
     python bench/cost.py --report-only         # tables and chart from docs/benchmarks/cost-*.json as they are
+    python bench/cost.py --precisions fp32 --count 4:609,4:610   # count the calls that bracket a limit figure
 
 Every cell has exact FLOPs and the native wall time; instructions are counted with callgrind (quill.costtable;
 `--counter perf` for the hardware counter, which counts another kernel variant: do not mix the two in one file)
@@ -12,7 +13,8 @@ docs/benchmarks/cost-PRECISION.json and not counted again, and callgrind's files
 a run can be stopped and resumed. Only a run's first call is warmed up uncounted (quill.costtable). Elsewhere, and for the limit figures
 within 40 billion instructions, instructions are extrapolated from FLOPs with the measured instructions per
 FLOP (of a prefill at the nearest measured lengths, of a decode step at the nearest measured context), and the
-tables mark those cells. The 1024-input row is a full context: 1024 - outputs inputs.
+tables mark those cells; counted calls (`--count`) overrule the estimates of a limit figure around them. The
+1024-input row is a full context: 1024 - outputs inputs.
 """
 
 from __future__ import annotations
@@ -97,6 +99,26 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
     for field, c in runs:
         entry[key(c.input_tokens, c.output_tokens)].update({field: getattr(c, field), "counter": c.counter})
     log(f"{precision}: counted in {time.perf_counter() - t0:.0f} s")
+    save()
+
+
+def count_calls(entry: dict, spec: ModelSpec, calls: list[tuple[int, int]], save, dumps: Path, counter: str) -> None:
+    """Count calls beyond the table (`--count`, with a cache: the limit figures' brackets) into `entry`, after
+    an uncounted warm-up call of their first length's prefill."""
+    config = load_config(Path(spec.path))
+    todo = [c for p, n in calls for c in cells(config, [p], [n])
+            if "instructions" not in entry.get(key(p, n), {})]
+    if not todo:
+        return
+    for c in todo:
+        entry.setdefault(key(c.input_tokens, c.output_tokens), c.to_json())
+    save()
+    (warm,) = cells(config, [todo[0].input_tokens], [1])
+    log(f"counting {len(todo)} more calls")
+    count_runs(spec, [("instructions", warm)] + [("instructions", c) for c in todo], warm_each=False,
+               dumps=dumps, counter=counter)
+    for c in todo:
+        entry[key(c.input_tokens, c.output_tokens)].update({"instructions": c.instructions, "counter": c.counter})
     save()
 
 
@@ -191,18 +213,31 @@ class Estimate:
 
 
 def limit_figure(est: Estimate, p: int | None, cached: bool) -> dict:
-    """Within LIMIT: the longest input for 1 output (p None), else the most outputs for p inputs."""
+    """Within LIMIT: the longest input for 1 output (p None), else the most outputs for p inputs.
+
+    Counted calls of p inputs (table cells, `--count`) overrule the estimates between them, since a call
+    with more outputs never costs less: none past a counted call over the limit, all up to one within it.
+    The figure is measured when it is counted and the call with one more output is counted over the limit.
+    """
     context = est.config.n_positions
+    kind = "instructions" if cached else "instructions_no_cache"
+    counted = {} if p is None else {c["output_tokens"]: c[kind] for c in est.entry.values()
+                                    if c["input_tokens"] == p and kind in c}
+    over = min((n for n, v in counted.items() if v > LIMIT), default=math.inf)
+    within = max((n for n, v in counted.items() if v <= LIMIT), default=0)
     best, at, measured = 0, 0.0, True
     for x in range(1, context - (1 if p is None else p) + 1):
+        if x >= over:
+            break
         instr, m = est(x, 1, cached) if p is None else est(p, x, cached)
         if math.isnan(instr):
             return {"value": None}
-        if instr > LIMIT:
+        if instr > LIMIT and x > within:
             break
         best, at, measured = x, instr, m
     capped = best == context - (1 if p is None else p)
-    return {"value": best, "instructions": at, "measured": measured, "context_full": capped}
+    bracketed = p is None or capped or best + 1 == over
+    return {"value": best, "instructions": at, "measured": measured and bracketed, "context_full": capped}
 
 
 # ---- reporting -------------------------------------------------------------------------------------------
@@ -334,9 +369,17 @@ def main(argv=None) -> int:
     ap.add_argument("--no-cache-up-to", type=int, default=256, help="count no-cache runs for inputs up to this")
     ap.add_argument("--counter", default="callgrind", choices=("perf", "callgrind"),
                     help="what counts instructions (default callgrind, which counted the stored cells)")
+    ap.add_argument("--count", default="", help="more calls to count, with a cache: INPUTS:OUTPUTS,... (the limit "
+                    "figures' brackets, as docs/cost.md says)")
     ap.add_argument("--report-only", action="store_true", help="write the docs from the stored results (and counts left by a stopped run), measure nothing")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "quill-bench"))
     args = ap.parse_args(argv)
+    try:
+        calls = [tuple(int(v) for v in c.split(":")) for c in args.count.split(",") if c]
+        if any(len(c) != 2 or min(c) < 1 for c in calls):
+            raise ValueError
+    except ValueError:
+        ap.error(f"--count: expected INPUTS:OUTPUTS pairs of positive whole numbers, got {args.count!r}")
     folder = random_gpt2("124M", Path(args.work) / "gpt2-124M-random")
     config = load_config(folder)
     store = {p: json.loads(results(p).read_text()) for p in PRECISIONS if results(p).exists()}
@@ -351,8 +394,9 @@ def main(argv=None) -> int:
             merge_dumps(entry, dumps)
             save()
         else:
-            measure(entry, ModelSpec(str(folder), quantize=PRECISIONS[prec]), prec, args.count_up_to,
-                    args.no_cache_up_to, save, dumps, args.counter)
+            spec = ModelSpec(str(folder), quantize=PRECISIONS[prec])
+            measure(entry, spec, prec, args.count_up_to, args.no_cache_up_to, save, dumps, args.counter)
+            count_calls(entry, spec, calls, save, dumps, args.counter)
     write_docs(store, config, DOCS)
     print(report(store, config))
     return 0
