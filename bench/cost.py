@@ -33,6 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout's q
 from runners import random_gpt2  # noqa: E402  (bench/, this script's folder)
 from quill.callgrind import parse_dumps  # noqa: E402
 from quill.cost import forward_flops, generation_flops  # noqa: E402
+from quill.errors import InvalidParameter  # noqa: E402
 from quill.costtable import Cell, ModelSpec, cells, count_runs, time_cells  # noqa: E402
 from quill.weights import load_config  # noqa: E402
 
@@ -102,10 +103,10 @@ def measure(entry: dict, spec: ModelSpec, precision: str, count_up_to: int, no_c
     save()
 
 
-def count_calls(entry: dict, spec: ModelSpec, calls: list[tuple[int, int]], save, dumps: Path, counter: str) -> None:
+def count_calls(entry: dict, config, spec: ModelSpec, calls: list[tuple[int, int]], save, dumps: Path,
+                counter: str) -> None:
     """Count calls beyond the table (`--count`, with a cache: the limit figures' brackets) into `entry`, after
     an uncounted warm-up call of their first length's prefill."""
-    config = load_config(Path(spec.path))
     todo = [c for p, n in calls for c in cells(config, [p], [n])
             if "instructions" not in entry.get(key(p, n), {})]
     if not todo:
@@ -382,6 +383,11 @@ def main(argv=None) -> int:
         ap.error(f"--count: expected INPUTS:OUTPUTS pairs of positive whole numbers, got {args.count!r}")
     folder = random_gpt2("124M", Path(args.work) / "gpt2-124M-random")
     config = load_config(folder)
+    try:
+        for p, n in calls:
+            cells(config, [p], [n])  # within the model's context
+    except InvalidParameter as e:
+        ap.error(f"--count: {e}")
     store = {p: json.loads(results(p).read_text()) for p in PRECISIONS if results(p).exists()}
     for prec in args.precisions.split(","):
         entry = store.setdefault(prec, {})
@@ -396,7 +402,7 @@ def main(argv=None) -> int:
         else:
             spec = ModelSpec(str(folder), quantize=PRECISIONS[prec])
             measure(entry, spec, prec, args.count_up_to, args.no_cache_up_to, save, dumps, args.counter)
-            count_calls(entry, spec, calls, save, dumps, args.counter)
+            count_calls(entry, config, spec, calls, save, dumps, args.counter)
     write_docs(store, config, DOCS)
     print(report(store, config))
     return 0
