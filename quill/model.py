@@ -407,6 +407,7 @@ class GPT(nn.Module):
     def new_cache(self, batch: int = 1, max_len: int | None = None) -> KVCache:
         """A KV cache for `batch` sequences of up to `max_len` (default n_positions) tokens."""
         max_len = min(max_len or self.config.n_positions, self.config.n_positions)
+        self._decoder.recheck()  # a new generation: weights may have been replaced since the last one
         return KVCache(self.config, batch, max_len, self.kv_dtype or self.dtype, self.device)
 
     def forward(self, idx: Tensor, start: int | Tensor = 0, cache: KVCache | None = None,
@@ -434,6 +435,7 @@ class GPT(nn.Module):
                 return self._decode(idx, pos, cache)
             except plan.Unsupported:  # a layer the kernels cannot run: redo the step (same cache writes) in torch
                 pass
+        self._decoder.recheck()  # a prompt (a new generation) or an unfused step: the next fused one checks the plan
         x = self.transformer.wte(idx) + self.transformer.wpe(pos.ids(idx.device))  # [B, T, C]
         x = self.transformer.drop(x)
         mask = pos.mask(pos.end(), idx.device) if cache is not None else None

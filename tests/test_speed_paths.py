@@ -130,6 +130,30 @@ def test_decode_kernels_fall_back_for_unknown_modules():
 
 
 @needs_kernels
+def test_weights_replaced_between_generations_are_decoded_with():
+    """The fused steps check the plan's weight addresses once a generation (a new cache, a prompt), not every
+    step: weight data replaced after a generation (`param.data = ...`, `model.to`) is what the next one uses."""
+    cfg = CONFIGS["odd"]
+    model, other = make_model(cfg), make_model(cfg, seed=1)
+    prompt, token = torch.randint(0, cfg.vocab_size, (2, 5)), torch.randint(0, cfg.vocab_size, (2, 1))
+
+    def generation(m: GPT) -> torch.Tensor:
+        with torch.inference_mode():
+            cache = m.new_cache(2)
+            m(prompt, 0, cache)
+            m(token, 5, cache)
+            return m(token, 6, cache)
+
+    generation(model)  # builds the plan over the first weights
+    for mine, theirs in zip(model.parameters(), other.parameters()):
+        mine.data = theirs.data.clone()
+    assert torch.equal(generation(model), generation(other))
+    model.to(torch.bfloat16)
+    other.to(torch.bfloat16)
+    assert torch.equal(generation(model), generation(other))
+
+
+@needs_kernels
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16, torch.int8])
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
 def test_linear_kernel_matches_torch(wdtype, xdtype):

@@ -113,6 +113,7 @@ class ThreadTuner:
     """
 
     PROBE_EVERY = 48  # steps between re-checks of the other choice
+    REDECIDE_EVERY = 8  # steps between comparisons of the medians (Python work, cache-cold after each step)
     WINDOW = 5  # recent step times kept per (batch size, threads)
 
     def __init__(self, max_threads: int):
@@ -120,16 +121,19 @@ class ThreadTuner:
         self.choices = sorted({1, self.max_threads})
         self.times: dict[tuple[int, int], list[float]] = {}
         self.steps: dict[int, int] = {}
+        self.best: dict[int, int] = {}  # the faster choice per batch size, as last decided
 
     def choose(self, batch: int) -> int:
         if len(self.choices) == 1:
             return self.choices[0]
         n = self.steps.get(batch, 0)
         self.steps[batch] = n + 1
-        for c in self.choices:  # warm-up: a few samples of each choice first
-            if len(self.times.get((batch, c), ())) < 3:
-                return c
-        best = min(self.choices, key=lambda c: statistics.median(self.times[(batch, c)]))
+        best = self.best.get(batch)
+        if best is None or n % self.REDECIDE_EVERY == 0:
+            for c in self.choices:  # warm-up: a few samples of each choice first
+                if len(self.times.get((batch, c), ())) < 3:
+                    return c
+            best = self.best[batch] = min(self.choices, key=lambda c: statistics.median(self.times[(batch, c)]))
         if n % self.PROBE_EVERY == 0:
             return next(c for c in self.choices if c != best)
         return best
@@ -146,24 +150,38 @@ class Decoder:
     the thread tuners. One per model (GPT keeps it); `forget()` after swapping modules in place."""
 
     def __init__(self) -> None:
-        self._plan: tuple[Tensor, list[Tensor], list[int]] | None = None
+        # the plan, the tensors it was built from, their addresses then, and aliases of that data (detached
+        # views: they keep the memory the plan points into alive when a tensor's data is replaced)
+        self._plan: tuple[Tensor, list[Tensor], list[int], list[Tensor]] | None = None
+        self._checked = False
         self._buffers: dict[tuple, dict[str, Tensor]] = {}
         self._tuners: dict[int, ThreadTuner] = {}
         self._rows: dict[tuple, int] = {}  # rows per fused call, by (batch, cache dtype, threads)
 
     def forget(self) -> None:
-        """Drop the plan and buffers. The plan holds the tensors it points into and re-checks their addresses
-        each step, so moved or replaced weight data is noticed; a module swapped for another is not."""
+        """Drop the plan and buffers (after swapping modules in place: a module swapped for another is not
+        noticed otherwise)."""
         self._plan = None
         self._buffers = {}
 
+    def recheck(self) -> None:
+        """Compare the weights' addresses with the plan's again at the next step, and rebuild it if any moved.
+
+        The model calls this for every new cache and every step outside the fused path (a prompt), so weight
+        data replaced between generations (`model.to`, `param.data = ...`) is noticed. Steps in between skip
+        the comparison, which reads every weight tensor's address with the Python objects cache-cold after a
+        step (docs/performance.md); a plan made stale in the middle of a generation still reads live memory."""
+        self._checked = False
+
     def plan(self, model: nn.Module) -> Tensor:
-        """The model as the int64 words quill_decode_step reads (cached; rebuilt when any weight moves)."""
+        """The model as the int64 words quill_decode_step reads (cached; rebuilt when any weight moved)."""
         cached = self._plan
-        if cached is not None and list(map(Tensor.data_ptr, cached[1])) == cached[2]:
+        if cached is not None and (self._checked or list(map(Tensor.data_ptr, cached[1])) == cached[2]):
+            self._checked = True
             return cached[0]
         plan, refs = build_plan(model)
-        self._plan = (plan, refs, [t.data_ptr() for t in refs])
+        self._plan = (plan, refs, [t.data_ptr() for t in refs], [t.detach() for t in refs])
+        self._checked = True
         return plan
 
     def tuner(self) -> ThreadTuner:
@@ -198,6 +216,9 @@ class Decoder:
         B = tokens.shape[0]
         logits = torch.empty(B, model.config.vocab_size, dtype=model.dtype)  # fresh: callers keep logits across steps
         chunk = self.rows_per_call(model, B, k_cache)
+        if chunk >= B:  # one call (the common case): no views of the inputs to make
+            self._call(model, plan, tokens, start, k_cache, v_cache, logits)
+            return logits
         for r0 in range(0, B, chunk):
             r1 = min(B, r0 + chunk)
             part = start[r0:r1] if isinstance(start, Tensor) else start
