@@ -371,10 +371,12 @@ DEFINE_ROWS(i8, int8_t, VLOAD_I8, SLOAD_I8)
 #define I8Q_STEP 32
 static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0,
                           int64_t n1, float* acc, int64_t ldacc) {
+    const int64_t k0 = K & ~(int64_t)(I8Q_STEP - 1);
+    if (k0 == K) return;  /* (GCC's code for the loops below visits every row and column even then) */
     for (int64_t m = 0; m < M; m++)  /* columns beyond the last multiple of I8Q_STEP */
         for (int64_t n = n0; n < n1; n++) {
             int32_t s = 0;
-            for (int64_t k = K & ~(int64_t)(I8Q_STEP - 1); k < K; k++) s += (int32_t)xq[m * ldq + k] * W[n * K + k];
+            for (int64_t k = k0; k < K; k++) s += (int32_t)xq[m * ldq + k] * W[n * K + k];
             acc[m * ldacc + n - n0] += (float)s;
         }
 }
