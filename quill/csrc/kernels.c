@@ -432,9 +432,9 @@ static void rows_i8q_one(const int16_t* x0, float* r0, const int8_t* W, int64_t 
 #define IN_REGISTER(v) __asm__("" : "+v"(v))
 #endif
 /* vpdpwssd: 32 int16 x int16 products summed into 16 int32 lanes per instruction (int8 weights widened to
-   int16 in registers). Register blocks of MR activation rows (4, 2 or 1) against four weight rows: with four
-   rows each widened weight vector feeds four vpdpwssd (batched decode is compute-bound; 16 accumulators of
-   the 32 registers). */
+   int16 in registers). Register blocks of MR activation rows (4 or 2; one row takes rows_i8q_one) against
+   four weight rows: with four rows each widened weight vector feeds four vpdpwssd (batched decode is
+   compute-bound; 16 accumulators of the 32 registers). */
 static inline __m512i ld_i8x32(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
 static inline float hsum_i512(__m512i v) {
     return (float)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
