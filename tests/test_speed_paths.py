@@ -129,6 +129,39 @@ def test_decode_kernels_fall_back_for_unknown_modules():
     assert rel_err(ref, fast) <= 1e-5
 
 
+def test_thread_tuner_rechecks_a_clearly_slower_choice_less_and_less_often():
+    """Steps on two threads take 1 ms, on one 2 ms: the tuner keeps two and re-checks one at doubling
+    intervals up to PROBE_MAX. When one thread becomes the faster it switches: at once when the choice in
+    use slows down, within a few re-checks when the other one speeds up."""
+    from quill.kernels.plan import ThreadTuner
+
+    tuner, cost, picks = ThreadTuner(2), {1: 2e-3, 2: 1e-3}, []
+
+    def run(steps: int) -> list[int]:
+        out = []
+        for _ in range(steps):
+            c = tuner.choose(1)
+            tuner.record(1, c, cost[c])
+            out.append(c)
+        picks.extend(out)
+        return out
+
+    run(3000)
+    assert picks[:6] == [1, 1, 1, 2, 2, 2]  # the warm-up
+    probes = [i for i, c in enumerate(picks) if c == 1][3:]
+    gaps = [b - a for a, b in zip(probes, probes[1:])]
+    p = ThreadTuner.PROBE_EVERY
+    assert probes[0] == 6 + p and gaps[:3] == [2 * p, 4 * p, ThreadTuner.PROBE_MAX]
+    assert set(gaps[3:]) == {ThreadTuner.PROBE_MAX}
+    cost[2] = 3e-3  # the machine got busy: two threads now slower than one
+    assert run(24)[-8:] == [1] * 8
+    cost[2], cost[1] = 1e-3, 2e-3  # back to the start
+    run(ThreadTuner.PROBE_MAX + 4 * p)
+    cost[1] = 0.5e-3  # one thread got faster, the choice in use did not change
+    after = run(ThreadTuner.PROBE_MAX + 4 * p)
+    assert after[-8:] == [1] * 8
+
+
 @needs_kernels
 def test_weights_replaced_between_generations_are_decoded_with():
     """The fused steps check the plan's weight addresses once a generation (a new cache, a prompt), not every

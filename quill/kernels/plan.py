@@ -110,9 +110,13 @@ class ThreadTuner:
     quiet: docs/performance.md). The
     tuner times steps with 1 and with all threads (`torch.get_num_threads()`), keeps the faster (median of
     the last few steps each) and re-checks the other now and then, so it follows the load as it changes.
+    A re-check costs a step at the slower choice: while the other choice keeps measuring clearly slower, the
+    re-checks come at doubling intervals (a slowdown of the choice in use shows in its own times at once).
     """
 
-    PROBE_EVERY = 48  # steps between re-checks of the other choice
+    PROBE_EVERY = 48  # steps between re-checks of the other choice, at first and whenever the two are close
+    PROBE_MAX = 384  # the longest interval, reached while the other choice stays CLEARLY_SLOWER
+    CLEARLY_SLOWER = 1.25
     REDECIDE_EVERY = 8  # steps between comparisons of the medians (Python work, cache-cold after each step)
     WINDOW = 5  # recent step times kept per (batch size, threads)
 
@@ -122,6 +126,8 @@ class ThreadTuner:
         self.times: dict[tuple[int, int], list[float]] = {}
         self.steps: dict[int, int] = {}
         self.best: dict[int, int] = {}  # the faster choice per batch size, as last decided
+        self.next_probe: dict[int, int] = {}  # the step of the next re-check, per batch size
+        self.interval: dict[int, int] = {}  # steps between re-checks, per batch size
 
     def choose(self, batch: int) -> int:
         if len(self.choices) == 1:
@@ -134,11 +140,19 @@ class ThreadTuner:
                 if len(self.times.get((batch, c), ())) < 3:
                     return c
             best = self.best[batch] = min(self.choices, key=lambda c: statistics.median(self.times[(batch, c)]))
-        if n % self.PROBE_EVERY == 0:
+        if n >= self.next_probe.setdefault(batch, n + self.PROBE_EVERY):
+            self.next_probe[batch] = n + self.interval.get(batch, self.PROBE_EVERY)
             return next(c for c in self.choices if c != best)
         return best
 
     def record(self, batch: int, threads: int, seconds: float) -> None:
+        best = self.best.get(batch)
+        if best is not None and threads != best:  # a re-check: space the next one by what it found
+            interval = self.PROBE_EVERY
+            if seconds > self.CLEARLY_SLOWER * statistics.median(self.times[(batch, best)]):
+                interval = min(2 * self.interval.get(batch, self.PROBE_EVERY), self.PROBE_MAX)
+            # (steps[batch] - 1: the re-check's own step, counted by choose)
+            self.interval[batch], self.next_probe[batch] = interval, self.steps[batch] - 1 + interval
         ts = self.times.setdefault((batch, threads), [])
         ts.append(seconds)
         if len(ts) > self.WINDOW:
