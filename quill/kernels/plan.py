@@ -164,9 +164,9 @@ class Decoder:
     the thread tuners. One per model (GPT keeps it); `forget()` after swapping modules in place."""
 
     def __init__(self) -> None:
-        # the plan, the tensors it was built from, their addresses then, and aliases of that data (detached
-        # views: they keep the memory the plan points into alive when a tensor's data is replaced)
-        self._plan: tuple[Tensor, list[Tensor], list[int], list[Tensor]] | None = None
+        # the plan, the tensors it was built from, and aliases of their data then (detached views: they keep
+        # the memory the plan points into alive when a tensor's data is replaced, and hold its addresses)
+        self._plan: tuple[Tensor, list[Tensor], list[Tensor]] | None = None
         self._checked = False
         self._buffers: dict[tuple, dict[str, Tensor]] = {}
         self._tuners: dict[int, ThreadTuner] = {}
@@ -190,11 +190,12 @@ class Decoder:
     def plan(self, model: nn.Module) -> Tensor:
         """The model as the int64 words quill_decode_step reads (cached; rebuilt when any weight moved)."""
         cached = self._plan
-        if cached is not None and (self._checked or list(map(Tensor.data_ptr, cached[1])) == cached[2]):
+        if cached is not None and (self._checked or list(map(Tensor.data_ptr, cached[1]))
+                                   == list(map(Tensor.data_ptr, cached[2]))):
             self._checked = True
             return cached[0]
         plan, refs = build_plan(model)
-        self._plan = (plan, refs, [t.data_ptr() for t in refs], [t.detach() for t in refs])
+        self._plan = (plan, refs, [t.detach() for t in refs])
         self._checked = True
         return plan
 
