@@ -389,6 +389,20 @@ static inline float hsum_i(__m256i v) {  /* the lanes' exact sum, rounded to fp3
                                                       _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1))));
     return (float)(l[0] + l[1] + l[2] + l[3]);
 }
+/* hsum_i of four accumulators at once, added to r[0..3]: one transposed int64 reduction shares its shuffles
+   among the four. Reduced one at a time, a multi-row register block's sums took nearly as many instructions
+   as its multiplies over a 768-column chunk. The same exact sums, the same bits. */
+static inline void hsum4_i(__m256i a0, __m256i a1, __m256i a2, __m256i a3, float* r) {
+#define WIDEN(v) _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)))
+    const __m256i s0 = WIDEN(a0), s1 = WIDEN(a1), s2 = WIDEN(a2), s3 = WIDEN(a3);
+#undef WIDEN
+    const __m256i t01 = _mm256_add_epi64(_mm256_unpacklo_epi64(s0, s1), _mm256_unpackhi_epi64(s0, s1));
+    const __m256i t23 = _mm256_add_epi64(_mm256_unpacklo_epi64(s2, s3), _mm256_unpackhi_epi64(s2, s3));
+    int64_t l[4];
+    _mm256_storeu_si256((__m256i*)l, _mm256_add_epi64(_mm256_permute2x128_si256(t01, t23, 0x20),
+                                                      _mm256_permute2x128_si256(t01, t23, 0x31)));
+    r[0] += (float)l[0]; r[1] += (float)l[1]; r[2] += (float)l[2]; r[3] += (float)l[3];
+}
 /* One activation row x0 against weight rows [n0, n1), columns [kb, ke), in 256-bit vectors in both variants:
    from memory, one row streams faster this way on Zen 4 than with 512-bit vpdpwssd (docs/performance.md) */
 static void rows_i8q_one(const int16_t* x0, float* r0, const int8_t* W, int64_t K, int64_t n0, int64_t n1,
@@ -436,6 +450,8 @@ static void rows_i8q_one(const int16_t* x0, float* r0, const int8_t* W, int64_t 
    four weight rows: with four rows each widened weight vector feeds four vpdpwssd (batched decode is
    compute-bound; 16 accumulators of the 32 registers). */
 static inline __m512i ld_i8x32(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
+/* a 512-bit accumulator's halves added in int32: a lane then holds at most 256 products, the bound above */
+#define FOLD(v) _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1))
 static inline float hsum_i512(__m512i v) {
     return (float)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
                                                            _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
@@ -462,8 +478,7 @@ static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x,
             _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++)
                 _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) IN_REGISTER(a[i][c]);
         }
-        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++)
-            _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) r[i * ldacc + n - n0 + c] += hsum_i512(a[i][c]);
+        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) hsum4_i(FOLD(a[i][0]), FOLD(a[i][1]), FOLD(a[i][2]), FOLD(a[i][3]), r + i * ldacc + n - n0);
     }
     for (; n < n1; n++) {
         const int8_t* w0 = W + n * K;
@@ -582,8 +597,7 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
                         b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(v, c0)); b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(v, c1));
                         b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(v, c2)); b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(v, c3));
                     }
-                    r0[n - n0] += hsum_i(a0); r0[n - n0 + 1] += hsum_i(a1); r0[n - n0 + 2] += hsum_i(a2); r0[n - n0 + 3] += hsum_i(a3);
-                    r1[n - n0] += hsum_i(b0); r1[n - n0 + 1] += hsum_i(b1); r1[n - n0 + 2] += hsum_i(b2); r1[n - n0 + 3] += hsum_i(b3);
+                    hsum4_i(a0, a1, a2, a3, r0 + n - n0); hsum4_i(b0, b1, b2, b3, r1 + n - n0);
                 }
                 for (; n < n1; n++) {
                     const int8_t* w0 = W + n * K;
