@@ -9,10 +9,10 @@
 One run, on this machine, for one model (default: a random-initialised GPT-2 124M; `--model` for others):
 
 1. memory read bandwidth (sums over a 1 GiB fp32 tensor in 2 MB pages for a second, just before and just
-   after each batch-1 decode measurement: this VM's rate comes in bursts between ~32 and ~65 GB/s) and from
-   it each decode sample's bound: bandwidth / bytes of weights read per token;
+   after each round's first batch-1 decode measurement: this VM's rate comes in bursts between ~32 and ~65
+   GB/s) and from it that decode sample's bound: bandwidth / bytes of weights read per token;
 2. batch-1 decode tok/s: 32-token prompt, 128 new tokens, greedy, EOS ignored, timed from the first
-   generated token to the last (prefill excluded);
+   generated token to the last (prefill excluded); DECODE_PASSES samples of every system a round;
 3. prefill tok/s: a 512-token prompt up to its first generated token;
 4. batched decode tok/s (all rows together) for 1, 4, 8 and 16 sequences;
 5. quality: teacher-forced top-1 agreement with Quill fp32 (which agrees with transformers fp32 at every
@@ -28,7 +28,8 @@ CPU has it) when their packages are installed. A peer that is not installed is l
 
 How: each family runs in a worker process of its own (bench/worker.py: their thread pools - torch's
 OpenMP, ORT's, ggml's - must not share a process), driven round by round from here so that load from other
-processes falls on all of them alike. Every system runs at the thread count (1 or all cores) that was faster
+processes falls on all of them alike; the order rotates from round to round, so no system is always
+measured first (after the previous round's heaviest work) or last. Every system runs at the thread count (1 or all cores) that was faster
 for it in the warm-up, chosen separately for decode, batched decode and prefill. Tables report medians of
 `--runs` rounds. Results go to docs/benchmarks/ as JSON, Markdown and a PNG chart, one set per kernel variant
 (decode-MODEL-avx2.*, decode-MODEL-avx512.*: each CPU kind keeps its own table).
@@ -60,7 +61,12 @@ QUALITY_TEXT = Path(__file__).resolve().with_name("data") / "quality.txt"
 QUALITY_LEN = 512
 
 BATCHES = (1, 4, 8, 16)
-SLOW_S = 20.0  # a measurement slower than this is taken once (transformers bf16 on CPUs without bf16 GEMM)
+# a measurement slower than this is taken once, a batch-1 decode once a round (transformers bf16 on CPUs without
+# bf16 GEMM)
+SLOW_S = 20.0
+# batch-1 decode samples of every system per round: this VM's bandwidth switches between two rates every few
+# seconds (docs/performance.md, "The benchmark's batch-1 samples"), so five samples could all meet one rate
+DECODE_PASSES = 3
 
 
 # ---- machine ----------------------------------------------------------------------------------------------
@@ -172,7 +178,8 @@ class RemoteRunner:
 @dataclass
 class Samples:
     decode: list[float] = field(default_factory=list)
-    bandwidth: list[float] = field(default_factory=list)  # around each decode sample
+    bandwidth: list[float] = field(default_factory=list)  # around each round's first decode sample
+    bounded: list[float] = field(default_factory=list)  # those first samples, the ones with a bandwidth
     prefill: list[float] = field(default_factory=list)
     batched: dict[int, list[float]] = field(default_factory=dict)
 
@@ -241,6 +248,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     runs = args.runs or (3 if quick else 5)
     new = args.new_tokens or (32 if quick else NEW_TOKENS)
     new_batched = 16 if quick else 64
+    passes = args.decode_passes or (1 if quick else DECODE_PASSES)
     batches = (1, 8) if quick else BATCHES
     systems = set(args.systems.split(","))
     cores = os.cpu_count() or 1
@@ -284,11 +292,23 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                 f"prefill {r.threads['prefill']}")
         for i in range(runs):
             t0 = time.perf_counter()
-            for r in runners:
+            start = i * len(runners) // runs
+            order = runners[start:] + runners[:start]  # no system always first
+            for p in range(passes):
+                for r in order:
+                    if p > 0 and (r.name, "decode") in slow:
+                        continue
+                    s = samples[r.name]
+                    before = probe() if p == 0 else None
+                    seconds = r.decode(prompt, new)
+                    s.decode.append((new - 1) / seconds)
+                    if before is not None:
+                        s.bandwidth.append((before + probe()) / 2)
+                        s.bounded.append(s.decode[-1])
+                    if seconds > SLOW_S:
+                        slow.add((r.name, "decode"))
+            for r in order:
                 s = samples[r.name]
-                before = probe()
-                s.decode.append((new - 1) / r.decode(prompt, new))
-                s.bandwidth.append((before + probe()) / 2)
                 if i == 0 or (r.name, "prefill") not in slow:
                     s.prefill.append(PREFILL_LEN / r.prefill(long_prompt))
                 for b in batches:
@@ -320,7 +340,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             "system": r.name, "family": r.family, "precision": r.precision, "threads": dict(r.threads),
             "decode_tok_s": d, "decode_samples": s.decode, "bound_tok_s": _median(s.bandwidth) / per_token,
             "bandwidth_samples_GBps": [b / 1e9 for b in s.bandwidth],
-            "pct_of_bound": _median([100 * t * per_token / b for t, b in zip(s.decode, s.bandwidth)]),
+            "pct_of_bound": _median([100 * t * per_token / b for t, b in zip(s.bounded, s.bandwidth)]),
             "prefill_tok_s": _median(s.prefill), "prefill_samples": s.prefill,
             "batched_tok_s": {1: d, **{b: _median(v) for b, v in s.batched.items()}},
             "batched_samples": {str(b): v for b, v in s.batched.items()},
@@ -328,7 +348,8 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     report = {
         "model": label, "config": {"n_layer": cfg.n_layer, "n_embd": cfg.n_embd, "vocab_size": cfg.vocab_size},
         "settings": {"prompt": PROMPT_LEN, "new_tokens": new, "prefill": PREFILL_LEN, "batched_new_tokens": new_batched,
-                     "batches": list(batches), "runs": runs, "quick": quick, "thread_choices": thread_choices},
+                     "batches": list(batches), "runs": runs, "decode_passes": passes, "quick": quick,
+                     "thread_choices": thread_choices},
         "machine": machine_info(), "load_before": load_before, "load_after": os.getloadavg(),
         "bandwidth_GBps": _median(bandwidth) / 1e9,
         "bandwidth_range_GBps": [min(bandwidth) / 1e9, max(bandwidth) / 1e9],
@@ -422,14 +443,16 @@ def format_report(rep: dict) -> str:
              f"{rep['machine']['kernels']}; load average "
              f"{rep['load_before'][0]:.1f} before, {rep['load_after'][0]:.1f} after. Measured read bandwidth "
              f"{rep['bandwidth_GBps']:.1f} GB/s (torch sums over 1 GiB in 2 MB pages for 1 s before and after "
-             "every batch-1 decode sample; median, range {:.1f}-{:.1f}).".format(*rep["bandwidth_range_GBps"]),
+             "each round's first batch-1 decode sample; median, range {:.1f}-{:.1f}).".format(*rep["bandwidth_range_GBps"]),
              f"Prompt {rep['settings']['prompt']} tokens, {rep['settings']['new_tokens']} new tokens (greedy, EOS "
              f"ignored), prefill {rep['settings']['prefill']} tokens, batched rows generate "
-             f"{rep['settings']['batched_new_tokens']} tokens each; median of {rep['settings']['runs']} rounds after a "
-             "warm-up that picks each system's thread count (1 or all cores) for decode, batched rows and prefill, systems interleaved round by round, "
+             f"{rep['settings']['batched_new_tokens']} tokens each; medians of {rep['settings']['runs']} rounds "
+             f"({rep['settings'].get('decode_passes', 1)} batch-1 decode samples a round) after a "
+             "warm-up that picks each system's thread count (1 or all cores) for decode, batched rows and prefill, "
+             "systems interleaved within each round, the order rotated from round to round, "
              f"each family in its own process (measurements over {SLOW_S:.0f} s are taken once). "
              "Bound = bandwidth measured around the sample / weight bytes per token; % of bound is the median over "
-             "samples, the bound column the median bound.", ""]
+             "the samples with a bandwidth, the bound column the median bound.", ""]
     head = "| system | threads (decode/batched/prefill) | decode tok/s | % of bound | bound | prefill-512 tok/s | " + " | ".join(
         f"batch {b} tok/s" for b in batches if b != 1) + " | batch 8 / batch 1 |"
     lines += [head, "|" + "---|" * (head.count("|") - 1)]
@@ -522,6 +545,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="bench/decode.py", description=__doc__.splitlines()[1])
     add_model_arguments(p)
     p.add_argument("--quick", action="store_true", help="short run: 3 rounds, 32 new tokens, batches 1 and 8")
+    p.add_argument("--decode-passes", type=int, default=None,
+                   help=f"batch-1 decode samples of each system a round (default {DECODE_PASSES}, quick 1)")
     p.add_argument("--systems", default="quill,transformers,ort,llama,ct2,openvino",
                    help="comma-separated subset of quill,transformers,ort,llama,ct2,openvino")
     p.add_argument("--no-quality", action="store_true", help="skip the top-1 agreement check")

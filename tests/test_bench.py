@@ -24,6 +24,7 @@ def test_decode_benchmark_report(tmp_path):
     out = tmp_path / "out"
     run = subprocess.run(
         [sys.executable, "bench/decode.py", "--model", str(model), "--quick", "--runs", "1", "--new-tokens", "8",
+         "--decode-passes", "2",
          "--systems", "quill,transformers,ort", "--out", str(out), "--work", str(tmp_path / "work")],
         cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -41,10 +42,11 @@ def test_decode_benchmark_report(tmp_path):
                        if k.endswith(".weight") and len(f.get_slice(k).get_shape()) == 2 and ".wpe." not in k)
     for r in res.values():
         per_token = matrices * BYTES_PER_WEIGHT[r["precision"]]
-        (bw,) = [b * 1e9 for b in r["bandwidth_samples_GBps"]]  # one round: one bandwidth sample
+        (bw,) = [b * 1e9 for b in r["bandwidth_samples_GBps"]]  # one round: one bandwidth sample, two decodes
+        first, _ = r["decode_samples"]
         assert r["decode_tok_s"] == statistics.median(r["decode_samples"]) > 0
         assert abs(r["bound_tok_s"] - bw / per_token) <= 1e-9 * r["bound_tok_s"]
-        assert abs(r["pct_of_bound"] - 100 * r["decode_tok_s"] / r["bound_tok_s"]) <= 1e-6 * r["pct_of_bound"]
+        assert abs(r["pct_of_bound"] - 100 * first / r["bound_tok_s"]) <= 1e-6 * r["pct_of_bound"]  # the probed one
         assert r["prefill_tok_s"] == statistics.median(r["prefill_samples"]) > 0
         assert r["batched_tok_s"]["8"] == statistics.median(r["batched_samples"]["8"]) > 0
         assert r["system"] in md and f"{r['decode_tok_s']:.1f}" in md
