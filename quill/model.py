@@ -297,16 +297,15 @@ class CausalSelfAttention(nn.Module):
                 mask: Tensor | None) -> Tensor:
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x[B,H,T,D]
-        if k_cache is not None:
-            k_new, v_new = k.to(k_cache.dtype), v.to(v_cache.dtype)  # the cache may keep its own dtype (kv_dtype)
+        if k_cache is not None:  # the cache may keep its own dtype (GPT.kv_dtype)
             if pos.ragged:  # each row writes at its own position
                 rows = torch.arange(B, device=x.device)[:, None]
                 cols = pos.ids(x.device)  # [B, T]
-                k_cache[rows, :, cols] = k_new.transpose(1, 2)
-                v_cache[rows, :, cols] = v_new.transpose(1, 2)
-            else:
-                k_cache[:, :, pos.start:pos.start + T] = k_new
-                v_cache[:, :, pos.start:pos.start + T] = v_new
+                k_cache[rows, :, cols] = k.transpose(1, 2).to(k_cache.dtype)
+                v_cache[rows, :, cols] = v.transpose(1, 2).to(v_cache.dtype)
+            else:  # a slice's copy converts as it writes: no converted copy first
+                k_cache[:, :, pos.start:pos.start + T] = k
+                v_cache[:, :, pos.start:pos.start + T] = v
             kv_len = pos.end()
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, H, L, D] views
         dtype = q.dtype
