@@ -113,8 +113,11 @@ def worker_environment() -> dict[str, str]:
     AVX-512 instruction (the AVX-512 variant dies with SIGILL under it, though /proc/cpuinfo lists the flags).
     MKL and oneDNN, which read the CPU's features themselves, are held to AVX2 too: under valgrind they see no
     AVX-512 and take their AVX2 code, so the native run that chooses the paths (costtable.settle_paths) must
-    time that code, not their AVX-512 code."""
+    time that code, not their AVX-512 code. Python seeds its string hashing per process, which moves a tiny
+    call's count by up to 1.5% from one worker to the next: the worker hashes with a fixed seed (unless the
+    caller chose one), and the same job then counts the same, instruction for instruction."""
     env = dict(os.environ)
+    env.setdefault("PYTHONHASHSEED", "0")
     if not this_cpu().missing(AVX2):
         env.update(QUILL_ISA=AVX2.name, MKL_ENABLE_INSTRUCTIONS="AVX2", DNNL_MAX_CPU_ISA="AVX2")
     return env
