@@ -29,10 +29,11 @@ CPU has it) when their packages are installed. A peer that is not installed is l
 How: each family runs in a worker process of its own (bench/worker.py: their thread pools - torch's
 OpenMP, ORT's, ggml's - must not share a process), driven round by round from here so that load from other
 processes falls on all of them alike; the order rotates from round to round, so no system is always
-measured first (after the previous round's heaviest work) or last. Every system runs at the thread count (1 or all cores) that was faster
-for it in the warm-up, chosen separately for decode, batched decode and prefill. Tables report medians of
-`--runs` rounds. Results go to docs/benchmarks/ as JSON, Markdown and a PNG chart, one set per kernel variant
-(decode-MODEL-avx2.*, decode-MODEL-avx512.*: each CPU kind keeps its own table).
+measured first (after the previous round's heaviest work) or last. Every system runs at the thread count (1
+or all cores) that was faster for it in the warm-up, chosen separately for decode, batched decode and
+prefill. Tables report medians of `--runs` rounds. Results go to docs/benchmarks/ as JSON, Markdown and a
+PNG chart, one set per kernel variant (decode-MODEL-avx2.*, decode-MODEL-avx512.*: each CPU kind keeps its
+own table).
 """
 
 from __future__ import annotations

@@ -390,8 +390,8 @@ static inline float hsum_i(__m256i v) {  /* the lanes' exact sum, rounded to fp3
     return (float)(l[0] + l[1] + l[2] + l[3]);
 }
 /* hsum_i of four accumulators at once, added to r[0..3]: one transposed int64 reduction shares its shuffles
-   among the four. Reduced one at a time, a multi-row register block's sums took nearly as many instructions
-   as its multiplies over a 768-column chunk. The same exact sums, the same bits. */
+   among the four. Reduced one at a time, a multi-row register block's sums cost more than half as many
+   instructions as its multiplies over a 768-column chunk. The same exact sums, the same bits. */
 static inline void hsum4_i(__m256i a0, __m256i a1, __m256i a2, __m256i a3, float* r) {
 #define WIDEN(v) _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)))
     const __m256i s0 = WIDEN(a0), s1 = WIDEN(a1), s2 = WIDEN(a2), s3 = WIDEN(a3);
