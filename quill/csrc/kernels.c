@@ -383,19 +383,20 @@ static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, 
 
 /* vpmaddwd: 16 int16 x int16 products summed in pairs into 8 int32 lanes per instruction */
 static inline __m256i ld_i8x16(const int8_t* p) { return _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)p)); }
+static inline __m256i widen_i64(__m256i v) {  /* 8 int32 lanes summed pairwise (lanes i and i + 4) into 4 int64 */
+    return _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
+                            _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)));
+}
 static inline float hsum_i(__m256i v) {  /* the lanes' exact sum, rounded to fp32 once */
     int64_t l[4];
-    _mm256_storeu_si256((__m256i*)l, _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)),
-                                                      _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1))));
+    _mm256_storeu_si256((__m256i*)l, widen_i64(v));
     return (float)(l[0] + l[1] + l[2] + l[3]);
 }
 /* hsum_i of four accumulators at once, added to r[0..3]: one transposed int64 reduction shares its shuffles
    among the four. Reduced one at a time, a multi-row register block's sums cost more than half as many
    instructions as its multiplies over a 768-column chunk. The same exact sums, the same bits. */
 static inline void hsum4_i(__m256i a0, __m256i a1, __m256i a2, __m256i a3, float* r) {
-#define WIDEN(v) _mm256_add_epi64(_mm256_cvtepi32_epi64(_mm256_castsi256_si128(v)), _mm256_cvtepi32_epi64(_mm256_extracti128_si256(v, 1)))
-    const __m256i s0 = WIDEN(a0), s1 = WIDEN(a1), s2 = WIDEN(a2), s3 = WIDEN(a3);
-#undef WIDEN
+    const __m256i s0 = widen_i64(a0), s1 = widen_i64(a1), s2 = widen_i64(a2), s3 = widen_i64(a3);
     const __m256i t01 = _mm256_add_epi64(_mm256_unpacklo_epi64(s0, s1), _mm256_unpackhi_epi64(s0, s1));
     const __m256i t23 = _mm256_add_epi64(_mm256_unpacklo_epi64(s2, s3), _mm256_unpackhi_epi64(s2, s3));
     int64_t l[4];
@@ -450,12 +451,9 @@ static void rows_i8q_one(const int16_t* x0, float* r0, const int8_t* W, int64_t 
    four weight rows: with four rows each widened weight vector feeds four vpdpwssd (batched decode is
    compute-bound; 16 accumulators of the 32 registers). */
 static inline __m512i ld_i8x32(const int8_t* p) { return _mm512_cvtepi8_epi16(_mm256_loadu_si256((const __m256i*)p)); }
-/* a 512-bit accumulator's halves added in int32: a lane then holds at most 256 products, the bound above */
-#define FOLD(v) _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1))
-static inline float hsum_i512(__m512i v) {
-    return (float)_mm512_reduce_add_epi64(_mm512_add_epi64(_mm512_cvtepi32_epi64(_mm512_castsi512_si256(v)),
-                                                           _mm512_cvtepi32_epi64(_mm512_extracti64x4_epi64(v, 1))));
-}
+/* a 512-bit accumulator's halves added in int32: a lane then holds at most 256 products, the bound above, and
+   hsum_i / hsum4_i finish the exact sum */
+static inline __m256i fold_i512(__m512i v) { return _mm256_add_epi32(_mm512_castsi512_si256(v), _mm512_extracti64x4_epi64(v, 1)); }
 /* rows m .. m+MR-1 (row stride ldq; results at stride ldacc) against weight rows [n0, n1), columns [kb, ke) */
 static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x, int64_t ldq, float* r,
                                                                int64_t ldacc, const int8_t* W, int64_t K, int64_t n0,
@@ -478,7 +476,7 @@ static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x,
             _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++)
                 _Pragma("GCC unroll 4") for (int c = 0; c < 4; c++) IN_REGISTER(a[i][c]);
         }
-        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) hsum4_i(FOLD(a[i][0]), FOLD(a[i][1]), FOLD(a[i][2]), FOLD(a[i][3]), r + i * ldacc + n - n0);
+        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) hsum4_i(fold_i512(a[i][0]), fold_i512(a[i][1]), fold_i512(a[i][2]), fold_i512(a[i][3]), r + i * ldacc + n - n0);
     }
     for (; n < n1; n++) {
         const int8_t* w0 = W + n * K;
@@ -489,7 +487,7 @@ static inline __attribute__((always_inline)) void i8q_block512(const int16_t* x,
             _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) a[i] = _mm512_dpwssd_epi32(a[i], _mm512_loadu_si512((const void*)(x + i * ldq + k)), c0);
             _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) IN_REGISTER(a[i]);
         }
-        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) r[i * ldacc + n - n0] += hsum_i512(a[i]);
+        _Pragma("GCC unroll 4") for (int i = 0; i < MR; i++) r[i * ldacc + n - n0] += hsum_i(fold_i512(a[i]));
     }
 }
 __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W,
