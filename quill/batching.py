@@ -2,7 +2,8 @@
 
 The scheduler owns a `DecodeBatch(model, capacity=max_batch)`. Between decode steps it drops cancelled rows,
 admits waiting requests in FIFO order (a request's `n` samples are prefilled together by `DecodeBatch.add`,
-which also emits their first tokens), then runs one `step()` for every active row. Each request gets its
+which also emits their first tokens), then runs one `step()` for every active row (plain greedy rows may take
+several steps in it, ended early as soon as a request arrives or is cancelled). Each request gets its
 events through a `Ticket`: an asyncio queue fed with `loop.call_soon_threadsafe`, so torch work never runs
 on the server's event loop.
 
@@ -20,7 +21,8 @@ import time
 from collections.abc import AsyncIterator
 
 from quill.errors import InvalidParameter, QuillError
-from quill.generate import DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, new_sequences
+from quill.generate import BURST_S, DecodeBatch, GenerationRequest, Sequence, SequenceState, StepEvent, Usage, new_sequences
+from quill.kernels import Interrupt
 from quill.prefix_cache import PrefixHit
 
 log = logging.getLogger("quill.batching")
@@ -147,6 +149,7 @@ class Scheduler:
         self._running: list[Ticket] = []
         self._owner: dict[int, Ticket] = {}  # id(seq) -> its ticket
         self._cond = threading.Condition()
+        self._interrupt = Interrupt()  # set when the scheduler has something to do between steps
         self._stopping = False
         self._thread: threading.Thread | None = None
         # Retry-After: when recent requests finished (the queue drains at their rate), and a running mean of
@@ -174,6 +177,7 @@ class Scheduler:
         """Stop the thread; every waiting or running ticket ends with SchedulerClosed."""
         with self._cond:
             self._stopping = True
+            self._interrupt.set()
             self._cond.notify_all()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(timeout)
@@ -220,6 +224,7 @@ class Scheduler:
                                 self.retry_after())
             ticket._scheduler = self
             self._waiting.append(ticket)
+            self._interrupt.set()
             self._cond.notify_all()
         self._observe()
         return ticket
@@ -260,6 +265,7 @@ class Scheduler:
                 queued = True
             else:
                 queued = False
+            self._interrupt.set()
             self._cond.notify_all()
         if queued:
             self._finish(ticket)
@@ -277,6 +283,7 @@ class Scheduler:
                 try:
                     self._drop_cancelled()
                     with self._cond:
+                        self._interrupt.clear()  # what is waiting now is admitted below, or waits for a row
                         free = self._batch.free
                         while self._waiting and self._waiting[0].n <= free:  # FIFO: nobody jumps the queue
                             t = self._waiting.popleft()
@@ -296,7 +303,7 @@ class Scheduler:
                         self._route(events)
                         self._observe()
                     if self._batch.rows:
-                        self._route(self._batch.step())
+                        self._route(self._batch.step(BURST_S, self._interrupt))
                 except Exception as e:  # a failed forward of the batch: fail every running request, start afresh
                     log.exception("scheduler for %s failed", self.name)
                     self._fail_all(e)

@@ -21,7 +21,7 @@ from torch import Tensor
 from quill.cost import forward_flops
 from quill.errors import BudgetError, ContextLengthError, InvalidParameter
 from quill.graphs import GraphedStep, graphs_apply, takes_cuda_turn
-from quill.kernels import argmax_rows, single_threaded
+from quill.kernels import Interrupt, argmax_rows, single_threaded
 from quill.model import GPT, GPTConfig, KVCache
 from quill.prefix_cache import PrefixCache, PrefixHit
 from quill.sampling import NEG_INF, LogitsPipeline, SamplingParams, sample, top_logprobs
@@ -30,6 +30,11 @@ from quill.structured import Constraint, GrammarState, fill_bitmasks
 from quill.tokenizer import Tokenizer
 
 MAX_LOGPROBS = 20  # top alternatives per token, as the OpenAI API allows
+# How long greedy rows may decode in one call into the kernels before their tokens come back (`DecodeBatch.step`):
+# short enough that streamed text still flows smoothly, long enough to take the cache-cold Python between steps
+# out of most of them
+BURST_S = 0.05
+BURST_STEPS = 64  # the most steps of one such call
 
 
 @dataclass
@@ -329,8 +334,9 @@ class DecodeBatch:
     def free(self) -> int:
         return self.capacity - len(self.rows)
 
-    def _emit(self, seq: Sequence, logits: Tensor, token: int | None = None) -> StepEvent:
-        """Choose, record and report the next token of `seq` from its logits [1, V] (`token`: already chosen).
+    def _emit(self, seq: Sequence, logits: Tensor | None, token: int | None = None) -> StepEvent:
+        """Choose, record and report the next token of `seq` from its logits [1, V] (`token`: already chosen;
+        then the logits are needed only for logprobs).
 
         A failure here belongs to this sequence alone (its sampling settings, its text): it ends with
         finish_reason "error" and `seq.error`, and the other rows of the batch carry on.
@@ -431,11 +437,13 @@ class DecodeBatch:
 
     @takes_cuda_turn
     @torch.inference_mode()
-    def step(self) -> list[StepEvent]:
+    def step(self, burst: float = 0.0, interrupt: Interrupt | None = None) -> list[StepEvent]:
         """One decode step for every active row: feed each row's last token, emit each row's next token.
 
         A row whose budget cannot pay for the step ends first, with finish_reason "budget" and its KV cache
-        saved in `seq.kv` so that a later call can continue it.
+        saved in `seq.kv` so that a later call can continue it. With `burst` seconds, a batch of plain greedy
+        rows may take several steps in one call into the kernels (`_burst`), until a row stops, the window
+        passes or `interrupt` is set; their tokens come back together, each as its own event.
         """
         events = []
         for i, seq in enumerate(self.rows):
@@ -453,6 +461,17 @@ class DecodeBatch:
         device = self.model.device
         last = torch.tensor([[s.tokens[-1]] for s in self.rows], device=device)  # [n, 1]
         lengths = [len(s.tokens) - 1 for s in self.rows]  # position of each row's last token
+        tokens = self._burst(last, lengths, burst, interrupt) if burst > 0 else None
+        if tokens is not None:
+            seconds = (time.perf_counter() - t0) / (n * len(tokens))
+            for j, chosen in enumerate(tokens):
+                for i, seq in enumerate(self.rows):
+                    if not seq.finished:  # (a row whose text failed at an earlier step of the burst)
+                        seq.usage.flops += forward_flops(self.model.config, 1, lengths[i] + j, 1)
+                        seq.usage.seconds += seconds
+                        events.append(self._emit(seq, None, chosen[i]))
+            self._compact()
+            return events
         if graphs_apply(self.model):
             positions = torch.tensor(lengths, device=device)
             graph = self._graphs.get(n)
@@ -478,6 +497,40 @@ class DecodeBatch:
                 events.append(self._emit(seq, logits[i:i + 1], greedy[i] if seq.greedy else None))
         self._compact()
         return events
+
+    def _burst(self, last: Tensor, lengths: list[int], window: float,
+               interrupt: Interrupt | None) -> list[list[int]] | None:
+        """Several greedy steps of every row in one call into the fused kernels, each row's argmax fed straight
+        back: each step's tokens, or None where the batch does not qualify (a row that samples, reports logprobs,
+        follows a grammar or has stop strings, which need Python between steps) or the kernels cannot run it.
+
+        The burst ends where the first row does: its stop ids are checked in C, and no row is taken past its
+        length limit, the context or what its budget pays for, so every step computed is a token emitted and
+        paid for, and the tokens are those of single steps. Between steps of a plain greedy decode, Python
+        runs cache-cold and costs about a tenth of an int8 step (docs/performance.md).
+        """
+        if not all(s.greedy and s.request.logprobs is None and s.matcher is None for s in self.rows):
+            return None
+        steps = min(self._steps_paid(s) for s in self.rows)
+        if steps < 2:
+            return None
+        start: int | Tensor = lengths[0] if len(lengths) == 1 else torch.tensor(lengths)
+        return self.model.decode_greedy(last, start, self.cache.rows(slice(0, len(self.rows))),
+                                        [s.bans for s in self.rows], [sorted(s.stop_ids) for s in self.rows], steps,
+                                        time.monotonic() + window, interrupt)
+
+    def _steps_paid(self, seq: Sequence) -> int:
+        """How many more tokens `seq` may take in one burst: up to its length limit, the context and what its budget
+        pays for (its next step is already paid: `step` checked)."""
+        left = min(seq.request.limit - len(seq.generated), seq.max_len - len(seq.tokens), BURST_STEPS)
+        if seq.request.max_flops is None:
+            return left
+        spent = seq.usage.flops
+        for k in range(left):
+            spent += forward_flops(self.model.config, 1, len(seq.tokens) - 1 + k, 1)
+            if spent > seq.request.max_flops:
+                return k
+        return left
 
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence (finished or cancelled) and free its row."""
@@ -550,7 +603,7 @@ def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1
         raise
     yield from _raising(batch.add(seqs, hit))
     while batch.rows:
-        yield from _raising(batch.step())
+        yield from _raising(batch.step(BURST_S))
 
 
 def resume(model: GPT, tokenizer: Tokenizer, state: SequenceState, max_flops: int | None) -> Iterator[StepEvent]:
@@ -559,7 +612,7 @@ def resume(model: GPT, tokenizer: Tokenizer, state: SequenceState, max_flops: in
     batch = DecodeBatch(model, 1, seq.max_len)
     batch.resume(seq, state.kv)
     while batch.rows:
-        yield from _raising(batch.step())
+        yield from _raising(batch.step(BURST_S))
 
 
 def _raising(events: list[StepEvent]) -> list[StepEvent]:

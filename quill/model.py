@@ -464,6 +464,24 @@ class GPT(nn.Module):
         start = pos.start.contiguous() if pos.ragged else pos.start
         return self._decoder.step(self, idx[:, 0].contiguous(), start, cache.k, cache.v)[:, None]
 
+    def decode_greedy(self, idx: Tensor, start: int | Tensor, cache: KVCache, banned: list[list[int]],
+                      stops: list[list[int]], steps: int, deadline: float,
+                      interrupt: kernels.Interrupt | None = None) -> list[list[int]] | None:
+        """Up to `steps` greedy decode steps in one call into the fused kernels (`kernels.decode_greedy`): idx
+        [B, 1] at positions `start`, each row's argmax (its `banned` ids skipped) fed back in; each step's tokens,
+        [steps][B]. None where the fused path cannot run the batch; the caller then steps it with `forward`."""
+        B, T = idx.shape
+        pos = Positions(start, T, None)
+        if (T != 1 or not self.use_kernels or pos.end() + steps - 1 > cache.max_len
+                or any(len(ids) > kernels.MAX_BANS for ids in banned) or not self._decode_ok(idx, pos, cache)):
+            return None
+        start = pos.start.contiguous() if pos.ragged else pos.start
+        try:
+            return self._decoder.greedy(self, idx[:, 0].contiguous(), start, cache.k, cache.v, banned, stops, steps,
+                                        deadline, interrupt)
+        except plan.Unsupported:
+            return None
+
     @property
     def _decoder(self) -> plan.Decoder:
         """The fused decode state (plan, buffers, thread tuners), made on first use."""

@@ -172,3 +172,17 @@ def test_poison_over_http_beside_a_stream(serve, tmp_path):
     finally:
         thread.join(60)
     assert "".join(streamed) == alone
+
+
+def test_a_new_or_cancelled_request_interrupts_a_greedy_burst(engine):
+    """Running rows may decode several greedy steps in one kernel call (`DecodeBatch.step`'s burst); the flag that
+    ends such a call after its current step is raised by every arrival and cancellation, and lowered only by
+    the scheduler's thread before it looks at the queue."""
+    scheduler = Scheduler(engine, max_batch=2, max_queue=4)  # not started: nothing lowers the flag
+    flag = scheduler._interrupt.word
+    assert flag.value == 0
+    ticket = scheduler.submit(request(engine, "the quiet river", 4, temperature=0), loop=LOOP)
+    assert flag.value == 1
+    flag.value = 0
+    ticket.cancel()
+    assert flag.value == 1

@@ -751,3 +751,75 @@ def test_cuda_graph_capture_beside_another_thread(tiny_model_dir):
         t.join()
     assert not errors, errors
     assert [together[0], together[1]] == alone
+
+
+def _greedy_rows(model: GPT, tok: Tokenizer, requests: list[GenerationRequest], burst: float) -> list[tuple]:
+    """Decode `requests` together in one DecodeBatch, stepping with `burst`; each row's tokens, finish reason,
+    FLOPs and number of events."""
+    seqs = [Sequence(r, tok, model.config.n_positions, [3], None, index=i) for i, r in enumerate(requests)]
+    batch = DecodeBatch(model, len(seqs))
+    events = [ev for s in seqs for ev in batch.add([s])]
+    while batch.rows:
+        events += batch.step(burst)
+    return [(s.generated, s.finish_reason, s.usage.flops, sum(ev.seq is s for ev in events)) for s in seqs]
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_bursts_equal_single_steps(dtype, monkeypatch):
+    """Several greedy steps in one kernel call give the tokens, endings, costs and events of single steps:
+    a stop id ends the burst in C, and no row runs past its length limit, its budget or the context."""
+    cfg = GPTConfig(vocab_size=len(CHARS), n_positions=64, n_embd=32, n_head=2, n_layer=2)
+    model = make_model(cfg, dtype, seed=1)
+    tok = Tokenizer.characters(CHARS)
+    torch.manual_seed(5)
+    prompts = [torch.randint(0, cfg.vocab_size, (n,)).tolist() for n in (3, 9, 14, 6)]
+    greedy = SamplingParams(temperature=0, ignore_eos=True)
+    plain = [GenerationRequest(prompt_ids=p, max_tokens=20, sampling=greedy) for p in prompts]
+    alone = [_greedy_rows(model, tok, [r], 0.0)[0][0] for r in plain]
+    step_flops = _greedy_rows(model, tok, plain[:1], 0.0)[0][2]
+    requests = [
+        # a stop id the row meets after a few tokens (from its own single-step run), EOS (id 3) counted
+        GenerationRequest(prompt_ids=prompts[0], max_tokens=20, stop_token_ids=[alone[0][6]],
+                          sampling=SamplingParams(temperature=0)),
+        GenerationRequest(prompt_ids=prompts[1], max_tokens=13, sampling=dataclasses.replace(
+            greedy, banned_tokens=tuple(alone[1][:3]))),  # bans: skipped in the argmax
+        GenerationRequest(prompt_ids=prompts[2], max_tokens=None, sampling=greedy),  # to the end of the context
+        GenerationRequest(prompt_ids=prompts[3], max_tokens=20, sampling=greedy, max_flops=step_flops // 2),
+    ]
+    calls = []
+    real = kernels.decode_greedy
+    monkeypatch.setattr(kernels, "decode_greedy", lambda *a, **k: calls.append(real(*a, **k)) or calls[-1])
+    stepped = _greedy_rows(model, tok, requests, 0.0)
+    assert not calls
+    assert [r[1] for r in stepped] == ["stop", "length", "length", "budget"]
+    for rows in (requests, [requests[0]], requests[1:]):  # alone, and rows of different lengths together
+        calls.clear()
+        bursts = _greedy_rows(model, tok, rows, 10.0)
+        assert bursts == [stepped[requests.index(r)] for r in rows]
+        assert max(map(len, calls)) > 1  # the bursts ran
+        # and computed no step whose token was not emitted (a row's first token comes from its prefill)
+        assert sum(len(c) * len(c[0]) for c in calls) <= sum(len(b[0]) - 1 for b in bursts)
+
+
+@needs_kernels
+def test_greedy_burst_ends_on_interrupt_and_deadline():
+    model = make_model(CONFIGS["odd"], seed=2)
+    prompt = torch.arange(5)[None]
+    runs = {}
+    for name, deadline, interrupt in (("open", 1e12, None), ("late", 0.0, None), ("asked", 1e12, kernels.Interrupt())):
+        if interrupt is not None:
+            interrupt.set()
+        cache = model.new_cache(1)
+        with torch.inference_mode():
+            model(prompt, 0, cache)
+            runs[name] = model.decode_greedy(torch.tensor([[7]]), 5, cache, [[]], [[]], 6, deadline, interrupt)
+    cache = model.new_cache(1)
+    single, token = [], torch.tensor([[7]])
+    with torch.inference_mode():
+        model(prompt, 0, cache)
+        for p in range(5, 11):
+            token = model(token, p, cache)[:, -1].argmax(-1, keepdim=True)
+            single.append(token.tolist()[0])
+    assert runs["open"] == single
+    assert runs["late"] == runs["asked"] == single[:1]  # one step always runs

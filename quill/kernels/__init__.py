@@ -84,6 +84,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_attn_prefill_bf16.restype = C
     lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C]
     lib.quill_decode_step.restype = C
+    lib.quill_decode_greedy.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C, P, P, P, P, I, I, P, P]
+    lib.quill_decode_greedy.restype = I
     lib.quill_activate.argtypes = [P, I, C, C, C]
     lib.quill_activate.restype = None
     lib.quill_argmax.argtypes = [P, C, I, I, I, P]
@@ -443,6 +445,51 @@ def decode_step(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor
     return logits
 
 
+class Interrupt:
+    """A flag another thread sets to end a `decode_greedy` burst after its current step (a request waits)."""
+
+    def __init__(self) -> None:
+        self.word = ctypes.c_int(0)  # the C loop reads it after every step
+
+    def set(self) -> None:
+        self.word.value = 1
+
+    def clear(self) -> None:
+        self.word.value = 0
+
+
+def decode_greedy(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor, v_cache: Tensor,
+                  ws: dict[str, Tensor], logits: Tensor, threads: int, banned: list[list[int]], stops: list[list[int]],
+                  steps: int, deadline: float, interrupt: Interrupt | None = None) -> list[list[int]]:
+    """Up to `steps` greedy decode steps in one call (arguments as `decode_step`): each row's argmax, its
+    `banned` ids skipped, is fed back in. The burst ends after a step where a row chose one of its `stops`, when
+    `interrupt` is set, or once `time.monotonic()` passes `deadline`; returns each step's tokens, [steps][B]."""
+    lib = _lib if _lib is not None else _load()
+    B = tokens.shape[0]
+    if any(len(row) > MAX_BANS for row in banned):
+        raise ValueError(f"at most {MAX_BANS} banned ids a row")
+    ragged = isinstance(pos, Tensor)
+    _, sb, sh, sl, _ = k_cache.stride()
+    ban_off, ban_ids = _id_lists(banned)
+    stop_off, stop_ids = _id_lists(stops)
+    out = (ctypes.c_int64 * (B * steps))()
+    done = lib.quill_decode_greedy(
+        plan.data_ptr(), B, tokens.data_ptr(), pos.data_ptr() if ragged else None, 0 if ragged else pos,
+        k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.stride(0), sb, sh, sl,
+        ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["att"].data_ptr(), ws["hidden"].data_ptr(), logits.data_ptr(),
+        DTYPE_CODES[logits.dtype], threads, ban_off, ban_ids, stop_off, stop_ids, steps,
+        int(deadline * 1e9), ctypes.byref(interrupt.word) if interrupt is not None else None, out)
+    if done < 0:
+        raise MemoryError("quill_decode_greedy: out of memory")
+    return [out[s * B:(s + 1) * B] for s in range(done)]
+
+
+def _id_lists(rows: list[list[int]]) -> tuple[ctypes.Array, ctypes.Array]:
+    """Lists of ids per row as the C side reads them: offsets [len(rows) + 1] into one flat array of ids."""
+    offsets = (ctypes.c_int64 * (len(rows) + 1))(0, *itertools.accumulate(map(len, rows)))
+    return offsets, (ctypes.c_int64 * max(1, offsets[-1]))(*itertools.chain.from_iterable(rows))
+
+
 HUGE_PAGE = 2 << 20
 _THP_SETTING = Path("/sys/kernel/mm/transparent_hugepage/enabled")
 
@@ -536,8 +583,7 @@ def argmax_rows(logits: Tensor, banned: list[list[int]] | None = None) -> list[i
     M, N = logits.shape
     out = (ctypes.c_int64 * M)()  # ctypes arrays, not tensors: this runs once per decode step
     if banned and any(banned):
-        offsets = (ctypes.c_int64 * (M + 1))(0, *itertools.accumulate(map(len, banned)))
-        ids = (ctypes.c_int64 * offsets[M])(*itertools.chain.from_iterable(banned))
+        offsets, ids = _id_lists(banned)
         lib.quill_argmax_banned(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out, offsets, ids)
     else:
         lib.quill_argmax(logits.data_ptr(), DTYPE_CODES[logits.dtype], M, N, logits.stride(0), out)
@@ -589,5 +635,5 @@ def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     return out[:count] if count <= out.numel() else None
 
 
-__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "decode_greedy", "Interrupt", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]

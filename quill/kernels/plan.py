@@ -240,6 +240,25 @@ class Decoder:
             self._call(model, plan, tokens[r0:r1], part, k_cache[:, r0:r1], v_cache[:, r0:r1], logits[r0:r1])
         return logits
 
+    def greedy(self, model: nn.Module, tokens: Tensor, start: Tensor | int, k_cache: Tensor, v_cache: Tensor,
+               banned: list[list[int]], stops: list[list[int]], steps: int, deadline: float,
+               interrupt: kernels.Interrupt | None = None) -> list[list[int]] | None:
+        """Up to `steps` greedy steps of the rows `tokens` in one fused call (kernels.decode_greedy): each step's
+        tokens, [steps][B]. None where the batch runs as several calls a step (`rows_per_call`): the caller
+        then steps it with `step`. Raises Unsupported for a model the kernels cannot run."""
+        B = tokens.shape[0]
+        if self.rows_per_call(model, B, k_cache) < B:
+            return None
+        plan = self.plan(model)
+        logits = torch.empty(B, model.config.vocab_size, dtype=model.dtype)
+        tuner = self.tuner()
+        threads = tuner.choose(B)
+        t0 = time.perf_counter()
+        out = kernels.decode_greedy(plan, tokens, start, k_cache, v_cache, self.workspace(model, B, model.dtype),
+                                    logits, threads, banned, stops, steps, deadline, interrupt)
+        tuner.record(B, threads, (time.perf_counter() - t0) / len(out))
+        return out
+
     def _call(self, model: nn.Module, plan: Tensor, tokens: Tensor, start: Tensor | int, k_cache: Tensor,
               v_cache: Tensor, logits: Tensor) -> None:
         B = tokens.shape[0]
