@@ -40,6 +40,25 @@ def _cpu_half_gemm(dtype: torch.dtype) -> bool:
 
 # oneDNN's linear op (torch builds with mkldnn, which every x86 wheel is): an fp32 GEMM candidate beside MKL's
 _ONEDNN_LINEAR = torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_linear_pointwise")
+# the activations as oneDNN post-ops (attribute, algorithm): applied as each output block is written
+_ONEDNN_ACTIVATIONS = {None: ("none", ""), "gelu_new": ("gelu", "tanh"), "gelu_pytorch_tanh": ("gelu", "tanh"),
+                       "gelu": ("gelu", "none"), "relu": ("relu", "")}
+
+
+def epilogue(y: Tensor, act: str | None, residual: Tensor | None) -> Tensor:
+    """`(residual +) act(y)` for a product that did not fuse them (y fresh: activated in place where the
+    kernels serve)."""
+    if act is not None and not kernels.activate_(y, act):
+        y = ACTIVATIONS[act](y)
+    return y if residual is None else residual + y
+
+
+def fused(proj: nn.Module, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """`(residual +) act(proj(x))`: fused into the product by Quill's projections (`fuses_epilogue`), as passes
+    of their own after any other module (a user's own projection)."""
+    if getattr(proj, "fuses_epilogue", False):
+        return proj(x, act=act, residual=residual)
+    return epilogue(proj(x), act, residual)
 
 
 class Linear(nn.Linear):
@@ -54,35 +73,46 @@ class Linear(nn.Linear):
       GEMM rounds the output to half (docs/performance.md); converting the weight costs one pass over it.
     """
 
+    fuses_epilogue = True  # forward takes act and residual (`fused`)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._panels = kernels.PackedCopy()  # the weight in the bf16 GEMM's panels (_panel_gemm)
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
+        """`(residual +) act(x @ W.T + b)`: where a fast path serves, the activation (a name of ACTIVATIONS) and
+        the residual add happen as the product writes its output, not as passes of their own over it."""
         w = self.weight
         if x.device.type != "cpu" or (torch.is_grad_enabled() and (x.requires_grad or w.requires_grad)):
-            return F.linear(x, w, self.bias)
+            return epilogue(F.linear(x, w, self.bias), act, residual)
         # as a candidate against the kernel (several rows), torch computes half weights in fp32 from 2 rows on
         others = {"torch": functools.partial(self._torch_forward, upcast_from=2)}
         if x.dtype == w.dtype == torch.float32 and _ONEDNN_LINEAR:
             others["onednn"] = self._onednn_forward
         if w.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) and kernels.has_gemm_bf16():
             others["bf16gemm"] = self._panel_gemm
-        y = kernels.project(x, w, self.bias, others=others)
-        return y if y is not None else self._torch_forward(x)
+        y = kernels.project(x, w, self.bias, others=others, act=act, residual=residual)
+        return y if y is not None else self._torch_forward(x, act, residual)
 
-    def _onednn_forward(self, x: Tensor) -> Tensor:
+    def _onednn_forward(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """fp32 product on oneDNN's GEMM: F.linear takes MKL's, which oneDNN's JIT kernels beat on some CPUs
-        (AVX-512 ones: docs/performance.md), so the tuner times both."""
-        return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        (AVX-512 ones: docs/performance.md), so the tuner times both. The activation or the residual add is
+        one of its post-ops."""
+        if residual is not None and act is None:
+            return torch.ops.mkldnn._linear_pointwise.binary(x, residual.to(x.dtype).contiguous(), self.weight,
+                                                             self.bias, "add")
+        attr, algorithm = _ONEDNN_ACTIVATIONS[act]
+        return epilogue(torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm), None,
+                        residual)
 
-    def _panel_gemm(self, x: Tensor) -> Tensor:
+    def _panel_gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """bf16 weights against many rows on Quill's bf16 GEMM (rows rounded to bf16 as the kernel's bf16 rows
         are; fp32 sums). The weight is repacked into the GEMM's panels on first use and again when it changes."""
         panels = self._panels.get(kernels.identity(self.weight), lambda: kernels.pack_bf16(self.weight))
-        return kernels.gemm_bf16(x, panels, self.bias, self.out_features)
+        return kernels.gemm_bf16(x, panels, self.bias, self.out_features, act, residual)
 
-    def _torch_forward(self, x: Tensor, upcast_from: int = kernels.DEFAULT_ROWS + 1) -> Tensor:
+    def _torch_forward(self, x: Tensor, act: str | None = None, residual: Tensor | None = None,
+                       upcast_from: int = kernels.DEFAULT_ROWS + 1) -> Tensor:
         """The CPU inference product on torch's GEMM; half-precision weights in fp32 from `upcast_from` rows on
         where the CPU has no half GEMM."""
         w = self.weight
@@ -90,8 +120,10 @@ class Linear(nn.Linear):
         # output to half as well as its inputs, 3.5 points of top-1 agreement over 512 positions (docs/performance.md)
         if w.dtype in _HALF and (x.dtype != w.dtype or kernels.rows(x) >= upcast_from and not _cpu_half_gemm(w.dtype)):
             bias = None if self.bias is None else self.bias.float()
-            return F.linear(x.float(), w.float(), bias).to(x.dtype)
-        return F.linear(x, w, self.bias)
+            y = F.linear(x.float(), w.float(), bias).to(x.dtype)
+        else:
+            y = F.linear(x, w, self.bias)
+        return epilogue(y, act, residual)
 
     def kernel_args(self) -> tuple[Tensor, None, Tensor | None]:
         """(weight, scale, bias) for the fused decode step: float weights need no scale."""
@@ -294,7 +326,8 @@ class CausalSelfAttention(nn.Module):
         self.upcast = config.reorder_and_upcast_attn
 
     def forward(self, x: Tensor, pos: Positions | None, k_cache: Tensor | None, v_cache: Tensor | None,
-                mask: Tensor | None) -> Tensor:
+                mask: Tensor | None, residual: Tensor | None = None) -> Tensor:
+        """(residual +) attention of x's rows over the cache and themselves."""
         B, T, C = x.shape
         q, k, v = self.c_attn(x).view(B, T, 3, self.n_head, self.head_dim).permute(2, 0, 3, 1, 4)  # 3x[B,H,T,D]
         if k_cache is not None:  # the cache may keep its own dtype (GPT.kv_dtype)
@@ -324,7 +357,7 @@ class CausalSelfAttention(nn.Module):
                 dropout_p=self.attn_pdrop if self.training else 0.0,
             ).transpose(1, 2)  # [B, T, H, D]
         y = y.to(dtype).reshape(B, T, C)
-        return self.resid_dropout(self.c_proj(y))
+        return residual_projection(self.c_proj, self.resid_dropout, y, residual)
 
 
 class MLP(nn.Module):
@@ -333,14 +366,21 @@ class MLP(nn.Module):
         self.c_fc = Linear(config.n_embd, config.inner_dim)
         self.c_proj = Linear(config.inner_dim, config.n_embd)
         self.activation = config.activation_function
-        self.act = ACTIVATIONS[config.activation_function]
         self.dropout = nn.Dropout(config.resid_pdrop)
 
-    def forward(self, x: Tensor) -> Tensor:
-        h = self.c_fc(x)
-        if not kernels.activate_(h, self.activation):  # in place when the vectorised kernel serves h
-            h = self.act(h)
-        return self.dropout(self.c_proj(h))
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
+        """(residual +) the MLP of x's rows."""
+        return residual_projection(self.c_proj, self.dropout, fused(self.c_fc, x, act=self.activation), residual)
+
+
+def residual_projection(proj: nn.Module, dropout: nn.Dropout, y: Tensor, residual: Tensor | None) -> Tensor:
+    """`residual + dropout(proj(y))`, the residual added as the projection writes its output where no dropout
+    stands between them (inference)."""
+    if residual is None:
+        return dropout(proj(y))
+    if dropout.training and dropout.p > 0:
+        return residual + dropout(proj(y))
+    return fused(proj, y, residual=residual)
 
 
 class Block(nn.Module):
@@ -353,8 +393,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, pos: Positions | None, k_cache: Tensor | None, v_cache: Tensor | None,
                 mask: Tensor | None) -> Tensor:
-        x = x + self.attn(self.ln_1(x), pos, k_cache, v_cache, mask)
-        return x + self.mlp(self.ln_2(x))
+        x = self.attn(self.ln_1(x), pos, k_cache, v_cache, mask, residual=x)
+        return self.mlp(self.ln_2(x), residual=x)
 
 
 class GPT(nn.Module):

@@ -47,7 +47,7 @@ from torch import Tensor, nn
 from quill import kernels
 from quill.atomic import atomic_write
 from quill.errors import CheckpointError, InvalidParameter
-from quill.model import GPT
+from quill.model import GPT, epilogue
 from quill.weights import CONFIG_FILE, SAFETENSORS_FILE, load_config, read_tensors
 
 QUANT_METHOD = "quill_int8"
@@ -91,6 +91,8 @@ def _prepack(weight: Tensor, scale: Tensor, bias: Tensor | None) -> object:
 class Int8Linear(nn.Module):
     """`y = (x @ q.T) * scale + bias` with int8 `q` [out, in] and fp32 per-output-channel `scale`."""
 
+    fuses_epilogue = True  # forward takes act and residual (quill.model.fused)
+
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
         super().__init__()
         if weight.dtype != torch.int8 or weight.dim() != 2 or scale.shape != weight.shape[:1]:
@@ -116,42 +118,42 @@ class Int8Linear(nn.Module):
         """The weight as a float matrix [out, in] in `dtype`."""
         return (self.weight.to(torch.float32) * self.weight_scale.float()[:, None]).to(dtype)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Quill's int8 decode kernel, its int8 GEMM (`_panel_gemm`), fbgemm's int8 GEMM or the dequantised
-        GEMM: for several rows, whichever is fastest here (quill.kernels.project times them; fbgemm, whose 7-bit
-        activations cost accuracy, only with QUILL_INT8_GEMM=1 and where clearly faster); without the kernels,
-        fbgemm beyond DEFAULT_ROWS."""
+    def forward(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
+        """`(residual +) act(x @ W.T * scale + b)` (as `quill.model.Linear`) on Quill's int8 decode kernel, its
+        int8 GEMM (`_panel_gemm`), fbgemm's int8 GEMM or the dequantised GEMM: for several rows, whichever is
+        fastest here (quill.kernels.project times them; fbgemm, whose 7-bit activations cost accuracy, only with
+        QUILL_INT8_GEMM=1 and where clearly faster); without the kernels, fbgemm beyond DEFAULT_ROWS."""
         w, s, b = self.kernel_args()
         gemm = _int8_gemm_serves(x)
         others = {"i8gemm": self._panel_gemm}
         if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm
         others["torch"] = self._dequantized_forward
-        y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",))
+        y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",), act=act, residual=residual)
         if y is not None:
             return y
         if gemm and kernels.rows(x) > kernels.DEFAULT_ROWS:
-            return self._gemm(x)
-        return self._dequantized_forward(x)
+            return self._gemm(x, act, residual)
+        return self._dequantized_forward(x, act, residual)
 
-    def _dequantized_forward(self, x: Tensor) -> Tensor:
+    def _dequantized_forward(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         bias = None if self.bias is None else self.bias.to(x.dtype)
-        return F.linear(x, self.dequantized(x.dtype), bias)
+        return epilogue(F.linear(x, self.dequantized(x.dtype), bias), act, residual)
 
     def _weights_key(self) -> tuple:
         """The weight, scale and bias's identity: a packed copy made from them is remade when it changes."""
         return kernels.identity(self.weight, self.weight_scale, self.bias)
 
-    def _panel_gemm(self, x: Tensor) -> Tensor:
+    def _panel_gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """Long inputs on Quill's int8 GEMM: activations rounded to int16 with one scale a row (as the decode
         kernels do), so a prefill keeps the decode path's accuracy (docs/performance.md). The weight is repacked
         into the kernel's column panels on first use (one more int8 copy) and again when it changes."""
         key = (self._weights_key(), kernels.i8_panels())  # the loaded variant's layout
         panels = self._panels.get(key, lambda: kernels.pack_i8(self.weight))
         _, s, b = self.kernel_args()
-        return kernels.gemm_i8(x, panels, s, b, self.out_features)
+        return kernels.gemm_i8(x, panels, s, b, self.out_features, act, residual)
 
-    def _gemm(self, x: Tensor) -> Tensor:
+    def _gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """Long inputs (prefill) on fbgemm's int8 GEMM, activations quantised per tensor to uint8 on the fly.
 
         That is what ONNX Runtime's and transformers' dynamic int8 do; on AVX2 its byte multiply-adds
@@ -162,7 +164,7 @@ class Int8Linear(nn.Module):
         packed = self._packed.get(self._weights_key(), lambda: _prepack(self.weight, self.weight_scale, self.bias))
         x2 = x.reshape(-1, self.in_features).float().contiguous()
         y = torch.ops.quantized.linear_dynamic(x2, packed, True)  # reduce_range: no vpmaddubsw overflow
-        return y.to(x.dtype).view(*x.shape[:-1], self.out_features)
+        return epilogue(y.to(x.dtype).view(*x.shape[:-1], self.out_features), act, residual)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -204,12 +204,18 @@ def test_tuned_paths_agree_with_the_torch_path(tuning):
 @pytest.mark.skipif(not model_module._ONEDNN_LINEAR, reason="torch built without oneDNN's linear op")
 @pytest.mark.parametrize("bias", [True, False])
 def test_the_onednn_candidate_equals_f_linear(bias):
-    """The fp32 candidate beside MKL's GEMM: the same product for 2-d and 3-d inputs, with or without bias."""
+    """The fp32 candidate beside MKL's GEMM: the same product for 2-d and 3-d inputs, with or without bias, and
+    with each activation or a residual added as its post-op."""
     torch.manual_seed(0)
     layer = model_module.Linear(96, 80, bias=bias)
     with torch.inference_mode():
         for x in (torch.randn(20, 96), torch.randn(3, 40, 96)):
-            assert rel_err(torch.nn.functional.linear(x, layer.weight, layer.bias), layer._onednn_forward(x)) <= 1e-6
+            y = torch.nn.functional.linear(x, layer.weight, layer.bias)
+            assert rel_err(y, layer._onednn_forward(x)) <= 1e-6
+            for act, f in model_module.ACTIVATIONS.items():
+                assert rel_err(f(y), layer._onednn_forward(x, act)) <= 1e-6, act
+            residual = torch.randn(y.shape)
+            assert rel_err(residual + y, layer._onednn_forward(x, None, residual)) <= 1e-6
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")

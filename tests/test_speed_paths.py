@@ -274,6 +274,35 @@ def test_bf16_gemm_matches_an_exact_reference(kernel_isa, xdtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("act", [None, "gelu_new", "gelu", "relu"])
+def test_fused_epilogues_equal_the_separate_passes(kernel_isa, act):
+    """An activation and a residual added as the products write their outputs (the row kernel, the int8 GEMM and
+    the bf16 GEMM, as a prefill's MLP and projections call them) give the bits of the plain product followed by
+    the activation kernel and torch's add, in fp32; in bf16, one rounding instead of two."""
+    torch.manual_seed(0)
+    m, k, n = 45, 72, 100
+    w8 = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+    wb = torch.randn(n, k).to(torch.bfloat16)
+    scale, bias = torch.rand(n) * 0.01, torch.randn(n)
+    products = {"row kernel": lambda x, **e: kernels.linear(x, wb, bias, **e),
+                "int8 GEMM": lambda x, **e: kernels.gemm_i8(x, kernels.pack_i8(w8), scale, bias, n, **e)}
+    if kernels.has_gemm_bf16():
+        products["bf16 GEMM"] = lambda x, **e: kernels.gemm_bf16(x, kernels.pack_bf16(wb), bias, n, **e)
+    for dtype in (torch.float32, torch.bfloat16):
+        x, residual = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+        for name, product in products.items():
+            plain = product(x).float()
+            if act is not None:
+                assert kernels.activate_(plain, act)
+            fused = product(x, act=act, residual=residual)
+            assert fused.dtype == dtype, name
+            if dtype == torch.float32:
+                assert torch.equal(fused, plain + residual), name
+            else:
+                assert rel_err(plain + residual.float(), fused) <= 2 ** -8, name
+
+
+@needs_kernels
 def test_int8_kernels_give_the_same_bits_in_every_variant(kernel_isa, monkeypatch):
     """int8 products sum exact integers in column blocks cut alike by every variant (vpmaddwd on AVX2, VNNI
     vpdpwssd on AVX-512), each block rounded to fp32 once: the same bits as the AVX2 build, tails and odd row

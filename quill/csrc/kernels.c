@@ -641,45 +641,48 @@ static inline __m256 exp_neg(__m256 x) {
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 
-/* Activations, in place on n floats (absolute error ~1e-7 relative to |x|, like torch's vectorised ones). */
+/* Activations, 8 floats at a time (absolute error ~1e-7 relative to |x|, like torch's vectorised ones). */
 enum { ACT_NONE = QK_ACT_NONE, ACT_GELU_TANH = QK_ACT_GELU_TANH, ACT_GELU_ERF = QK_ACT_GELU_ERF, ACT_RELU = QK_ACT_RELU };
-static void activate(float* v, int64_t n, int act) {
+static inline __m256 activate8(__m256 x, int act) {
     const __m256 half = _mm256_set1_ps(0.5f), one = _mm256_set1_ps(1.0f), sign = _mm256_set1_ps(-0.0f);
-    int64_t i = 0;
     if (act == ACT_GELU_TANH) {  /* 0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3))), tanh|u| = (1-e)/(1+e), e = exp(-2|u|) */
-        for (; i + 8 <= n; i += 8) {
-            __m256 x = _mm256_loadu_ps(v + i);
-            __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
-                                     _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x));
-            __m256 au = _mm256_andnot_ps(sign, u);
-            __m256 e = exp_neg(_mm256_mul_ps(_mm256_set1_ps(-2.0f), au));
-            __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
-            t = _mm256_or_ps(t, _mm256_and_ps(sign, u));
-            _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t)));
-        }
-        for (; i < n; i++) {
-            float x = v[i];
-            v[i] = 0.5f * x * (1.f + tanhf(0.7978845608028654f * (x + 0.044715f * x * x * x)));
-        }
-    } else if (act == ACT_GELU_ERF) {  /* 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 */
-        for (; i + 8 <= n; i += 8) {
-            __m256 x = _mm256_loadu_ps(v + i);
-            __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.7071067811865476f));
-            __m256 az = _mm256_andnot_ps(sign, z);
-            __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));
-            __m256 p = _mm256_set1_ps(1.061405429f);
-            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
-            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
-            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
-            p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
-            p = _mm256_mul_ps(p, t);
-            __m256 erf = _mm256_sub_ps(one, _mm256_mul_ps(p, exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(az, az)))));
-            erf = _mm256_or_ps(erf, _mm256_and_ps(sign, z));
-            _mm256_storeu_ps(v + i, _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, erf)));
-        }
-        for (; i < n; i++) v[i] = 0.5f * v[i] * (1.f + erff(v[i] * 0.7071067811865476f));
-    } else if (act == ACT_RELU) {
-        for (; i < n; i++) v[i] = v[i] > 0.f ? v[i] : 0.f;
+        __m256 u = _mm256_mul_ps(_mm256_set1_ps(0.7978845608028654f),
+                                 _mm256_fmadd_ps(_mm256_mul_ps(_mm256_set1_ps(0.044715f), x), _mm256_mul_ps(x, x), x));
+        __m256 au = _mm256_andnot_ps(sign, u);
+        __m256 e = exp_neg(_mm256_mul_ps(_mm256_set1_ps(-2.0f), au));
+        __m256 t = _mm256_div_ps(_mm256_sub_ps(one, e), _mm256_add_ps(one, e));
+        t = _mm256_or_ps(t, _mm256_and_ps(sign, u));
+        return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, t));
+    }
+    if (act == ACT_GELU_ERF) {  /* 0.5 x (1 + erf(x / sqrt 2)), erf by Abramowitz-Stegun 7.1.26 */
+        __m256 z = _mm256_mul_ps(x, _mm256_set1_ps(0.7071067811865476f));
+        __m256 az = _mm256_andnot_ps(sign, z);
+        __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), az, one));
+        __m256 p = _mm256_set1_ps(1.061405429f);
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-1.453152027f));
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(1.421413741f));
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(-0.284496736f));
+        p = _mm256_fmadd_ps(p, t, _mm256_set1_ps(0.254829592f));
+        p = _mm256_mul_ps(p, t);
+        __m256 erf = _mm256_sub_ps(one, _mm256_mul_ps(p, exp_neg(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(az, az)))));
+        erf = _mm256_or_ps(erf, _mm256_and_ps(sign, z));
+        return _mm256_mul_ps(_mm256_mul_ps(half, x), _mm256_add_ps(one, erf));
+    }
+    if (act == ACT_RELU) return _mm256_max_ps(x, _mm256_setzero_ps());
+    return x;
+}
+
+/* act in place on n floats. The tail runs through the same vector code, padded: an element's result does not
+   depend on where a task's stretch of the row begins or ends (the fused epilogues cut rows into column blocks). */
+static void activate(float* v, int64_t n, int act) {
+    if (act == ACT_NONE) return;
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(v + i, activate8(_mm256_loadu_ps(v + i), act));
+    if (i < n) {
+        float t[8] = {0};
+        memcpy(t, v + i, (size_t)(n - i) * sizeof(float));
+        _mm256_storeu_ps(t, activate8(_mm256_loadu_ps(t), act));
+        memcpy(v + i, t, (size_t)(n - i) * sizeof(float));
     }
 }
 
@@ -699,6 +702,19 @@ static void act_task(void* ctx, int64_t t) {
 void quill_activate(void* v, int64_t n, int dt, int act, int nthreads) {
     struct act_job job = {v, n, dt, act};
     pool_run(act_task, &job, (n + ACT_CHUNK - 1) / ACT_CHUNK, nthreads);
+}
+
+/* The end of every product's output row of n sums (scale and bias applied): the activation, then the residual
+   (of y's dtype, at y's offset o: it may be y itself, an in-place add), then the store, rounded to y's dtype. */
+static void finish_row(float* a, int64_t n, int act, const void* residual, void* y, int ydt, int64_t o) {
+    if (act) activate(a, n, act);
+    if (residual) {
+        int64_t i = 0;
+        for (; i + 8 <= n; i += 8) _mm256_storeu_ps(a + i, _mm256_add_ps(_mm256_loadu_ps(a + i), vld(residual, ydt, o + i)));
+        for (; i < n; i++) a[i] += ld(residual, ydt, o + i);
+    }
+    if (ydt == F32) memcpy((float*)y + o, a, (size_t)n * sizeof(float));
+    else narrow(y, ydt, o, a, n);
 }
 
 struct linear_job {
@@ -739,11 +755,7 @@ static void linear_task(void* ctx, int64_t t) {
                 if (j->bias) v += ld(j->bias, j->bdt, n);
                 a[n - n0] = v;
             }
-            if (j->act) activate(a, n1 - n0, j->act);
-            if (j->residual)
-                for (int64_t n = n0; n < n1; n++) a[n - n0] += ld(j->residual, j->ydt, o + n);
-            if (j->ydt == F32) memcpy((float*)j->y + o + n0, a, (n1 - n0) * sizeof(float));
-            else for (int64_t n = n0; n < n1; n++) st(j->y, j->ydt, o + n, a[n - n0]);
+            finish_row(a, n1 - n0, j->act, j->residual, j->y, j->ydt, o + n0);
         }
     }
 }
@@ -883,7 +895,7 @@ int quill_linear(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, 
 #define I8G_NC (I8G_PANEL * I8G_GROUP)
 struct gemm_i8_job {
     const float* x; int64_t M, Mp, K, Kp; const int8_t* Wp; const float* scale; const void* bias; int bdt;
-    void* y; int ydt; int64_t ldy, N, ngroups; int16_t* xq; float* xs;
+    const void* residual; void* y; int ydt; int64_t ldy, N, ngroups; int act; int16_t* xq; float* xs;
 };
 
 #ifdef QUILL_AVX512
@@ -988,23 +1000,24 @@ static void gemm_i8_task(void* ctx, int64_t t) {
             if (j->bias) v += ld(j->bias, j->bdt, n0 + n);
             a[n] = v;
         }
-        if (j->ydt == F32) memcpy((float*)j->y + o, a, (size_t)nn * sizeof(float));
-        else for (int64_t n = 0; n < nn; n++) st(j->y, j->ydt, o + n, a[n]);
+        finish_row(a, nn, j->act, j->residual, j->y, j->ydt, o);
     }
 }
 
-/* y[m, n] = scale[n] * sum_k x[m, k] W[n, k] + bias[n], x: [M, K] (row stride ldx, dtype xdt) rounded to int16
-   per row; Wp: W [N, K] int8 packed as above (N padded to a multiple of I8G_PANEL * I8G_GROUP, K to
-   QK_I8_KSTEP, zeros); y: [M, N], row stride ldy, dtype ydt. Returns -1 when out of memory. */
+/* y[m, n] = (residual[m, n] +) act(scale[n] * sum_k x[m, k] W[n, k] + bias[n]), x: [M, K] (row stride ldx, dtype
+   xdt) rounded to int16 per row; Wp: W [N, K] int8 packed as above (N padded to a multiple of I8G_PANEL *
+   I8G_GROUP, K to QK_I8_KSTEP, zeros); y and residual: [M, N], row stride ldy, dtype ydt. Returns -1 when out
+   of memory. */
 int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* Wp, const float* scale,
-                  const void* bias, int bdt, void* y, int ydt, int64_t ldy, int64_t N, int64_t K, int nthreads) {
+                  const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy, int64_t N,
+                  int64_t K, int act, int nthreads) {
     if (M <= 0 || N <= 0) return 0;
     const int64_t Mp = (M + I8G_MR - 1) / I8G_MR * I8G_MR, Kp = (K + QK_I8_KSTEP - 1) / QK_I8_KSTEP * QK_I8_KSTEP;
     float* buf = scratch(M * K + (Mp * Kp + 1) / 2 + Mp);
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, NULL, NULL, 0, 0.f, buf);
-    struct gemm_i8_job job = {xf, M, Mp, K, Kp, Wp, scale, bias, bdt, y, ydt, ldy, N, (N + I8G_NC - 1) / I8G_NC,
-                              (int16_t*)(buf + M * K), buf + M * K + (Mp * Kp + 1) / 2};
+    struct gemm_i8_job job = {xf, M, Mp, K, Kp, Wp, scale, bias, bdt, residual, y, ydt, ldy, N,
+                              (N + I8G_NC - 1) / I8G_NC, act, (int16_t*)(buf + M * K), buf + M * K + (Mp * Kp + 1) / 2};
     pool_run(gemm_i8_quant_task, &job, (Mp + 7) / 8, nthreads);
     pool_run(gemm_i8_task, &job, (Mp + I8G_MB - 1) / I8G_MB * job.ngroups, nthreads);
     return 0;
@@ -1024,7 +1037,7 @@ int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* 
 #define BG_NC (QK_BF16_PANEL * QK_BF16_GROUP)
 struct gemm_bf16_job {
     const void* x; int xdt; int64_t M, Mp, ldx, K, Kp; const uint16_t* Wp; const void* bias; int bdt;
-    void* y; int ydt; int64_t ldy, N, ngroups; uint16_t* xb;
+    const void* residual; void* y; int ydt; int64_t ldy, N, ngroups; int act; uint16_t* xb;
 };
 
 /* Rows [8t, 8t + 8) of the activations to bf16, K zero-padded to Kp (rows past M, the block's padding, zeros). */
@@ -1065,38 +1078,37 @@ static void gemm_bf16_task(void* ctx, int64_t t) {
         for (int r = 0; r < BG_MR && m0 + m + r < j->M; r++) {
             float f[BG_NC];
             for (int c = 0; c < QK_BF16_GROUP; c++) _mm512_storeu_ps(f + c * QK_BF16_PANEL, a[r][c]);
-            const int64_t o = (m0 + m + r) * j->ldy + n0;
-            int64_t n = 0;
-            for (; n + 8 <= nn; n += 8) {
-                __m256 v = _mm256_loadu_ps(f + n);
-                if (j->bias) v = _mm256_add_ps(v, vld(j->bias, j->bdt, n0 + n));
-                vst(j->y, j->ydt, o + n, v);
+            if (j->bias) {
+                int64_t n = 0;
+                for (; n + 8 <= nn; n += 8) _mm256_storeu_ps(f + n, _mm256_add_ps(_mm256_loadu_ps(f + n), vld(j->bias, j->bdt, n0 + n)));
+                for (; n < nn; n++) f[n] += ld(j->bias, j->bdt, n0 + n);
             }
-            for (; n < nn; n++) st(j->y, j->ydt, o + n, f[n] + (j->bias ? ld(j->bias, j->bdt, n0 + n) : 0.f));
+            finish_row(f, nn, j->act, j->residual, j->y, j->ydt, (m0 + m + r) * j->ldy + n0);
         }
     }
 }
 #endif
 
-/* y[m, n] = sum_k x[m, k] W[n, k] + bias[n] with x: [M, K] (row stride ldx, dtype xdt) rounded to bf16; Wp: W
-   [N, K] bf16 packed as above (N padded to a multiple of QK_BF16_PANEL * QK_BF16_GROUP, K to QK_BF16_KSTEP,
-   zeros); y: [M, N], row stride ldy, dtype ydt. Returns -1 when out of memory, -2 where this variant has no
-   vdpbf16ps (quill_has_gemm_bf16 says which). */
+/* y[m, n] = (residual[m, n] +) act(sum_k x[m, k] W[n, k] + bias[n]) with x: [M, K] (row stride ldx, dtype xdt)
+   rounded to bf16; Wp: W [N, K] bf16 packed as above (N padded to a multiple of QK_BF16_PANEL * QK_BF16_GROUP,
+   K to QK_BF16_KSTEP, zeros); y and residual: [M, N], row stride ldy, dtype ydt. Returns -1 when out of
+   memory, -2 where this variant has no vdpbf16ps (quill_has_gemm_bf16 says which). */
 int quill_gemm_bf16(const void* x, int xdt, int64_t M, int64_t ldx, const uint16_t* Wp, const void* bias, int bdt,
-                    void* y, int ydt, int64_t ldy, int64_t N, int64_t K, int nthreads) {
+                    const void* residual, void* y, int ydt, int64_t ldy, int64_t N, int64_t K, int act,
+                    int nthreads) {
 #if HAVE_BF16DP
     if (M <= 0 || N <= 0) return 0;
     const int64_t Mp = (M + BG_MR - 1) / BG_MR * BG_MR, Kp = (K + QK_BF16_KSTEP - 1) / QK_BF16_KSTEP * QK_BF16_KSTEP;
     float* buf = scratch((Mp * Kp + 1) / 2);
     if (!buf) return -1;
-    struct gemm_bf16_job job = {x, xdt, M, Mp, ldx, K, Kp, Wp, bias, bdt, y, ydt, ldy, N,
-                                (N + BG_NC - 1) / BG_NC, (uint16_t*)buf};
+    struct gemm_bf16_job job = {x, xdt, M, Mp, ldx, K, Kp, Wp, bias, bdt, residual, y, ydt, ldy, N,
+                                (N + BG_NC - 1) / BG_NC, act, (uint16_t*)buf};
     pool_run(gemm_bf16_round_task, &job, (Mp + 7) / 8, nthreads);
     pool_run(gemm_bf16_task, &job, (Mp + BG_MB - 1) / BG_MB * job.ngroups, nthreads);
     return 0;
 #else
-    (void)x; (void)xdt; (void)M; (void)ldx; (void)Wp; (void)bias; (void)bdt; (void)y; (void)ydt; (void)ldy;
-    (void)N; (void)K; (void)nthreads;
+    (void)x; (void)xdt; (void)M; (void)ldx; (void)Wp; (void)bias; (void)bdt; (void)residual; (void)y; (void)ydt;
+    (void)ldy; (void)N; (void)K; (void)act; (void)nthreads;
     return -2;
 #endif
 }

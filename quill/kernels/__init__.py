@@ -70,9 +70,9 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C]
     lib.quill_linear.restype = C
-    lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, C, I, I, I, C]
+    lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, P, C, I, I, I, C, C]
     lib.quill_gemm_i8.restype = C
-    lib.quill_gemm_bf16.argtypes = [P, C, I, I, P, P, C, P, C, I, I, I, C]
+    lib.quill_gemm_bf16.argtypes = [P, C, I, I, P, P, C, P, P, C, I, I, I, C, C]
     lib.quill_gemm_bf16.restype = C
     lib.quill_has_gemm_bf16.argtypes = []
     lib.quill_has_gemm_bf16.restype = C
@@ -267,28 +267,36 @@ def pack_bf16(weight: Tensor) -> Tensor:
     return _pack(weight.to(torch.bfloat16), BF16_PANEL, BF16_GROUP, BF16_KSTEP)
 
 
-def _gemm_args(x: Tensor, n: int) -> tuple[ctypes.CDLL, Tensor, Tensor]:
-    """The loaded library, x as rows [M, K] with unit column stride, and the output [M, n] in x's dtype."""
+def _gemm_args(x: Tensor, n: int, residual: Tensor | None) -> tuple[ctypes.CDLL, Tensor, Tensor, int | None]:
+    """The loaded library, x as rows [M, K] with unit column stride, the output [M, n] in x's dtype, and the
+    address of the residual as rows [M, n] of that dtype, contiguous (None without one)."""
     lib = _lib if _lib is not None else _load()
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return lib, x2, torch.empty(x2.shape[0], n, dtype=x.dtype)
+    res = None
+    if residual is not None:
+        if residual.shape != (*x.shape[:-1], n):
+            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {(*x.shape[:-1], n)}")
+        res = residual.to(x.dtype).contiguous()  # (kept alive by the caller's frame through the call)
+    return lib, x2, torch.empty(x2.shape[0], n, dtype=x.dtype), res
 
 
-def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int) -> Tensor:
-    """`(x @ W.T) * scale + bias` for many rows of x [..., K] (a float dtype; the result has it), W int8 [n, K]
-    as `pack_i8(W)` packed it, scale float32 [n]: activations rounded to int16 with one scale a row, exact
-    integer products (the decode kernels' accuracy at GEMM speed; docs/performance.md)."""
+def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, act: str | None = None,
+            residual: Tensor | None = None) -> Tensor:
+    """`(residual +) act((x @ W.T) * scale + bias)` for many rows of x [..., K] (a float dtype; the result has
+    it), W int8 [n, K] as `pack_i8(W)` packed it, scale float32 [n]: activations rounded to int16 with one scale a
+    row, exact integer products (the decode kernels' accuracy at GEMM speed; docs/performance.md)."""
     if packed.shape[2] != i8_panels()[0]:
         raise ValueError(f"weights packed in panels of {packed.shape[2]} columns; the {_variant.name} kernels read "
                          f"{i8_panels()[0]}: pack them again (pack_i8)")
-    lib, x2, out = _gemm_args(x, n)
+    lib, x2, out, res = _gemm_args(x, n, residual)
     rc = lib.quill_gemm_i8(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), packed.data_ptr(),
                            scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                           0 if bias is None else DTYPE_CODES[bias.dtype], out.data_ptr(), DTYPE_CODES[out.dtype],
-                           n, n, x2.shape[1], torch.get_num_threads())
+                           0 if bias is None else DTYPE_CODES[bias.dtype], None if res is None else res.data_ptr(),
+                           out.data_ptr(), DTYPE_CODES[out.dtype], n, n, x2.shape[1], ACTIVATIONS[act],
+                           torch.get_num_threads())
     if rc:
         raise MemoryError("quill_gemm_i8: out of memory")
     return out.view(*x.shape[:-1], n)
@@ -300,14 +308,16 @@ def has_gemm_bf16() -> bool:
     return lib is not None and bool(lib.quill_has_gemm_bf16())
 
 
-def gemm_bf16(x: Tensor, packed: Tensor, bias: Tensor | None, n: int) -> Tensor:
-    """`x @ W.T + bias` for many rows of x [..., K] (a float dtype; the result has it), W [n, K] as
-    `pack_bf16(W)` packed it: activations rounded to bf16 once, sums and output in fp32 (as the row kernels'
+def gemm_bf16(x: Tensor, packed: Tensor, bias: Tensor | None, n: int, act: str | None = None,
+              residual: Tensor | None = None) -> Tensor:
+    """`(residual +) act(x @ W.T + bias)` for many rows of x [..., K] (a float dtype; the result has it), W [n, K]
+    as `pack_bf16(W)` packed it: activations rounded to bf16 once, sums and output in fp32 (as the row kernels'
     vdpbf16ps path; docs/performance.md). Only where `has_gemm_bf16()`."""
-    lib, x2, out = _gemm_args(x, n)
+    lib, x2, out, res = _gemm_args(x, n, residual)
     rc = lib.quill_gemm_bf16(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), packed.data_ptr(),
                              None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
-                             out.data_ptr(), DTYPE_CODES[out.dtype], n, n, x2.shape[1], torch.get_num_threads())
+                             None if res is None else res.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], n, n,
+                             x2.shape[1], ACTIVATIONS[act], torch.get_num_threads())
     if rc == -2:
         raise RuntimeError(f"quill_gemm_bf16: the {_variant.name} kernels have no bf16 GEMM")
     if rc:
@@ -322,9 +332,10 @@ def rows(x: Tensor) -> int:
 
 
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
-            others: dict[str, Callable[[Tensor], Tensor]] | None = None,
-            inexact: Collection[str] = ()) -> Tensor | None:
-    """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it.
+            others: dict[str, Callable[[Tensor, str | None, Tensor | None], Tensor]] | None = None,
+            inexact: Collection[str] = (), act: str | None = None, residual: Tensor | None = None) -> Tensor | None:
+    """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it;
+    `act` and `residual` ([..., N]) as there, and passed on to `others` (called as f(x, act, residual)).
 
     They serve CPU inference inputs with a float activation dtype and a contiguous weight of a known dtype; the
     caller falls back to its torch path otherwise (GPU, autograd, tracing). One row always runs here (reading
@@ -343,16 +354,18 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         x2 = x.reshape(m, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        return linear(x2, weight, bias, scale).view(*x.shape[:-1], weight.shape[0])
+        res = None if residual is None else residual.to(x.dtype).reshape(m, weight.shape[0]).contiguous()
+        return linear(x2, weight, bias, scale, residual=res, act=act).view(*x.shape[:-1], weight.shape[0])
 
     if m > 1 and others:
-        candidates = {"quill": own, **{name: functools.partial(f, x) for name, f in others.items()}}
+        candidates = {"quill": own, **{name: functools.partial(f, x, act, residual) for name, f in others.items()}}
+        epilogue = (f" {act}" if act else "") + (" +residual" if residual is not None else "")
         key = (f"linear w={str(weight.dtype)[6:]} x={str(x.dtype)[6:]} {weight.shape[0]}x{weight.shape[1]} "
-               f"rows<={tune.row_class(m)} [{','.join(candidates)}]")
+               f"rows<={tune.row_class(m)}{epilogue} [{','.join(candidates)}]")
         default = "quill" if m <= DEFAULT_ROWS else next(iter(others))
         path = tune.choose(_variant.name, key, candidates, default, inexact)
         if path != "quill":
-            return others[path](x)
+            return candidates[path]()
     return own()
 
 
