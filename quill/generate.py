@@ -532,6 +532,11 @@ class DecodeBatch:
                 return k
         return left
 
+    def close(self) -> None:
+        """End the batch: its cache goes back to the model for the next generation's (`GPT.recycle_cache`)."""
+        self.rows = []
+        self.model.recycle_cache(self.cache)
+
     def remove(self, seq: Sequence) -> None:
         """Drop a sequence (finished or cancelled) and free its row."""
         if seq.finish_reason is None:
@@ -601,18 +606,24 @@ def run(model: GPT, tokenizer: Tokenizer, request: GenerationRequest, n: int = 1
     except BaseException:
         hit.release()
         raise
-    yield from _raising(batch.add(seqs, hit))
-    while batch.rows:
-        yield from _raising(batch.step(BURST_S))
+    try:
+        yield from _raising(batch.add(seqs, hit))
+        while batch.rows:
+            yield from _raising(batch.step(BURST_S))
+    finally:
+        batch.close()
 
 
 def resume(model: GPT, tokenizer: Tokenizer, state: SequenceState, max_flops: int | None) -> Iterator[StepEvent]:
     """Continue a sequence paused by its budget, yielding each further token."""
     seq = Sequence.resume(state, tokenizer, model, max_flops)
     batch = DecodeBatch(model, 1, seq.max_len)
-    batch.resume(seq, state.kv)
-    while batch.rows:
-        yield from _raising(batch.step(BURST_S))
+    try:
+        batch.resume(seq, state.kv)
+        while batch.rows:
+            yield from _raising(batch.step(BURST_S))
+    finally:
+        batch.close()
 
 
 def _raising(events: list[StepEvent]) -> list[StepEvent]:

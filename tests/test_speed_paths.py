@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from quill import kernels
+from quill import generate, kernels
 from quill.kernels import build
 from quill.kernels.cpu import AVX2
 from quill.generate import DecodeBatch, GenerationRequest, Sequence
@@ -704,6 +704,29 @@ def test_fixed_span_attention_equals_exact_span(ragged):
     # the same up to summation order: the masked positions add exact zeros, but SDPA's kernel sums differently
     assert rel_err(out[0], out[1]) <= 1e-6
     assert rel_err(caches[0].k, caches[1].k) <= 1e-6 and rel_err(caches[0].v, caches[1].v) <= 1e-6
+
+
+def test_a_finished_generation_leaves_its_cache_for_the_next():
+    """A generation's cache goes back to the model when it ends (early or not), and the next one of that shape
+    gets it zeroed; one is kept, of the last shape."""
+    cfg = GPTConfig(vocab_size=len(CHARS), n_positions=64, n_embd=32, n_head=2, n_layer=2)
+    model = make_model(cfg, seed=1)
+    tok = Tokenizer.characters(CHARS)
+    request = GenerationRequest(prompt_ids=[1, 2, 3], max_tokens=5, sampling=SamplingParams(temperature=0))
+    events = generate.run(model, tok, request)
+    next(events)
+    used = model.__dict__.get("_spare_cache")
+    events.close()  # a consumer that stops early
+    spare = model.__dict__["_spare_cache"]
+    assert used is None and spare.k.shape[1::2] == (1, 8)
+    spare.k.fill_(float("nan")), spare.v.fill_(float("nan"))
+    assert model.new_cache(2, 8).k.data_ptr() != spare.k.data_ptr()  # another shape: a cache of its own
+    model.recycle_cache(spare)
+    again = model.new_cache(1, 8)
+    assert again is spare and not again.k.any() and not again.v.any()
+    assert model.new_cache(1, 8) is not spare  # taken: the next is fresh
+    tokens = [ev.token for ev in generate.run(model, tok, request)]
+    assert tokens == [ev.token for ev in generate.run(model, tok, request)]  # the second on the first's cache
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a CUDA device")
