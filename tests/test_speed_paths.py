@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from quill import generate, kernels
-from quill.kernels import build
+from quill.kernels import build, plan
 from quill.kernels.cpu import AVX2
 from quill.generate import DecodeBatch, GenerationRequest, Sequence
 from quill.model import GPT, GPTConfig, compile_model
@@ -818,9 +818,13 @@ def _greedy_rows(model: GPT, tok: Tokenizer, requests: list[GenerationRequest], 
 
 @needs_kernels
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_greedy_bursts_equal_single_steps(dtype, monkeypatch):
+@pytest.mark.parametrize("rows_per_call", [None, 3])
+def test_greedy_bursts_equal_single_steps(dtype, rows_per_call, monkeypatch):
     """Several greedy steps in one kernel call give the tokens, endings, costs and events of single steps:
-    a stop id ends the burst in C, and no row runs past its length limit, its budget or the context."""
+    a stop id ends the burst in C, and no row runs past its length limit, its budget or the context; also where
+    each step runs the rows in calls of fewer (a batch that outgrows the caches)."""
+    if rows_per_call is not None:
+        monkeypatch.setattr(plan.Decoder, "rows_per_call", lambda self, model, batch, k: min(batch, rows_per_call))
     cfg = GPTConfig(vocab_size=len(CHARS), n_positions=64, n_embd=32, n_head=2, n_layer=2)
     model = make_model(cfg, dtype, seed=1)
     tok = Tokenizer.characters(CHARS)

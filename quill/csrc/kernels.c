@@ -1587,13 +1587,15 @@ void quill_argmax_banned(void* x, int dt, int64_t M, int64_t N, int64_t ldx, int
    its banned ids skipped (quill_argmax_banned), fed straight into the next step, up to `steps` steps. The burst
    ends early after a step where a row picked one of its stop ids (stop_ids[stop_off[b]:stop_off[b+1]]), where
    *interrupt is nonzero (another thread asks for the batch), or once CLOCK_MONOTONIC has passed deadline_ns.
-   Step s's tokens go to out[s * B:(s + 1) * B]. The Python between two steps costs more than its own time:
-   after a step has streamed the weights, its every object is cache-cold (docs/performance.md). Returns the
-   steps done, or -1 when out of memory. */
+   Each step runs the rows in calls of `chunk` rows (the buffers x..hidden hold that many; a batch that
+   outgrows the caches runs faster as two halves: quill.kernels.plan). Step s's tokens go to
+   out[s * B:(s + 1) * B]. The Python between two steps costs more than its own time: after a step has
+   streamed the weights, its every object is cache-cold (docs/performance.md). Returns the steps done, or -1
+   when out of memory. */
 int64_t quill_decode_greedy(const int64_t* plan, int64_t B, const int64_t* tokens, const int64_t* pos, int64_t pos0,
                             char* kbase, char* vbase, int cdt, int64_t layer_stride, int64_t sb, int64_t sh, int64_t sl,
                             void* x, void* qkv, void* att, void* hidden, void* logits, int logits_dt, int nt,
-                            const int64_t* ban_off, const int64_t* ban_ids, const int64_t* stop_off,
+                            int64_t chunk, const int64_t* ban_off, const int64_t* ban_ids, const int64_t* stop_off,
                             const int64_t* stop_ids, int64_t steps, int64_t deadline_ns, const int* interrupt,
                             int64_t* out) {
     int64_t* state = malloc(2 * B * sizeof(int64_t));  /* the rows' tokens, then their positions */
@@ -1601,11 +1603,14 @@ int64_t quill_decode_greedy(const int64_t* plan, int64_t B, const int64_t* token
     int64_t *cur = state, *at = pos ? state + B : NULL;
     memcpy(cur, tokens, B * sizeof(int64_t));
     if (at) memcpy(at, pos, B * sizeof(int64_t));
-    const int64_t V = plan[QK_PLAN_V];
+    const int64_t V = plan[QK_PLAN_V], csz = cdt == F32 ? 4 : 2, lsz = logits_dt == F32 ? 4 : 2;
     int64_t s = 0;
-    for (int stop = 0; s < steps && !stop;) {
-        if (quill_decode_step(plan, B, cur, at, pos0 + s, kbase, vbase, cdt, layer_stride, sb, sh, sl, x, qkv, att,
-                              hidden, logits, logits_dt, nt)) { s = -1; break; }
+    for (int stop = 0, rc = 0; s < steps && !stop && !rc;) {
+        for (int64_t r0 = 0; r0 < B && !rc; r0 += chunk)
+            rc = quill_decode_step(plan, B - r0 < chunk ? B - r0 : chunk, cur + r0, at ? at + r0 : NULL, pos0 + s,
+                                   kbase + r0 * sb * csz, vbase + r0 * sb * csz, cdt, layer_stride, sb, sh, sl, x,
+                                   qkv, att, hidden, (char*)logits + r0 * V * lsz, logits_dt, nt);
+        if (rc) { s = -1; break; }
         quill_argmax_banned(logits, logits_dt, B, V, V, out + s * B, ban_off, ban_ids);
         for (int64_t b = 0; b < B; b++) {
             cur[b] = out[s * B + b];

@@ -84,7 +84,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_attn_prefill_bf16.restype = C
     lib.quill_decode_step.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C]
     lib.quill_decode_step.restype = C
-    lib.quill_decode_greedy.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C, P, P, P, P, I, I, P, P]
+    lib.quill_decode_greedy.argtypes = [P, I, P, P, I, P, P, C, I, I, I, I, P, P, P, P, P, C, C, I, P, P, P, P, I, I, P, P]
     lib.quill_decode_greedy.restype = I
     lib.quill_activate.argtypes = [P, I, C, C, C]
     lib.quill_activate.restype = None
@@ -472,11 +472,13 @@ class Interrupt:
 
 
 def decode_greedy(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor, v_cache: Tensor,
-                  ws: dict[str, Tensor], logits: Tensor, threads: int, banned: list[list[int]], stops: list[list[int]],
-                  steps: int, deadline: float, interrupt: Interrupt | None = None) -> list[list[int]]:
-    """Up to `steps` greedy decode steps in one call (arguments as `decode_step`): each row's argmax, its
-    `banned` ids skipped, is fed back in. The burst ends after a step where a row chose one of its `stops`, when
-    `interrupt` is set, or once `time.monotonic()` passes `deadline`; returns each step's tokens, [steps][B]."""
+                  ws: dict[str, Tensor], logits: Tensor, threads: int, chunk: int, banned: list[list[int]],
+                  stops: list[list[int]], steps: int, deadline: float,
+                  interrupt: Interrupt | None = None) -> list[list[int]]:
+    """Up to `steps` greedy decode steps in one call (arguments as `decode_step`; `ws` holds `chunk` rows, and
+    each step runs the rows in calls of that many): each row's argmax, its `banned` ids skipped, is fed back in.
+    The burst ends after a step where a row chose one of its `stops`, when `interrupt` is set, or once
+    `time.monotonic()` passes `deadline`; returns each step's tokens, [steps][B]."""
     lib = _lib if _lib is not None else _load()
     B = tokens.shape[0]
     if any(len(row) > MAX_BANS for row in banned):
@@ -490,7 +492,7 @@ def decode_greedy(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tens
         plan.data_ptr(), B, tokens.data_ptr(), pos.data_ptr() if ragged else None, 0 if ragged else pos,
         k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.stride(0), sb, sh, sl,
         ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["att"].data_ptr(), ws["hidden"].data_ptr(), logits.data_ptr(),
-        DTYPE_CODES[logits.dtype], threads, ban_off, ban_ids, stop_off, stop_ids, steps,
+        DTYPE_CODES[logits.dtype], threads, chunk, ban_off, ban_ids, stop_off, stop_ids, steps,
         int(deadline * 1e9), ctypes.byref(interrupt.word) if interrupt is not None else None, out)
     if done < 0:
         raise MemoryError("quill_decode_greedy: out of memory")

@@ -242,21 +242,20 @@ class Decoder:
 
     def greedy(self, model: nn.Module, tokens: Tensor, start: Tensor | int, k_cache: Tensor, v_cache: Tensor,
                banned: list[list[int]], stops: list[list[int]], steps: int, deadline: float,
-               interrupt: kernels.Interrupt | None = None) -> list[list[int]] | None:
-        """Up to `steps` greedy steps of the rows `tokens` in one fused call (kernels.decode_greedy): each step's
-        tokens, [steps][B]. None where the batch runs as several calls a step (`rows_per_call`): the caller
-        then steps it with `step`. Raises Unsupported for a model the kernels cannot run."""
+               interrupt: kernels.Interrupt | None = None) -> list[list[int]]:
+        """Up to `steps` greedy steps of the rows `tokens` in one call (kernels.decode_greedy), each step in calls
+        of `rows_per_call` rows as `step` makes them: each step's tokens, [steps][B]. Raises Unsupported for a
+        model the kernels cannot run."""
         B = tokens.shape[0]
-        if self.rows_per_call(model, B, k_cache) < B:
-            return None
+        chunk = self.rows_per_call(model, B, k_cache)
         plan = self.plan(model)
         logits = torch.empty(B, model.config.vocab_size, dtype=model.dtype)
         tuner = self.tuner()
-        threads = tuner.choose(B)
+        threads = tuner.choose(chunk)
         t0 = time.perf_counter()
-        out = kernels.decode_greedy(plan, tokens, start, k_cache, v_cache, self.workspace(model, B, model.dtype),
-                                    logits, threads, banned, stops, steps, deadline, interrupt)
-        tuner.record(B, threads, (time.perf_counter() - t0) / len(out))
+        out = kernels.decode_greedy(plan, tokens, start, k_cache, v_cache, self.workspace(model, chunk, model.dtype),
+                                    logits, threads, chunk, banned, stops, steps, deadline, interrupt)
+        tuner.record(chunk, threads, (time.perf_counter() - t0) / (len(out) * -(-B // chunk)))
         return out
 
     def _call(self, model: nn.Module, plan: Tensor, tokens: Tensor, start: Tensor | int, k_cache: Tensor,
