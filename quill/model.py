@@ -525,7 +525,7 @@ class GPT(nn.Module):
         [B, 1] at positions `start`, each row's argmax (its `banned` ids skipped) fed back in; each step's tokens,
         [steps][B]. None where the fused path cannot run the batch; the caller then steps it with `forward`."""
         B, T = idx.shape
-        pos = Positions(start, T, None)
+        pos = Positions(start, T)
         if (T != 1 or not self.use_kernels or pos.end() + steps - 1 > cache.max_len
                 or any(len(ids) > kernels.MAX_BANS for ids in banned) or not self._decode_ok(idx, pos, cache)):
             return None

@@ -707,7 +707,7 @@ void quill_activate(void* v, int64_t n, int dt, int act, int nthreads) {
 /* The end of every product's output row of n sums (scale and bias applied): the activation, then the residual
    (of y's dtype, at y's offset o: it may be y itself, an in-place add), then the store, rounded to y's dtype. */
 static void finish_row(float* a, int64_t n, int act, const void* residual, void* y, int ydt, int64_t o) {
-    if (act) activate(a, n, act);
+    activate(a, n, act);
     if (residual) {
         int64_t i = 0;
         for (; i + 8 <= n; i += 8) _mm256_storeu_ps(a + i, _mm256_add_ps(_mm256_loadu_ps(a + i), vld(residual, ydt, o + i)));
@@ -1605,7 +1605,8 @@ int64_t quill_decode_greedy(const int64_t* plan, int64_t B, const int64_t* token
     if (at) memcpy(at, pos, B * sizeof(int64_t));
     const int64_t V = plan[QK_PLAN_V], csz = cdt == F32 ? 4 : 2, lsz = logits_dt == F32 ? 4 : 2;
     int64_t s = 0;
-    for (int stop = 0, rc = 0; s < steps && !stop && !rc;) {
+    for (int stop = 0; s < steps && !stop;) {
+        int rc = 0;
         for (int64_t r0 = 0; r0 < B && !rc; r0 += chunk)
             rc = quill_decode_step(plan, B - r0 < chunk ? B - r0 : chunk, cur + r0, at ? at + r0 : NULL, pos0 + s,
                                    kbase + r0 * sb * csz, vbase + r0 * sb * csz, cdt, layer_stride, sb, sh, sl, x,

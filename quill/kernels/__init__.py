@@ -267,20 +267,24 @@ def pack_bf16(weight: Tensor) -> Tensor:
     return _pack(weight.to(torch.bfloat16), BF16_PANEL, BF16_GROUP, BF16_KSTEP)
 
 
-def _gemm_args(x: Tensor, n: int, residual: Tensor | None) -> tuple[ctypes.CDLL, Tensor, Tensor, int | None]:
+def _residual_rows(residual: Tensor | None, x: Tensor, n: int) -> Tensor | None:
+    """The residual of a product of x [..., K] with n outputs as contiguous rows [M, n] of x's dtype."""
+    if residual is None:
+        return None
+    if residual.shape != (*x.shape[:-1], n):
+        raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {(*x.shape[:-1], n)}")
+    return residual.to(x.dtype).reshape(-1, n).contiguous()
+
+
+def _gemm_args(x: Tensor, n: int, residual: Tensor | None) -> tuple[ctypes.CDLL, Tensor, Tensor, Tensor | None]:
     """The loaded library, x as rows [M, K] with unit column stride, the output [M, n] in x's dtype, and the
-    address of the residual as rows [M, n] of that dtype, contiguous (None without one)."""
+    residual as `_residual_rows`."""
     lib = _lib if _lib is not None else _load()
     k = x.shape[-1]
     x2 = x.reshape(-1, k)
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    res = None
-    if residual is not None:
-        if residual.shape != (*x.shape[:-1], n):
-            raise ValueError(f"residual of shape {tuple(residual.shape)} for an output of {(*x.shape[:-1], n)}")
-        res = residual.to(x.dtype).contiguous()  # (kept alive by the caller's frame through the call)
-    return lib, x2, torch.empty(x2.shape[0], n, dtype=x.dtype), res
+    return lib, x2, torch.empty(x2.shape[0], n, dtype=x.dtype), _residual_rows(residual, x, n)
 
 
 def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, act: str | None = None,
@@ -354,8 +358,8 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         x2 = x.reshape(m, x.shape[-1])
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
-        res = None if residual is None else residual.to(x.dtype).reshape(m, weight.shape[0]).contiguous()
-        return linear(x2, weight, bias, scale, residual=res, act=act).view(*x.shape[:-1], weight.shape[0])
+        return linear(x2, weight, bias, scale, residual=_residual_rows(residual, x, weight.shape[0]),
+                      act=act).view(*x.shape[:-1], weight.shape[0])
 
     if m > 1 and others:
         candidates = {"quill": own, **{name: functools.partial(f, x, act, residual) for name, f in others.items()}}
@@ -446,16 +450,20 @@ def decode_step(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor
     buffers.
     """
     lib = _lib if _lib is not None else _load()
-    ragged = isinstance(pos, Tensor)
-    _, sb, sh, sl, _ = k_cache.stride()
-    rc = lib.quill_decode_step(
-        plan.data_ptr(), tokens.shape[0], tokens.data_ptr(), pos.data_ptr() if ragged else None, 0 if ragged else pos,
-        k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.stride(0), sb, sh, sl, ws["x"].data_ptr(),
-        ws["qkv"].data_ptr(), ws["att"].data_ptr(), ws["hidden"].data_ptr(), logits.data_ptr(),
-        DTYPE_CODES[logits.dtype], threads)
-    if rc:
+    if lib.quill_decode_step(*_step_args(plan, tokens, pos, k_cache, v_cache, ws, logits, threads)):
         raise MemoryError("quill_decode_step: out of memory")
     return logits
+
+
+def _step_args(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tensor, v_cache: Tensor,
+               ws: dict[str, Tensor], logits: Tensor, threads: int) -> tuple:
+    """The arguments quill_decode_step and quill_decode_greedy begin with, in their order."""
+    ragged = isinstance(pos, Tensor)
+    _, sb, sh, sl, _ = k_cache.stride()
+    return (plan.data_ptr(), tokens.shape[0], tokens.data_ptr(), pos.data_ptr() if ragged else None,
+            0 if ragged else pos, k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype],
+            k_cache.stride(0), sb, sh, sl, ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["att"].data_ptr(),
+            ws["hidden"].data_ptr(), logits.data_ptr(), DTYPE_CODES[logits.dtype], threads)
 
 
 class Interrupt:
@@ -483,17 +491,12 @@ def decode_greedy(plan: Tensor, tokens: Tensor, pos: Tensor | int, k_cache: Tens
     B = tokens.shape[0]
     if any(len(row) > MAX_BANS for row in banned):
         raise ValueError(f"at most {MAX_BANS} banned ids a row")
-    ragged = isinstance(pos, Tensor)
-    _, sb, sh, sl, _ = k_cache.stride()
     ban_off, ban_ids = _id_lists(banned)
     stop_off, stop_ids = _id_lists(stops)
     out = (ctypes.c_int64 * (B * steps))()
-    done = lib.quill_decode_greedy(
-        plan.data_ptr(), B, tokens.data_ptr(), pos.data_ptr() if ragged else None, 0 if ragged else pos,
-        k_cache.data_ptr(), v_cache.data_ptr(), DTYPE_CODES[k_cache.dtype], k_cache.stride(0), sb, sh, sl,
-        ws["x"].data_ptr(), ws["qkv"].data_ptr(), ws["att"].data_ptr(), ws["hidden"].data_ptr(), logits.data_ptr(),
-        DTYPE_CODES[logits.dtype], threads, chunk, ban_off, ban_ids, stop_off, stop_ids, steps,
-        int(deadline * 1e9), ctypes.byref(interrupt.word) if interrupt is not None else None, out)
+    done = lib.quill_decode_greedy(*_step_args(plan, tokens, pos, k_cache, v_cache, ws, logits, threads), chunk,
+                                   ban_off, ban_ids, stop_off, stop_ids, steps, int(deadline * 1e9),
+                                   ctypes.byref(interrupt.word) if interrupt is not None else None, out)
     if done < 0:
         raise MemoryError("quill_decode_greedy: out of memory")
     return [out[s * B:(s + 1) * B] for s in range(done)]
