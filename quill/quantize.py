@@ -80,6 +80,13 @@ def _fbgemm_competes() -> bool:
     return os.environ.get("QUILL_INT8_GEMM", "") == "1"
 
 
+def _u8_gemm_competes(in_features: int) -> bool:
+    """Whether Quill's u8 x int8 GEMM is timed against the exact paths: where the kernels have it (AVX-512 VNNI),
+    K fits its exact sums, and QUILL_INT8_U8 is not 0 (which keeps every int8 product on int16 activations)."""
+    return (in_features <= kernels.U8_MAX_K and os.environ.get("QUILL_INT8_U8", "") != "0" and kernels.available()
+            and kernels.has_gemm_u8i8())
+
+
 def _prepack(weight: Tensor, scale: Tensor, bias: Tensor | None) -> object:
     """fbgemm's packed form of an int8 [out, in] weight with per-output-channel scales (zero point 0)."""
     with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's GEMM still takes them
@@ -92,6 +99,9 @@ class Int8Linear(nn.Module):
     """`y = (x @ q.T) * scale + bias` with int8 `q` [out, in] and fp32 per-output-channel `scale`."""
 
     fuses_epilogue = True  # forward takes act and residual (quill.model.fused)
+    # Whether the u8 GEMM may serve: not for the head (`keep_head_exact`), whose outputs are the logits, where
+    # 8-bit inputs cost the most top-1 (docs/performance.md, "Quality")
+    u8_inputs = True
 
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
         super().__init__()
@@ -103,6 +113,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("bias", None if bias is None else bias.detach().contiguous())
         self._packed = kernels.PackedCopy()  # fbgemm's packed weight, see _gemm
         self._panels = kernels.PackedCopy()  # the panels of _panel_gemm
+        self._u8_panels = kernels.PackedCopy()  # the panels and row sums of _u8_gemm
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
@@ -121,15 +132,18 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """`(residual +) act(x @ W.T * scale + b)` (as `quill.model.Linear`) on Quill's int8 decode kernel, its
         int8 GEMM (`_panel_gemm`), fbgemm's int8 GEMM or the dequantised GEMM: for several rows, whichever is
-        fastest here (quill.kernels.project times them; fbgemm, whose 7-bit activations cost accuracy, only with
-        QUILL_INT8_GEMM=1 and where clearly faster); without the kernels, fbgemm beyond DEFAULT_ROWS."""
+        fastest here (quill.kernels.project times them; the u8 GEMM and fbgemm, whose 8- and 7-bit activations
+        round more, only where clearly faster, fbgemm only with QUILL_INT8_GEMM=1); without the kernels, fbgemm
+        beyond DEFAULT_ROWS."""
         w, s, b = self.kernel_args()
         gemm = _int8_gemm_serves(x)
         others = {"i8gemm": self._panel_gemm}
+        if self.u8_inputs and _u8_gemm_competes(self.in_features):
+            others["u8gemm"] = self._u8_gemm
         if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm
         others["torch"] = self._dequantized_forward
-        y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",), act=act, residual=residual)
+        y = kernels.project(x, w, b, s, others=others, inexact=("u8gemm", "fbgemm"), act=act, residual=residual)
         if y is not None:
             return y
         if gemm and kernels.rows(x) > kernels.DEFAULT_ROWS:
@@ -152,6 +166,14 @@ class Int8Linear(nn.Module):
         panels = self._panels.get(key, lambda: kernels.pack_i8(self.weight))
         _, s, b = self.kernel_args()
         return kernels.gemm_i8(x, panels, s, b, self.out_features, act, residual)
+
+    def _u8_gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
+        """Long inputs on Quill's u8 x int8 GEMM (AVX-512 VNNI): activations rounded to 8 bits with a scale and a
+        zero point a row, as the int8 peers round them, at twice the int16 GEMM's rate (docs/performance.md,
+        "Quality"). The weight's packed copy is made on first use and remade when it changes."""
+        packed = self._u8_panels.get(self._weights_key(), lambda: kernels.pack_u8i8(self.weight))
+        _, s, b = self.kernel_args()
+        return kernels.gemm_u8i8(x, packed, s, b, self.out_features, act, residual)
 
     def _gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """Long inputs (prefill) on fbgemm's int8 GEMM, activations quantised per tensor to uint8 on the fly.
@@ -187,6 +209,14 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
+def keep_head_exact(model: GPT) -> None:
+    """Keep the head's products on int16 activations. Generation runs the head on one row a sequence (the row
+    kernels, exact anyway); only logits of every position (prompt logprobs, teacher forcing) would reach the
+    u8 GEMM, and rounding the head's inputs to 8 bits moves the logits themselves."""
+    if isinstance(model.lm_head, Int8Linear):
+        model.lm_head.u8_inputs = False
+
+
 def quantize_model(model: GPT, mode: str = "int8") -> GPT:
     """Swap every nn.Linear of `model` for an Int8Linear, in place (a tied embedding stays float, apart from
     the head: `input_embedding`); returns the model."""
@@ -201,6 +231,7 @@ def quantize_model(model: GPT, mode: str = "int8") -> GPT:
             _set_module(model, name, Int8Linear.from_linear(model.get_submodule(name)))
         if tied:
             model.transformer.wte = input_embedding(model.transformer.wte.weight, dtype)
+    keep_head_exact(model)
     model.forget_decode_plan()
     return model.eval()
 
@@ -304,6 +335,7 @@ def load_quantized(folder: str | os.PathLike, dtype: torch.dtype = torch.float32
     if tensors:
         raise CheckpointError(f"unexpected tensor {sorted(tensors)[0]!r} in checkpoint", SAFETENSORS_FILE)
     model.load_state_dict(rest, strict=False, assign=True)
+    keep_head_exact(model)
     return model.eval()
 
 

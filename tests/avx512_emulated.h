@@ -27,6 +27,15 @@ static inline e512i E_dpwssd(e512i src, e512i a, e512i b) {
     int32_t s[16]; int16_t x[32], y[32]; memcpy(s, &src, 64); memcpy(x, &a, 64); memcpy(y, &b, 64);
     for (int j = 0; j < 16; j++) s[j] = (int32_t)((uint32_t)s[j] + (uint32_t)((int32_t)x[2*j] * y[2*j]) + (uint32_t)((int32_t)x[2*j+1] * y[2*j+1]));
     e512i r; memcpy(&r, s, 64); return r; }
+static inline e512i E_dpbusd(e512i src, e512i a, e512i b) {
+    int32_t s[16]; uint8_t x[64]; int8_t y[64]; memcpy(s, &src, 64); memcpy(x, &a, 64); memcpy(y, &b, 64);
+    for (int j = 0; j < 16; j++)
+        for (int i = 0; i < 4; i++) s[j] = (int32_t)((uint32_t)s[j] + (uint32_t)((int32_t)x[4*j+i] * y[4*j+i]));
+    e512i r; memcpy(&r, s, 64); return r; }
+static inline e512i E_mullo_epi32(e512i a, e512i b) {
+    int32_t x[16], y[16]; memcpy(x, &a, 64); memcpy(y, &b, 64);
+    for (int j = 0; j < 16; j++) x[j] = (int32_t)((uint32_t)x[j] * (uint32_t)y[j]);
+    e512i r; memcpy(&r, x, 64); return r; }
 static inline e512i E_cast128_512(__m128i a) { e512i r = {0}; memcpy(&r, &a, 16); return r; }
 static inline e512i E_permutexvar_epi32(e512i idx, e512i a) {
     int32_t i[16], s[16], d[16]; memcpy(i, &idx, 64); memcpy(s, &a, 64);
@@ -75,6 +84,8 @@ static inline e512i E_set_epi16(short e31, short e30, short e29, short e28, shor
 #define _mm512_set1_epi32 E_set1_epi32
 #define _mm512_cvtepi8_epi16 E_cvtepi8_epi16
 #define _mm512_dpwssd_epi32 E_dpwssd
+#define _mm512_dpbusd_epi32 E_dpbusd
+#define _mm512_mullo_epi32 E_mullo_epi32
 #define _mm512_castsi512_si256 E_cast256
 #define _mm512_castsi128_si512 E_cast128_512
 #define _mm512_permutexvar_epi32 E_permutexvar_epi32

@@ -198,7 +198,7 @@ def test_tuned_paths_agree_with_the_torch_path(tuning):
     assert {k.split()[1] for k in prefill} == {"w=float32", "w=bfloat16"}
     int8 = [k for k in choices if k.startswith("linear w=int8")]
     assert sorted(k.split()[4] for k in int8) == ["rows<=128", "rows<=32"]
-    assert all(choices[k] in ("quill", "torch", "onednn", "bf16gemm", "fbgemm", "i8gemm") for k in prefill + int8)
+    assert all(choices[k] in ("quill", "torch", "onednn", "bf16gemm", "fbgemm", "i8gemm", "u8gemm") for k in prefill + int8)
 
 
 @pytest.mark.skipif(not model_module._ONEDNN_LINEAR, reason="torch built without oneDNN's linear op")
@@ -239,13 +239,14 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 40))
     x = torch.randn(20, 64)
     tuning.parent.mkdir(parents=True, exist_ok=True)
-    bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name),
-             "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,torch]": "no-such-path"}}
+    paths = "quill,i8gemm,u8gemm,torch" if kernels.has_gemm_u8i8() else "quill,i8gemm,torch"
+    key = f"linear w=int8 x=float32 40x64 rows<=32 [{paths}]"  # the key this layer's product looks up
+    bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name), "choices": {key: "no-such-path"}}
     if damage == "corrupt":
         tuning.write_bytes(b"\x00{not json")
     elif damage == "foreign":
         tuning.write_text(json.dumps({**bogus, "machine": {**bogus["machine"], "cpu": "another CPU"},
-                                      "choices": {"linear w=int8 x=float32 40x64 rows<=32 [quill,i8gemm,torch]": "torch"}}))
+                                      "choices": {key: "torch"}}))
     elif damage == "wrong-shape":
         tuning.write_text(json.dumps({**bogus, "choices": ["quill"]}))
     else:  # this machine's file naming a path that no longer exists: timed again
@@ -256,7 +257,7 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     assert rel_err(exact, got) <= 3e-2
     data = json.loads(tuning.read_text())
     assert data["machine"] == tune.machine(kernels.variant().name)
-    assert list(data["choices"].values()) and set(data["choices"].values()) <= {"quill", "i8gemm", "fbgemm", "torch"}
+    assert list(data["choices"].values()) and set(data["choices"].values()) <= {"quill", "i8gemm", "u8gemm", "fbgemm", "torch"}
 
 
 def test_tuning_off_takes_the_default_without_timing(monkeypatch):

@@ -717,6 +717,22 @@ static void finish_row(float* a, int64_t n, int act, const void* residual, void*
     else narrow(y, ydt, o, a, n);
 }
 
+/* a[n] = a[n] * xs * scale[n] + bias[n0 + n] for n < nn (bias of dtype bdt, or none), in linear_task's order. */
+static void scale_bias(float* a, int64_t nn, float xs, const float* scale, const void* bias, int bdt, int64_t n0) {
+    const __m256 vxs = _mm256_set1_ps(xs);
+    int64_t n = 0;
+    for (; n + 8 <= nn; n += 8) {
+        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a + n), vxs), _mm256_loadu_ps(scale + n));
+        if (bias) v = _mm256_add_ps(v, vld(bias, bdt, n0 + n));
+        _mm256_storeu_ps(a + n, v);
+    }
+    for (; n < nn; n++) {
+        float v = a[n] * xs * scale[n];
+        if (bias) v += ld(bias, bdt, n0 + n);
+        a[n] = v;
+    }
+}
+
 struct linear_job {
     const float* x; int64_t M, K; const void* W; int wdt; const float* scale; const void* bias; int bdt;
     const void* residual; void* y; int ydt; int64_t ldy, N, chunk; int act;
@@ -993,14 +1009,8 @@ static void gemm_i8_task(void* ctx, int64_t t) {
     const int64_t n0 = g * I8G_NC, nn = j->N - n0 < I8G_NC ? j->N - n0 : I8G_NC;
     for (int64_t m = 0; m < mb && m0 + m < j->M; m++) {
         float* a = f + m * I8G_NC;
-        const float xs = j->xs[m0 + m];
-        const int64_t o = (m0 + m) * j->ldy + n0;
-        for (int64_t n = 0; n < nn; n++) {  /* the same epilogue order as linear_task */
-            float v = a[n] * xs * j->scale[n0 + n];
-            if (j->bias) v += ld(j->bias, j->bdt, n0 + n);
-            a[n] = v;
-        }
-        finish_row(a, nn, j->act, j->residual, j->y, j->ydt, o);
+        scale_bias(a, nn, j->xs[m0 + m], j->scale + n0, j->bias, j->bdt, n0);
+        finish_row(a, nn, j->act, j->residual, j->y, j->ydt, (m0 + m) * j->ldy + n0);
     }
 }
 
@@ -1021,6 +1031,148 @@ int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* 
     pool_run(gemm_i8_quant_task, &job, (Mp + 7) / 8, nthreads);
     pool_run(gemm_i8_task, &job, (Mp + I8G_MB - 1) / I8G_MB * job.ngroups, nthreads);
     return 0;
+}
+
+/* ---- int8 weights against u8 activations (prefill on AVX-512 VNNI): vpdpbusd, twice vpdpwssd's products ---
+   Each activation row is rounded to 8 bits with a scale and a zero point (quantize_u8: 256 levels spanning the
+   row's range and 0), as ONNX Runtime's and OpenVINO's int8 GEMMs take them; this rounds more than the int16
+   rows of quill_gemm_i8 (docs/performance.md, "Quality"), so the path tuner lets it serve only where it is
+   clearly faster. The weights are packed once (quill.kernels.pack_u8i8) into panels of QK_U8_PANEL output
+   columns holding each column's QK_U8_KSTEP consecutive K values side by side: a row's four bytes broadcast
+   across the lanes meet the panel's 16 columns in one vpdpbusd (64 products). The sums are exact integers: a
+   lane starts at -zp * (the column's weight sum) and adds K products of at most 255 * 127, within int32 for
+   K <= QK_U8_MAX_K, so y = s_row * scale[n] * sum + bias[n] with one rounding to fp32. */
+#define UG_MR 6    /* rows a register block: 24 accumulators, 4 weight vectors and a broadcast of 32 registers */
+#define UG_MB 120  /* activation rows per task (a multiple of UG_MR) */
+#define UG_NC (QK_U8_PANEL * QK_U8_GROUP)
+
+#ifdef QUILL_AVX512
+/* One row as u8 with scale s and zero point z: q = clamp(round(x / s) + z, 0, 255), s = (max(x, 0) - min(x, 0)) / 255,
+   rounded to nearest even like lrintf. */
+static void quantize_u8(const float* r, int64_t K, uint8_t* q, float* scale, int32_t* zp) {
+    __m256 vmn = _mm256_setzero_ps(), vmx = vmn;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(r + k);
+        vmn = _mm256_min_ps(vmn, v);
+        vmx = _mm256_max_ps(vmx, v);
+    }
+    float mn[8], mx[8], lo = 0.f, hi = 0.f;
+    _mm256_storeu_ps(mn, vmn);
+    _mm256_storeu_ps(mx, vmx);
+    for (int i = 0; i < 8; i++) { lo = mn[i] < lo ? mn[i] : lo; hi = mx[i] > hi ? mx[i] : hi; }
+    for (; k < K; k++) { lo = r[k] < lo ? r[k] : lo; hi = r[k] > hi ? r[k] : hi; }
+    const float sc = hi > lo ? (hi - lo) / 255.f : 1.f, inv = 1.f / sc;
+    const int32_t z = (int32_t)lrintf(-lo * inv);
+    *scale = sc;
+    *zp = z;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i vz = _mm256_set1_epi32(z), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (k = 0; k + 32 <= K; k += 32) {  /* packs/packus saturate to 0..255 and interleave the lanes' groups */
+        __m256i a[4];
+        for (int i = 0; i < 4; i++)
+            a[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k + 8 * i), vinv)), vz);
+        const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3]));
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_permutevar8x32_epi32(b, order));
+    }
+    for (; k < K; k++) {
+        const long v = lrintf(r[k] * inv) + z;
+        q[k] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+    }
+}
+
+struct gemm_u8_job {
+    const float* x; int64_t M, Mp, K, Kp; const int8_t* Wp; const int32_t* colsum; const float* scale;
+    const void* bias; int bdt; const void* residual; void* y; int ydt; int64_t ldy, N, ngroups; int act;
+    uint8_t* xq; float* xs; int32_t* zp;
+};
+
+/* Rows [8t, 8t + 8) of the activations to u8 (rows past M, the block's padding, are zeros). */
+static void gemm_u8_quant_task(void* ctx, int64_t t) {
+    const struct gemm_u8_job* j = (const struct gemm_u8_job*)ctx;
+    for (int64_t m = 8 * t; m < 8 * t + 8 && m < j->Mp; m++) {
+        uint8_t* q = j->xq + m * j->Kp;
+        if (m < j->M) quantize_u8(j->x + m * j->K, j->K, q, j->xs + m, j->zp + m);
+        else { memset(q, 0, (size_t)j->K); j->xs[m] = 0.f; j->zp[m] = 0; }
+        memset(q + j->K, 0, (size_t)(j->Kp - j->K));
+    }
+}
+
+/* Task t: rows [UG_MB * (t / ngroups), +UG_MB) against the panel group t % ngroups, all of K in registers. */
+static void gemm_u8_task(void* ctx, int64_t t) {
+    const struct gemm_u8_job* j = (const struct gemm_u8_job*)ctx;
+    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * UG_MB, Kp = j->Kp, pstride = Kp * QK_U8_PANEL;
+    const int64_t mb = j->Mp - m0 < UG_MB ? j->Mp - m0 : UG_MB;
+    const int64_t n0 = g * UG_NC, nn = j->N - n0 < UG_NC ? j->N - n0 : UG_NC;
+    const int8_t* w = j->Wp + g * QK_U8_GROUP * pstride;
+    __m512i cs[QK_U8_GROUP];
+    _Pragma("GCC unroll 4") for (int c = 0; c < QK_U8_GROUP; c++) cs[c] = _mm512_loadu_si512((const void*)(j->colsum + n0 + c * QK_U8_PANEL));
+    for (int64_t m = 0; m < mb; m += UG_MR) {
+        const uint8_t* x = j->xq + (m0 + m) * Kp;
+        __m512i a[UG_MR][QK_U8_GROUP];
+        _Pragma("GCC unroll 8") for (int r = 0; r < UG_MR; r++) {
+            const __m512i nz = _mm512_set1_epi32(-j->zp[m0 + m + r]);
+            _Pragma("GCC unroll 4") for (int c = 0; c < QK_U8_GROUP; c++) a[r][c] = _mm512_mullo_epi32(nz, cs[c]);
+        }
+        for (int64_t k = 0; k < Kp; k += QK_U8_KSTEP) {
+            __m512i u[QK_U8_GROUP];
+            _Pragma("GCC unroll 4") for (int c = 0; c < QK_U8_GROUP; c++) u[c] = _mm512_loadu_si512((const void*)(w + c * pstride + k * QK_U8_PANEL));
+            _Pragma("GCC unroll 8") for (int r = 0; r < UG_MR; r++) {
+                int32_t quad;
+                memcpy(&quad, x + r * Kp + k, 4);
+                const __m512i v = _mm512_set1_epi32(quad);
+                _Pragma("GCC unroll 4") for (int c = 0; c < QK_U8_GROUP; c++) a[r][c] = _mm512_dpbusd_epi32(a[r][c], v, u[c]);
+            }
+            _Pragma("GCC unroll 8") for (int r = 0; r < UG_MR; r++)
+                _Pragma("GCC unroll 4") for (int c = 0; c < QK_U8_GROUP; c++) IN_REGISTER(a[r][c]);
+        }
+        float f[UG_MR][UG_NC];  /* every accumulator stored by a constant index: a row loop bounded by M over
+                                   a[r] would keep the whole block in memory, and the k loop with it */
+        _Pragma("GCC unroll 8") for (int r = 0; r < UG_MR; r++)
+            _Pragma("GCC unroll 4") for (int c = 0; c < QK_U8_GROUP; c++) _mm512_storeu_ps(f[r] + c * QK_U8_PANEL, _mm512_cvtepi32_ps(a[r][c]));
+        for (int r = 0; r < UG_MR && m0 + m + r < j->M; r++) {
+            const int64_t row = m0 + m + r;
+            scale_bias(f[r], nn, j->xs[row], j->scale + n0, j->bias, j->bdt, n0);
+            finish_row(f[r], nn, j->act, j->residual, j->y, j->ydt, row * j->ldy + n0);
+        }
+    }
+}
+#endif
+
+/* y[m, n] = (residual[m, n] +) act(scale[n] * sum_k x[m, k] W[n, k] + bias[n]), x: [M, K] (row stride ldx, dtype
+   xdt) rounded to u8 per row (quantize_u8); Wp: W [N, K] int8 packed as above (N padded to a multiple of
+   QK_U8_PANEL * QK_U8_GROUP, K to QK_U8_KSTEP, zeros), colsum: int32 [N padded] the sums of W's rows; y and
+   residual: [M, N], row stride ldy, dtype ydt. Returns -1 when out of memory, -2 where this variant has no
+   vpdpbusd, -3 when K is too long for exact int32 sums. */
+int quill_gemm_u8i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* Wp, const int32_t* colsum,
+                    const float* scale, const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
+                    int64_t N, int64_t K, int act, int nthreads) {
+#ifdef QUILL_AVX512
+    if (M <= 0 || N <= 0) return 0;
+    if (K > QK_U8_MAX_K) return -3;
+    const int64_t Mp = (M + UG_MR - 1) / UG_MR * UG_MR, Kp = (K + QK_U8_KSTEP - 1) / QK_U8_KSTEP * QK_U8_KSTEP;
+    float* buf = scratch(M * K + (Mp * Kp + 3) / 4 + 2 * Mp);
+    if (!buf) return -1;
+    const float* xf = prepare_x(x, xdt, M, ldx, K, NULL, NULL, 0, 0.f, buf);
+    float* xs = buf + M * K + (Mp * Kp + 3) / 4;
+    struct gemm_u8_job job = {xf, M, Mp, K, Kp, Wp, colsum, scale, bias, bdt, residual, y, ydt, ldy, N,
+                              (N + UG_NC - 1) / UG_NC, act, (uint8_t*)(buf + M * K), xs, (int32_t*)(xs + Mp)};
+    pool_run(gemm_u8_quant_task, &job, (Mp + 7) / 8, nthreads);
+    pool_run(gemm_u8_task, &job, (Mp + UG_MB - 1) / UG_MB * job.ngroups, nthreads);
+    return 0;
+#else
+    (void)x; (void)xdt; (void)M; (void)ldx; (void)Wp; (void)colsum; (void)scale; (void)bias; (void)bdt;
+    (void)residual; (void)y; (void)ydt; (void)ldy; (void)N; (void)K; (void)act; (void)nthreads;
+    return -2;
+#endif
+}
+
+int quill_has_gemm_u8i8(void) {
+#ifdef QUILL_AVX512
+    return 1;
+#else
+    return 0;
+#endif
 }
 
 /* ---- bf16 weights against many activation rows (prefill, batched rows; AVX-512 BF16): a register-blocked GEMM

@@ -26,6 +26,13 @@
 #define QK_I8_GROUP_AVX512 4
 #define QK_I8_KSTEP 2
 
+/* the u8 x int8 GEMM's packed weights (quill_gemm_u8i8, AVX-512 VNNI): panels of QK_U8_PANEL columns with
+   QK_U8_KSTEP consecutive K values of a column side by side, QK_U8_GROUP panels a register block;
+   K at most QK_U8_MAX_K (exact int32 sums) */
+#define QK_U8_PANEL 16
+#define QK_U8_GROUP 4
+#define QK_U8_KSTEP 4
+#define QK_U8_MAX_K 32767
 /* the bf16 GEMM's packed weights (quill_gemm_bf16, AVX-512 BF16): the same layout with QK_BF16_PANEL columns */
 #define QK_BF16_PANEL 16
 #define QK_BF16_GROUP 4

@@ -50,6 +50,7 @@ DTYPE_CODES = {torch.float32: F32, torch.bfloat16: BF16, torch.float16: F16, tor
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 ACTIVATIONS = {None: _ABI["ACT_NONE"], "gelu_new": _ABI["ACT_GELU_TANH"], "gelu_pytorch_tanh": _ABI["ACT_GELU_TANH"],
                "gelu": _ABI["ACT_GELU_ERF"], "relu": _ABI["ACT_RELU"]}
+U8_MAX_K = _ABI["U8_MAX_K"]  # the longest K gemm_u8i8 sums exactly
 MAX_BANS = _ABI["MAX_BANS"]  # banned ids per row that quill_argmax_banned takes
 
 _lock = threading.Lock()
@@ -76,6 +77,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_gemm_bf16.restype = C
     lib.quill_has_gemm_bf16.argtypes = []
     lib.quill_has_gemm_bf16.restype = C
+    lib.quill_gemm_u8i8.argtypes = [P, C, I, I, P, P, P, P, C, P, P, C, I, I, I, C, C]
+    lib.quill_gemm_u8i8.restype = C
+    lib.quill_has_gemm_u8i8.argtypes = []
+    lib.quill_has_gemm_u8i8.restype = C
     lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
     lib.quill_attn_decode.restype = C
     lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
@@ -243,12 +248,12 @@ class PackedCopy:
 
 def _pack(weight: Tensor, panel: int, group: int, kstep: int) -> Tensor:
     """A weight [N, K] in a GEMM's panels: columns zero-padded to a multiple of panel * group, K to kstep, then
-    per panel of `panel` columns each pair of K's columns with the panel's columns side by side:
-    [N / panel, K / 2, panel, 2]."""
+    per panel of `panel` columns each run of `kstep` consecutive K columns with the panel's columns side by
+    side: [N / panel, K / kstep, panel, kstep]."""
     n, k = weight.shape
     padded = torch.nn.functional.pad(weight, (0, -k % kstep, 0, -n % (panel * group)))
     np_, kp = padded.shape
-    return padded.view(np_ // panel, panel, kp // 2, 2).permute(0, 2, 1, 3).contiguous()
+    return padded.view(np_ // panel, panel, kp // kstep, kstep).permute(0, 2, 1, 3).contiguous()
 
 
 def i8_panels() -> tuple[int, int]:
@@ -265,6 +270,14 @@ def pack_i8(weight: Tensor) -> Tensor:
 def pack_bf16(weight: Tensor) -> Tensor:
     """A weight [N, K] as bf16 in the panels `gemm_bf16` reads (quill.h's QK_BF16_*)."""
     return _pack(weight.to(torch.bfloat16), BF16_PANEL, BF16_GROUP, BF16_KSTEP)
+
+
+def pack_u8i8(weight: Tensor) -> tuple[Tensor, Tensor]:
+    """An int8 weight [N, K] as `gemm_u8i8` reads it: its panels (quill.h's QK_U8_*) and its rows' sums (int32,
+    N padded as the panels are; the zero points' correction)."""
+    panels = _pack(weight, _ABI["U8_PANEL"], _ABI["U8_GROUP"], _ABI["U8_KSTEP"])
+    sums = weight.sum(1, dtype=torch.int32)
+    return panels, torch.nn.functional.pad(sums, (0, panels.shape[0] * panels.shape[2] - sums.shape[0]))
 
 
 def _residual_rows(residual: Tensor | None, x: Tensor, n: int) -> Tensor | None:
@@ -326,6 +339,33 @@ def gemm_bf16(x: Tensor, packed: Tensor, bias: Tensor | None, n: int, act: str |
         raise RuntimeError(f"quill_gemm_bf16: the {_variant.name} kernels have no bf16 GEMM")
     if rc:
         raise MemoryError("quill_gemm_bf16: out of memory")
+    return out.view(*x.shape[:-1], n)
+
+
+def has_gemm_u8i8() -> bool:
+    """Whether the loaded kernel variant has `gemm_u8i8` (AVX-512 VNNI's vpdpbusd)."""
+    lib = _lib if _lib is not None else _load()
+    return lib is not None and bool(lib.quill_has_gemm_u8i8())
+
+
+def gemm_u8i8(x: Tensor, packed: tuple[Tensor, Tensor], scale: Tensor, bias: Tensor | None, n: int,
+              act: str | None = None, residual: Tensor | None = None) -> Tensor:
+    """`gemm_i8`'s product with the activations rounded to u8 with a scale and a zero point a row (vpdpbusd: twice
+    the int16 GEMM's products an instruction, and more rounding: docs/performance.md, "Quality"); W as
+    `pack_u8i8(W)` packed it. Only where `has_gemm_u8i8()`, for K up to U8_MAX_K."""
+    panels, sums = packed
+    lib, x2, out, res = _gemm_args(x, n, residual)
+    rc = lib.quill_gemm_u8i8(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), panels.data_ptr(),
+                             sums.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
+                             0 if bias is None else DTYPE_CODES[bias.dtype], None if res is None else res.data_ptr(),
+                             out.data_ptr(), DTYPE_CODES[out.dtype], n, n, x2.shape[1], ACTIVATIONS[act],
+                             torch.get_num_threads())
+    if rc == -2:
+        raise RuntimeError(f"quill_gemm_u8i8: the {_variant.name} kernels have no u8 x int8 GEMM")
+    if rc == -3:
+        raise ValueError(f"quill_gemm_u8i8: K = {x2.shape[1]} is too long for exact int32 sums (at most {U8_MAX_K})")
+    if rc:
+        raise MemoryError("quill_gemm_u8i8: out of memory")
     return out.view(*x.shape[:-1], n)
 
 
@@ -653,5 +693,5 @@ def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     return out[:count] if count <= out.numel() else None
 
 
-__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "decode_greedy", "Interrupt", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "pack_u8i8", "gemm_u8i8", "has_gemm_u8i8", "U8_MAX_K", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "decode_greedy", "Interrupt", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
