@@ -134,11 +134,12 @@ class Int8Linear(nn.Module):
         int8 GEMM (`_panel_gemm`), fbgemm's int8 GEMM or the dequantised GEMM: for several rows, whichever is
         fastest here (quill.kernels.project times them; the u8 GEMM and fbgemm, whose 8- and 7-bit activations
         round more, only where clearly faster, fbgemm only with QUILL_INT8_GEMM=1); without the kernels, fbgemm
-        beyond DEFAULT_ROWS."""
+        beyond DEFAULT_ROWS. The u8 GEMM only competes beyond DEFAULT_ROWS rows: decode steps (at most that
+        many rows a call) keep int16 activations, so a row's tokens never depend on the rows batched with it."""
         w, s, b = self.kernel_args()
         gemm = _int8_gemm_serves(x)
         others = {"i8gemm": self._panel_gemm}
-        if self.u8_inputs and _u8_gemm_competes(self.in_features):
+        if self.u8_inputs and kernels.rows(x) > kernels.DEFAULT_ROWS and _u8_gemm_competes(self.in_features):
             others["u8gemm"] = self._u8_gemm
         if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm
