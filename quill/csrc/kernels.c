@@ -1035,7 +1035,7 @@ int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* 
 
 /* ---- int8 weights against u8 activations (prefill on AVX-512 VNNI): vpdpbusd, twice vpdpwssd's products ---
    Each activation row is rounded to 8 bits with a scale and a zero point (quantize_u8: 256 levels spanning the
-   row's range and 0), as ONNX Runtime's and OpenVINO's int8 GEMMs take them; this rounds more than the int16
+   row's range and 0), 8 bits as the int8 peers' GEMMs round theirs; this rounds more than the int16
    rows of quill_gemm_i8 (docs/performance.md, "Quality"), so the path tuner lets it serve only where it is
    clearly faster. The weights are packed once (quill.kernels.pack_u8i8) into panels of QK_U8_PANEL output
    columns holding each column's QK_U8_KSTEP consecutive K values side by side: a row's four bytes broadcast
