@@ -218,6 +218,21 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
             assert rel_err(ref, out) <= (1e-5 if xdtype == torch.float32 else 1e-2)
 
 
+# rows not a multiple of the register blocks, K and N tails, several K chunks
+INT8_GEMM_SHAPES = [(1, 8, 24), (5, 37, 29), (130, 600, 50), (257, 1030, 77), (121, 3000, 24)]
+
+
+def assert_exact_int8_product(out, x, w, scale, bias, rounded_rows) -> float:
+    """out against float64 products of x's rows rounded by `rounded_rows` (the integers, the scales) with the
+    int8 weights w, times scale, plus bias: only the output's rounding may differ (1e-6 of the largest output
+    in fp32, 1e-2 in bf16). Returns that tolerance."""
+    q, qs = rounded_rows(x.float())
+    exact = (q @ w.double().T) * qs * scale.double() + bias.double()
+    tol = 1e-6 if out.dtype == torch.float32 else 1e-2
+    assert (out.double() - exact).abs().max() <= tol * exact.abs().max()
+    return tol
+
+
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x's rows rounded to int16 as quantize_i16 does (fp32 scale max|x|/32767, multiply by its fp32 inverse,
     round half to even): (the integers, the scales), in float64 for an exact reference."""
@@ -233,16 +248,13 @@ def test_int8_gemm_matches_an_exact_reference_and_the_torch_path(xdtype):
     and against the dequantised fp32 product within the int16 rounding's bound; rows not a multiple of the
     register block, K and N tails, several chunks."""
     torch.manual_seed(0)
-    for m, k, n in [(1, 8, 24), (5, 37, 29), (130, 600, 50), (257, 1030, 77), (121, 3000, 24)]:
+    for m, k, n in INT8_GEMM_SHAPES:
         x = torch.randn(m, k).to(xdtype)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         scale, bias = torch.rand(n) * 0.01, torch.randn(n).to(xdtype)
         out = kernels.gemm_i8(x, kernels.pack_i8(w), scale, bias, n)
         assert out.dtype == xdtype and out.shape == (m, n)
-        q, qs = int16_rows(x.float())
-        exact = (q @ w.double().T) * qs * scale.double() + bias.double()
-        tol = 1e-6 if xdtype == torch.float32 else 1e-2  # bf16 output rounding
-        assert (out.double() - exact).abs().max() <= tol * exact.abs().max()
+        tol = assert_exact_int8_product(out, x, w, scale, bias, int16_rows)
         dense = w.float() * scale[:, None]
         ref = x.float() @ dense.T + bias.float()
         step_err = x.float().abs().amax(1, keepdim=True) / 65534 * dense.abs().sum(1)[None]
@@ -276,7 +288,7 @@ def test_u8_gemm_matches_an_exact_reference(kernel_isa, xdtype):
     with pytest.raises(ValueError, match="too long"):
         kernels.gemm_u8i8(torch.randn(2, big.shape[1]), kernels.pack_u8i8(big), torch.rand(1), None, 1)
     torch.manual_seed(0)
-    for m, k, n in [(1, 8, 24), (5, 37, 29), (130, 600, 50), (257, 1030, 77), (121, 3000, 24)]:
+    for m, k, n in INT8_GEMM_SHAPES:
         x = torch.randn(m, k)
         x[0] = x[0].abs() + 0.5  # one-signed rows: the zero point at an end of the range
         x[-1] = -x[-1].abs()
@@ -287,10 +299,7 @@ def test_u8_gemm_matches_an_exact_reference(kernel_isa, xdtype):
         scale, bias = torch.rand(n) * 0.01, torch.randn(n).to(xdtype)
         out = kernels.gemm_u8i8(x, kernels.pack_u8i8(w), scale, bias, n)
         assert out.dtype == xdtype and out.shape == (m, n)
-        q, qs = u8_rows(x.float())
-        exact = (q @ w.double().T) * qs * scale.double() + bias.double()
-        tol = 1e-6 if xdtype == torch.float32 else 1e-2  # bf16 output rounding
-        assert (out.double() - exact).abs().max() <= tol * exact.abs().max()
+        assert_exact_int8_product(out, x, w, scale, bias, u8_rows)
 
 
 @needs_kernels

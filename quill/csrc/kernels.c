@@ -717,17 +717,20 @@ static void finish_row(float* a, int64_t n, int act, const void* residual, void*
     else narrow(y, ydt, o, a, n);
 }
 
-/* a[n] = a[n] * xs * scale[n] + bias[n0 + n] for n < nn (bias of dtype bdt, or none), in linear_task's order. */
+/* A product's n < nn sums to their values before the epilogue, in this order: a[n] * xs (the row's activation
+   scale), * scale[n] (the weights' scale; none for float weights), + bias[n0 + n] (of dtype bdt; or none). */
 static void scale_bias(float* a, int64_t nn, float xs, const float* scale, const void* bias, int bdt, int64_t n0) {
     const __m256 vxs = _mm256_set1_ps(xs);
     int64_t n = 0;
     for (; n + 8 <= nn; n += 8) {
-        __m256 v = _mm256_mul_ps(_mm256_mul_ps(_mm256_loadu_ps(a + n), vxs), _mm256_loadu_ps(scale + n));
+        __m256 v = _mm256_mul_ps(_mm256_loadu_ps(a + n), vxs);
+        if (scale) v = _mm256_mul_ps(v, _mm256_loadu_ps(scale + n));
         if (bias) v = _mm256_add_ps(v, vld(bias, bdt, n0 + n));
         _mm256_storeu_ps(a + n, v);
     }
     for (; n < nn; n++) {
-        float v = a[n] * xs * scale[n];
+        float v = a[n] * xs;
+        if (scale) v *= scale[n];
         if (bias) v += ld(bias, bdt, n0 + n);
         a[n] = v;
     }
@@ -763,15 +766,8 @@ static void linear_task(void* ctx, int64_t t) {
         }
         for (int64_t m = 0; m < mb; m++) {
             float* a = acc + m * 64;
-            const int64_t o = (m0 + m) * j->ldy;
-            const float xs = j->xq ? j->xs[m0 + m] : 1.f;
-            for (int64_t n = n0; n < n1; n++) {
-                float v = a[n - n0] * xs;
-                if (j->scale) v *= j->scale[n];
-                if (j->bias) v += ld(j->bias, j->bdt, n);
-                a[n - n0] = v;
-            }
-            finish_row(a, n1 - n0, j->act, j->residual, j->y, j->ydt, o + n0);
+            scale_bias(a, n1 - n0, j->xq ? j->xs[m0 + m] : 1.f, j->scale ? j->scale + n0 : NULL, j->bias, j->bdt, n0);
+            finish_row(a, n1 - n0, j->act, j->residual, j->y, j->ydt, (m0 + m) * j->ldy + n0);
         }
     }
 }
@@ -1230,11 +1226,7 @@ static void gemm_bf16_task(void* ctx, int64_t t) {
         for (int r = 0; r < BG_MR && m0 + m + r < j->M; r++) {
             float f[BG_NC];
             for (int c = 0; c < QK_BF16_GROUP; c++) _mm512_storeu_ps(f + c * QK_BF16_PANEL, a[r][c]);
-            if (j->bias) {
-                int64_t n = 0;
-                for (; n + 8 <= nn; n += 8) _mm256_storeu_ps(f + n, _mm256_add_ps(_mm256_loadu_ps(f + n), vld(j->bias, j->bdt, n0 + n)));
-                for (; n < nn; n++) f[n] += ld(j->bias, j->bdt, n0 + n);
-            }
+            scale_bias(f, nn, 1.f, NULL, j->bias, j->bdt, n0);
             finish_row(f, nn, j->act, j->residual, j->y, j->ydt, (m0 + m + r) * j->ldy + n0);
         }
     }

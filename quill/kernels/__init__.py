@@ -289,15 +289,26 @@ def _residual_rows(residual: Tensor | None, x: Tensor, n: int) -> Tensor | None:
     return residual.to(x.dtype).reshape(-1, n).contiguous()
 
 
-def _gemm_args(x: Tensor, n: int, residual: Tensor | None) -> tuple[ctypes.CDLL, Tensor, Tensor, Tensor | None]:
-    """The loaded library, x as rows [M, K] with unit column stride, the output [M, n] in x's dtype, and the
-    residual as `_residual_rows`."""
+def _gemm(entry: str, x: Tensor, weights: tuple[int, ...], bias: Tensor | None, n: int, act: str | None,
+          residual: Tensor | None, what: str) -> Tensor:
+    """Call the GEMM entry point `entry` (quill_gemm_*: x's rows, then `weights` (its packed weight's pointers),
+    then the bias, residual, output, activation and threads every one of them takes) for x [..., K] with n
+    outputs; the result [..., n] in x's dtype. `what` names the GEMM where a variant lacks it."""
     lib = _lib if _lib is not None else _load()
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
+    x2 = x.reshape(-1, x.shape[-1])
     if x2.stride(-1) != 1:
         x2 = x2.contiguous()
-    return lib, x2, torch.empty(x2.shape[0], n, dtype=x.dtype), _residual_rows(residual, x, n)
+    out = torch.empty(x2.shape[0], n, dtype=x.dtype)
+    res = _residual_rows(residual, x, n)
+    rc = getattr(lib, entry)(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), *weights,
+                             None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
+                             None if res is None else res.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], n, n,
+                             x2.shape[1], ACTIVATIONS[act], torch.get_num_threads())
+    if rc == -2:
+        raise RuntimeError(f"{entry}: the {_variant.name} kernels have no {what}")
+    if rc:
+        raise MemoryError(f"{entry}: out of memory")
+    return out.view(*x.shape[:-1], n)
 
 
 def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: int, act: str | None = None,
@@ -308,15 +319,7 @@ def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: in
     if packed.shape[2] != i8_panels()[0]:
         raise ValueError(f"weights packed in panels of {packed.shape[2]} columns; the {_variant.name} kernels read "
                          f"{i8_panels()[0]}: pack them again (pack_i8)")
-    lib, x2, out, res = _gemm_args(x, n, residual)
-    rc = lib.quill_gemm_i8(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), packed.data_ptr(),
-                           scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                           0 if bias is None else DTYPE_CODES[bias.dtype], None if res is None else res.data_ptr(),
-                           out.data_ptr(), DTYPE_CODES[out.dtype], n, n, x2.shape[1], ACTIVATIONS[act],
-                           torch.get_num_threads())
-    if rc:
-        raise MemoryError("quill_gemm_i8: out of memory")
-    return out.view(*x.shape[:-1], n)
+    return _gemm("quill_gemm_i8", x, (packed.data_ptr(), scale.data_ptr()), bias, n, act, residual, "int8 GEMM")
 
 
 def has_gemm_bf16() -> bool:
@@ -330,16 +333,7 @@ def gemm_bf16(x: Tensor, packed: Tensor, bias: Tensor | None, n: int, act: str |
     """`(residual +) act(x @ W.T + bias)` for many rows of x [..., K] (a float dtype; the result has it), W [n, K]
     as `pack_bf16(W)` packed it: activations rounded to bf16 once, sums and output in fp32 (as the row kernels'
     vdpbf16ps path; docs/performance.md). Only where `has_gemm_bf16()`."""
-    lib, x2, out, res = _gemm_args(x, n, residual)
-    rc = lib.quill_gemm_bf16(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), packed.data_ptr(),
-                             None if bias is None else bias.data_ptr(), 0 if bias is None else DTYPE_CODES[bias.dtype],
-                             None if res is None else res.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], n, n,
-                             x2.shape[1], ACTIVATIONS[act], torch.get_num_threads())
-    if rc == -2:
-        raise RuntimeError(f"quill_gemm_bf16: the {_variant.name} kernels have no bf16 GEMM")
-    if rc:
-        raise MemoryError("quill_gemm_bf16: out of memory")
-    return out.view(*x.shape[:-1], n)
+    return _gemm("quill_gemm_bf16", x, (packed.data_ptr(),), bias, n, act, residual, "bf16 GEMM")
 
 
 def has_gemm_u8i8() -> bool:
@@ -353,20 +347,11 @@ def gemm_u8i8(x: Tensor, packed: tuple[Tensor, Tensor], scale: Tensor, bias: Ten
     """`gemm_i8`'s product with the activations rounded to u8 with a scale and a zero point a row (vpdpbusd: twice
     the int16 GEMM's products an instruction, and more rounding: docs/performance.md, "Quality"); W as
     `pack_u8i8(W)` packed it. Only where `has_gemm_u8i8()`, for K up to U8_MAX_K."""
+    if x.shape[-1] > U8_MAX_K:
+        raise ValueError(f"quill_gemm_u8i8: K = {x.shape[-1]} is too long for exact int32 sums (at most {U8_MAX_K})")
     panels, sums = packed
-    lib, x2, out, res = _gemm_args(x, n, residual)
-    rc = lib.quill_gemm_u8i8(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.shape[0], x2.stride(0), panels.data_ptr(),
-                             sums.data_ptr(), scale.data_ptr(), None if bias is None else bias.data_ptr(),
-                             0 if bias is None else DTYPE_CODES[bias.dtype], None if res is None else res.data_ptr(),
-                             out.data_ptr(), DTYPE_CODES[out.dtype], n, n, x2.shape[1], ACTIVATIONS[act],
-                             torch.get_num_threads())
-    if rc == -2:
-        raise RuntimeError(f"quill_gemm_u8i8: the {_variant.name} kernels have no u8 x int8 GEMM")
-    if rc == -3:
-        raise ValueError(f"quill_gemm_u8i8: K = {x2.shape[1]} is too long for exact int32 sums (at most {U8_MAX_K})")
-    if rc:
-        raise MemoryError("quill_gemm_u8i8: out of memory")
-    return out.view(*x.shape[:-1], n)
+    return _gemm("quill_gemm_u8i8", x, (panels.data_ptr(), sums.data_ptr(), scale.data_ptr()), bias, n, act,
+                 residual, "u8 x int8 GEMM")
 
 
 def rows(x: Tensor) -> int:
