@@ -32,8 +32,8 @@ processes falls on all of them alike; the order rotates from round to round, so 
 measured first (after the previous round's heaviest work) or last. Every system runs at the thread count (1
 or all cores) that was faster for it in the warm-up, chosen separately for decode, batched decode and
 prefill. Tables report medians of `--runs` rounds. Results go to docs/benchmarks/ as JSON, Markdown and a
-PNG chart, one set per kernel variant (decode-MODEL-avx2.*, decode-MODEL-avx512.*: each CPU kind keeps its
-own table).
+PNG chart, one set per kernel variant (decode-MODEL-avx2.*, decode-MODEL-avx512.*, decode-MODEL-avx512bf16.*: each CPU
+kind keeps its own table).
 """
 
 from __future__ import annotations
@@ -564,7 +564,7 @@ def main(argv: list[str] | None = None) -> int:
     rep = run_benchmark(args)
     from quill.kernels.cpu import VARIANTS
 
-    # one table per CPU kind: named by the kernel variant Quill ran (avx2, avx512; "torch" without the kernels)
+    # one table per CPU kind: named by the kernel variant Quill ran (quill.kernels.cpu; "torch" without them)
     variant = rep["machine"]["kernels"] if rep["machine"]["kernels"] in VARIANTS else "torch"
     stem = f"decode-{rep['model']}-{variant}" + ("-quick" if rep["settings"]["quick"] else "")
     plot_report(rep, out / f"{stem}.png")

@@ -14,6 +14,7 @@ from conftest import ROOT, make_tiny_model
 from safetensors import safe_open
 
 from bench.runners import BYTES_PER_WEIGHT
+from quill.kernels.cpu import VARIANTS
 
 SYSTEMS = {"quill fp32", "quill bf16", "quill int8", "transformers fp32", "transformers bf16",
            "transformers dynamic int8", "onnxruntime fp32", "onnxruntime int8"}
@@ -30,7 +31,7 @@ def test_decode_benchmark_report(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     (report,) = out.glob("*.json")  # one set per kernel variant: named by the variant the run used
     rep = json.loads(report.read_text())
-    variant = rep["machine"]["kernels"] if rep["machine"]["kernels"] in ("avx2", "avx512") else "torch"
+    variant = rep["machine"]["kernels"] if rep["machine"]["kernels"] in VARIANTS else "torch"
     assert report.name == f"decode-tiny-{variant}-quick.json"
     assert (out / f"decode-tiny-{variant}-quick.png").stat().st_size > 0
     md = (out / f"decode-tiny-{variant}-quick.md").read_text()

@@ -1,8 +1,9 @@
 """Choosing the kernel build for the CPU (flags parser, QUILL_ISA), building every variant warning-free, and the
 multi-row path tuner (its choice keeps results within the speed paths' tolerances; a bad cache is rebuilt).
 
-The /proc/cpuinfo lines below are those of an AMD EPYC 7763 (Zen 3: AVX2 only) and an AMD EPYC 9654 (Zen 4:
-AVX-512 with VNNI and BF16), as Linux lists them.
+The /proc/cpuinfo lines below are those of an AMD EPYC 7763 (Zen 3: AVX2 only), an AMD EPYC 9654 (Zen 4:
+AVX-512 with VNNI and BF16) and an Intel Xeon of family 6 model 106 (Ice Lake-SP, under KVM: AVX-512 with VNNI,
+no BF16), as Linux lists them.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from quill import kernels
 from quill.errors import InvalidParameter
 from quill.kernels import build, tune
-from quill.kernels.cpu import AVX2, AVX512, VARIANTS, CPU, choose_variant, parse_cpuinfo, this_cpu
+from quill.kernels.cpu import AVX2, AVX512, AVX512_BF16, VARIANTS, CPU, choose_variant, parse_cpuinfo, this_cpu
 from quill import model as model_module
 from quill.model import GPT, GPTConfig
 from quill.quantize import Int8Linear
@@ -43,27 +44,37 @@ flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36
 bugs		: sysret_ss_attrs spectre_v1 spectre_v2 spec_store_bypass srso
 """
 
+ICELAKE = """processor	: 0
+vendor_id	: GenuineIntel
+cpu family	: 6
+model		: 106
+model name	: Intel(R) Xeon(R) Processor @ 2.80GHz
+flags		: fpu vme de pse tsc msr pae mce cx8 apic sep mtrr pge mca cmov pat pse36 clflush mmx fxsr sse sse2 ss ht syscall nx pdpe1gb rdtscp lm constant_tsc rep_good nopl xtopology nonstop_tsc cpuid tsc_known_freq pni pclmulqdq ssse3 fma cx16 pcid sse4_1 sse4_2 x2apic movbe popcnt tsc_deadline_timer aes xsave avx f16c rdrand hypervisor lahf_lm abm 3dnowprefetch cpuid_fault fsgsbase tsc_adjust bmi1 hle avx2 smep bmi2 erms invpcid rtm avx512f avx512dq rdseed adx smap avx512ifma clflushopt clwb avx512cd sha_ni avx512bw avx512vl xsaveopt xsavec xgetbv1 xsaves arat avx512vbmi umip avx512_vbmi2 gfni vaes vpclmulqdq avx512_vnni avx512_bitalg avx512_vpopcntdq rdpid fsrm arch_capabilities
+bugs		: spectre_v1 spectre_v2 spec_store_bypass swapgs mmio_stale_data retbleed bhi spectre_v2_user its its_native_only
+"""
+
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.float(), b.float()
     return float((a - b).abs().max() / a.abs().max())
 
 
-def test_flags_parser_picks_avx2_on_zen3_and_avx512_on_zen4():
-    zen3, zen4 = parse_cpuinfo(ZEN3), parse_cpuinfo(ZEN4)
+def test_flags_parser_picks_avx2_on_zen3_avx512_on_ice_lake_and_avx512bf16_on_zen4():
+    zen3, zen4, ice = parse_cpuinfo(ZEN3), parse_cpuinfo(ZEN4), parse_cpuinfo(ICELAKE)
     assert zen3.model == "AMD EPYC 7763 64-Core Processor" and zen4.model == "AMD EPYC 9654 96-Core Processor"
     assert "avx2" in zen3.flags and "fpu" in zen3.flags and "avx512f" not in zen3.flags  # the first processor's
     assert choose_variant(zen3, "auto") is AVX2 and choose_variant(zen3, "avx2") is AVX2
-    assert zen3.missing(AVX512) == ["avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"]
-    with pytest.raises(InvalidParameter, match="avx512f, avx512bw, avx512vl, avx512_vnni, avx512_bf16"):
+    assert zen3.missing(AVX512) == ["avx512f", "avx512bw", "avx512vl", "avx512_vnni"]
+    with pytest.raises(InvalidParameter, match="avx512f, avx512bw, avx512vl, avx512_vnni$"):
         choose_variant(zen3, "avx512")
-    assert choose_variant(zen4, "auto") is AVX512 and choose_variant(zen4, " AVX2 ") is AVX2
-    assert zen4.missing(AVX512) == []
-    # one flag short of the AVX-512 variant (an Ice Lake without BF16, say): AVX2, and avx512 names the flag
-    no_bf16 = CPU(zen4.model, zen4.flags - {"avx512_bf16"})
-    assert choose_variant(no_bf16, "auto") is AVX2
+    assert choose_variant(zen4, "auto") is AVX512_BF16 and choose_variant(zen4, " AVX2 ") is AVX2
+    assert choose_variant(zen4, "avx512") is AVX512 and zen4.missing(AVX512_BF16) == []
+    # VNNI without BF16 (Ice Lake, Cascade Lake): the AVX-512 variant, and avx512bf16 names the missing flag
+    assert ice.model.startswith("Intel(R) Xeon(R)") and choose_variant(ice, "auto") is AVX512
     with pytest.raises(InvalidParameter, match="lacks avx512_bf16$"):
-        choose_variant(no_bf16, "avx512")
+        choose_variant(ice, "avx512bf16")
+    # AVX-512 without VNNI (Skylake-SP): AVX2
+    assert choose_variant(CPU(ice.model, ice.flags - {"avx512_vnni"}), "auto") is AVX2
     old = CPU("an old x86", frozenset({"sse2", "avx"}))
     assert choose_variant(old, "auto") is None  # the torch path serves
     with pytest.raises(InvalidParameter, match="not a kernel variant"):
@@ -83,7 +94,7 @@ def test_without_proc_cpuinfo_torch_capability_decides(monkeypatch, tmp_path):
 
 
 def test_every_variant_builds_warning_free():
-    """Both variants compile with this machine's compiler, -Wall -Wextra clean, whatever the CPU runs."""
+    """Every variant compiles with this machine's compiler, -Wall -Wextra clean, whatever the CPU runs."""
     for variant in VARIANTS.values():
         b = build.build(variant)
         assert b.path.exists() and b.warnings.strip() == "", (variant.name, b.warnings)

@@ -16,7 +16,9 @@
 
 /* The instruction set this build was compiled for (quill.kernels.cpu's variant names). */
 const char* quill_isa(void) {
-#ifdef QUILL_AVX512
+#if defined(QUILL_AVX512_BF16)
+    return "avx512bf16";
+#elif defined(QUILL_AVX512)
     return "avx512";
 #else
     return "avx2";
@@ -505,6 +507,58 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
     rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
 }
 
+#else
+__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
+                     float* acc, int64_t ldacc) {
+    const int64_t KV = K & ~(int64_t)(I8Q_STEP - 1);
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
+    for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
+        const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
+        for (int64_t m = 0; m < M; m += 2) {
+            const int16_t* x0 = xq + m * ldq;
+            float* r0 = acc + m * ldacc;
+            int64_t n = n0;
+            if (M - m >= 2) {
+                const int16_t* x1 = x0 + ldq;
+                float* r1 = r0 + ldacc;
+                for (; n + 4 <= n1; n += 4) {
+                    const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
+                    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
+                    for (int64_t k = kb; k < ke; k += 16) {
+                        if (PF && (k & 31) == 0) {
+                            _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
+                            _mm_prefetch((const char*)(w2 + PF * K + k), PFH); _mm_prefetch((const char*)(w3 + PF * K + k), PFH);
+                        }
+                        __m256i u = _mm256_loadu_si256((const __m256i*)(x0 + k)), v = _mm256_loadu_si256((const __m256i*)(x1 + k));
+                        __m256i c0 = ld_i8x16(w0 + k), c1 = ld_i8x16(w1 + k), c2 = ld_i8x16(w2 + k), c3 = ld_i8x16(w3 + k);
+                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(u, c0)); a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(u, c1));
+                        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(u, c2)); a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(u, c3));
+                        b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(v, c0)); b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(v, c1));
+                        b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(v, c2)); b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(v, c3));
+                    }
+                    hsum4_i(a0, a1, a2, a3, r0 + n - n0); hsum4_i(b0, b1, b2, b3, r1 + n - n0);
+                }
+                for (; n < n1; n++) {
+                    const int8_t* w0 = W + n * K;
+                    __m256i a0 = _mm256_setzero_si256(), b0 = a0;
+                    for (int64_t k = kb; k < ke; k += 16) {
+                        __m256i c0 = ld_i8x16(w0 + k);
+                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), c0));
+                        b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x1 + k)), c0));
+                    }
+                    r0[n - n0] += hsum_i(a0); r1[n - n0] += hsum_i(b0);
+                }
+            } else {
+                rows_i8q_one(x0, r0, W, K, n0, n1, kb, ke);
+            }
+        }
+    }
+    rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
+}
+#endif
+
+#ifdef QUILL_AVX512_BF16  /* (an AVX512 build too: IN_REGISTER) */
 /* bf16 weights against activations rounded to bf16 with vdpbf16ps: 32 bf16 products summed in pairs into 16
    fp32 lanes per instruction; accumulation in fp32. The rows are a bf16 model's activations (LayerNorm output
    rounded to bf16, as torch's bf16 path rounds it), or fp32 activations of two rows and more (bf16 matrices
@@ -566,54 +620,6 @@ static void to_bf16(const float* src, int64_t n, uint16_t* dst) {
 #define HAVE_BF16DP 1
 #else
 #define HAVE_BF16DP 0
-__attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
-                     float* acc, int64_t ldacc) {
-    const int64_t KV = K & ~(int64_t)(I8Q_STEP - 1);
-    for (int64_t m = 0; m < M; m++)
-        for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
-    for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
-        const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
-        for (int64_t m = 0; m < M; m += 2) {
-            const int16_t* x0 = xq + m * ldq;
-            float* r0 = acc + m * ldacc;
-            int64_t n = n0;
-            if (M - m >= 2) {
-                const int16_t* x1 = x0 + ldq;
-                float* r1 = r0 + ldacc;
-                for (; n + 4 <= n1; n += 4) {
-                    const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
-                    __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
-                    for (int64_t k = kb; k < ke; k += 16) {
-                        if (PF && (k & 31) == 0) {
-                            _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
-                            _mm_prefetch((const char*)(w2 + PF * K + k), PFH); _mm_prefetch((const char*)(w3 + PF * K + k), PFH);
-                        }
-                        __m256i u = _mm256_loadu_si256((const __m256i*)(x0 + k)), v = _mm256_loadu_si256((const __m256i*)(x1 + k));
-                        __m256i c0 = ld_i8x16(w0 + k), c1 = ld_i8x16(w1 + k), c2 = ld_i8x16(w2 + k), c3 = ld_i8x16(w3 + k);
-                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(u, c0)); a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(u, c1));
-                        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(u, c2)); a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(u, c3));
-                        b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(v, c0)); b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(v, c1));
-                        b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(v, c2)); b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(v, c3));
-                    }
-                    hsum4_i(a0, a1, a2, a3, r0 + n - n0); hsum4_i(b0, b1, b2, b3, r1 + n - n0);
-                }
-                for (; n < n1; n++) {
-                    const int8_t* w0 = W + n * K;
-                    __m256i a0 = _mm256_setzero_si256(), b0 = a0;
-                    for (int64_t k = kb; k < ke; k += 16) {
-                        __m256i c0 = ld_i8x16(w0 + k);
-                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), c0));
-                        b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x1 + k)), c0));
-                    }
-                    r0[n - n0] += hsum_i(a0); r1[n - n0] += hsum_i(b0);
-                }
-            } else {
-                rows_i8q_one(x0, r0, W, K, n0, n1, kb, ke);
-            }
-        }
-    }
-    rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
-}
 #endif
 
 static float* scratch(int64_t n) {  /* per-thread buffer, grown on demand and kept */

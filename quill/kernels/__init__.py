@@ -9,8 +9,8 @@ here read each weight row once, convert it to fp32 in registers (bf16/fp16/int8 
 in fp32, so one decode step runs at the memory bound for every weight format.
 
 They are plain C in quill/csrc (no torch headers: builds in about a second), compiled on first use with the
-system C compiler into the user cache, once per CPU variant (quill.kernels.cpu: AVX2+FMA, AVX-512 with VNNI and
-BF16; `QUILL_ISA` overrides the choice), and called through ctypes on tensors' data pointers. This package is the
+system C compiler into the user cache, once per CPU variant (quill.kernels.cpu: AVX2+FMA, AVX-512 with VNNI, and
+with VNNI and BF16; `QUILL_ISA` overrides the choice), and called through ctypes on tensors' data pointers. This package is the
 loader and the Python API; quill.kernels.plan describes a model to the fused decode step. Threads come from a
 small pool of their own (`torch.get_num_threads()` threads, the caller included) without OpenMP's
 barriers, which on a busy shared machine stall for a scheduler tick whenever a helper thread is

@@ -2,8 +2,8 @@
 
 Each variant is the same C sources compiled with its own `-m` flags and macro (quill/csrc). The flags come from
 /proc/cpuinfo's `flags` line (Linux names: `avx512_vnni`, `avx512_bf16`); the kernel only lists a flag there
-when it also saves the registers it needs (XSAVE state), so a listed flag is usable. `QUILL_ISA=avx2|avx512|auto`
-overrides the choice; asking for a variant the CPU cannot run is an error, never a crash in the kernels.
+when it also saves the registers it needs (XSAVE state), so a listed flag is usable.
+`QUILL_ISA=avx2|avx512|avx512bf16|auto` overrides the choice; asking for a variant the CPU cannot run is an error, never a crash in the kernels.
 """
 
 from __future__ import annotations
@@ -30,11 +30,14 @@ class Variant:
 
 AVX2 = Variant("avx2", ("avx2", "fma", "f16c"), ("-mavx2", "-mfma", "-mf16c"),
                "AVX2 + FMA: 256-bit fp32 FMAs, int8 weights against int16 activations with vpmaddwd")
-AVX512 = Variant("avx512", (*AVX2.needs, "avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16"),
-                 (*AVX2.cflags, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16",
-                  "-DQUILL_AVX512=1"),
-                 "AVX-512: int8 weights against int16 activations with VNNI vpdpwssd, bf16 x bf16 with vdpbf16ps")
-VARIANTS = {v.name: v for v in (AVX512, AVX2)}  # best first: `auto` takes the first one the CPU can run
+AVX512 = Variant("avx512", (*AVX2.needs, "avx512f", "avx512bw", "avx512vl", "avx512_vnni"),
+                 (*AVX2.cflags, "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-DQUILL_AVX512=1"),
+                 "AVX-512 VNNI: int8 weights against int16 activations with vpdpwssd, u8 x int8 with vpdpbusd")
+# Ice Lake and Cascade Lake have VNNI without BF16: they run AVX512, whose bf16 weights widen to fp32 FMAs
+AVX512_BF16 = Variant("avx512bf16", (*AVX512.needs, "avx512_bf16"),
+                      (*AVX512.cflags, "-mavx512bf16", "-DQUILL_AVX512_BF16=1"),
+                      f"{AVX512.summary}, bf16 x bf16 with vdpbf16ps")
+VARIANTS = {v.name: v for v in (AVX512_BF16, AVX512, AVX2)}  # best first: `auto` takes the first the CPU runs
 
 
 @dataclass(frozen=True)
@@ -81,7 +84,7 @@ def this_cpu() -> CPU:
 
 
 def choose_variant(cpu: CPU, requested: str | None = None) -> Variant | None:
-    """The variant to load for `cpu`: `requested` (avx2, avx512, auto; default $QUILL_ISA, else auto), or None
+    """The variant to load for `cpu`: `requested` (avx2, avx512, avx512bf16, auto; default $QUILL_ISA, else auto), or None
     when the CPU runs none of them (no AVX2: the torch path serves). Raises InvalidParameter for an unknown
     name or a variant the CPU lacks a flag for."""
     name = (requested if requested is not None else os.environ.get("QUILL_ISA", "auto")).strip().lower() or "auto"
