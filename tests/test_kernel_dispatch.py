@@ -272,6 +272,36 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     assert list(data["choices"].values()) and set(data["choices"].values()) <= {"quill", "i8gemm", "u8gemm", "fbgemm", "torch"}
 
 
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+def test_only_the_chosen_path_keeps_its_packed_weight(tuning, monkeypatch):
+    """Candidates pack the weight into their GEMM's layout when timed; the losers' copies are dropped, so a
+    layer holds at most the copy of the path that serves it (each path made to win in turn, the clock stood in
+    for; the copies are really made and released)."""
+    monkeypatch.setenv("QUILL_INT8_GEMM", "1")  # fbgemm's GEMM among them where torch has it
+    torch.manual_seed(0)
+    x = torch.randn(120, 64)
+    timed = tune._time
+    for winner in ("_panel_gemm", "_u8_gemm", "_gemm", "_dequantized_forward"):
+        layer = Int8Linear.from_linear(torch.nn.Linear(64, 40))
+        copies = {"_panel_gemm": layer._panels, "_u8_gemm": layer._u8_panels, "_gemm": layer._packed}
+        named = []
+
+        def fake_time(fn):
+            name = getattr(getattr(fn, "func", fn), "__name__", "")
+            named.append(name)
+            return (0.0 if name == winner else 1.0), timed(fn)[1]
+
+        monkeypatch.setattr(tune, "_time", fake_time)
+        tune.forget()
+        tuning.unlink(missing_ok=True)
+        with torch.inference_mode():
+            layer(x)
+        if winner not in named:
+            continue  # a candidate this machine does not offer (fbgemm's, the u8 GEMM's)
+        assert {n for n, c in copies.items() if c.made} == {winner} & copies.keys(), winner
+        assert sum(c.made for c in copies.values()) <= 1 and len(named) >= 3
+
+
 def test_tuning_off_takes_the_default_without_timing(monkeypatch):
     monkeypatch.setenv("QUILL_TUNE", "0")
 
@@ -286,7 +316,7 @@ def test_an_inexact_path_must_be_clearly_faster_to_win(tuning, monkeypatch):
     """fbgemm's 7-bit activations cost accuracy: the tuner takes it only when more than INEXACT_MARGIN times
     faster than the fastest exact candidate (timings stand in for the clock here)."""
     cost = {"exact": 1.0, "inexact": 0.0}
-    monkeypatch.setattr(tune, "_time", lambda fn: cost[fn()])
+    monkeypatch.setattr(tune, "_time", lambda fn: (cost[fn()], []))
     paths = {"exact": lambda: "exact", "inexact": lambda: "inexact"}
     cost["inexact"] = 1.05 / tune.INEXACT_MARGIN  # faster, not by the margin
     assert tune.choose("avx2", "a", paths, "exact", inexact=("inexact",)) == "exact"

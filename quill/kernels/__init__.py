@@ -240,10 +240,16 @@ class PackedCopy:
         return self._key is not None
 
     def get(self, key: tuple, make: Callable[[], object]) -> object:
-        """The copy for `key`, made by `make()` unless the one kept was made for the same key."""
+        """The copy for `key`, made by `make()` unless the one kept was made for the same key. A copy made while
+        the tuner times its path is dropped again if that path loses (tune.made_while_timing)."""
         if self._key != key:
             self._value, self._key = make(), key
+            tune.made_while_timing(self.release)
         return self._value
+
+    def release(self) -> None:
+        """Drop the copy (the next `get` makes it again)."""
+        self._key, self._value = None, None
 
 
 def _pack(weight: Tensor, panel: int, group: int, kstep: int) -> Tensor:

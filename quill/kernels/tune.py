@@ -5,7 +5,8 @@ depends on the CPU: Quill's kernels (the weight read once, all rows against it),
 for int8 weights, fbgemm's int8 GEMM; a batched decode step can also run as two calls of half the rows. The
 first use of a shape class times each candidate briefly (one warm-up call, then the best of a few) and keeps
 the fastest, where a candidate that rounds more than the others (fbgemm's) must beat the exact ones by
-INEXACT_MARGIN; the choices live in a JSON file in the user cache named for the machine (CPU model, kernel variant,
+INEXACT_MARGIN, and what a losing candidate made for itself while it was timed (a weight packed into its
+GEMM's layout) is released, so only the paths that serve keep copies; the choices live in a JSON file in the user cache named for the machine (CPU model, kernel variant,
 kernel sources, torch version, thread count), so later loads do not pay for it. A file that does not parse or
 was written for another machine is ignored and rewritten. `QUILL_TUNE=0` turns timing off: the fixed default
 (Quill's kernels up to DEFAULT_ROWS rows, the GEMM beyond; decode in calls of at most DEFAULT_ROWS rows) serves,
@@ -41,6 +42,7 @@ FORMAT = 1  # version of the cache file's layout
 
 _lock = threading.Lock()
 _tables: dict[Path, dict[str, str]] = {}
+_timing = threading.local()  # .made: the releases of what the candidate being timed on this thread made
 
 
 def enabled() -> bool:
@@ -105,14 +107,32 @@ def forget() -> None:
         _tables.clear()
 
 
-def _time(fn: Callable[[], object]) -> float:
-    fn()  # warm-up: first-use costs (packing, page faults) are not the path's speed
-    best = float("inf")
-    for _ in range(REPEATS):
-        t0 = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t0)
-    return best
+def made_while_timing(release: Callable[[], None]) -> None:
+    """Note how to free something a path just made for itself (a packed weight): if that path is being timed
+    as a candidate and loses, `release` is called. Outside timing it does nothing: a path that serves keeps it."""
+    made = getattr(_timing, "made", None)
+    if made is not None:
+        made.append(release)
+
+
+def _time(fn: Callable[[], object]) -> tuple[float, list[Callable[[], None]]]:
+    """The fastest of REPEATS calls of `fn` after a warm-up, and the releases of what it made meanwhile."""
+    outer, made = getattr(_timing, "made", None), []
+    _timing.made = made
+    try:
+        fn()  # warm-up: first-use costs (packing, page faults) are not the path's speed
+        best = float("inf")
+        for _ in range(REPEATS):
+            t0 = time.perf_counter()
+            fn()
+            best = min(best, time.perf_counter() - t0)
+    except BaseException:
+        for release in made:
+            release()
+        raise
+    finally:
+        _timing.made = outer
+    return best, made
 
 
 def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], default: str,
@@ -131,13 +151,17 @@ def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], defa
         chosen = table.get(key)
     if chosen in candidates:
         return chosen
-    times = {}
+    times, made = {}, {}
     for name, fn in candidates.items():
         try:
-            times[name] = _time(fn)
+            times[name], made[name] = _time(fn)
         except (RuntimeError, NotImplementedError) as e:  # a backend this build of torch lacks
             log.info("tuning %s: candidate %s failed (%s)", key, name, e)
     chosen = min(times, key=lambda n: times[n] * (INEXACT_MARGIN if n in inexact else 1.0)) if times else default
+    for name, releases in made.items():
+        if name != chosen:
+            for release in releases:
+                release()
     log.info("tuning %s: %s (%s)", key, chosen, ", ".join(f"{n} {t * 1e3:.2f} ms" for n, t in times.items()))
     with _lock:
         table = _tables.setdefault(path, _read(path, isa))
