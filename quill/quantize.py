@@ -80,9 +80,10 @@ def _fbgemm_competes() -> bool:
     return os.environ.get("QUILL_INT8_GEMM", "") == "1"
 
 
-def _u8_gemm_competes(in_features: int) -> bool:
-    """Whether Quill's u8 x int8 GEMM is timed against the exact paths: where the kernels have it (AVX-512 VNNI),
-    K fits its exact sums, and QUILL_INT8_U8 is not 0 (which keeps every int8 product on int16 activations)."""
+def _u8_rows(in_features: int) -> bool:
+    """Whether int8 products round rows to u8 (the row kernel's and Quill's u8 x int8 GEMM's way): where the
+    kernels have it (AVX-512 VNNI), K fits the exact sums, and QUILL_INT8_U8 is not 0 (which keeps every int8
+    product on int16 activations). kernels.linear decides the same in C."""
     return (in_features <= kernels.U8_MAX_K and os.environ.get("QUILL_INT8_U8", "") != "0" and kernels.available()
             and kernels.has_gemm_u8i8())
 
@@ -99,8 +100,8 @@ class Int8Linear(nn.Module):
     """`y = (x @ q.T) * scale + bias` with int8 `q` [out, in] and fp32 per-output-channel `scale`."""
 
     fuses_epilogue = True  # forward takes act and residual (quill.model.fused)
-    # Whether the u8 GEMM may serve: not for the head (`keep_head_exact`), whose outputs are the logits, where
-    # 8-bit inputs cost the most top-1 (docs/performance.md, "Quality")
+    # Whether rows may be rounded to u8 (the row kernel's and the u8 GEMM's): not for the head (`keep_head_exact`),
+    # whose outputs are the logits, where 8-bit inputs cost the most top-1 (docs/performance.md, "Quality")
     u8_inputs = True
 
     def __init__(self, weight: Tensor, scale: Tensor, bias: Tensor | None):
@@ -132,19 +133,20 @@ class Int8Linear(nn.Module):
     def forward(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """`(residual +) act(x @ W.T * scale + b)` (as `quill.model.Linear`) on Quill's int8 decode kernel, its
         int8 GEMM (`_panel_gemm`), fbgemm's int8 GEMM or the dequantised GEMM: for several rows, whichever is
-        fastest here (quill.kernels.project times them; the u8 GEMM and fbgemm, whose 8- and 7-bit activations
-        round more, only where clearly faster, fbgemm only with QUILL_INT8_GEMM=1); without the kernels, fbgemm
-        beyond DEFAULT_ROWS. The u8 GEMM only competes beyond DEFAULT_ROWS rows: decode steps (at most that
-        many rows a call) keep int16 activations, so a row's tokens never depend on the rows batched with it."""
+        fastest here (quill.kernels.project times them; fbgemm, whose 7-bit activations round more, only with
+        QUILL_INT8_GEMM=1 and where clearly faster); without the kernels, fbgemm beyond DEFAULT_ROWS. On AVX-512
+        VNNI (`u8_inputs`, unless QUILL_INT8_U8=0) the kernel rounds rows to u8, and the u8 GEMM is the one
+        other candidate: both sum the same exact integers, so a row's result never depends on the rows batched
+        with it nor on which of the two computed it."""
         w, s, b = self.kernel_args()
         gemm = _int8_gemm_serves(x)
-        others = {"i8gemm": self._panel_gemm}
-        if self.u8_inputs and kernels.rows(x) > kernels.DEFAULT_ROWS and _u8_gemm_competes(self.in_features):
-            others["u8gemm"] = self._u8_gemm
+        # on u8 rows the kernel and the u8 GEMM give the same bits, and the int16 paths would round otherwise
+        u8 = self.u8_inputs and _u8_rows(self.in_features)
+        others = {"u8gemm": self._u8_gemm} if u8 else {"i8gemm": self._panel_gemm, "torch": self._dequantized_forward}
         if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm
-        others["torch"] = self._dequantized_forward
-        y = kernels.project(x, w, b, s, others=others, inexact=("u8gemm", "fbgemm"), act=act, residual=residual)
+        y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",), act=act, residual=residual,
+                            u8=self.u8_inputs)
         if y is not None:
             return y
         if gemm and kernels.rows(x) > kernels.DEFAULT_ROWS:
@@ -211,9 +213,8 @@ def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
 
 
 def keep_head_exact(model: GPT) -> None:
-    """Keep the head's products on int16 activations. Generation runs the head on one row a sequence (the row
-    kernels, exact anyway); only logits of every position (prompt logprobs, teacher forcing) would reach the
-    u8 GEMM, and rounding the head's inputs to 8 bits moves the logits themselves."""
+    """Keep the head's products on int16 activations: rounding its inputs to 8 bits moves the logits themselves
+    (the fused decode step keeps the head on int16 rows too)."""
     if isinstance(model.lm_head, Int8Linear):
         model.lm_head.u8_inputs = False
 

@@ -21,6 +21,8 @@ static inline e512 E_loadu_ps(const float* p) { e512 r; memcpy(&r, p, 64); retur
 static inline void E_storeu_ps(float* p, e512 v) { memcpy(p, &v, 64); }
 static inline e512 E_add_ps(e512 a, e512 b) { return a + b; }
 static inline e512 E_cvtepi32_ps(e512i a) { int32_t s[16]; e512 r; memcpy(s, &a, 64); for (int i = 0; i < 16; i++) r[i] = (float)s[i]; return r; }
+static inline e512i E_set1_epi8(char a) { e512i r; memset(&r, a, 64); return r; }
+static inline int E_reduce_add_epi32(e512i v) { int32_t s[16]; memcpy(s, &v, 64); uint32_t t = 0; for (int i = 0; i < 16; i++) t += (uint32_t)s[i]; return (int)t; }
 static inline e512i E_set1_epi32(int a) { int32_t d[16]; for (int i = 0; i < 16; i++) d[i] = a; e512i r; memcpy(&r, d, 64); return r; }
 static inline e512i E_cvtepi8_epi16(__m256i a) { int8_t s[32]; int16_t d[32]; memcpy(s, &a, 32); for (int i = 0; i < 32; i++) d[i] = s[i]; e512i r; memcpy(&r, d, 64); return r; }
 static inline e512i E_dpwssd(e512i src, e512i a, e512i b) {
@@ -82,6 +84,8 @@ static inline e512i E_set_epi16(short e31, short e30, short e29, short e28, shor
 #define _mm512_add_ps E_add_ps
 #define _mm512_cvtepi32_ps E_cvtepi32_ps
 #define _mm512_set1_epi32 E_set1_epi32
+#define _mm512_set1_epi8 E_set1_epi8
+#define _mm512_reduce_add_epi32 E_reduce_add_epi32
 #define _mm512_cvtepi8_epi16 E_cvtepi8_epi16
 #define _mm512_dpwssd_epi32 E_dpwssd
 #define _mm512_dpbusd_epi32 E_dpbusd

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from conftest import rows_on_u8
+
 from quill import generate, kernels
 from quill.kernels import build, plan
 from quill.kernels.cpu import AVX2
@@ -207,9 +209,13 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
         out = kernels.linear(x, w, bias, scale, residual=residual)
         assert out.dtype == xdtype
         if wdtype == torch.int8 and xdtype == torch.float32:
-            # int8 weights meet activations rounded to int16 per row (step max|x|/32767): each output may move by
-            # at most half a step times the row's absolute weight sum, plus fp32 accumulation noise.
-            step_err = x.abs().amax(1, keepdim=True) / 65534 * dense.abs().sum(1)[None]
+            # int8 weights meet activations rounded per row, to int16 (step max|x|/32767: half a step at most)
+            # or, on AVX-512 VNNI, to u8 (step (max(x, 0) - min(x, 0)) / 255: a step at most, the top level
+            # clamped): each output may move by that times the row's absolute weight sum, plus fp32 noise.
+            if rows_on_u8():
+                step_err = u8_rows(x)[1].float() * dense.abs().sum(1)[None]
+            else:
+                step_err = x.abs().amax(1, keepdim=True) / 65534 * dense.abs().sum(1)[None]
             assert ((out - ref).abs() <= step_err + 1e-5 * ref.abs().max()).all()
         elif wdtype == torch.bfloat16 and m > 1 and kernels.has_gemm_bf16():
             # vdpbf16ps: two rows and more are rounded to bf16 as a bf16 GEMM rounds its inputs
@@ -360,23 +366,54 @@ def test_fused_epilogues_equal_the_separate_passes(kernel_isa, act):
 
 @needs_kernels
 def test_int8_kernels_give_the_same_bits_in_every_variant(kernel_isa, monkeypatch):
-    """int8 products sum exact integers in column blocks cut alike by every variant (vpmaddwd on AVX2, VNNI
-    vpdpwssd on AVX-512), each block rounded to fp32 once: the same bits as the AVX2 build, tails and odd row
-    counts included; the prefill GEMM likewise (its K chunks), each variant on weights packed in its own panels,
-    and a weight packed for another variant's panels is refused."""
+    """int8 products on int16 rows sum exact integers in column blocks cut alike by every variant (vpmaddwd on
+    AVX2, VNNI vpdpwssd on AVX-512), each block rounded to fp32 once: the same bits as the AVX2 build, tails and
+    odd row counts included; the prefill GEMM likewise (its K chunks), each variant on weights packed in its own
+    panels, and a weight packed for another variant's panels is refused."""
     torch.manual_seed(0)
     w = torch.randint(-127, 128, (37, 3000), dtype=torch.int8)
     x, scale, bias = torch.randn(5, 3000), torch.rand(37), torch.randn(37)
     packed, xs = kernels.pack_i8(w), torch.randn(131, 3000)
-    got = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)] + [kernels.gemm_i8(xs, packed, scale, bias, 37)]
+    got = [kernels.linear(x[:m], w, bias, scale, u8=False) for m in (1, 2, 5)]
+    got.append(kernels.gemm_i8(xs, packed, scale, bias, 37))
     monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(build.build(AVX2).path))))
     monkeypatch.setattr(kernels, "_variant", AVX2)
     if kernel_isa != "avx2":
         with pytest.raises(ValueError, match="pack them again"):
             kernels.gemm_i8(xs, packed, scale, bias, 37)
     packed = kernels.pack_i8(w)
-    want = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)] + [kernels.gemm_i8(xs, packed, scale, bias, 37)]
+    want = [kernels.linear(x[:m], w, bias, scale, u8=False) for m in (1, 2, 5)]
+    want.append(kernels.gemm_i8(xs, packed, scale, bias, 37))
     assert all(torch.equal(a, b) for a, b in zip(want, got))
+
+
+@needs_kernels
+@pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
+def test_int8_rows_on_u8_are_exact_and_independent_of_the_batch(kernel_isa, xdtype):
+    """The row kernel's u8 path (AVX-512 VNNI vpdpbusd; decode steps and up to 32 rows) against float64
+    products of the u8-rounded rows with the int8 weights: exact integer sums with the zero point taken off,
+    one fp32 rounding, so each row gets the same bits alone as in any batch (1 to 33 rows: the 4-, 2- and 1-row
+    blocks, K and N tails, one-signed and zero rows) and as in the u8 GEMM. AVX2 has no such path: u8 asked
+    gives its int16 rows."""
+    torch.manual_seed(0)
+    for m, k, n in [(33, 3000, 37), (7, 29, 5), (16, 768, 64)]:
+        x = torch.randn(m, k)
+        x[0] = x[0].abs() + 0.5
+        x[1] = -x[1].abs()
+        x[2] = 0
+        x = x.to(xdtype)
+        w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
+        scale, bias = torch.rand(n) * 0.01, torch.randn(n).to(xdtype)
+        out = kernels.linear(x, w, bias, scale)
+        if not rows_on_u8():
+            assert torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))
+            continue
+        assert_exact_int8_product(out, x, w, scale, bias, u8_rows)
+        alone = torch.cat([kernels.linear(x[i:i + 1], w, bias, scale) for i in range(m)])
+        assert torch.equal(alone, out)
+        # the same integers and epilogue as the prefill's u8 GEMM: decoded and prefilled rows agree bit for bit
+        assert torch.equal(out, kernels.gemm_u8i8(x, kernels.pack_u8i8(w), scale, bias, n))
+        assert not torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))  # the int16 path is another
 
 
 @needs_kernels

@@ -507,6 +507,96 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
     rows_i8q_tail(xq, M, K, ldq, W, n0, n1, acc, ldacc);
 }
 
+/* One row as u8 with scale s and zero point z: q = clamp(round(x / s) + z, 0, 255), s = (max(x, 0) - min(x, 0)) / 255,
+   rounded to nearest even like lrintf. */
+static void quantize_u8(const float* r, int64_t K, uint8_t* q, float* scale, int32_t* zp) {
+    __m256 vmn = _mm256_setzero_ps(), vmx = vmn;
+    int64_t k = 0;
+    for (; k + 8 <= K; k += 8) {
+        const __m256 v = _mm256_loadu_ps(r + k);
+        vmn = _mm256_min_ps(vmn, v);
+        vmx = _mm256_max_ps(vmx, v);
+    }
+    float mn[8], mx[8], lo = 0.f, hi = 0.f;
+    _mm256_storeu_ps(mn, vmn);
+    _mm256_storeu_ps(mx, vmx);
+    for (int i = 0; i < 8; i++) { lo = mn[i] < lo ? mn[i] : lo; hi = mx[i] > hi ? mx[i] : hi; }
+    for (; k < K; k++) { lo = r[k] < lo ? r[k] : lo; hi = r[k] > hi ? r[k] : hi; }
+    const float sc = hi > lo ? (hi - lo) / 255.f : 1.f, inv = 1.f / sc;
+    const int32_t z = (int32_t)lrintf(-lo * inv);
+    *scale = sc;
+    *zp = z;
+    const __m256 vinv = _mm256_set1_ps(inv);
+    const __m256i vz = _mm256_set1_epi32(z), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (k = 0; k + 32 <= K; k += 32) {  /* packs/packus saturate to 0..255 and interleave the lanes' groups */
+        __m256i a[4];
+        for (int i = 0; i < 4; i++)
+            a[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k + 8 * i), vinv)), vz);
+        const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3]));
+        _mm256_storeu_si256((__m256i*)(q + k), _mm256_permutevar8x32_epi32(b, order));
+    }
+    for (; k < K; k++) {
+        const long v = lrintf(r[k] * inv) + z;
+        q[k] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
+    }
+}
+
+/* int8 weights against u8 activations (quantize_u8: a scale and a zero point a row) with vpdpbusd: 64
+   products an instruction, twice vpdpwssd's, and the weights meet the instruction as stored (no widening).
+   A weight row's own sum, for the zero point, comes from one more vpdpbusd against ones, shared by the block's
+   rows. acc = sum_k (q_k - zp) w_k is exact (K <= QK_U8_MAX_K) and rounded to fp32 once, so a row gets the same
+   bits whichever rows share its call (a decode step's result does not depend on its batch). MR rows (4, 2, 1)
+   against NR weight rows (4 or 1). */
+static inline __attribute__((always_inline)) void u8_block(const uint8_t* x, int64_t K, const int32_t* zp,
+                                                           const int8_t* W, int64_t n, int64_t n0, float* acc,
+                                                           int64_t ldacc, const int MR, const int NR) {
+    const int64_t K64 = K & ~(int64_t)63;
+    const __m512i ones = _mm512_set1_epi8(1);
+    __m512i a[4][4], s[4];
+    _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
+        s[c] = _mm512_setzero_si512();
+        _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) a[r][c] = _mm512_setzero_si512();
+    }
+    for (int64_t k = 0; k < K64; k += 64) {
+        __m512i w[4];
+        _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
+            if (PF) _mm_prefetch((const char*)(W + (n + c + PF) * K + k), PFH);
+            w[c] = _mm512_loadu_si512((const void*)(W + (n + c) * K + k));
+            s[c] = _mm512_dpbusd_epi32(s[c], ones, w[c]);
+        }
+        _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) {
+            const __m512i u = _mm512_loadu_si512((const void*)(x + r * K + k));
+            _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) a[r][c] = _mm512_dpbusd_epi32(a[r][c], u, w[c]);
+        }
+        _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
+            IN_REGISTER(s[c]);
+            _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) IN_REGISTER(a[r][c]);
+        }
+    }
+    _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
+        const int8_t* w = W + (n + c) * K;
+        int64_t ws = _mm512_reduce_add_epi32(s[c]);
+        for (int64_t k = K64; k < K; k++) ws += w[k];
+        _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) {
+            int64_t d = _mm512_reduce_add_epi32(a[r][c]);
+            for (int64_t k = K64; k < K; k++) d += (int32_t)x[r * K + k] * w[k];
+            acc[r * ldacc + n - n0 + c] = (float)(d - (int64_t)zp[r] * ws);
+        }
+    }
+}
+__attribute__((noinline)) static void rows_u8(const uint8_t* xu, const int32_t* zp, int64_t M, int64_t K,
+                                              const int8_t* W, int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+    int64_t m = 0;
+#define U8_ROWS(MR)                                                                                          \
+    for (; m + MR <= M; m += MR) {                                                                           \
+        int64_t n = n0;                                                                                      \
+        for (; n + 4 <= n1; n += 4) u8_block(xu + m * K, K, zp + m, W, n, n0, acc + m * ldacc, ldacc, MR, 4); \
+        for (; n < n1; n++) u8_block(xu + m * K, K, zp + m, W, n, n0, acc + m * ldacc, ldacc, MR, 1);      \
+    }
+    U8_ROWS(4) U8_ROWS(2) U8_ROWS(1)
+#undef U8_ROWS
+}
+
 #else
 __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
                      float* acc, int64_t ldacc) {
@@ -752,7 +842,8 @@ static void scale_bias(float* a, int64_t nn, float xs, const float* scale, const
 struct linear_job {
     const float* x; int64_t M, K; const void* W; int wdt; const float* scale; const void* bias; int bdt;
     const void* residual; void* y; int ydt; int64_t ldy, N, chunk; int act;
-    const int16_t* xq; const float* xs;  /* int8 weights: activations as int16 with one scale per row */
+    const int16_t* xq; const float* xs;  /* int8 weights: activations as int16 with one scale per row, */
+    const uint8_t* xu; const int32_t* zp; /* or (AVX-512 VNNI) as u8 with a scale and a zero point per row */
     const uint16_t* xb;                  /* bf16 weights on AVX-512 BF16 (rows_bf16dp): x rounded to bf16 */
 };
 
@@ -773,13 +864,16 @@ static void linear_task(void* ctx, int64_t t) {
                 break;
             case F16: rows_f16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
             default:
+#ifdef QUILL_AVX512
+                if (j->xu) { rows_u8(j->xu + m0 * K, j->zp + m0, mb, K, (const int8_t*)j->W, n0, n1, acc, 64); break; }
+#endif
                 if (j->xq) rows_i8q(j->xq + m0 * K, mb, K, K, (const int8_t*)j->W, n0, n1, acc, 64);
                 else rows_i8(xm, mb, K, (const int8_t*)j->W, n0, n1, acc, 64);
                 break;
         }
         for (int64_t m = 0; m < mb; m++) {
             float* a = acc + m * 64;
-            scale_bias(a, n1 - n0, j->xq ? j->xs[m0 + m] : 1.f, j->scale ? j->scale + n0 : NULL, j->bias, j->bdt, n0);
+            scale_bias(a, n1 - n0, j->xs ? j->xs[m0 + m] : 1.f, j->scale ? j->scale + n0 : NULL, j->bias, j->bdt, n0);
             finish_row(a, n1 - n0, j->act, j->residual, j->y, j->ydt, (m0 + m) * j->ldy + n0);
         }
     }
@@ -843,23 +937,42 @@ static void quantize_i16(const float* r, int64_t K, int16_t* q, float* scale) {
 }
 
 static int int8_float = -1;  /* QUILL_INT8_FLOAT=1: int8 weights against fp32 activations (slower path) */
+static int int8_u8 = -1;     /* QUILL_INT8_U8=0: int8 weights against int16 activations in the AVX-512 builds too */
 static int task_bytes = -1;  /* QUILL_TASK_BYTES: weight bytes per pool task */
 
 static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const float* scale,
                       const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
                       int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps,
-                      int act) {
+                      int act, int u8ok) {
     if (M <= 0 || N <= 0) return 0;
-    /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or (bf16 weights
-       on AVX-512 BF16, bf16 activations or two rows and more) bf16 rows [M, K] */
+    /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or u8 rows [M, K],
+       their scales [M] and zero points [M], or (bf16 weights on AVX-512 BF16, bf16 activations or two rows and
+       more) bf16 rows [M, K] */
     if (int8_float < 0) { const char* e = getenv("QUILL_INT8_FLOAT"); int8_float = e && atoi(e); }
+    if (int8_u8 < 0) { const char* e = getenv("QUILL_INT8_U8"); int8_u8 = !(e && strcmp(e, "0") == 0); }
+#ifdef QUILL_AVX512
+    const int u8 = u8ok && int8_u8 && wdt == I8 && !int8_float && K <= QK_U8_MAX_K;
+#else
+    const int u8 = 0;
+    (void)u8ok;
+#endif
     const int bf16dp = HAVE_BF16DP && wdt == BF16 && (xdt == BF16 || M >= 2);
-    float* buf = scratch(M * K + (wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0));
+    const int64_t extra = u8 ? (M * K + 3) / 4 + 2 * M : wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0;
+    float* buf = scratch(M * K + extra);
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, lnw, lnb, lndt, eps, buf);
     int16_t* xq = NULL;
     float* xs = NULL;
-    if (wdt == I8 && !int8_float) {  /* quantise each activation row to int16 (symmetric, per row) */
+    uint8_t* xu = NULL;
+    int32_t* zp = NULL;
+    if (u8) {  /* each activation row to u8 (a scale and a zero point per row) */
+        xu = (uint8_t*)(buf + M * K);
+        xs = buf + M * K + (M * K + 3) / 4;
+        zp = (int32_t*)(xs + M);
+#ifdef QUILL_AVX512
+        for (int64_t m = 0; m < M; m++) quantize_u8(xf + m * K, K, xu + m * K, xs + m, zp + m);
+#endif
+    } else if (wdt == I8 && !int8_float) {  /* each activation row to int16 (symmetric, per row) */
         xq = (int16_t*)(buf + M * K);
         xs = buf + M * K + (M * K + 1) / 2;
         for (int64_t m = 0; m < M; m++) quantize_i16(xf + m * K, K, xq + m * K, xs + m);
@@ -880,7 +993,7 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     const int64_t unit = wdt != I8 && M >= 4 ? 12 : 4;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
-    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xb};
+    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xu, zp, xb};
     const int64_t tasks = (N + chunk - 1) / chunk;
     pool_run(linear_task, &job, tasks, M * N * K >= (1 << 16) ? nthreads : 1);
     return 0;
@@ -889,12 +1002,14 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
 /* y[m, n] = (residual[m, n] +) act(scale[n] * sum_k ln(x)[m, k] W[n, k] + bias[n])
    x: [M, K] with row stride ldx, dtype xdt; W: [N, K] contiguous, dtype wdt; scale: fp32 [N] or NULL;
    bias: [N] of dtype bdt or NULL; residual and y: [M, N] with row stride ldy, dtype ydt (may alias);
-   lnw/lnb: LayerNorm weight/bias (dtype lndt) applied to each row of x first, or NULL. */
+   lnw/lnb: LayerNorm weight/bias (dtype lndt) applied to each row of x first, or NULL; u8ok: int8 weights may
+   meet rows rounded to u8 (rows_u8: AVX-512 VNNI builds, unless QUILL_INT8_U8=0), else int16. */
 int quill_linear(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const float* scale,
                  const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
-                 int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps, int act) {
+                 int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps, int act,
+                 int u8ok) {
     return linear_run(x, xdt, M, ldx, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, K, nthreads,
-                      lnw, lnb, lndt, eps, act);
+                      lnw, lnb, lndt, eps, act, u8ok);
 }
 
 /* ---- int8 weights against many activation rows (prefill): a register-blocked GEMM ------------------------
@@ -1056,40 +1171,6 @@ int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* 
 #define UG_NC (QK_U8_PANEL * QK_U8_GROUP)
 
 #ifdef QUILL_AVX512
-/* One row as u8 with scale s and zero point z: q = clamp(round(x / s) + z, 0, 255), s = (max(x, 0) - min(x, 0)) / 255,
-   rounded to nearest even like lrintf. */
-static void quantize_u8(const float* r, int64_t K, uint8_t* q, float* scale, int32_t* zp) {
-    __m256 vmn = _mm256_setzero_ps(), vmx = vmn;
-    int64_t k = 0;
-    for (; k + 8 <= K; k += 8) {
-        const __m256 v = _mm256_loadu_ps(r + k);
-        vmn = _mm256_min_ps(vmn, v);
-        vmx = _mm256_max_ps(vmx, v);
-    }
-    float mn[8], mx[8], lo = 0.f, hi = 0.f;
-    _mm256_storeu_ps(mn, vmn);
-    _mm256_storeu_ps(mx, vmx);
-    for (int i = 0; i < 8; i++) { lo = mn[i] < lo ? mn[i] : lo; hi = mx[i] > hi ? mx[i] : hi; }
-    for (; k < K; k++) { lo = r[k] < lo ? r[k] : lo; hi = r[k] > hi ? r[k] : hi; }
-    const float sc = hi > lo ? (hi - lo) / 255.f : 1.f, inv = 1.f / sc;
-    const int32_t z = (int32_t)lrintf(-lo * inv);
-    *scale = sc;
-    *zp = z;
-    const __m256 vinv = _mm256_set1_ps(inv);
-    const __m256i vz = _mm256_set1_epi32(z), order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
-    for (k = 0; k + 32 <= K; k += 32) {  /* packs/packus saturate to 0..255 and interleave the lanes' groups */
-        __m256i a[4];
-        for (int i = 0; i < 4; i++)
-            a[i] = _mm256_add_epi32(_mm256_cvtps_epi32(_mm256_mul_ps(_mm256_loadu_ps(r + k + 8 * i), vinv)), vz);
-        const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(a[0], a[1]), _mm256_packs_epi32(a[2], a[3]));
-        _mm256_storeu_si256((__m256i*)(q + k), _mm256_permutevar8x32_epi32(b, order));
-    }
-    for (; k < K; k++) {
-        const long v = lrintf(r[k] * inv) + z;
-        q[k] = (uint8_t)(v < 0 ? 0 : v > 255 ? 255 : v);
-    }
-}
-
 struct gemm_u8_job {
     const float* x; int64_t M, Mp, K, Kp; const int8_t* Wp; const int32_t* colsum; const float* scale;
     const void* bias; int bdt; const void* residual; void* y; int ydt; int64_t ldy, N, ngroups; int act;
@@ -1640,11 +1721,11 @@ int quill_attn_prefill_bf16(const void* q, int qdt, int64_t qsb, int64_t qsh, in
 static inline float f32_bits(int64_t w) { uint32_t u = (uint32_t)w; float f; memcpy(&f, &u, 4); return f; }
 
 static int lin(const void* x, int xdt, int64_t M, const int64_t* l, const void* res, void* y, int ydt,
-               int64_t N, int64_t K, int nt, const int64_t* ln, float eps, int act) {
+               int64_t N, int64_t K, int nt, const int64_t* ln, float eps, int act, int u8ok) {
     return linear_run(x, xdt, M, K, (const void*)l[QK_LIN_WEIGHT], (int)l[QK_LIN_DTYPE], (const float*)l[QK_LIN_SCALE],
                       (const void*)l[QK_LIN_BIAS], (int)l[QK_LIN_BIAS_DTYPE], res, y, ydt, N, N, K, nt,
                       ln ? (const void*)ln[QK_NORM_WEIGHT] : NULL, ln ? (const void*)ln[QK_NORM_BIAS] : NULL,
-                      ln ? (int)ln[QK_NORM_DTYPE] : 0, eps, act);
+                      ln ? (int)ln[QK_NORM_DTYPE] : 0, eps, act, u8ok);
 }
 
 /* Per-part wall time of decode steps (ns), summed while QUILL_PROFILE=1: embed, qkv, attention, attention
@@ -1677,15 +1758,15 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
     int rc = 0;
     for (int64_t i = 0; i < L && !rc; i++) {
         const int64_t* l = plan + QK_PLAN_HEADER + i * QK_PLAN_LAYER;
-        PROF(1, rc |= lin(x, adt, B, l + QK_LAYER_QKV, NULL, qkv, adt, 3 * C, C, nt, l + QK_LAYER_LN_1, eps, ACT_NONE));
+        PROF(1, rc |= lin(x, adt, B, l + QK_LAYER_QKV, NULL, qkv, adt, 3 * C, C, nt, l + QK_LAYER_LN_1, eps, ACT_NONE, 1));
         PROF(2, rc |= attn_run(qkv, adt, B, H, C / H, 3 * C, kbase + i * layer_stride * csz,
                                vbase + i * layer_stride * csz, cdt, sb, sh, sl, pos, pos0, f32_bits(l[QK_LAYER_ATTN_SCALE]), att, C, nt));
-        PROF(3, rc |= lin(att, adt, B, l + QK_LAYER_ATTN_PROJ, x, x, adt, C, C, nt, NULL, eps, ACT_NONE));
-        PROF(4, rc |= lin(x, adt, B, l + QK_LAYER_FC, NULL, hidden, adt, I, C, nt, l + QK_LAYER_LN_2, eps, act));
-        PROF(5, rc |= lin(hidden, adt, B, l + QK_LAYER_MLP_PROJ, x, x, adt, C, I, nt, NULL, eps, ACT_NONE));
+        PROF(3, rc |= lin(att, adt, B, l + QK_LAYER_ATTN_PROJ, x, x, adt, C, C, nt, NULL, eps, ACT_NONE, 1));
+        PROF(4, rc |= lin(x, adt, B, l + QK_LAYER_FC, NULL, hidden, adt, I, C, nt, l + QK_LAYER_LN_2, eps, act, 1));
+        PROF(5, rc |= lin(hidden, adt, B, l + QK_LAYER_MLP_PROJ, x, x, adt, C, I, nt, NULL, eps, ACT_NONE, 1));
     }
     if (!rc) PROF(6, rc = lin(x, adt, B, plan + QK_PLAN_LM_HEAD, NULL, logits, logits_dt, V, C, nt,
-                                   plan + QK_PLAN_LN_F, eps, ACT_NONE));
+                                   plan + QK_PLAN_LN_F, eps, ACT_NONE, 0));
     return rc;
 }
 

@@ -69,7 +69,7 @@ def _switched_off(name: str) -> bool:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C entry points' signatures on a freshly loaded library."""
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C]
+    lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C, C]
     lib.quill_linear.restype = C
     lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, P, C, I, I, I, C, C]
     lib.quill_gemm_i8.restype = C
@@ -192,13 +192,15 @@ def observed() -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
            residual: Tensor | None = None, out: Tensor | None = None, ln: nn.LayerNorm | None = None,
-           act: str | None = None) -> Tensor:
+           act: str | None = None, u8: bool = True) -> Tensor:
     """`(residual +) (ln(x) @ weight.T) * scale + bias` for x [M, K] (last dim contiguous).
 
     weight: [N, K] contiguous float32/bfloat16/float16/int8; scale: float32 [N] (int8 weights) or None;
     ln: an optional LayerNorm applied to each row of x first (in fp32, fused); the result has x's dtype.
     `out` and `residual` are [M, N] with a contiguous last dim and may be the same tensor (an in-place
-    residual add).
+    residual add). int8 weights meet each row rounded to int16 (one scale a row), or where `u8` and the
+    variant has VNNI (`has_gemm_u8i8`; not with QUILL_INT8_U8=0) to u8 (a scale and a zero point a row: twice
+    the products an instruction); either way a row's result does not depend on the rows beside it.
     """
     lib = _lib if _lib is not None else _load()
     M, K = x.shape
@@ -212,7 +214,7 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
         None if residual is None else residual.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0),
         N, K, torch.get_num_threads(),
         None if ln is None else ln.weight.data_ptr(), None if ln is None or ln.bias is None else ln.bias.data_ptr(),
-        0 if ln is None else DTYPE_CODES[ln.weight.dtype], 0.0 if ln is None else ln.eps, ACTIVATIONS[act])
+        0 if ln is None else DTYPE_CODES[ln.weight.dtype], 0.0 if ln is None else ln.eps, ACTIVATIONS[act], int(u8))
     if rc:
         raise MemoryError("quill_linear: out of memory")
     return out
@@ -368,9 +370,11 @@ def rows(x: Tensor) -> int:
 
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
             others: dict[str, Callable[[Tensor, str | None, Tensor | None], Tensor]] | None = None,
-            inexact: Collection[str] = (), act: str | None = None, residual: Tensor | None = None) -> Tensor | None:
+            inexact: Collection[str] = (), act: str | None = None, residual: Tensor | None = None,
+            u8: bool = True) -> Tensor | None:
     """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it;
-    `act` and `residual` ([..., N]) as there, and passed on to `others` (called as f(x, act, residual)).
+    `act`, `residual` ([..., N]) and `u8` as there; `act` and `residual` are passed on to `others` (called as
+    f(x, act, residual)).
 
     They serve CPU inference inputs with a float activation dtype and a contiguous weight of a known dtype; the
     caller falls back to its torch path otherwise (GPU, autograd, tracing). One row always runs here (reading
@@ -390,7 +394,7 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         return linear(x2, weight, bias, scale, residual=_residual_rows(residual, x, weight.shape[0]),
-                      act=act).view(*x.shape[:-1], weight.shape[0])
+                      act=act, u8=u8).view(*x.shape[:-1], weight.shape[0])
 
     if m > 1 and others:
         candidates = {"quill": own, **{name: functools.partial(f, x, act, residual) for name, f in others.items()}}
