@@ -80,14 +80,6 @@ def _fbgemm_competes() -> bool:
     return os.environ.get("QUILL_INT8_GEMM", "") == "1"
 
 
-def _u8_rows(in_features: int) -> bool:
-    """Whether int8 products round rows to u8 (the row kernel's and Quill's u8 x int8 GEMM's way): where the
-    kernels have it (AVX-512 VNNI), K fits the exact sums, and QUILL_INT8_U8 is not 0 (which keeps every int8
-    product on int16 activations). kernels.linear decides the same in C."""
-    return (in_features <= kernels.U8_MAX_K and os.environ.get("QUILL_INT8_U8", "") != "0" and kernels.available()
-            and kernels.has_gemm_u8i8())
-
-
 def _prepack(weight: Tensor, scale: Tensor, bias: Tensor | None) -> object:
     """fbgemm's packed form of an int8 [out, in] weight with per-output-channel scales (zero point 0)."""
     with warnings.catch_warnings():  # torch marks quantized tensors deprecated; fbgemm's GEMM still takes them
@@ -141,7 +133,7 @@ class Int8Linear(nn.Module):
         w, s, b = self.kernel_args()
         gemm = _int8_gemm_serves(x)
         # on u8 rows the kernel and the u8 GEMM give the same bits, and the int16 paths would round otherwise
-        u8 = self.u8_inputs and _u8_rows(self.in_features)
+        u8 = self.u8_inputs and kernels.available() and kernels.u8_rows(self.in_features)
         others = {"u8gemm": self._u8_gemm} if u8 else {"i8gemm": self._panel_gemm, "torch": self._dequantized_forward}
         if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm

@@ -88,19 +88,14 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
-def rows_on_u8() -> bool:
-    """Whether `kernels.linear` rounds the rows it multiplies with int8 weights to u8 (AVX-512 VNNI variants,
-    unless QUILL_INT8_U8=0), not int16."""
-    return kernels.has_gemm_u8i8() and os.environ.get("QUILL_INT8_U8", "") != "0"
-
-
 def emulated_avx512() -> Variant:
     """The AVX-512 BF16 variant's code on an AVX2 CPU: the intrinsics emulated in C (tests/avx512_emulated.h)."""
     header = ROOT / "tests" / "avx512_emulated.h"
     digest = hashlib.sha256(header.read_bytes()).hexdigest()[:16]  # a changed header builds afresh
     return Variant("avx512-emulated", AVX2.needs,
-                   (*AVX2.cflags, "-DQUILL_AVX512=1", "-DQUILL_AVX512_BF16=1", f"-DQUILL_EMULATED={digest}", "-include", str(header),
-                    "-Wno-psabi"), "the AVX-512 BF16 variant with emulated intrinsics (tests only)")
+                   (*AVX2.cflags, "-DQUILL_AVX512=1", "-DQUILL_AVX512_BF16=1", f"-DQUILL_EMULATED={digest}",
+                    "-include", str(header), "-Wno-psabi"),
+                   "the AVX-512 BF16 variant with emulated intrinsics (tests only)")
 
 
 @pytest.fixture(params=[*sorted(VARIANTS), "avx512-emulated"])

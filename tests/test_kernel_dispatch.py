@@ -14,8 +14,6 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import rows_on_u8
-
 from quill import kernels
 from quill.errors import InvalidParameter
 from quill.kernels import build, tune
@@ -211,7 +209,7 @@ def test_tuned_paths_agree_with_the_torch_path(tuning):
     int8 = [k for k in choices if k.startswith("linear w=int8")]
     assert sorted(k.split()[4] for k in int8) == ["rows<=128", "rows<=32"]
     # on u8 rows (AVX-512 VNNI) the u8 GEMM is the kernel's one rival (the same bits); elsewhere the int16 paths
-    rivals = {"[quill,u8gemm]"} if rows_on_u8() else {"[quill,i8gemm,torch]"}
+    rivals = {"[quill,u8gemm]"} if kernels.u8_rows(96) else {"[quill,i8gemm,torch]"}
     assert {k.split()[-1] for k in int8} == rivals
     assert all(choices[k] in ("quill", "torch", "onednn", "bf16gemm", "fbgemm", "i8gemm", "u8gemm") for k in prefill + int8)
 
@@ -254,7 +252,7 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 40))
     x = torch.randn(20, 64)
     tuning.parent.mkdir(parents=True, exist_ok=True)
-    rivals = "[quill,u8gemm]" if rows_on_u8() else "[quill,i8gemm,torch]"
+    rivals = "[quill,u8gemm]" if kernels.u8_rows(64) else "[quill,i8gemm,torch]"
     key = f"linear w=int8 x=float32 40x64 rows<=32 {rivals}"  # the key 20 rows look up
     bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name), "choices": {key: "no-such-path"}}
     if damage == "corrupt":

@@ -20,8 +20,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from conftest import rows_on_u8
-
 import quill
 from quill import kernels
 from quill.cli import main as cli_main
@@ -92,7 +90,7 @@ def test_int8_logits_close_to_fp32_and_kernels_match_torch(dtype):
         full = model(x)
         assert full.dtype == dtype
         # weights on 8 bits, and on AVX-512 VNNI the activations too (u8 rows: one more rounding of that size)
-        assert rel_err(ref, full) <= ((4e-2 if rows_on_u8() else 3e-2) if dtype == torch.float32 else 6e-2)
+        assert rel_err(ref, full) <= ((4e-2 if kernels.u8_rows(TINY.n_embd) else 3e-2) if dtype == torch.float32 else 6e-2)
         # a decode step on the kernels equals the same step through the dequantised torch path
         steps = []
         for use in (False, True):
@@ -103,7 +101,7 @@ def test_int8_logits_close_to_fp32_and_kernels_match_torch(dtype):
         # the int8 kernels (decode steps, and short prefills such as `full`) round activations per row to int16
         # (a relative step of 2^-15 ~ 3e-5 per projection, a few projections deep) or on AVX-512 VNNI to u8 (the
         # head excepted: a step of 1/255 of the row's range)
-        tol = (2e-2 if rows_on_u8() else 2e-4) if dtype == torch.float32 else 5e-2
+        tol = (2e-2 if kernels.u8_rows(TINY.n_embd) else 2e-4) if dtype == torch.float32 else 5e-2
         assert rel_err(steps[0], steps[1]) <= tol
         assert rel_err(full[:, 11:], steps[0]) <= tol
 
@@ -137,7 +135,7 @@ def test_long_inputs_use_the_int8_gemm_and_follow_weight_changes(monkeypatch):
     # them fbgemm's, activations quantised per tensor to 7-bit unsigned (reduce_range): error ~ (max-min) / 254
     # per element.
     own = kernels.available()
-    u8 = own and rows_on_u8()
+    u8 = own and kernels.u8_rows(96)
     tol = 1e-2 if u8 else 1e-4 if own else 3e-2
     with torch.inference_mode():
         exact = F.linear(x, layer.dequantized(torch.float32), layer.bias)

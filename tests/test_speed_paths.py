@@ -23,8 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import rows_on_u8
-
 from quill import generate, kernels
 from quill.kernels import build, plan
 from quill.kernels.cpu import AVX2
@@ -212,7 +210,7 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
             # int8 weights meet activations rounded per row, to int16 (step max|x|/32767: half a step at most)
             # or, on AVX-512 VNNI, to u8 (step (max(x, 0) - min(x, 0)) / 255: a step at most, the top level
             # clamped): each output may move by that times the row's absolute weight sum, plus fp32 noise.
-            if rows_on_u8():
+            if kernels.u8_rows(k):
                 step_err = u8_rows(x)[1].float() * dense.abs().sum(1)[None]
             else:
                 step_err = x.abs().amax(1, keepdim=True) / 65534 * dense.abs().sum(1)[None]
@@ -405,7 +403,7 @@ def test_int8_rows_on_u8_are_exact_and_independent_of_the_batch(kernel_isa, xdty
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         scale, bias = torch.rand(n) * 0.01, torch.randn(n).to(xdtype)
         out = kernels.linear(x, w, bias, scale)
-        if not rows_on_u8():
+        if not kernels.u8_rows(k):
             assert torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))
             continue
         assert_exact_int8_product(out, x, w, scale, bias, u8_rows)

@@ -939,6 +939,22 @@ static void quantize_i16(const float* r, int64_t K, int16_t* q, float* scale) {
 static int int8_float = -1;  /* QUILL_INT8_FLOAT=1: int8 weights against fp32 activations (slower path) */
 static int int8_u8 = -1;     /* QUILL_INT8_U8=0: int8 weights against int16 activations in the AVX-512 builds too */
 static int task_bytes = -1;  /* QUILL_TASK_BYTES: weight bytes per pool task */
+static void read_switches(void) {  /* the environment's switches above, read once */
+    if (int8_float < 0) { const char* e = getenv("QUILL_INT8_FLOAT"); int8_float = e && atoi(e); }
+    if (int8_u8 < 0) { const char* e = getenv("QUILL_INT8_U8"); int8_u8 = !(e && strcmp(e, "0") == 0); }
+    if (task_bytes < 0) { const char* e = getenv("QUILL_TASK_BYTES"); task_bytes = e ? atoi(e) : 32768; }
+}
+
+/* Whether rows of K columns that meet int8 weights are rounded to u8 (rows_u8) where the caller allows it: the
+   AVX-512 VNNI builds, unless QUILL_INT8_U8=0 or QUILL_INT8_FLOAT=1, for K within the exact integer sums. */
+static int rows_u8_serve(int64_t K) {
+#ifdef QUILL_AVX512
+    return int8_u8 && !int8_float && K <= QK_U8_MAX_K;
+#else
+    (void)K;
+    return 0;
+#endif
+}
 
 static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const float* scale,
                       const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
@@ -948,14 +964,8 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or u8 rows [M, K],
        their scales [M] and zero points [M], or (bf16 weights on AVX-512 BF16, bf16 activations or two rows and
        more) bf16 rows [M, K] */
-    if (int8_float < 0) { const char* e = getenv("QUILL_INT8_FLOAT"); int8_float = e && atoi(e); }
-    if (int8_u8 < 0) { const char* e = getenv("QUILL_INT8_U8"); int8_u8 = !(e && strcmp(e, "0") == 0); }
-#ifdef QUILL_AVX512
-    const int u8 = u8ok && int8_u8 && wdt == I8 && !int8_float && K <= QK_U8_MAX_K;
-#else
-    const int u8 = 0;
-    (void)u8ok;
-#endif
+    read_switches();
+    const int u8 = u8ok && wdt == I8 && rows_u8_serve(K);
     const int bf16dp = HAVE_BF16DP && wdt == BF16 && (xdt == BF16 || M >= 2);
     const int64_t extra = u8 ? (M * K + 3) / 4 + 2 * M : wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0;
     float* buf = scratch(M * K + extra);
@@ -984,7 +994,6 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
         to_bf16(xf, M * K, xb);
     }
 #endif
-    if (task_bytes < 0) { const char* e = getenv("QUILL_TASK_BYTES"); task_bytes = e ? atoi(e) : 32768; }
     const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
     /* whole register blocks per task: 4 rows (int8, and float at batch 1 where any count serves); 12 for
@@ -1010,6 +1019,13 @@ int quill_linear(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, 
                  int u8ok) {
     return linear_run(x, xdt, M, ldx, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, K, nthreads,
                       lnw, lnb, lndt, eps, act, u8ok);
+}
+
+/* Whether quill_linear with u8ok rounds rows of K columns that meet int8 weights to u8: the one answer Python's
+   choice of paths follows (quill.kernels.u8_rows). */
+int quill_rows_u8(int64_t K) {
+    read_switches();
+    return rows_u8_serve(K);
 }
 
 /* ---- int8 weights against many activation rows (prefill): a register-blocked GEMM ------------------------

@@ -9,9 +9,9 @@ here read each weight row once, convert it to fp32 in registers (bf16/fp16/int8 
 in fp32, so one decode step runs at the memory bound for every weight format.
 
 They are plain C in quill/csrc (no torch headers: builds in about a second), compiled on first use with the
-system C compiler into the user cache, once per CPU variant (quill.kernels.cpu: AVX2+FMA, AVX-512 with VNNI, and
-with VNNI and BF16; `QUILL_ISA` overrides the choice), and called through ctypes on tensors' data pointers. This package is the
-loader and the Python API; quill.kernels.plan describes a model to the fused decode step. Threads come from a
+system C compiler into the user cache, once per CPU variant (quill.kernels.cpu: AVX2+FMA, AVX-512 with VNNI,
+and with VNNI and BF16; `QUILL_ISA` overrides the choice), and called through ctypes on tensors' data pointers.
+This package is the loader and the Python API; quill.kernels.plan describes a model to the fused decode step. Threads come from a
 small pool of their own (`torch.get_num_threads()` threads, the caller included) without OpenMP's
 barriers, which on a busy shared machine stall for a scheduler tick whenever a helper thread is
 descheduled. Anything unsupported (no compiler, not x86-64/AVX2, `QUILL_KERNELS=0`) leaves
@@ -71,6 +71,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
     lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C, C]
     lib.quill_linear.restype = C
+    lib.quill_rows_u8.argtypes = [I]
+    lib.quill_rows_u8.restype = C
     lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, P, C, I, I, I, C, C]
     lib.quill_gemm_i8.restype = C
     lib.quill_gemm_bf16.argtypes = [P, C, I, I, P, P, C, P, P, C, I, I, I, C, C]
@@ -198,9 +200,9 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
     weight: [N, K] contiguous float32/bfloat16/float16/int8; scale: float32 [N] (int8 weights) or None;
     ln: an optional LayerNorm applied to each row of x first (in fp32, fused); the result has x's dtype.
     `out` and `residual` are [M, N] with a contiguous last dim and may be the same tensor (an in-place
-    residual add). int8 weights meet each row rounded to int16 (one scale a row), or where `u8` and the
-    variant has VNNI (`has_gemm_u8i8`; not with QUILL_INT8_U8=0) to u8 (a scale and a zero point a row: twice
-    the products an instruction); either way a row's result does not depend on the rows beside it.
+    residual add). int8 weights meet each row rounded to int16 (one scale a row), or where `u8` asks and
+    `u8_rows(K)` says so to u8 (a scale and a zero point a row: twice the products an instruction); either way
+    a row's result does not depend on the rows beside it.
     """
     lib = _lib if _lib is not None else _load()
     M, K = x.shape
@@ -342,6 +344,13 @@ def gemm_bf16(x: Tensor, packed: Tensor, bias: Tensor | None, n: int, act: str |
     as `pack_bf16(W)` packed it: activations rounded to bf16 once, sums and output in fp32 (as the row kernels'
     vdpbf16ps path; docs/performance.md). Only where `has_gemm_bf16()`."""
     return _gemm("quill_gemm_bf16", x, (packed.data_ptr(),), bias, n, act, residual, "bf16 GEMM")
+
+
+def u8_rows(k: int) -> bool:
+    """Whether `linear` (with `u8`) rounds rows of k columns that meet int8 weights to u8: the loaded variant has
+    VNNI, QUILL_INT8_U8 is not 0, QUILL_INT8_FLOAT is not 1 and k fits the exact sums. The kernels' own answer."""
+    lib = _lib if _lib is not None else _load()
+    return lib is not None and bool(lib.quill_rows_u8(k))
 
 
 def has_gemm_u8i8() -> bool:
