@@ -3,7 +3,8 @@
 Each variant is the same C sources compiled with its own `-m` flags and macro (quill/csrc). The flags come from
 /proc/cpuinfo's `flags` line (Linux names: `avx512_vnni`, `avx512_bf16`); the kernel only lists a flag there
 when it also saves the registers it needs (XSAVE state), so a listed flag is usable.
-`QUILL_ISA=avx2|avx512|avx512bf16|auto` overrides the choice; asking for a variant the CPU cannot run is an error, never a crash in the kernels.
+`QUILL_ISA=avx2|avx512|avx512bf16|auto` overrides the choice; asking for a variant the CPU cannot run is an
+error, never a crash in the kernels.
 """
 
 from __future__ import annotations
@@ -84,9 +85,9 @@ def this_cpu() -> CPU:
 
 
 def choose_variant(cpu: CPU, requested: str | None = None) -> Variant | None:
-    """The variant to load for `cpu`: `requested` (avx2, avx512, avx512bf16, auto; default $QUILL_ISA, else auto), or None
-    when the CPU runs none of them (no AVX2: the torch path serves). Raises InvalidParameter for an unknown
-    name or a variant the CPU lacks a flag for."""
+    """The variant to load for `cpu`: `requested` (avx2, avx512, avx512bf16, auto; default $QUILL_ISA, else
+    auto), or None when the CPU runs none of them (no AVX2: the torch path serves). Raises InvalidParameter for
+    an unknown name or a variant the CPU lacks a flag for."""
     name = (requested if requested is not None else os.environ.get("QUILL_ISA", "auto")).strip().lower() or "auto"
     if name == "auto":
         return next((v for v in VARIANTS.values() if not cpu.missing(v)), None)

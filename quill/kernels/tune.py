@@ -6,8 +6,9 @@ for int8 weights, fbgemm's int8 GEMM; a batched decode step can also run as two 
 first use of a shape class times each candidate briefly (one warm-up call, then the best of a few) and keeps
 the fastest, where a candidate that rounds more than the others (fbgemm's) must beat the exact ones by
 INEXACT_MARGIN, and what a losing candidate made for itself while it was timed (a weight packed into its
-GEMM's layout) is released, so only the paths that serve keep copies; the choices live in a JSON file in the user cache named for the machine (CPU model, kernel variant,
-kernel sources, torch version, thread count), so later loads do not pay for it. A file that does not parse or
+GEMM's layout) is released, so only the paths that serve keep copies; the choices live in a JSON file in the
+user cache named for the machine (CPU model, kernel variant, kernel sources, torch version, thread count), so
+later loads do not pay for it. A file that does not parse or
 was written for another machine is ignored and rewritten. `QUILL_TUNE=0` turns timing off: the fixed default
 (Quill's kernels up to DEFAULT_ROWS rows, the GEMM beyond; decode in calls of at most DEFAULT_ROWS rows) serves,
 as tests need for deterministic paths.
