@@ -238,9 +238,10 @@ def assert_exact_int8_product(out, x, w, scale, bias, rounded_rows) -> float:
 
 
 def int16_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x's rows rounded to int16 as quantize_i16 does (fp32 scale max|x|/32767, multiply by its fp32 inverse,
-    round half to even): (the integers, the scales), in float64 for an exact reference."""
-    scale = x.abs().amax(1, keepdim=True) / 32767
+    """x's rows rounded to int16 as quantize_i16 does (fp32 scale max|x|/32767, 1 for a zero row, multiply by
+    its fp32 inverse, round half to even): (the integers, the scales), in float64 for an exact reference."""
+    top = x.abs().amax(1, keepdim=True)
+    scale = torch.where(top > 0, top / 32767, torch.ones_like(top))
     return torch.round(x * (1 / scale)).double(), scale.double()
 
 
@@ -387,14 +388,14 @@ def test_int8_kernels_give_the_same_bits_in_every_variant(kernel_isa, monkeypatc
 
 @needs_kernels
 @pytest.mark.parametrize("xdtype", [torch.float32, torch.bfloat16])
-def test_int8_rows_on_u8_are_exact_and_independent_of_the_batch(kernel_isa, xdtype):
-    """The row kernel's u8 path (AVX-512 VNNI vpdpbusd; decode steps and up to 32 rows) against float64
-    products of the u8-rounded rows with the int8 weights: exact integer sums with the zero point taken off,
-    one fp32 rounding, so each row gets the same bits alone as in any batch (1 to 33 rows: the 4-, 2- and 1-row
-    blocks, K and N tails, one-signed and zero rows) and as in the u8 GEMM. AVX2 has no such path: u8 asked
-    gives its int16 rows."""
+def test_int8_rows_are_exact_and_independent_of_the_batch(kernel_isa, xdtype):
+    """The row kernel (decode steps and up to 32 rows) against float64 products of the rounded rows with the
+    int8 weights - int16 rows (vpmaddwd; AVX2's 4 x 3 and 2 x 4 blocks) or, on AVX-512 VNNI, u8 rows (vpdpbusd,
+    the zero point taken off): exact integer sums, one fp32 rounding per column block, so each row gets the same
+    bits alone as in any batch (1 to 33 rows: every register block and its remainders, K and N tails,
+    one-signed and zero rows); u8 rows also the same bits as the u8 GEMM."""
     torch.manual_seed(0)
-    for m, k, n in [(33, 3000, 37), (7, 29, 5), (16, 768, 64)]:
+    for m, k, n in [(33, 3000, 37), (7, 29, 5), (16, 768, 64), (6, 100, 38)]:
         x = torch.randn(m, k)
         x[0] = x[0].abs() + 0.5
         x[1] = -x[1].abs()
@@ -403,12 +404,12 @@ def test_int8_rows_on_u8_are_exact_and_independent_of_the_batch(kernel_isa, xdty
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         scale, bias = torch.rand(n) * 0.01, torch.randn(n).to(xdtype)
         out = kernels.linear(x, w, bias, scale)
-        if not kernels.u8_rows(k):
-            assert torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))
-            continue
-        assert_exact_int8_product(out, x, w, scale, bias, u8_rows)
+        assert_exact_int8_product(out, x, w, scale, bias, u8_rows if kernels.u8_rows(k) else int16_rows)
         alone = torch.cat([kernels.linear(x[i:i + 1], w, bias, scale) for i in range(m)])
         assert torch.equal(alone, out)
+        if not kernels.u8_rows(k):  # AVX2 has no u8 path: u8 asked gives its int16 rows
+            assert torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))
+            continue
         # the same integers and epilogue as the prefill's u8 GEMM: decoded and prefilled rows agree bit for bit
         assert torch.equal(out, kernels.gemm_u8i8(x, kernels.pack_u8i8(w), scale, bias, n))
         assert not torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))  # the int16 path is another

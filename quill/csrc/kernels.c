@@ -370,6 +370,11 @@ DEFINE_ROWS(i8, int8_t, VLOAD_I8, SLOAD_I8)
    AVX-512 builds give the same bits. xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined into
    linear_task, GCC's code for it runs batched int8 markedly slower (docs/performance.md). */
 #define I8Q_BLOCK 2048
+#ifdef QUILL_AVX512
+#define I8_ROWS_AVX512 1
+#else
+#define I8_ROWS_AVX512 0
+#endif
 #define I8Q_STEP 32
 static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0,
                           int64_t n1, float* acc, int64_t ldacc) {
@@ -598,6 +603,55 @@ __attribute__((noinline)) static void rows_u8(const uint8_t* xu, const int32_t* 
 }
 
 #else
+/* Four activation rows against weight rows [n0, n1), columns [kb, ke): blocks of 4 rows x 3 weight rows, 12
+   accumulators, each widened weight vector meeting four rows whose vectors vpmaddwd reads from L1 (on Zen 3
+   1.5-1.8x the products a second of 2 x 4 blocks, whose four weight widenings a step cost as much as the
+   multiplies); weight rows past the last multiple of 3 one at a time. */
+static void rows_i8q_4x3(const int16_t* x, int64_t ldq, float* r, int64_t ldacc, const int8_t* W, int64_t K,
+                         int64_t n0, int64_t n1, int64_t kb, int64_t ke) {
+    const int16_t *x0 = x, *x1 = x + ldq, *x2 = x1 + ldq, *x3 = x2 + ldq;
+    int64_t n = n0;
+    for (; n + 3 <= n1; n += 3) {
+        const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0, c0 = a0, c1 = a0, c2 = a0,
+                d0 = a0, d1 = a0, d2 = a0;
+        for (int64_t k = kb; k < ke; k += 16) {
+            if (PF && (k & 63) == 0) {
+                _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
+                _mm_prefetch((const char*)(w2 + PF * K + k), PFH);
+            }
+            const __m256i u0 = ld_i8x16(w0 + k), u1 = ld_i8x16(w1 + k), u2 = ld_i8x16(w2 + k);
+#define I8Q_ROW(p0, p1, p2, xr)                                                                                   \
+            do {                                                                                              \
+                const __m256i v_ = _mm256_loadu_si256((const __m256i*)((xr) + k));                            \
+                p0 = _mm256_add_epi32(p0, _mm256_madd_epi16(v_, u0));                                         \
+                p1 = _mm256_add_epi32(p1, _mm256_madd_epi16(v_, u1));                                         \
+                p2 = _mm256_add_epi32(p2, _mm256_madd_epi16(v_, u2));                                         \
+            } while (0)
+            I8Q_ROW(a0, a1, a2, x0); I8Q_ROW(b0, b1, b2, x1); I8Q_ROW(c0, c1, c2, x2); I8Q_ROW(d0, d1, d2, x3);
+#undef I8Q_ROW
+            __asm__("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(b0), "+x"(b1), "+x"(b2), "+x"(c0), "+x"(c1), "+x"(c2),
+                    "+x"(d0), "+x"(d1), "+x"(d2));
+        }
+        float s[12] = {0};
+        hsum4_i(a0, a1, a2, b0, s); hsum4_i(b1, b2, c0, c1, s + 4); hsum4_i(c2, d0, d1, d2, s + 8);
+        for (int i = 0; i < 12; i++) r[i / 3 * ldacc + n - n0 + i % 3] += s[i];
+    }
+    for (; n < n1; n++) {
+        const int8_t* w0 = W + n * K;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0;
+        for (int64_t k = kb; k < ke; k += 16) {
+            const __m256i u = ld_i8x16(w0 + k);
+            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), u));
+            a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x1 + k)), u));
+            a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x2 + k)), u));
+            a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x3 + k)), u));
+        }
+        float s[4] = {0};
+        hsum4_i(a0, a1, a2, a3, s);
+        for (int i = 0; i < 4; i++) r[i * ldacc + n - n0] += s[i];
+    }
+}
 __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0, int64_t n1,
                      float* acc, int64_t ldacc) {
     const int64_t KV = K & ~(int64_t)(I8Q_STEP - 1);
@@ -605,7 +659,9 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
         for (int64_t n = n0; n < n1; n++) acc[m * ldacc + n - n0] = 0.f;
     for (int64_t kb = 0; kb < KV; kb += I8Q_BLOCK) {
         const int64_t ke = kb + I8Q_BLOCK < KV ? kb + I8Q_BLOCK : KV;
-        for (int64_t m = 0; m < M; m += 2) {
+        int64_t m = 0;
+        for (; m + 4 <= M; m += 4) rows_i8q_4x3(xq + m * ldq, ldq, acc + m * ldacc, ldacc, W, K, n0, n1, kb, ke);
+        for (; m < M; m += 2) {
             const int16_t* x0 = xq + m * ldq;
             float* r0 = acc + m * ldacc;
             int64_t n = n0;
@@ -996,10 +1052,10 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
 #endif
     const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
-    /* whole register blocks per task: 4 rows (int8, and float at batch 1 where any count serves); 12 for
-       float weights against 4+ rows (rows4's 3-row blocks: 4 rows a task would send every fourth row of the
-       K=3072 projection through the slow 1-row remainder loop) */
-    const int64_t unit = wdt != I8 && M >= 4 ? 12 : 4;
+    /* whole register blocks per task: 4 rows (int8 on AVX-512, and any weights at batch 1 where any count
+       serves); 12 against 4+ rows for float weights and AVX2's int8 (rows4's and rows_i8q_4x3's 3-row blocks:
+       4 rows a task would send every fourth row of the K=3072 projection through the slow 1-row loop) */
+    const int64_t unit = M >= 4 && (wdt != I8 || !I8_ROWS_AVX512) ? 12 : 4;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
     struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xu, zp, xb};
