@@ -412,10 +412,36 @@ static inline void hsum4_i(__m256i a0, __m256i a1, __m256i a2, __m256i a3, float
     r[0] += (float)l[0]; r[1] += (float)l[1]; r[2] += (float)l[2]; r[3] += (float)l[3];
 }
 /* One activation row x0 against weight rows [n0, n1), columns [kb, ke), in 256-bit vectors in both variants:
-   from memory, one row streams faster this way on Zen 4 than with 512-bit vpdpwssd (docs/performance.md) */
+   from memory, one row streams faster this way on Zen 4 than with 512-bit vpdpwssd (docs/performance.md).
+   Groups of four weight rows, each group's rows side by side or (AVX2, rows under 2 KB) one after another:
+   four interleaved streams of 768 bytes are too short for Zen 3's hardware prefetcher, one stream is not. */
+#ifdef QUILL_AVX512
+#define I8Q_ONE_SEQUENTIAL(K) 0
+#else
+#define I8Q_ONE_SEQUENTIAL(K) ((K) < 2048)
+#endif
 static void rows_i8q_one(const int16_t* x0, float* r0, const int8_t* W, int64_t K, int64_t n0, int64_t n1,
                          int64_t kb, int64_t ke) {
     int64_t n = n0;
+    if (I8Q_ONE_SEQUENTIAL(K))
+        for (; n + 4 <= n1; n += 4) {
+            __m256i a[4];
+            for (int i = 0; i < 4; i++) {
+                const int8_t* w0 = W + (n + i) * K;
+                __m256i p = _mm256_setzero_si256(), q = p;
+                int64_t k = kb;
+                for (; k + 32 <= ke; k += 32) {
+                    if (PF && (k & 63) == 0) _mm_prefetch((const char*)(w0 + PF * K + k), PFH);
+                    p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), ld_i8x16(w0 + k)));
+                    q = _mm256_add_epi32(q, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k + 16)),
+                                                              ld_i8x16(w0 + k + 16)));
+                }
+                for (; k < ke; k += 16)
+                    p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), ld_i8x16(w0 + k)));
+                a[i] = _mm256_add_epi32(p, q);
+            }
+            hsum4_i(a[0], a[1], a[2], a[3], r0 + n - n0);
+        }
     for (; n + 4 <= n1; n += 4) {
         const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
         __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, a3 = a0, b0 = a0, b1 = a0, b2 = a0, b3 = a0;
@@ -604,9 +630,8 @@ __attribute__((noinline)) static void rows_u8(const uint8_t* xu, const int32_t* 
 
 #else
 /* Four activation rows against weight rows [n0, n1), columns [kb, ke): blocks of 4 rows x 3 weight rows, 12
-   accumulators, each widened weight vector meeting four rows whose vectors vpmaddwd reads from L1 (on Zen 3
-   1.5-1.8x the products a second of 2 x 4 blocks, whose four weight widenings a step cost as much as the
-   multiplies); weight rows past the last multiple of 3 one at a time. */
+   accumulators, each widened weight vector meeting four rows whose vectors vpmaddwd reads from L1 (2 x 4
+   blocks widen a weight vector per two products); weight rows past the last multiple of 3 one at a time. */
 static void rows_i8q_4x3(const int16_t* x, int64_t ldq, float* r, int64_t ldacc, const int8_t* W, int64_t K,
                          int64_t n0, int64_t n1, int64_t kb, int64_t ke) {
     const int16_t *x0 = x, *x1 = x + ldq, *x2 = x1 + ldq, *x3 = x2 + ldq;
