@@ -370,11 +370,6 @@ DEFINE_ROWS(i8, int8_t, VLOAD_I8, SLOAD_I8)
    AVX-512 builds give the same bits. xq: [M, ldq] int16; results unscaled into acc. Not inlined: inlined into
    linear_task, GCC's code for it runs batched int8 markedly slower (docs/performance.md). */
 #define I8Q_BLOCK 2048
-#ifdef QUILL_AVX512
-#define I8_ROWS_AVX512 1
-#else
-#define I8_ROWS_AVX512 0
-#endif
 #define I8Q_STEP 32
 static void rows_i8q_tail(const int16_t* xq, int64_t M, int64_t K, int64_t ldq, const int8_t* W, int64_t n0,
                           int64_t n1, float* acc, int64_t ldacc) {
@@ -420,27 +415,27 @@ static inline void hsum4_i(__m256i a0, __m256i a1, __m256i a2, __m256i a3, float
 #else
 #define I8Q_ONE_SEQUENTIAL(K) ((K) < 2048)
 #endif
+/* One weight row w0 against one activation row x0, columns [kb, ke): the lanes' int32 sums (exact) */
+static inline __m256i dot_i8q(const int16_t* x0, const int8_t* w0, int64_t K, int64_t kb, int64_t ke) {
+    __m256i p = _mm256_setzero_si256(), q = p;
+    int64_t k = kb;
+    for (; k + 32 <= ke; k += 32) {
+        if (PF && (k & 63) == 0) _mm_prefetch((const char*)(w0 + PF * K + k), PFH);
+        p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), ld_i8x16(w0 + k)));
+        q = _mm256_add_epi32(q, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k + 16)), ld_i8x16(w0 + k + 16)));
+    }
+    for (; k < ke; k += 16)
+        p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), ld_i8x16(w0 + k)));
+    return _mm256_add_epi32(p, q);
+}
 static void rows_i8q_one(const int16_t* x0, float* r0, const int8_t* W, int64_t K, int64_t n0, int64_t n1,
                          int64_t kb, int64_t ke) {
     int64_t n = n0;
     if (I8Q_ONE_SEQUENTIAL(K))
-        for (; n + 4 <= n1; n += 4) {
-            __m256i a[4];
-            for (int i = 0; i < 4; i++) {
-                const int8_t* w0 = W + (n + i) * K;
-                __m256i p = _mm256_setzero_si256(), q = p;
-                int64_t k = kb;
-                for (; k + 32 <= ke; k += 32) {
-                    if (PF && (k & 63) == 0) _mm_prefetch((const char*)(w0 + PF * K + k), PFH);
-                    p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), ld_i8x16(w0 + k)));
-                    q = _mm256_add_epi32(q, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k + 16)),
-                                                              ld_i8x16(w0 + k + 16)));
-                }
-                for (; k < ke; k += 16)
-                    p = _mm256_add_epi32(p, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), ld_i8x16(w0 + k)));
-                a[i] = _mm256_add_epi32(p, q);
-            }
-            hsum4_i(a[0], a[1], a[2], a[3], r0 + n - n0);
+        for (; n + 4 <= n1; n += 4) {  /* in the rows' order (as call arguments GCC would read them backwards) */
+            const __m256i a0 = dot_i8q(x0, W + n * K, K, kb, ke), a1 = dot_i8q(x0, W + (n + 1) * K, K, kb, ke);
+            const __m256i a2 = dot_i8q(x0, W + (n + 2) * K, K, kb, ke), a3 = dot_i8q(x0, W + (n + 3) * K, K, kb, ke);
+            hsum4_i(a0, a1, a2, a3, r0 + n - n0);
         }
     for (; n + 4 <= n1; n += 4) {
         const int8_t *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K, *w3 = w2 + K;
@@ -463,16 +458,11 @@ static void rows_i8q_one(const int16_t* x0, float* r0, const int8_t* W, int64_t 
         r0[n - n0] += hsum_i(_mm256_add_epi32(a0, b0)); r0[n - n0 + 1] += hsum_i(_mm256_add_epi32(a1, b1));
         r0[n - n0 + 2] += hsum_i(_mm256_add_epi32(a2, b2)); r0[n - n0 + 3] += hsum_i(_mm256_add_epi32(a3, b3));
     }
-    for (; n < n1; n++) {
-        const int8_t* w0 = W + n * K;
-        __m256i a0 = _mm256_setzero_si256();
-        for (int64_t k = kb; k < ke; k += 16)
-            a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(_mm256_loadu_si256((const __m256i*)(x0 + k)), ld_i8x16(w0 + k)));
-        r0[n - n0] += hsum_i(a0);
-    }
+    for (; n < n1; n++) r0[n - n0] += hsum_i(dot_i8q(x0, W + n * K, K, kb, ke));
 }
 
 #ifdef QUILL_AVX512
+#define I8_TASK_UNIT 4  /* weight rows a task holds for int8 against 4+ rows: whole 4-row blocks */
 /* Register blocks of __m512i/__m512 accumulators: GCC 12 kept their arrays on the stack as well and copied each
    accumulator there and back every iteration (a third of the inner loop's instructions). Their loops over
    rows and columns carry unroll pragmas, and IN_REGISTER pins each accumulator after an iteration. */
@@ -629,6 +619,7 @@ __attribute__((noinline)) static void rows_u8(const uint8_t* xu, const int32_t* 
 }
 
 #else
+#define I8_TASK_UNIT 12  /* whole blocks of rows_i8q_4x3 (3 weight rows) and of the 2- and 1-row ones (4) */
 /* Four activation rows against weight rows [n0, n1), columns [kb, ke): blocks of 4 rows x 3 weight rows, 12
    accumulators, each widened weight vector meeting four rows whose vectors vpmaddwd reads from L1 (2 x 4
    blocks widen a weight vector per two products); weight rows past the last multiple of 3 one at a time. */
@@ -1080,7 +1071,7 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     /* whole register blocks per task: 4 rows (int8 on AVX-512, and any weights at batch 1 where any count
        serves); 12 against 4+ rows for float weights and AVX2's int8 (rows4's and rows_i8q_4x3's 3-row blocks:
        4 rows a task would send every fourth row of the K=3072 projection through the slow 1-row loop) */
-    const int64_t unit = M >= 4 && (wdt != I8 || !I8_ROWS_AVX512) ? 12 : 4;
+    const int64_t unit = M < 4 ? 4 : wdt == I8 ? I8_TASK_UNIT : 12;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
     struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xu, zp, xb};
