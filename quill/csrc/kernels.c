@@ -620,6 +620,14 @@ __attribute__((noinline)) static void rows_u8(const uint8_t* xu, const int32_t* 
 
 #else
 #define I8_TASK_UNIT 12  /* whole blocks of rows_i8q_4x3 (3 weight rows) and of the 2- and 1-row ones (4) */
+/* acc += vpmaddwd(the 16 int16 at p, u), p read by the instruction itself: as an intrinsic GCC would load a row
+   vector once into a register for all the weight vectors that meet it */
+#define I8Q_MADD(acc, p, u)                                                                                  \
+    do {                                                                                                     \
+        __m256i t_;                                                                                          \
+        __asm__("vpmaddwd %1, %2, %0" : "=x"(t_) : "m"(*(const __m256i*)(p)), "x"(u));                       \
+        acc = _mm256_add_epi32(acc, t_);                                                                     \
+    } while (0)
 /* Four activation rows against weight rows [n0, n1), columns [kb, ke): blocks of 4 rows x 3 weight rows, 12
    accumulators, each widened weight vector meeting four rows whose vectors vpmaddwd reads from L1 (2 x 4
    blocks widen a weight vector per two products); weight rows past the last multiple of 3 one at a time. */
@@ -636,16 +644,15 @@ static void rows_i8q_4x3(const int16_t* x, int64_t ldq, float* r, int64_t ldacc,
                 _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
                 _mm_prefetch((const char*)(w2 + PF * K + k), PFH);
             }
-            const __m256i u0 = ld_i8x16(w0 + k), u1 = ld_i8x16(w1 + k), u2 = ld_i8x16(w2 + k);
-#define I8Q_ROW(p0, p1, p2, xr)                                                                                   \
-            do {                                                                                              \
-                const __m256i v_ = _mm256_loadu_si256((const __m256i*)((xr) + k));                            \
-                p0 = _mm256_add_epi32(p0, _mm256_madd_epi16(v_, u0));                                         \
-                p1 = _mm256_add_epi32(p1, _mm256_madd_epi16(v_, u1));                                         \
-                p2 = _mm256_add_epi32(p2, _mm256_madd_epi16(v_, u2));                                         \
-            } while (0)
-            I8Q_ROW(a0, a1, a2, x0); I8Q_ROW(b0, b1, b2, x1); I8Q_ROW(c0, c1, c2, x2); I8Q_ROW(d0, d1, d2, x3);
-#undef I8Q_ROW
+            /* one widened weight vector at a time against the four rows, each row's vector an operand of
+               vpmaddwd: 12 accumulators, a weight vector and a product fit the 16 registers (with the three
+               weight vectors and a row vector held as well, GCC spilled three accumulators every step) */
+            const __m256i u0 = ld_i8x16(w0 + k);
+            I8Q_MADD(a0, x0 + k, u0); I8Q_MADD(b0, x1 + k, u0); I8Q_MADD(c0, x2 + k, u0); I8Q_MADD(d0, x3 + k, u0);
+            const __m256i u1 = ld_i8x16(w1 + k);
+            I8Q_MADD(a1, x0 + k, u1); I8Q_MADD(b1, x1 + k, u1); I8Q_MADD(c1, x2 + k, u1); I8Q_MADD(d1, x3 + k, u1);
+            const __m256i u2 = ld_i8x16(w2 + k);
+            I8Q_MADD(a2, x0 + k, u2); I8Q_MADD(b2, x1 + k, u2); I8Q_MADD(c2, x2 + k, u2); I8Q_MADD(d2, x3 + k, u2);
             __asm__("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(b0), "+x"(b1), "+x"(b2), "+x"(c0), "+x"(c1), "+x"(c2),
                     "+x"(d0), "+x"(d1), "+x"(d2));
         }
@@ -692,12 +699,10 @@ __attribute__((noinline)) static void rows_i8q(const int16_t* xq, int64_t M, int
                             _mm_prefetch((const char*)(w0 + PF * K + k), PFH); _mm_prefetch((const char*)(w1 + PF * K + k), PFH);
                             _mm_prefetch((const char*)(w2 + PF * K + k), PFH); _mm_prefetch((const char*)(w3 + PF * K + k), PFH);
                         }
-                        __m256i u = _mm256_loadu_si256((const __m256i*)(x0 + k)), v = _mm256_loadu_si256((const __m256i*)(x1 + k));
-                        __m256i c0 = ld_i8x16(w0 + k), c1 = ld_i8x16(w1 + k), c2 = ld_i8x16(w2 + k), c3 = ld_i8x16(w3 + k);
-                        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(u, c0)); a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(u, c1));
-                        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(u, c2)); a3 = _mm256_add_epi32(a3, _mm256_madd_epi16(u, c3));
-                        b0 = _mm256_add_epi32(b0, _mm256_madd_epi16(v, c0)); b1 = _mm256_add_epi32(b1, _mm256_madd_epi16(v, c1));
-                        b2 = _mm256_add_epi32(b2, _mm256_madd_epi16(v, c2)); b3 = _mm256_add_epi32(b3, _mm256_madd_epi16(v, c3));
+                        const __m256i c0 = ld_i8x16(w0 + k), c1 = ld_i8x16(w1 + k);
+                        I8Q_MADD(a0, x0 + k, c0); I8Q_MADD(b0, x1 + k, c0); I8Q_MADD(a1, x0 + k, c1); I8Q_MADD(b1, x1 + k, c1);
+                        const __m256i c2 = ld_i8x16(w2 + k), c3 = ld_i8x16(w3 + k);
+                        I8Q_MADD(a2, x0 + k, c2); I8Q_MADD(b2, x1 + k, c2); I8Q_MADD(a3, x0 + k, c3); I8Q_MADD(b3, x1 + k, c3);
                     }
                     hsum4_i(a0, a1, a2, a3, r0 + n - n0); hsum4_i(b0, b1, b2, b3, r1 + n - n0);
                 }
