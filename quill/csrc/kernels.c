@@ -1462,13 +1462,75 @@ static inline float dot_row(const float* q, const void* kl, int dt, int64_t D) {
     return acc;
 }
 
-static inline void axpy_row(float* o, float w, const void* vl, int dt, int64_t D) {
-    __m256 wv = _mm256_set1_ps(w);
+/* The sums of eight vectors' lanes as one vector: lane j = the sum of a_j's lanes. */
+static inline __m256 hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5, __m256 a6, __m256 a7) {
+    const __m256 t0 = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+    const __m256 t1 = _mm256_hadd_ps(_mm256_hadd_ps(a4, a5), _mm256_hadd_ps(a6, a7));
+    return _mm256_add_ps(_mm256_permute2f128_ps(t0, t1, 0x20), _mm256_permute2f128_ps(t0, t1, 0x31));
+}
+
+/* One query (fp32, pre-scaled) against keys and values 0..L-1 of one head (element d of position l at
+   byte offset l * sl + d * size of cdt): s gets the softmax weights, out[o0 + d] the output, rounded to dt.
+   Eight positions' scores at a time, each its own accumulator (one FMA chain over a position's dims waits
+   on the FMA's latency at every step); the output 64 dims at a time in eight accumulators over the
+   positions. Inlined with cdt a constant, so vld's dtype choice leaves the loops. */
+static inline __attribute__((always_inline)) void attend(const float* q, const char* kb, const char* vb, int64_t sl,
+                                                         int cdt, int64_t L, int64_t D, float* s, void* out,
+                                                         int dt, int64_t o0) {
+    const int64_t D8 = D & ~(int64_t)7;
+    int64_t l = 0;
+    for (; l + 8 <= L; l += 8) {
+        const char* k = kb + l * sl;
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (int64_t d = 0; d < D8; d += 8) {
+            const __m256 u = _mm256_loadu_ps(q + d);
+            a0 = _mm256_fmadd_ps(u, vld(k, cdt, d), a0); a1 = _mm256_fmadd_ps(u, vld(k + sl, cdt, d), a1);
+            a2 = _mm256_fmadd_ps(u, vld(k + 2 * sl, cdt, d), a2); a3 = _mm256_fmadd_ps(u, vld(k + 3 * sl, cdt, d), a3);
+            a4 = _mm256_fmadd_ps(u, vld(k + 4 * sl, cdt, d), a4); a5 = _mm256_fmadd_ps(u, vld(k + 5 * sl, cdt, d), a5);
+            a6 = _mm256_fmadd_ps(u, vld(k + 6 * sl, cdt, d), a6); a7 = _mm256_fmadd_ps(u, vld(k + 7 * sl, cdt, d), a7);
+        }
+        _mm256_storeu_ps(s + l, hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+        for (int64_t d = D8; d < D; d++)
+            for (int i = 0; i < 8; i++) s[l + i] += q[d] * ld(k + i * sl, cdt, d);
+    }
+    for (; l < L; l++) s[l] = dot_row(q, kb + l * sl, cdt, D);
+    float mx = -INFINITY;
+    for (l = 0; l < L; l++) mx = s[l] > mx ? s[l] : mx;
+    __m256 vs = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
+    for (l = 0; l + 8 <= L; l += 8) {
+        __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + l), vm));
+        _mm256_storeu_ps(s + l, e);
+        vs = _mm256_add_ps(vs, e);
+    }
+    float sum = hsum(vs);
+    for (; l < L; l++) { s[l] = expf(s[l] - mx); sum += s[l]; }
+    const __m256 inv = _mm256_set1_ps(1.f / sum);
     int64_t d = 0;
-    if (dt == F32) for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, VLOAD_F32((const float*)vl + d), _mm256_loadu_ps(o + d)));
-    else if (dt == BF16) for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, VLOAD_BF16((const uint16_t*)vl + d), _mm256_loadu_ps(o + d)));
-    else for (; d + 8 <= D; d += 8) _mm256_storeu_ps(o + d, _mm256_fmadd_ps(wv, VLOAD_F16((const uint16_t*)vl + d), _mm256_loadu_ps(o + d)));
-    for (; d < D; d++) o[d] += w * ld(vl, dt, d);
+    for (; d + 64 <= D; d += 64) {
+        __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
+        for (l = 0; l < L; l++) {
+            const char* v = vb + l * sl;
+            const __m256 w = _mm256_broadcast_ss(s + l);
+            a0 = _mm256_fmadd_ps(w, vld(v, cdt, d), a0); a1 = _mm256_fmadd_ps(w, vld(v, cdt, d + 8), a1);
+            a2 = _mm256_fmadd_ps(w, vld(v, cdt, d + 16), a2); a3 = _mm256_fmadd_ps(w, vld(v, cdt, d + 24), a3);
+            a4 = _mm256_fmadd_ps(w, vld(v, cdt, d + 32), a4); a5 = _mm256_fmadd_ps(w, vld(v, cdt, d + 40), a5);
+            a6 = _mm256_fmadd_ps(w, vld(v, cdt, d + 48), a6); a7 = _mm256_fmadd_ps(w, vld(v, cdt, d + 56), a7);
+        }
+        vst(out, dt, o0 + d, _mm256_mul_ps(a0, inv)); vst(out, dt, o0 + d + 8, _mm256_mul_ps(a1, inv));
+        vst(out, dt, o0 + d + 16, _mm256_mul_ps(a2, inv)); vst(out, dt, o0 + d + 24, _mm256_mul_ps(a3, inv));
+        vst(out, dt, o0 + d + 32, _mm256_mul_ps(a4, inv)); vst(out, dt, o0 + d + 40, _mm256_mul_ps(a5, inv));
+        vst(out, dt, o0 + d + 48, _mm256_mul_ps(a6, inv)); vst(out, dt, o0 + d + 56, _mm256_mul_ps(a7, inv));
+    }
+    for (; d + 8 <= D; d += 8) {
+        __m256 a = _mm256_setzero_ps();
+        for (l = 0; l < L; l++) a = _mm256_fmadd_ps(_mm256_broadcast_ss(s + l), vld(vb + l * sl, cdt, d), a);
+        vst(out, dt, o0 + d, _mm256_mul_ps(a, inv));
+    }
+    for (; d < D; d++) {
+        float a = 0.f;
+        for (l = 0; l < L; l++) a += s[l] * ld(vb + l * sl, cdt, d);
+        st(out, dt, o0 + d, a * _mm256_cvtss_f32(inv));
+    }
 }
 
 static void attn_task(void* ctx, int64_t t) {
@@ -1480,37 +1542,25 @@ static void attn_task(void* ctx, int64_t t) {
     char* kbase = (char*)j->kc + (b * j->sb + h * j->sh) * csz;
     char* vbase = (char*)j->vc + (b * j->sb + h * j->sh) * csz;
     const int64_t sl = j->sl * csz;
-    float* buf = scratch(D + L + D);
+    float* buf = scratch(D + L);
     if (!buf) { j->err = -1; return; }
-    float *q = buf, *s = buf + D, *o = buf + D + L;
+    float *q = buf, *s = buf + D;
     if (cdt == dt) {
         memcpy(kbase + p * sl, row + (C + h * D) * esz, D * esz);
         memcpy(vbase + p * sl, row + (2 * C + h * D) * esz, D * esz);
     } else {  /* a cache of its own dtype (bf16 for an fp32-activation int8 model): round on the way in */
-        widen(o, row, dt, C + h * D, D);
-        narrow(kbase + p * sl, cdt, 0, o, D);
-        widen(o, row, dt, 2 * C + h * D, D);
-        narrow(vbase + p * sl, cdt, 0, o, D);
+        widen(q, row, dt, C + h * D, D);  /* (q as the staging row: it is filled below) */
+        narrow(kbase + p * sl, cdt, 0, q, D);
+        widen(q, row, dt, 2 * C + h * D, D);
+        narrow(vbase + p * sl, cdt, 0, q, D);
     }
     for (int64_t d = 0; d < D; d++) q[d] = ld(row, dt, h * D + d) * j->scale;
-    float mx = -INFINITY;
-    for (int64_t l = 0; l < L; l++) {
-        s[l] = dot_row(q, kbase + l * sl, cdt, D);
-        mx = s[l] > mx ? s[l] : mx;
+    const int64_t o0 = b * j->ldo + h * D;
+    switch (cdt) {
+        case F32: attend(q, kbase, vbase, sl, F32, L, D, s, j->out, dt, o0); break;
+        case BF16: attend(q, kbase, vbase, sl, BF16, L, D, s, j->out, dt, o0); break;
+        default: attend(q, kbase, vbase, sl, F16, L, D, s, j->out, dt, o0); break;
     }
-    int64_t l = 0;
-    __m256 vs = _mm256_setzero_ps(), vm = _mm256_set1_ps(mx);
-    for (; l + 8 <= L; l += 8) {
-        __m256 e = exp_neg(_mm256_sub_ps(_mm256_loadu_ps(s + l), vm));
-        _mm256_storeu_ps(s + l, e);
-        vs = _mm256_add_ps(vs, e);
-    }
-    float sum = hsum(vs);
-    for (; l < L; l++) { s[l] = expf(s[l] - mx); sum += s[l]; }
-    for (int64_t d = 0; d < D; d++) o[d] = 0.f;
-    for (l = 0; l < L; l++) axpy_row(o, s[l], vbase + l * sl, cdt, D);
-    const float inv = 1.f / sum;
-    for (int64_t d = 0; d < D; d++) st(j->out, dt, b * j->ldo + h * D + d, o[d] * inv);
 }
 
 /* One new token per row: write its key and value at position pos[b] (or pos0) of the cache, then attend
