@@ -336,9 +336,11 @@ class CausalSelfAttention(nn.Module):
                 cols = pos.ids(x.device)  # [B, T]
                 k_cache[rows, :, cols] = k.transpose(1, 2).to(k_cache.dtype)
                 v_cache[rows, :, cols] = v.transpose(1, 2).to(v_cache.dtype)
-            else:  # a slice's copy converts as it writes: no converted copy first
-                k_cache[:, :, pos.start:pos.start + T] = k
-                v_cache[:, :, pos.start:pos.start + T] = v
+            else:  # a slice's copy converts as it writes (on the kernels' pool where they serve)
+                for cache, new in ((k_cache, k), (v_cache, v)):
+                    rows = cache[:, :, pos.start:pos.start + T]
+                    if not kernels.copy_(rows, new):
+                        rows.copy_(new)
             kv_len = pos.end()
             k, v = k_cache[:, :, :kv_len], v_cache[:, :, :kv_len]  # [B, H, L, D] views
         dtype = q.dtype
@@ -373,6 +375,15 @@ class MLP(nn.Module):
         return residual_projection(self.c_proj, self.dropout, fused(self.c_fc, x, act=self.activation), residual)
 
 
+def layer_norm(ln: nn.LayerNorm, x: Tensor) -> Tensor:
+    """ln(x), on the kernels' own thread pool where they serve it (quill.kernels.layer_norm)."""
+    if ln.weight is not None and len(ln.normalized_shape) == 1:
+        y = kernels.layer_norm(x, ln.weight, ln.bias, ln.eps)
+        if y is not None:
+            return y
+    return ln(x)
+
+
 def residual_projection(proj: nn.Module, dropout: nn.Dropout, y: Tensor, residual: Tensor | None) -> Tensor:
     """`residual + dropout(proj(y))`, the residual added as the projection writes its output where no dropout
     stands between them (inference)."""
@@ -393,8 +404,8 @@ class Block(nn.Module):
 
     def forward(self, x: Tensor, pos: Positions | None, k_cache: Tensor | None, v_cache: Tensor | None,
                 mask: Tensor | None) -> Tensor:
-        x = self.attn(self.ln_1(x), pos, k_cache, v_cache, mask, residual=x)
-        return self.mlp(self.ln_2(x), residual=x)
+        x = self.attn(layer_norm(self.ln_1, x), pos, k_cache, v_cache, mask, residual=x)
+        return self.mlp(layer_norm(self.ln_2, x), residual=x)
 
 
 class GPT(nn.Module):
@@ -495,7 +506,7 @@ class GPT(nn.Module):
         for i, block in enumerate(self.transformer.h):
             kc, vc = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
             x = block(x, pos if cache is not None else None, kc, vc, mask)
-        hidden = self.transformer.ln_f(x)
+        hidden = layer_norm(self.transformer.ln_f, x)
         logits = self.lm_head(hidden[:, -1:] if last_only else hidden)  # [B, T or 1, V]
         return (logits, hidden) if return_hidden else logits
 

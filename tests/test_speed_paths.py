@@ -593,6 +593,57 @@ def test_activation_kernel_half(act, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("dtype,wdtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
+                                          (torch.float16, torch.float32)])
+@pytest.mark.parametrize("K", [768, 37])
+def test_layer_norm_kernel_matches_torch(dtype, wdtype, K):
+    """The pool's LayerNorm (prefill's) equals torch's LayerNorm of the fp32 rows to fp32 rounding, then rounds
+    to x's dtype (within one unit in the last place there); rows of a strided view; no bias; not served for
+    float64 or a weight of another length."""
+    torch.manual_seed(0)
+    ln = torch.nn.LayerNorm(K).to(wdtype).requires_grad_(False)
+    torch.nn.init.normal_(ln.weight)
+    torch.nn.init.normal_(ln.bias)
+    x = (torch.randn(3, 50, 2 * K) * 3 + 1)[:, :, :K].to(dtype)  # 150 rows: several tasks; a row stride of 2K
+    for bias in (ln.bias, None):
+        got = kernels.layer_norm(x, ln.weight, bias, ln.eps)
+        ref = F.layer_norm(x.float(), (K,), ln.weight.float(), None if bias is None else bias.float(), ln.eps)
+        assert got.dtype == dtype and got.shape == x.shape
+        tol = 1e-5 * ref.abs().max() + ref.abs() * (0 if dtype == torch.float32 else torch.finfo(dtype).eps)
+        assert ((got.float() - ref).abs() <= tol).all()
+    assert kernels.layer_norm(x.double(), ln.weight, ln.bias, ln.eps) is None
+    assert kernels.layer_norm(x[..., 1:], ln.weight, ln.bias, ln.eps) is None
+
+
+@needs_kernels
+@pytest.mark.parametrize("src_dtype,dst_dtype", [(torch.float32, torch.bfloat16), (torch.float32, torch.float16),
+                                                 (torch.bfloat16, torch.float32), (torch.float16, torch.float32),
+                                                 (torch.bfloat16, torch.bfloat16), (torch.float32, torch.float32)])
+def test_copy_kernel_rounds_as_torch(src_dtype, dst_dtype):
+    """A strided 4-D copy (a permuted qkv projection into a slice of a KV cache) with a conversion: the values
+    of torch's copy_ (round to nearest even; NaN stays NaN, infinities and overflow to infinity as torch's);
+    nothing outside the slice written; lower ranks; not served for shapes that differ or a last dim that is
+    not contiguous."""
+    def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+        return torch.equal(a.isnan(), b.isnan()) and torch.equal(a.masked_fill(a.isnan(), 0), b.masked_fill(b.isnan(), 0))
+
+    torch.manual_seed(0)
+    B, T, H, D = 2, 37, 3, 20
+    qkv = torch.randn(B, T, 3 * H * D) * 1e4  # beyond fp16's range too
+    qkv.view(-1)[::97] = float("nan")
+    qkv.view(-1)[1::89] = float("-inf")
+    src = qkv.to(src_dtype).view(B, T, 3, H, D).permute(2, 0, 3, 1, 4)[1]  # [B, H, T, D], strided
+    cache = torch.full((B, H, 50, D), 7.0, dtype=dst_dtype)
+    want = cache.clone()
+    want[:, :, 5:5 + T].copy_(src)
+    assert kernels.copy_(cache[:, :, 5:5 + T], src) and same(cache, want)
+    flat = torch.empty(T, D, dtype=dst_dtype)
+    assert kernels.copy_(flat, src[1, 2]) and same(flat, src[1, 2].to(dst_dtype))
+    assert not kernels.copy_(cache[:, :, :T], src[:, :, :T - 1])
+    assert not kernels.copy_(cache[:, :, 5:5 + T].transpose(-1, -2), src.transpose(-1, -2))
+
+
+@needs_kernels
 @pytest.mark.parametrize("dtype,cache_dtype", [(torch.float32, torch.float32), (torch.bfloat16, torch.bfloat16),
                                                (torch.float32, torch.bfloat16), (torch.float32, torch.float16)])
 @pytest.mark.parametrize("D", [12, 24, 64, 128])

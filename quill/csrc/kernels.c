@@ -956,39 +956,87 @@ static void linear_task(void* ctx, int64_t t) {
     }
 }
 
+/* LayerNorm of one fp32 row in place (two passes, biased variance, as torch), then the affine transform (weight
+   lnw, bias lnb or none, dtype lndt); vectorised: before a decode projection it runs on the calling thread. */
+static void layer_norm_row(float* r, int64_t K, const void* lnw, const void* lnb, int lndt, float eps) {
+    const int64_t K8 = K & ~(int64_t)7;
+    __m256 vs = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k < K8; k += 8) vs = _mm256_add_ps(vs, _mm256_loadu_ps(r + k));
+    double sum = hsum(vs);
+    for (; k < K; k++) sum += r[k];
+    const float mu = (float)(sum / (double)K);
+    const __m256 vmu = _mm256_set1_ps(mu);
+    __m256 vv = _mm256_setzero_ps();
+    for (k = 0; k < K8; k += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(r + k), vmu);
+        vv = _mm256_fmadd_ps(d, d, vv);
+    }
+    double var = hsum(vv);
+    for (; k < K; k++) { const double d = r[k] - mu; var += d * d; }
+    const float rstd = (float)(1.0 / sqrt(var / (double)K + (double)eps));
+    const __m256 vr = _mm256_set1_ps(rstd);
+    for (k = 0; k < K8; k += 8) {
+        const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + k), vmu), vr);
+        _mm256_storeu_ps(r + k, _mm256_fmadd_ps(n, vld(lnw, lndt, k), lnb ? vld(lnb, lndt, k) : _mm256_setzero_ps()));
+    }
+    for (; k < K; k++) r[k] = (r[k] - mu) * rstd * ld(lnw, lndt, k) + (lnb ? ld(lnb, lndt, k) : 0.f);
+}
+
 /* Activation rows as fp32 (row stride K), LayerNorm'ed when lnw is given; NULL when out of memory. */
 static const float* prepare_x(const void* x, int xdt, int64_t M, int64_t ldx, int64_t K,
                               const void* lnw, const void* lnb, int lndt, float eps, float* buf) {
     if (xdt == F32 && ldx == K && !lnw) return (const float*)x;
-    const int64_t K8 = K & ~(int64_t)7;
-    for (int64_t m = 0; m < M; m++) {  /* vectorised: it runs on the calling thread before every projection */
-        float* r = buf + m * K;
-        widen(r, x, xdt, m * ldx, K);
-        if (lnw) {  /* LayerNorm of the row (two passes, biased variance, as torch), then the affine transform */
-            __m256 vs = _mm256_setzero_ps();
-            int64_t k = 0;
-            for (; k < K8; k += 8) vs = _mm256_add_ps(vs, _mm256_loadu_ps(r + k));
-            double sum = hsum(vs);
-            for (; k < K; k++) sum += r[k];
-            const float mu = (float)(sum / (double)K);
-            const __m256 vmu = _mm256_set1_ps(mu);
-            __m256 vv = _mm256_setzero_ps();
-            for (k = 0; k < K8; k += 8) {
-                const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(r + k), vmu);
-                vv = _mm256_fmadd_ps(d, d, vv);
-            }
-            double var = hsum(vv);
-            for (; k < K; k++) { const double d = r[k] - mu; var += d * d; }
-            const float rstd = (float)(1.0 / sqrt(var / (double)K + (double)eps));
-            const __m256 vr = _mm256_set1_ps(rstd);
-            for (k = 0; k < K8; k += 8) {
-                const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + k), vmu), vr);
-                _mm256_storeu_ps(r + k, _mm256_fmadd_ps(n, vld(lnw, lndt, k), lnb ? vld(lnb, lndt, k) : _mm256_setzero_ps()));
-            }
-            for (; k < K; k++) r[k] = (r[k] - mu) * rstd * ld(lnw, lndt, k) + (lnb ? ld(lnb, lndt, k) : 0.f);
-        }
+    for (int64_t m = 0; m < M; m++) {
+        widen(buf + m * K, x, xdt, m * ldx, K);
+        if (lnw) layer_norm_row(buf + m * K, K, lnw, lnb, lndt, eps);
     }
     return buf;
+}
+
+/* LayerNorm of M rows (prefill's), LN_ROWS rows a task on the pool: y[m] = ln(x[m]), x and y of dtypes xdt and
+   ydt with row strides ldx and ldy (y may be x), computed in fp32 and rounded to ydt. */
+struct ln_job { const void* x; int xdt; int64_t ldx; void* y; int ydt; int64_t ldy, M, K; const void *w, *b; int wdt; float eps; _Atomic int err; };
+#define LN_ROWS 16
+static void ln_task(void* ctx, int64_t t) {
+    struct ln_job* j = (struct ln_job*)ctx;
+    float* r = scratch(j->K);
+    if (!r) { j->err = -1; return; }
+    for (int64_t m = t * LN_ROWS; m < (t + 1) * LN_ROWS && m < j->M; m++) {
+        widen(r, j->x, j->xdt, m * j->ldx, j->K);
+        layer_norm_row(r, j->K, j->w, j->b, j->wdt, j->eps);
+        narrow(j->y, j->ydt, m * j->ldy, r, j->K);
+    }
+}
+int quill_layer_norm(const void* x, int xdt, int64_t ldx, void* y, int ydt, int64_t ldy, int64_t M, int64_t K,
+                     const void* w, const void* b, int wdt, float eps, int nthreads) {
+    struct ln_job job = {x, xdt, ldx, y, ydt, ldy, M, K, w, b, wdt, eps, 0};
+    pool_run(ln_task, &job, (M + LN_ROWS - 1) / LN_ROWS, M * K >= (1 << 15) ? nthreads : 1);
+    return job.err;
+}
+
+/* dst[i0, i1, i2, :] = src[i0, i1, i2, :] for a [n0, n1, n2, n3] view of each (element strides s* and d*, the
+   last dim contiguous), converted from sdt to ddt as torch's casts round (the KV cache's writes from the fp32
+   qkv projection and their upcasts for the prefill attention); one task per (i0, i1). */
+struct convert_job { const void* src; int sdt; void* dst; int ddt; int64_t n1, n2, n3, ss0, ss1, ss2, ds0, ds1, ds2; };
+static void convert_task(void* ctx, int64_t t) {
+    const struct convert_job* j = (const struct convert_job*)ctx;
+    const int64_t i0 = t / j->n1, i1 = t % j->n1, ssz = j->sdt == F32 ? 4 : 2, dsz = j->ddt == F32 ? 4 : 2;
+    for (int64_t i2 = 0; i2 < j->n2; i2++) {
+        const char* s = (const char*)j->src + (i0 * j->ss0 + i1 * j->ss1 + i2 * j->ss2) * ssz;
+        char* d = (char*)j->dst + (i0 * j->ds0 + i1 * j->ds1 + i2 * j->ds2) * dsz;
+        if (j->sdt == j->ddt) { memcpy(d, s, (size_t)(j->n3 * ssz)); continue; }
+        int64_t k = 0;
+        for (; k + 8 <= j->n3; k += 8) vst(d, j->ddt, k, vld(s, j->sdt, k));
+        for (; k < j->n3; k++) st(d, j->ddt, k, ld(s, j->sdt, k));
+    }
+}
+void quill_convert(const void* src, int sdt, const int64_t* sstride, void* dst, int ddt, const int64_t* dstride,
+                   const int64_t* shape, int nthreads) {
+    struct convert_job job = {src, sdt, dst, ddt, shape[1], shape[2], shape[3], sstride[0], sstride[1], sstride[2],
+                              dstride[0], dstride[1], dstride[2]};
+    const int64_t n = shape[0] * shape[1] * shape[2] * shape[3];
+    pool_run(convert_task, &job, shape[0] * shape[1], n >= (1 << 16) ? nthreads : 1);
 }
 
 /* One activation row as int16 with one symmetric scale (largest |value| -> 32767), rounded to nearest even

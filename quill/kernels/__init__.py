@@ -95,6 +95,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_decode_greedy.restype = I
     lib.quill_activate.argtypes = [P, I, C, C, C]
     lib.quill_activate.restype = None
+    lib.quill_layer_norm.argtypes = [P, C, I, P, C, I, I, I, P, P, C, ctypes.c_float, C]
+    lib.quill_layer_norm.restype = C
+    lib.quill_convert.argtypes = [P, C, P, P, C, P, P, C]
+    lib.quill_convert.restype = None
     lib.quill_argmax.argtypes = [P, C, I, I, I, P]
     lib.quill_argmax.restype = None
     lib.quill_argmax_banned.argtypes = [P, C, I, I, I, P, P, P]
@@ -431,6 +435,51 @@ def activate_(x: Tensor, act: str) -> bool:
     return True
 
 
+def _serves(*ts: Tensor) -> bool:
+    """Whether the kernels serve these tensors: float CPU inference tensors, each with a contiguous last dim."""
+    return (all(t.device.type == "cpu" and t.dtype in FLOAT_DTYPES and (t.dim() == 0 or t.stride(-1) == 1)
+                and not (torch.is_grad_enabled() and t.requires_grad) for t in ts) and available())
+
+
+def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor | None:
+    """LayerNorm over x's last dim ([..., K] -> a new tensor of x's dtype), or None where it does not serve.
+
+    It runs on the kernels' own thread pool (torch's LayerNorm, an OpenMP op between two of Quill's kernels,
+    waits for a core that the pool's helper still holds: docs/performance.md), computing in fp32 as the fused
+    decode step's LayerNorm does; weight and bias: [K] of one float dtype."""
+    K = x.shape[-1]
+    if (not _serves(x, weight, *(() if bias is None else (bias,))) or weight.shape != (K,) or not weight.is_contiguous()
+            or (bias is not None and (bias.shape != (K,) or bias.dtype != weight.dtype or not bias.is_contiguous()))):
+        return None
+    x2 = x.reshape(-1, K)
+    y = torch.empty(x2.shape, dtype=x.dtype)
+    rc = _lib.quill_layer_norm(x2.data_ptr(), DTYPE_CODES[x.dtype], x2.stride(0), y.data_ptr(), DTYPE_CODES[y.dtype],
+                               K, x2.shape[0], K, weight.data_ptr(), bias.data_ptr() if bias is not None else None,
+                               DTYPE_CODES[weight.dtype], eps, torch.get_num_threads())
+    if rc:
+        raise MemoryError("quill_layer_norm: out of memory")
+    return y.view(x.shape)
+
+
+def copy_(dst: Tensor, src: Tensor) -> bool:
+    """dst[...] = src, converted to dst's dtype and rounded as torch's cast rounds; False (dst untouched) where it
+    does not serve: float CPU tensors of one shape of at most 4 dims, each with a contiguous last dim.
+
+    It runs on the kernels' thread pool, as `layer_norm` does, for the prefill's KV cache writes and reads."""
+    if dst.shape != src.shape or dst.dim() > 4 or not _serves(dst, src):
+        return False
+    shape = (1,) * (4 - dst.dim()) + tuple(dst.shape)
+    if 0 in shape:
+        return True
+
+    def strides(t: Tensor) -> ctypes.Array:
+        return (ctypes.c_int64 * 3)(*((0,) * (4 - t.dim()) + tuple(t.stride()))[:3])
+
+    _lib.quill_convert(src.data_ptr(), DTYPE_CODES[src.dtype], strides(src), dst.data_ptr(), DTYPE_CODES[dst.dtype],
+                       strides(dst), (ctypes.c_int64 * 4)(*shape), torch.get_num_threads())
+    return True
+
+
 def attn_decode(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor | int, n_head: int, scale: float,
                 out: Tensor) -> Tensor:
     """Write each row's new key/value (from qkv [B, 3C]) at its position and attend over the row's prefix.
@@ -450,6 +499,14 @@ def attn_decode(qkv: Tensor, k_cache: Tensor, v_cache: Tensor, pos: Tensor | int
     if rc:
         raise MemoryError("quill_attn_decode: out of memory")
     return out
+
+
+def _float(t: Tensor) -> Tensor:
+    """t as fp32: itself, or an fp32 copy (made by `copy_`)."""
+    if t.dtype == torch.float32:
+        return t
+    out = torch.empty(t.shape)
+    return out if copy_(out, t) else t.float()
 
 
 def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> Tensor | None:
@@ -475,7 +532,7 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
             q.data_ptr(), DTYPE_CODES[q.dtype], *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
             *v.stride()[:3], B, H, T, D, start, scale, out.data_ptr(), DTYPE_CODES[out.dtype], torch.get_num_threads())
     else:
-        q, k, v = q.float(), k.float(), v.float()
+        q, k, v = (_float(t) for t in (q, k, v))
         out = torch.empty(B, T, H, D)
         rc = _lib.quill_attn_prefill(
             q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
@@ -697,5 +754,5 @@ def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     return out[:count] if count <= out.numel() else None
 
 
-__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "pack_u8i8", "gemm_u8i8", "has_gemm_u8i8", "U8_MAX_K", "project", "activate_", "attn_decode", "attn_prefill", "decode_step", "decode_greedy", "Interrupt", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "pack_u8i8", "gemm_u8i8", "has_gemm_u8i8", "U8_MAX_K", "project", "activate_", "layer_norm", "copy_", "attn_decode", "attn_prefill", "decode_step", "decode_greedy", "Interrupt", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
