@@ -287,10 +287,13 @@ def test_only_the_chosen_path_keeps_its_packed_weight(tuning, monkeypatch):
         copies = {"_panel_gemm": layer._panels, "_u8_gemm": layer._u8_panels, "_gemm": layer._packed}
         named = []
 
-        def fake_time(fn):
-            name = getattr(getattr(fn, "func", fn), "__name__", "")
-            named.append(name)
-            return (0.0 if name == winner else 1.0), timed(fn)[1]
+        def fake_time(candidates, key):
+            def name(fn):
+                return getattr(getattr(fn, "func", fn), "__name__", "")
+
+            named.extend(name(fn) for fn in candidates.values())
+            return {n: (0.0 if name(candidates[n]) == winner else 1.0, made)
+                    for n, (_, made) in timed(candidates, key).items()}
 
         monkeypatch.setattr(tune, "_time", fake_time)
         tune.forget()
@@ -301,6 +304,26 @@ def test_only_the_chosen_path_keeps_its_packed_weight(tuning, monkeypatch):
             continue  # a candidate not offered here (fbgemm's; the u8 GEMM's, or the int16 ones on u8 rows)
         assert {n for n, c in copies.items() if c.made} == {winner} & copies.keys(), winner
         assert sum(c.made for c in copies.values()) <= 1 and len(named) >= 2
+
+
+def test_candidates_take_turns_and_one_without_a_backend_is_left_out():
+    """The timed calls alternate between the candidates (a warm-up round, then REPEATS rounds), so a slow spell
+    of the machine meets them all; a candidate that raises NotImplementedError (a backend torch lacks) is left
+    out and what it made is released at once; the others' releases come back with their times."""
+    calls, released = [], []
+
+    def path(name: str, fails: bool = False):
+        def run() -> None:
+            calls.append(name)
+            tune.made_while_timing(lambda: released.append(name))
+            if fails:
+                raise NotImplementedError("no such backend")
+        return run
+
+    timed = tune._time({"a": path("a"), "b": path("b"), "c": path("c", fails=True)}, "k")
+    assert calls == ["a", "b", "c"] + ["a", "b"] * tune.REPEATS
+    assert set(timed) == {"a", "b"} and released == ["c"]
+    assert all(t >= 0 and len(made) == tune.REPEATS + 1 for t, made in timed.values())
 
 
 def test_tuning_off_takes_the_default_without_timing(monkeypatch):
@@ -317,7 +340,7 @@ def test_an_inexact_path_must_be_clearly_faster_to_win(tuning, monkeypatch):
     """fbgemm's 7-bit activations cost accuracy: the tuner takes it only when more than INEXACT_MARGIN times
     faster than the fastest exact candidate (timings stand in for the clock here)."""
     cost = {"exact": 1.0, "inexact": 0.0}
-    monkeypatch.setattr(tune, "_time", lambda fn: (cost[fn()], []))
+    monkeypatch.setattr(tune, "_time", lambda candidates, key: {n: (cost[fn()], []) for n, fn in candidates.items()})
     paths = {"exact": lambda: "exact", "inexact": lambda: "inexact"}
     cost["inexact"] = 1.05 / tune.INEXACT_MARGIN  # faster, not by the margin
     assert tune.choose("avx2", "a", paths, "exact", inexact=("inexact",)) == "exact"

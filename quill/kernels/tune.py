@@ -3,13 +3,13 @@
 A product of several activation rows with a weight (prefill, batched decode) has candidates whose ranking
 depends on the CPU: Quill's kernels (the weight read once, all rows against it), torch's GEMM (MKL/oneDNN) and,
 for int8 weights, fbgemm's int8 GEMM; a batched decode step can also run as two calls of half the rows. The
-first use of a shape class times each candidate briefly (one warm-up call, then the best of a few) and keeps
-the fastest, where a candidate that rounds more than the others (fbgemm's) must beat the exact ones by
-INEXACT_MARGIN, and what a losing candidate made for itself while it was timed (a weight packed into its
-GEMM's layout) is released, so only the paths that serve keep copies; the choices live in a JSON file in the
-user cache named for the machine (CPU model, kernel variant, kernel sources, torch version, thread count), so
-later loads do not pay for it. A file that does not parse or
-was written for another machine is ignored and rewritten. `QUILL_TUNE=0` turns timing off: the fixed default
+first use of a shape class times each candidate briefly (one warm-up call, then the best of a few, the
+candidates taking turns) and keeps the fastest, where a candidate that rounds more than the others (fbgemm's)
+must beat the exact ones by INEXACT_MARGIN, and what a losing candidate made for itself while it was timed (a
+weight packed into its GEMM's layout) is released, so only the paths that serve keep copies; the choices live
+in a JSON file in the user cache named for the machine (CPU model, kernel variant, kernel sources, torch
+version, thread count), so later loads do not pay for it. A file that does not parse or was written for
+another machine is ignored and rewritten. `QUILL_TUNE=0` turns timing off: the fixed default
 (Quill's kernels up to DEFAULT_ROWS rows, the GEMM beyond; decode in calls of at most DEFAULT_ROWS rows) serves,
 as tests need for deterministic paths.
 """
@@ -116,24 +116,39 @@ def made_while_timing(release: Callable[[], None]) -> None:
         made.append(release)
 
 
-def _time(fn: Callable[[], object]) -> tuple[float, list[Callable[[], None]]]:
-    """The fastest of REPEATS calls of `fn` after a warm-up, and the releases of what it made meanwhile."""
-    outer, made = getattr(_timing, "made", None), []
-    _timing.made = made
+def _time(candidates: dict[str, Callable[[], object]], key: str) -> dict[str, tuple[float, list[Callable[[], None]]]]:
+    """Each candidate's fastest of REPEATS calls after a warm-up call, with the releases of what it made meanwhile;
+    a candidate whose backend this build of torch lacks (it raises RuntimeError/NotImplementedError) is left out.
+    The candidates take turns (each round calls every one once), so a slow spell of a shared machine falls on
+    all of them rather than on whichever was being timed then."""
+    outer = getattr(_timing, "made", None)
+    made: dict[str, list[Callable[[], None]]] = {name: [] for name in candidates}
+    best = {name: float("inf") for name in candidates}
     try:
-        fn()  # warm-up: first-use costs (packing, page faults) are not the path's speed
-        best = float("inf")
-        for _ in range(REPEATS):
-            t0 = time.perf_counter()
-            fn()
-            best = min(best, time.perf_counter() - t0)
+        for rnd in range(REPEATS + 1):  # round 0 warms up: first-use costs (packing, page faults) are not speed
+            for name, fn in candidates.items():
+                if name not in best:
+                    continue
+                _timing.made = made[name]
+                t0 = time.perf_counter()
+                try:
+                    fn()
+                except (RuntimeError, NotImplementedError) as e:
+                    log.info("tuning %s: candidate %s failed (%s)", key, name, e)
+                    del best[name]
+                    for release in made.pop(name):
+                        release()
+                    continue
+                if rnd:
+                    best[name] = min(best[name], time.perf_counter() - t0)
     except BaseException:
-        for release in made:
-            release()
+        for releases in made.values():
+            for release in releases:
+                release()
         raise
     finally:
         _timing.made = outer
-    return best, made
+    return {name: (best[name], made[name]) for name in best}
 
 
 def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], default: str,
@@ -152,14 +167,10 @@ def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], defa
         chosen = table.get(key)
     if chosen in candidates:
         return chosen
-    times, made = {}, {}
-    for name, fn in candidates.items():
-        try:
-            times[name], made[name] = _time(fn)
-        except (RuntimeError, NotImplementedError) as e:  # a backend this build of torch lacks
-            log.info("tuning %s: candidate %s failed (%s)", key, name, e)
+    timed = _time(candidates, key)
+    times = {name: t for name, (t, _) in timed.items()}
     chosen = min(times, key=lambda n: times[n] * (INEXACT_MARGIN if n in inexact else 1.0)) if times else default
-    for name, releases in made.items():
+    for name, (_, releases) in timed.items():
         if name != chosen:
             for release in releases:
                 release()
