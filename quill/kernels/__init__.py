@@ -421,24 +421,22 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
     return own()
 
 
+def _serves(*ts: Tensor) -> bool:
+    """Whether the kernels serve these tensors: float CPU inference tensors, each with a contiguous last dim."""
+    return (all(t.device.type == "cpu" and t.dtype in FLOAT_DTYPES and (t.dim() == 0 or t.stride(-1) == 1)
+                and not (torch.is_grad_enabled() and t.requires_grad) for t in ts) and available())
+
+
 def activate_(x: Tensor, act: str) -> bool:
     """Apply activation `act` to x in place with the vectorised kernel; False (x untouched) when it does not serve.
 
     It serves contiguous fp32/bf16/fp16 CPU inference tensors with an activation it knows, computing in fp32
     (torch's tanh-GELU is a sizeable share of a prefill, and more in bf16: docs/performance.md).
     """
-    if (x.device.type != "cpu" or x.dtype not in FLOAT_DTYPES or not x.is_contiguous() or act not in ACTIVATIONS
-            or act is None or (torch.is_grad_enabled() and x.requires_grad) or not available()):
+    if act not in ACTIVATIONS or act is None or not x.is_contiguous() or not _serves(x):
         return False
-    lib = _lib if _lib is not None else _load()
-    lib.quill_activate(x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], ACTIVATIONS[act], torch.get_num_threads())
+    _lib.quill_activate(x.data_ptr(), x.numel(), DTYPE_CODES[x.dtype], ACTIVATIONS[act], torch.get_num_threads())
     return True
-
-
-def _serves(*ts: Tensor) -> bool:
-    """Whether the kernels serve these tensors: float CPU inference tensors, each with a contiguous last dim."""
-    return (all(t.device.type == "cpu" and t.dtype in FLOAT_DTYPES and (t.dim() == 0 or t.stride(-1) == 1)
-                and not (torch.is_grad_enabled() and t.requires_grad) for t in ts) and available())
 
 
 def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Tensor | None:
@@ -448,7 +446,7 @@ def layer_norm(x: Tensor, weight: Tensor, bias: Tensor | None, eps: float) -> Te
     waits for a core that the pool's helper still holds: docs/performance.md), computing in fp32 as the fused
     decode step's LayerNorm does; weight and bias: [K] of one float dtype."""
     K = x.shape[-1]
-    if (not _serves(x, weight, *(() if bias is None else (bias,))) or weight.shape != (K,) or not weight.is_contiguous()
+    if (not _serves(*(t for t in (x, weight, bias) if t is not None)) or weight.shape != (K,) or not weight.is_contiguous()
             or (bias is not None and (bias.shape != (K,) or bias.dtype != weight.dtype or not bias.is_contiguous()))):
         return None
     x2 = x.reshape(-1, K)
@@ -521,10 +519,7 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
     docs/performance.md) and the result is fp32.
     """
     B, H, T, D = q.shape
-    ts = (q, k, v)
-    if (D % 16 or k.shape != (B, H, start + T, D) or v.shape != k.shape or q.device.type != "cpu"
-            or any(t.dtype not in FLOAT_DTYPES or t.stride(-1) != 1 for t in ts)
-            or (torch.is_grad_enabled() and any(t.requires_grad for t in ts)) or not available()):
+    if D % 16 or k.shape != (B, H, start + T, D) or v.shape != k.shape or not _serves(q, k, v):
         return None
     if k.dtype == v.dtype == torch.bfloat16 and q.dtype in (torch.float32, torch.bfloat16) and has_gemm_bf16():
         out = torch.empty(B, T, H, D, dtype=q.dtype)
