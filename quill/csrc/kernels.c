@@ -26,6 +26,7 @@ const char* quill_isa(void) {
 }
 
 enum { F32 = QK_F32, BF16 = QK_BF16, F16 = QK_F16, I8 = QK_I8 };
+static inline int64_t dsize(int dt) { return dt == F32 ? 4 : dt == I8 ? 1 : 2; }  /* bytes an element */
 
 /* ---- a barrier-free thread pool with owned ranges -------------------------------------------------------
    A job is `ntasks` independent tasks, split into one contiguous range per thread (the caller is thread 0).
@@ -1021,7 +1022,7 @@ int quill_layer_norm(const void* x, int xdt, int64_t ldx, void* y, int ydt, int6
 struct convert_job { const void* src; int sdt; void* dst; int ddt; int64_t n1, n2, n3, ss0, ss1, ss2, ds0, ds1, ds2; };
 static void convert_task(void* ctx, int64_t t) {
     const struct convert_job* j = (const struct convert_job*)ctx;
-    const int64_t i0 = t / j->n1, i1 = t % j->n1, ssz = j->sdt == F32 ? 4 : 2, dsz = j->ddt == F32 ? 4 : 2;
+    const int64_t i0 = t / j->n1, i1 = t % j->n1, ssz = dsize(j->sdt), dsz = dsize(j->ddt);
     for (int64_t i2 = 0; i2 < j->n2; i2++) {
         const char* s = (const char*)j->src + (i0 * j->ss0 + i1 * j->ss1 + i2 * j->ss2) * ssz;
         char* d = (char*)j->dst + (i0 * j->ds0 + i1 * j->ds1 + i2 * j->ds2) * dsz;
@@ -1119,7 +1120,7 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
         to_bf16(xf, M * K, xb);
     }
 #endif
-    const int64_t wsz = wdt == F32 ? 4 : wdt == I8 ? 1 : 2;
+    const int64_t wsz = dsize(wdt);
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
     /* whole register blocks per task: 4 rows (int8 on AVX-512, and any weights at batch 1 where any count
        serves); 12 against 4+ rows for float weights and AVX2's int8 (rows4's and rows_i8q_4x3's 3-row blocks:
@@ -1584,7 +1585,7 @@ static inline __attribute__((always_inline)) void attend(const float* q, const c
 static void attn_task(void* ctx, int64_t t) {
     struct attn_job* j = (struct attn_job*)ctx;
     const int dt = j->dt, cdt = j->cdt;
-    const int64_t H = j->H, D = j->D, C = H * D, esz = dt == F32 ? 4 : 2, csz = cdt == F32 ? 4 : 2;
+    const int64_t H = j->H, D = j->D, C = H * D, esz = dsize(dt), csz = dsize(cdt);
     const int64_t b = t / H, h = t % H, p = j->pos ? j->pos[b] : j->pos0, L = p + 1;
     const char* row = (const char*)j->qkv + (b * j->ldq) * esz;
     char* kbase = (char*)j->kc + (b * j->sb + h * j->sh) * csz;
@@ -1938,7 +1939,7 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
     const float eps = f32_bits(plan[QK_PLAN_EPS]);
     const void *wte = (const void*)plan[QK_PLAN_WTE], *wpe = (const void*)plan[QK_PLAN_WPE];
     const int wte_dt = (int)plan[QK_PLAN_WTE_DTYPE], wpe_dt = (int)plan[QK_PLAN_WPE_DTYPE];
-    const int64_t csz = cdt == F32 ? 4 : 2;
+    const int64_t csz = dsize(cdt);
     /* embedding: x = wte[token] + wpe[pos] */
     for (int64_t b = 0; b < B; b++) {
         const int64_t t = tokens[b], p = pos ? pos[b] : pos0;
@@ -1997,7 +1998,7 @@ void quill_argmax(const void* x, int dt, int64_t M, int64_t N, int64_t ldx, int6
 #define MAX_BANS QK_MAX_BANS
 void quill_argmax_banned(void* x, int dt, int64_t M, int64_t N, int64_t ldx, int64_t* out,
                          const int64_t* ban_off, const int64_t* ban_ids) {
-    const int64_t esz = dt == F32 ? 4 : 2;
+    const int64_t esz = dsize(dt);
     for (int64_t m = 0; m < M; m++) {
         const int64_t b0 = ban_off[m], nb = ban_off[m + 1] - b0;
         char* row = (char*)x + m * ldx * esz;
@@ -2032,7 +2033,7 @@ int64_t quill_decode_greedy(const int64_t* plan, int64_t B, const int64_t* token
     int64_t *cur = state, *at = pos ? state + B : NULL;
     memcpy(cur, tokens, B * sizeof(int64_t));
     if (at) memcpy(at, pos, B * sizeof(int64_t));
-    const int64_t V = plan[QK_PLAN_V], csz = cdt == F32 ? 4 : 2, lsz = logits_dt == F32 ? 4 : 2;
+    const int64_t V = plan[QK_PLAN_V], csz = dsize(cdt), lsz = dsize(logits_dt);
     int64_t s = 0;
     for (int stop = 0; s < steps && !stop;) {
         int rc = 0;
