@@ -53,11 +53,16 @@ def test_decode_benchmark_report(tmp_path):
         assert r["system"] in md and f"{r['decode_tok_s']:.1f}" in md
 
     q32, q8, ort8 = res["quill fp32"], res["quill int8"], res["onnxruntime int8"]
+    for r in res.values():  # one round: its medians are the run's
+        assert r["round_medians"]["decode"] == [r["decode_tok_s"]]
+        assert r["round_medians"]["prefill-512"] == [r["prefill_tok_s"]]
     goals = rep["goals"]
     assert goals["int8 decode >= 1.5x ORT int8"] == (q8["decode_tok_s"] >= 1.5 * ort8["decode_tok_s"])
     assert goals["fp32 prefill-512 >= best peer"] == (
         q32["prefill_tok_s"] >= max(res[p]["prefill_tok_s"] for p in ("transformers fp32", "onnxruntime fp32")))
     assert goals["fp32 batch-8 >= 5x batch-1"] == (q32["batched_tok_s"]["8"] >= 5 * q32["decode_tok_s"])
+    best = max(("transformers fp32", "onnxruntime fp32"), key=lambda p: res[p]["prefill_tok_s"])
+    assert f"| quill fp32 | prefill-512 | {best} | {q32['prefill_tok_s'] / res[best]['prefill_tok_s']:.2f}x |" in md
     assert "bf16 decode >= llama.cpp f16" not in goals  # no llama.cpp in this run: no verdict either way
     assert "fp32 decode >= llama.cpp f32" not in goals
     assert f"{q32['decode_tok_s'] / res['onnxruntime fp32']['decode_tok_s']:.2f}x" in md
@@ -66,6 +71,42 @@ def test_decode_benchmark_report(tmp_path):
     assert quality["quill fp32"] == {"prefill": 1.0, "decode": 1.0}  # the reference against itself, both ways
     assert all(0 <= v <= 1 for modes in quality.values() for v in modes.values())
     assert f"| quill int8 | {100 * quality['quill int8']['prefill']:.1f}% | " in md
+
+
+def _result(system, family, precision, rounds):
+    """A report row as run_benchmark writes it, from each column's round medians (None: not measured)."""
+    def median(col):
+        got = [v for v in rounds.get(col, []) if v]
+        return statistics.median(got) if got else None
+    return {"system": system, "family": family, "precision": precision, "pct_of_bound": 95.0,
+            "decode_tok_s": median("decode"), "prefill_tok_s": median("prefill-512"),
+            "batched_tok_s": {b: median(f"batch-{b}") for b in (4, 8, 16) if median(f"batch-{b}")},
+            "round_medians": rounds}
+
+
+def test_goals_compare_round_by_round(monkeypatch):
+    """A machine whose speed drifts between rounds: Quill ahead of the peer in every round but behind by the
+    ratio of whole-run medians, and a peer ahead in every round though level by medians; the goals follow the
+    rounds, and the best peer is the one with the highest median."""
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import decode
+
+    quill = _result("quill int8", "quill", "int8", {"decode": [100, 110, 300], "prefill-512": [500, 800, 1000],
+                                                    "batch-8": [800, 900, 1200], "batch-16": [790, 890, 1190]})
+    ort = _result("onnxruntime int8", "onnxruntime", "int8", {"decode": [90, 250, 280], "prefill-512": [520, 790, 1100]})
+    ct2 = _result("ctranslate2 int8", "ctranslate2", "int8", {"decode": [80, 70, 60], "prefill-512": [400, 820, 900]})
+    results = [quill, ort, ct2]
+    assert decode.best_peers(results, "int8") == {"decode": ort, "prefill-512": ct2}
+    assert decode.round_ratios(quill, "decode", ort) == [100 / 90, 110 / 250, 300 / 280]
+    assert quill["decode_tok_s"] / ort["decode_tok_s"] < 1 < decode.paired_ratio(quill, "decode", ort)
+    assert decode.paired_ratio(quill, "prefill-512", ct2) == statistics.median([500 / 400, 800 / 820, 1000 / 900])
+    goals = decode.check_goals(results, (1, 8, 16))
+    assert goals["int8 decode >= best peer"] is True
+    assert goals["int8 decode >= 1.3x best peer's int8"] is False  # 300 / 280, 110 / 250: the median 1.07x
+    assert goals["int8 prefill-512 >= best peer"] is True  # against CTranslate2 (median 820 > ORT's 790): 800 < 820
+    assert goals["int8 batch-8 >= 5x batch-1"] is True  # 8x, 8.2x, 4x: the median 8x
+    assert goals["int8 batch-16 >= batch-8"] is False  # lower in every round by 1%
+    assert "int8 batch-8 >= best peer" not in goals  # no peer batched
 
 
 def test_missing_peer_packages_are_left_out_with_a_note(monkeypatch, tmp_path):
