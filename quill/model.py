@@ -125,9 +125,9 @@ class Linear(nn.Linear):
             y = F.linear(x, w, self.bias)
         return epilogue(y, act, residual)
 
-    def kernel_args(self) -> tuple[Tensor, None, Tensor | None]:
-        """(weight, scale, bias) for the fused decode step: float weights need no scale."""
-        return self.weight, None, self.bias
+    def kernel_args(self) -> tuple[Tensor, None, Tensor | None, None]:
+        """(weight, scale, bias, sums) for the fused decode step: float weights need no scale and no row sums."""
+        return self.weight, None, self.bias, None
 
 
 # config.json keys that carry no meaning for inference (bookkeeping, task heads, dropout, tokenizer ids).

@@ -107,16 +107,20 @@ class Int8Linear(nn.Module):
         self._packed = kernels.PackedCopy()  # fbgemm's packed weight, see _gemm
         self._panels = kernels.PackedCopy()  # the panels of _panel_gemm
         self._u8_panels = kernels.PackedCopy()  # the panels and row sums of _u8_gemm
+        self._sums = kernels.PackedCopy()  # the row sums the row kernel's u8 rows take (kernel_args)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> Int8Linear:
         q, scale = quantize_weight(linear.weight)
         return cls(q, scale, linear.bias)
 
-    def kernel_args(self) -> tuple[Tensor, Tensor, Tensor | None]:
-        """(weight, scale, bias) for quill.kernels.linear (the model's decode path calls it directly)."""
+    def kernel_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
+        """(weight, scale, bias, sums) for quill.kernels.linear and the decode plan: sums, the weight's row sums
+        (made once per weight), where rows may be rounded to u8 (`u8_inputs`), else None."""
         s = self.weight_scale
-        return self.weight, s if s.dtype == torch.float32 else s.float(), self.bias
+        sums = self._sums.get(kernels.identity(self.weight), lambda: kernels.row_sums(self.weight)) \
+            if self.u8_inputs else None
+        return self.weight, s if s.dtype == torch.float32 else s.float(), self.bias, sums
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
         """The weight as a float matrix [out, in] in `dtype`."""
@@ -130,15 +134,15 @@ class Int8Linear(nn.Module):
         VNNI (`u8_inputs`, unless QUILL_INT8_U8=0) the kernel rounds rows to u8, and the u8 GEMM is the one
         other candidate: both sum the same exact integers, so a row's result never depends on the rows batched
         with it nor on which of the two computed it."""
-        w, s, b = self.kernel_args()
+        w, s, b, sums = self.kernel_args()
         gemm = _int8_gemm_serves(x)
         # on u8 rows the kernel and the u8 GEMM give the same bits, and the int16 paths would round otherwise
-        u8 = self.u8_inputs and kernels.available() and kernels.u8_rows(self.in_features)
+        u8 = sums is not None and kernels.available() and kernels.u8_rows(self.in_features)
         others = {"u8gemm": self._u8_gemm} if u8 else {"i8gemm": self._panel_gemm, "torch": self._dequantized_forward}
         if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm
         y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",), act=act, residual=residual,
-                            u8=self.u8_inputs)
+                            sums=sums)
         if y is not None:
             return y
         if gemm and kernels.rows(x) > kernels.DEFAULT_ROWS:
@@ -159,7 +163,7 @@ class Int8Linear(nn.Module):
         into the kernel's column panels on first use (one more int8 copy) and again when it changes."""
         key = (self._weights_key(), kernels.i8_panels())  # the loaded variant's layout
         panels = self._panels.get(key, lambda: kernels.pack_i8(self.weight))
-        _, s, b = self.kernel_args()
+        _, s, b, _ = self.kernel_args()
         return kernels.gemm_i8(x, panels, s, b, self.out_features, act, residual)
 
     def _u8_gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
@@ -167,7 +171,7 @@ class Int8Linear(nn.Module):
         zero point a row, as the int8 peers round them, at twice the int16 GEMM's rate (docs/performance.md,
         "Quality"). The weight's packed copy is made on first use and remade when it changes."""
         packed = self._u8_panels.get(self._weights_key(), lambda: kernels.pack_u8i8(self.weight))
-        _, s, b = self.kernel_args()
+        _, s, b, _ = self.kernel_args()
         return kernels.gemm_u8i8(x, packed, s, b, self.out_features, act, residual)
 
     def _gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:

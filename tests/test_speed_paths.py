@@ -204,7 +204,8 @@ def test_linear_kernel_matches_torch(wdtype, xdtype):
             dense = w.float()
         bias, residual = torch.randn(n).to(xdtype), torch.randn(m, n).to(xdtype)
         ref = residual.float() + x.float() @ dense.t() + bias.float()
-        out = kernels.linear(x, w, bias, scale, residual=residual)
+        sums = kernels.row_sums(w) if wdtype == torch.int8 else None  # u8 rows where the variant has them
+        out = kernels.linear(x, w, bias, scale, residual=residual, sums=sums)
         assert out.dtype == xdtype
         if wdtype == torch.int8 and xdtype == torch.float32:
             # int8 weights meet activations rounded per row, to int16 (step max|x|/32767: half a step at most)
@@ -373,7 +374,7 @@ def test_int8_kernels_give_the_same_bits_in_every_variant(kernel_isa, monkeypatc
     w = torch.randint(-127, 128, (37, 3000), dtype=torch.int8)
     x, scale, bias = torch.randn(5, 3000), torch.rand(37), torch.randn(37)
     packed, xs = kernels.pack_i8(w), torch.randn(131, 3000)
-    got = [kernels.linear(x[:m], w, bias, scale, u8=False) for m in (1, 2, 5)]
+    got = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)]
     got.append(kernels.gemm_i8(xs, packed, scale, bias, 37))
     monkeypatch.setattr(kernels, "_lib", kernels._bind(ctypes.CDLL(str(build.build(AVX2).path))))
     monkeypatch.setattr(kernels, "_variant", AVX2)
@@ -381,7 +382,7 @@ def test_int8_kernels_give_the_same_bits_in_every_variant(kernel_isa, monkeypatc
         with pytest.raises(ValueError, match="pack them again"):
             kernels.gemm_i8(xs, packed, scale, bias, 37)
     packed = kernels.pack_i8(w)
-    want = [kernels.linear(x[:m], w, bias, scale, u8=False) for m in (1, 2, 5)]
+    want = [kernels.linear(x[:m], w, bias, scale) for m in (1, 2, 5)]
     want.append(kernels.gemm_i8(xs, packed, scale, bias, 37))
     assert all(torch.equal(a, b) for a, b in zip(want, got))
 
@@ -403,16 +404,20 @@ def test_int8_rows_are_exact_and_independent_of_the_batch(kernel_isa, xdtype):
         x = x.to(xdtype)
         w = torch.randint(-127, 128, (n, k), dtype=torch.int8)
         scale, bias = torch.rand(n) * 0.01, torch.randn(n).to(xdtype)
-        out = kernels.linear(x, w, bias, scale)
+        sums = kernels.row_sums(w)
+        out = kernels.linear(x, w, bias, scale, sums=sums)
         assert_exact_int8_product(out, x, w, scale, bias, u8_rows if kernels.u8_rows(k) else int16_rows)
-        alone = torch.cat([kernels.linear(x[i:i + 1], w, bias, scale) for i in range(m)])
+        alone = torch.cat([kernels.linear(x[i:i + 1], w, bias, scale, sums=sums) for i in range(m)])
         assert torch.equal(alone, out)
-        if not kernels.u8_rows(k):  # AVX2 has no u8 path: u8 asked gives its int16 rows
-            assert torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))
+        if not kernels.u8_rows(k):  # AVX2 has no u8 path: rows with the sums given are its int16 rows
+            assert torch.equal(out, kernels.linear(x, w, bias, scale))
             continue
         # the same integers and epilogue as the prefill's u8 GEMM: decoded and prefilled rows agree bit for bit
         assert torch.equal(out, kernels.gemm_u8i8(x, kernels.pack_u8i8(w), scale, bias, n))
-        assert not torch.equal(out, kernels.linear(x, w, bias, scale, u8=False))  # the int16 path is another
+        assert not torch.equal(out, kernels.linear(x, w, bias, scale))  # without the sums: int16, another path
+    for wrong in (sums.float(), sums[:-1]):  # the C kernel would read N int32s from the pointer: checked first
+        with pytest.raises(ValueError, match="row sums"):
+            kernels.linear(x, w, bias, scale, sums=wrong)
 
 
 @needs_kernels

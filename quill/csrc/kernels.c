@@ -565,55 +565,48 @@ static void quantize_u8(const float* r, int64_t K, uint8_t* q, float* scale, int
 
 /* int8 weights against u8 activations (quantize_u8: a scale and a zero point a row) with vpdpbusd: 64
    products an instruction, twice vpdpwssd's, and the weights meet the instruction as stored (no widening).
-   A weight row's own sum, for the zero point, comes from one more vpdpbusd against ones, shared by the block's
-   rows. acc = sum_k (q_k - zp) w_k is exact (K <= QK_U8_MAX_K) and rounded to fp32 once, so a row gets the same
+   A weight row's own sum, for the zero point, is the caller's (ws[n], computed once per weight: a vpdpbusd
+   against ones here cost one more instruction for every MR). acc = sum_k (q_k - zp) w_k is exact (K <= QK_U8_MAX_K) and rounded to fp32 once, so a row gets the same
    bits whichever rows share its call (a decode step's result does not depend on its batch). MR rows (4, 2, 1)
    against NR weight rows (4 or 1). */
 static inline __attribute__((always_inline)) void u8_block(const uint8_t* x, int64_t K, const int32_t* zp,
-                                                           const int8_t* W, int64_t n, int64_t n0, float* acc,
-                                                           int64_t ldacc, const int MR, const int NR) {
+                                                           const int8_t* W, const int32_t* ws, int64_t n, int64_t n0,
+                                                           float* acc, int64_t ldacc, const int MR, const int NR) {
     const int64_t K64 = K & ~(int64_t)63;
-    const __m512i ones = _mm512_set1_epi8(1);
-    __m512i a[4][4], s[4];
-    _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
-        s[c] = _mm512_setzero_si512();
+    __m512i a[4][4];
+    _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++)
         _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) a[r][c] = _mm512_setzero_si512();
-    }
     for (int64_t k = 0; k < K64; k += 64) {
         __m512i w[4];
         _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
             if (PF) _mm_prefetch((const char*)(W + (n + c + PF) * K + k), PFH);
             w[c] = _mm512_loadu_si512((const void*)(W + (n + c) * K + k));
-            s[c] = _mm512_dpbusd_epi32(s[c], ones, w[c]);
         }
         _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) {
             const __m512i u = _mm512_loadu_si512((const void*)(x + r * K + k));
             _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) a[r][c] = _mm512_dpbusd_epi32(a[r][c], u, w[c]);
         }
-        _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
-            IN_REGISTER(s[c]);
+        _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++)
             _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) IN_REGISTER(a[r][c]);
-        }
     }
     _Pragma("GCC unroll 4") for (int c = 0; c < NR; c++) {
         const int8_t* w = W + (n + c) * K;
-        int64_t ws = _mm512_reduce_add_epi32(s[c]);
-        for (int64_t k = K64; k < K; k++) ws += w[k];
         _Pragma("GCC unroll 4") for (int r = 0; r < MR; r++) {
             int64_t d = _mm512_reduce_add_epi32(a[r][c]);
             for (int64_t k = K64; k < K; k++) d += (int32_t)x[r * K + k] * w[k];
-            acc[r * ldacc + n - n0 + c] = (float)(d - (int64_t)zp[r] * ws);
+            acc[r * ldacc + n - n0 + c] = (float)(d - (int64_t)zp[r] * ws[n + c]);
         }
     }
 }
 __attribute__((noinline)) static void rows_u8(const uint8_t* xu, const int32_t* zp, int64_t M, int64_t K,
-                                              const int8_t* W, int64_t n0, int64_t n1, float* acc, int64_t ldacc) {
+                                              const int8_t* W, const int32_t* ws, int64_t n0, int64_t n1, float* acc,
+                                              int64_t ldacc) {
     int64_t m = 0;
 #define U8_ROWS(MR)                                                                                          \
     for (; m + MR <= M; m += MR) {                                                                           \
         int64_t n = n0;                                                                                      \
-        for (; n + 4 <= n1; n += 4) u8_block(xu + m * K, K, zp + m, W, n, n0, acc + m * ldacc, ldacc, MR, 4); \
-        for (; n < n1; n++) u8_block(xu + m * K, K, zp + m, W, n, n0, acc + m * ldacc, ldacc, MR, 1);      \
+        for (; n + 4 <= n1; n += 4) u8_block(xu + m * K, K, zp + m, W, ws, n, n0, acc + m * ldacc, ldacc, MR, 4); \
+        for (; n < n1; n++) u8_block(xu + m * K, K, zp + m, W, ws, n, n0, acc + m * ldacc, ldacc, MR, 1);      \
     }
     U8_ROWS(4) U8_ROWS(2) U8_ROWS(1)
 #undef U8_ROWS
@@ -921,7 +914,8 @@ struct linear_job {
     const float* x; int64_t M, K; const void* W; int wdt; const float* scale; const void* bias; int bdt;
     const void* residual; void* y; int ydt; int64_t ldy, N, chunk; int act;
     const int16_t* xq; const float* xs;  /* int8 weights: activations as int16 with one scale per row, */
-    const uint8_t* xu; const int32_t* zp; /* or (AVX-512 VNNI) as u8 with a scale and a zero point per row */
+    const uint8_t* xu; const int32_t* zp; /* or (AVX-512 VNNI) as u8 with a scale and a zero point per row, */
+    const int32_t* wsum;                  /* against the weight rows' sums */
     const uint16_t* xb;                  /* bf16 weights on AVX-512 BF16 (rows_bf16dp): x rounded to bf16 */
 };
 
@@ -943,7 +937,7 @@ static void linear_task(void* ctx, int64_t t) {
             case F16: rows_f16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
             default:
 #ifdef QUILL_AVX512
-                if (j->xu) { rows_u8(j->xu + m0 * K, j->zp + m0, mb, K, (const int8_t*)j->W, n0, n1, acc, 64); break; }
+                if (j->xu) { rows_u8(j->xu + m0 * K, j->zp + m0, mb, K, (const int8_t*)j->W, j->wsum, n0, n1, acc, 64); break; }
 #endif
                 if (j->xq) rows_i8q(j->xq + m0 * K, mb, K, K, (const int8_t*)j->W, n0, n1, acc, 64);
                 else rows_i8(xm, mb, K, (const int8_t*)j->W, n0, n1, acc, 64);
@@ -1071,7 +1065,8 @@ static void read_switches(void) {  /* the environment's switches above, read onc
     if (task_bytes < 0) { const char* e = getenv("QUILL_TASK_BYTES"); task_bytes = e ? atoi(e) : 32768; }
 }
 
-/* Whether rows of K columns that meet int8 weights are rounded to u8 (rows_u8) where the caller allows it: the
+/* Whether rows of K columns that meet int8 weights are rounded to u8 (rows_u8) where the caller gives the weight
+   rows' sums: the
    AVX-512 VNNI builds, unless QUILL_INT8_U8=0 or QUILL_INT8_FLOAT=1, for K within the exact integer sums. */
 static int rows_u8_serve(int64_t K) {
 #ifdef QUILL_AVX512
@@ -1085,13 +1080,13 @@ static int rows_u8_serve(int64_t K) {
 static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const float* scale,
                       const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
                       int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps,
-                      int act, int u8ok) {
+                      int act, const int32_t* wsum) {
     if (M <= 0 || N <= 0) return 0;
     /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or u8 rows [M, K],
        their scales [M] and zero points [M], or (bf16 weights on AVX-512 BF16, bf16 activations or two rows and
        more) bf16 rows [M, K] */
     read_switches();
-    const int u8 = u8ok && wdt == I8 && rows_u8_serve(K);
+    const int u8 = wsum && wdt == I8 && rows_u8_serve(K);
     const int bf16dp = HAVE_BF16DP && wdt == BF16 && (xdt == BF16 || M >= 2);
     const int64_t extra = u8 ? (M * K + 3) / 4 + 2 * M : wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0;
     float* buf = scratch(M * K + extra);
@@ -1128,7 +1123,8 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     const int64_t unit = M < 4 ? 4 : wdt == I8 ? I8_TASK_UNIT : 12;
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
-    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xu, zp, xb};
+    struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xu, zp,
+                             wsum, xb};
     const int64_t tasks = (N + chunk - 1) / chunk;
     pool_run(linear_task, &job, tasks, M * N * K >= (1 << 16) ? nthreads : 1);
     return 0;
@@ -1137,17 +1133,18 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
 /* y[m, n] = (residual[m, n] +) act(scale[n] * sum_k ln(x)[m, k] W[n, k] + bias[n])
    x: [M, K] with row stride ldx, dtype xdt; W: [N, K] contiguous, dtype wdt; scale: fp32 [N] or NULL;
    bias: [N] of dtype bdt or NULL; residual and y: [M, N] with row stride ldy, dtype ydt (may alias);
-   lnw/lnb: LayerNorm weight/bias (dtype lndt) applied to each row of x first, or NULL; u8ok: int8 weights may
-   meet rows rounded to u8 (rows_u8: AVX-512 VNNI builds, unless QUILL_INT8_U8=0), else int16. */
+   lnw/lnb: LayerNorm weight/bias (dtype lndt) applied to each row of x first, or NULL; wsum: int8 weights' row
+   sums (int32 [N]), given where the rows may be rounded to u8 (rows_u8: AVX-512 VNNI builds, unless
+   QUILL_INT8_U8=0), or NULL: int16 rows. */
 int quill_linear(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const float* scale,
                  const void* bias, int bdt, const void* residual, void* y, int ydt, int64_t ldy,
                  int64_t N, int64_t K, int nthreads, const void* lnw, const void* lnb, int lndt, float eps, int act,
-                 int u8ok) {
+                 const int32_t* wsum) {
     return linear_run(x, xdt, M, ldx, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, K, nthreads,
-                      lnw, lnb, lndt, eps, act, u8ok);
+                      lnw, lnb, lndt, eps, act, wsum);
 }
 
-/* Whether quill_linear with u8ok rounds rows of K columns that meet int8 weights to u8: the one answer Python's
+/* Whether quill_linear with row sums rounds rows of K columns that meet int8 weights to u8: the one answer Python's
    choice of paths follows (quill.kernels.u8_rows). */
 int quill_rows_u8(int64_t K) {
     read_switches();
@@ -1913,11 +1910,11 @@ int quill_attn_prefill_bf16(const void* q, int qdt, int64_t qsb, int64_t qsh, in
 static inline float f32_bits(int64_t w) { uint32_t u = (uint32_t)w; float f; memcpy(&f, &u, 4); return f; }
 
 static int lin(const void* x, int xdt, int64_t M, const int64_t* l, const void* res, void* y, int ydt,
-               int64_t N, int64_t K, int nt, const int64_t* ln, float eps, int act, int u8ok) {
+               int64_t N, int64_t K, int nt, const int64_t* ln, float eps, int act) {
     return linear_run(x, xdt, M, K, (const void*)l[QK_LIN_WEIGHT], (int)l[QK_LIN_DTYPE], (const float*)l[QK_LIN_SCALE],
                       (const void*)l[QK_LIN_BIAS], (int)l[QK_LIN_BIAS_DTYPE], res, y, ydt, N, N, K, nt,
                       ln ? (const void*)ln[QK_NORM_WEIGHT] : NULL, ln ? (const void*)ln[QK_NORM_BIAS] : NULL,
-                      ln ? (int)ln[QK_NORM_DTYPE] : 0, eps, act, u8ok);
+                      ln ? (int)ln[QK_NORM_DTYPE] : 0, eps, act, (const int32_t*)l[QK_LIN_SUMS]);
 }
 
 /* Per-part wall time of decode steps (ns), summed while QUILL_PROFILE=1: embed, qkv, attention, attention
@@ -1950,15 +1947,15 @@ int quill_decode_step(const int64_t* plan, int64_t B, const int64_t* tokens, con
     int rc = 0;
     for (int64_t i = 0; i < L && !rc; i++) {
         const int64_t* l = plan + QK_PLAN_HEADER + i * QK_PLAN_LAYER;
-        PROF(1, rc |= lin(x, adt, B, l + QK_LAYER_QKV, NULL, qkv, adt, 3 * C, C, nt, l + QK_LAYER_LN_1, eps, ACT_NONE, 1));
+        PROF(1, rc |= lin(x, adt, B, l + QK_LAYER_QKV, NULL, qkv, adt, 3 * C, C, nt, l + QK_LAYER_LN_1, eps, ACT_NONE));
         PROF(2, rc |= attn_run(qkv, adt, B, H, C / H, 3 * C, kbase + i * layer_stride * csz,
                                vbase + i * layer_stride * csz, cdt, sb, sh, sl, pos, pos0, f32_bits(l[QK_LAYER_ATTN_SCALE]), att, C, nt));
-        PROF(3, rc |= lin(att, adt, B, l + QK_LAYER_ATTN_PROJ, x, x, adt, C, C, nt, NULL, eps, ACT_NONE, 1));
-        PROF(4, rc |= lin(x, adt, B, l + QK_LAYER_FC, NULL, hidden, adt, I, C, nt, l + QK_LAYER_LN_2, eps, act, 1));
-        PROF(5, rc |= lin(hidden, adt, B, l + QK_LAYER_MLP_PROJ, x, x, adt, C, I, nt, NULL, eps, ACT_NONE, 1));
+        PROF(3, rc |= lin(att, adt, B, l + QK_LAYER_ATTN_PROJ, x, x, adt, C, C, nt, NULL, eps, ACT_NONE));
+        PROF(4, rc |= lin(x, adt, B, l + QK_LAYER_FC, NULL, hidden, adt, I, C, nt, l + QK_LAYER_LN_2, eps, act));
+        PROF(5, rc |= lin(hidden, adt, B, l + QK_LAYER_MLP_PROJ, x, x, adt, C, I, nt, NULL, eps, ACT_NONE));
     }
     if (!rc) PROF(6, rc = lin(x, adt, B, plan + QK_PLAN_LM_HEAD, NULL, logits, logits_dt, V, C, nt,
-                                   plan + QK_PLAN_LN_F, eps, ACT_NONE, 0));
+                                   plan + QK_PLAN_LN_F, eps, ACT_NONE));
     return rc;
 }
 

@@ -42,8 +42,9 @@
 #define QK_MAX_BANS 64
 
 /* ---- the decode plan: the int64 words quill_decode_step reads (pointers, dtypes, sizes; floats as their
-   bit patterns). A header of QK_PLAN_HEADER words, then QK_PLAN_LAYER words per block. A projection is five
-   words (QK_LIN_*), a LayerNorm three (QK_NORM_*), both at the offset named. */
+   bit patterns). A header of QK_PLAN_HEADER words, then QK_PLAN_LAYER words per block. A projection is six
+   words (QK_LIN_*; SUMS: an int8 weight's row sums where its rows may be rounded to u8, else 0), a LayerNorm
+   three (QK_NORM_*), both at the offset named. */
 #define QK_PLAN_N_LAYER 0
 #define QK_PLAN_C 1
 #define QK_PLAN_H 2
@@ -62,19 +63,20 @@
 
 #define QK_LAYER_LN_1 0
 #define QK_LAYER_QKV 3
-#define QK_LAYER_ATTN_PROJ 8
-#define QK_LAYER_LN_2 13
-#define QK_LAYER_FC 16
-#define QK_LAYER_MLP_PROJ 21
-#define QK_LAYER_ATTN_SCALE 26
-#define QK_PLAN_LAYER 27
+#define QK_LAYER_ATTN_PROJ 9
+#define QK_LAYER_LN_2 15
+#define QK_LAYER_FC 18
+#define QK_LAYER_MLP_PROJ 24
+#define QK_LAYER_ATTN_SCALE 30
+#define QK_PLAN_LAYER 31
 
 #define QK_LIN_WEIGHT 0
 #define QK_LIN_DTYPE 1
 #define QK_LIN_SCALE 2
 #define QK_LIN_BIAS 3
 #define QK_LIN_BIAS_DTYPE 4
-#define QK_LIN_WORDS 5
+#define QK_LIN_SUMS 5
+#define QK_LIN_WORDS 6
 
 #define QK_NORM_WEIGHT 0
 #define QK_NORM_BIAS 1

@@ -69,7 +69,7 @@ def _switched_off(name: str) -> bool:
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     """Declare the C entry points' signatures on a freshly loaded library."""
     P, I, C = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C, C]
+    lib.quill_linear.argtypes = [P, C, I, I, P, C, P, P, C, P, P, C, I, I, I, C, P, P, C, ctypes.c_float, C, P]
     lib.quill_linear.restype = C
     lib.quill_rows_u8.argtypes = [I]
     lib.quill_rows_u8.restype = C
@@ -198,15 +198,16 @@ def observed() -> bool:
 
 def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
            residual: Tensor | None = None, out: Tensor | None = None, ln: nn.LayerNorm | None = None,
-           act: str | None = None, u8: bool = True) -> Tensor:
+           act: str | None = None, sums: Tensor | None = None) -> Tensor:
     """`(residual +) (ln(x) @ weight.T) * scale + bias` for x [M, K] (last dim contiguous).
 
     weight: [N, K] contiguous float32/bfloat16/float16/int8; scale: float32 [N] (int8 weights) or None;
     ln: an optional LayerNorm applied to each row of x first (in fp32, fused); the result has x's dtype.
     `out` and `residual` are [M, N] with a contiguous last dim and may be the same tensor (an in-place
-    residual add). int8 weights meet each row rounded to int16 (one scale a row), or where `u8` asks and
-    `u8_rows(K)` says so to u8 (a scale and a zero point a row: twice the products an instruction); either way
-    a row's result does not depend on the rows beside it.
+    residual add). int8 weights meet each row rounded to int16 (one scale a row), or where the caller gives
+    the weight's `sums` (`row_sums`) and `u8_rows(K)` says so to u8 (a scale and a zero point a row, the sums
+    taking the zero point off: twice the products an instruction); either way a row's result does not depend
+    on the rows beside it.
     """
     lib = _lib if _lib is not None else _load()
     M, K = x.shape
@@ -220,7 +221,8 @@ def linear(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor 
         None if residual is None else residual.data_ptr(), out.data_ptr(), DTYPE_CODES[out.dtype], out.stride(0),
         N, K, torch.get_num_threads(),
         None if ln is None else ln.weight.data_ptr(), None if ln is None or ln.bias is None else ln.bias.data_ptr(),
-        0 if ln is None else DTYPE_CODES[ln.weight.dtype], 0.0 if ln is None else ln.eps, ACTIVATIONS[act], int(u8))
+        0 if ln is None else DTYPE_CODES[ln.weight.dtype], 0.0 if ln is None else ln.eps, ACTIVATIONS[act],
+        None if sums is None else _checked_sums(sums, N).data_ptr())
     if rc:
         raise MemoryError("quill_linear: out of memory")
     return out
@@ -286,11 +288,22 @@ def pack_bf16(weight: Tensor) -> Tensor:
     return _pack(weight.to(torch.bfloat16), BF16_PANEL, BF16_GROUP, BF16_KSTEP)
 
 
+def row_sums(weight: Tensor) -> Tensor:
+    """An int8 weight's rows' sums (int32 [N]): what u8 rows' zero points take off their products."""
+    return weight.sum(1, dtype=torch.int32)
+
+
+def _checked_sums(sums: Tensor, n: int) -> Tensor:
+    if sums.dtype != torch.int32 or sums.shape != (n,) or not sums.is_contiguous():
+        raise ValueError(f"row sums must be contiguous int32 [{n}]")
+    return sums
+
+
 def pack_u8i8(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """An int8 weight [N, K] as `gemm_u8i8` reads it: its panels (quill.h's QK_U8_*) and its rows' sums (int32,
-    N padded as the panels are; the zero points' correction)."""
+    """An int8 weight [N, K] as `gemm_u8i8` reads it: its panels (quill.h's QK_U8_*) and its `row_sums` (N padded
+    as the panels are)."""
     panels = _pack(weight, _ABI["U8_PANEL"], _ABI["U8_GROUP"], _ABI["U8_KSTEP"])
-    sums = weight.sum(1, dtype=torch.int32)
+    sums = row_sums(weight)
     return panels, torch.nn.functional.pad(sums, (0, panels.shape[0] * panels.shape[2] - sums.shape[0]))
 
 
@@ -351,7 +364,7 @@ def gemm_bf16(x: Tensor, packed: Tensor, bias: Tensor | None, n: int, act: str |
 
 
 def u8_rows(k: int) -> bool:
-    """Whether `linear` (with `u8`) rounds rows of k columns that meet int8 weights to u8: the loaded variant has
+    """Whether `linear` (with `sums`) rounds rows of k columns that meet int8 weights to u8: the loaded variant has
     VNNI, QUILL_INT8_U8 is not 0, QUILL_INT8_FLOAT is not 1 and k fits the exact sums. The kernels' own answer."""
     lib = _lib if _lib is not None else _load()
     return lib is not None and bool(lib.quill_rows_u8(k))
@@ -384,9 +397,9 @@ def rows(x: Tensor) -> int:
 def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor | None = None,
             others: dict[str, Callable[[Tensor, str | None, Tensor | None], Tensor]] | None = None,
             inexact: Collection[str] = (), act: str | None = None, residual: Tensor | None = None,
-            u8: bool = True) -> Tensor | None:
+            sums: Tensor | None = None) -> Tensor | None:
     """`linear` for x of any leading shape ([..., K] -> [..., N]), or None where the kernels do not serve it;
-    `act`, `residual` ([..., N]) and `u8` as there; `act` and `residual` are passed on to `others` (called as
+    `act`, `residual` ([..., N]) and `sums` as there; `act` and `residual` are passed on to `others` (called as
     f(x, act, residual)).
 
     They serve CPU inference inputs with a float activation dtype and a contiguous weight of a known dtype; the
@@ -407,7 +420,7 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         if x2.stride(-1) != 1:
             x2 = x2.contiguous()
         return linear(x2, weight, bias, scale, residual=_residual_rows(residual, x, weight.shape[0]),
-                      act=act, u8=u8).view(*x.shape[:-1], weight.shape[0])
+                      act=act, sums=sums).view(*x.shape[:-1], weight.shape[0])
 
     if m > 1 and others:
         candidates = {"quill": own, **{name: functools.partial(f, x, act, residual) for name, f in others.items()}}

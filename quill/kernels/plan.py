@@ -39,10 +39,10 @@ def build_plan(model: nn.Module) -> tuple[Tensor, list[Tensor]]:
     refs: list[Tensor] = []
     code = kernels.DTYPE_CODES
 
-    def ptr(t: Tensor | None) -> int:
+    def ptr(t: Tensor | None, dtypes=code) -> int:
         if t is None:
             return 0
-        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in code:
+        if t.device.type != "cpu" or not t.is_contiguous() or t.dtype not in dtypes:
             raise Unsupported("tensor layout")
         refs.append(t)
         return t.data_ptr()
@@ -50,9 +50,9 @@ def build_plan(model: nn.Module) -> tuple[Tensor, list[Tensor]]:
     def linear(m: nn.Module) -> list[int]:
         # kernel_args must be the module's own class's: a subclass with another forward would inherit it
         if type(m) is nn.Linear:
-            w, s, b = m.weight, None, m.bias
+            w, s, b, sums = m.weight, None, m.bias, None
         elif "kernel_args" in type(m).__dict__:
-            w, s, b = m.kernel_args()
+            w, s, b, sums = m.kernel_args()
         else:
             raise Unsupported(type(m).__name__)
         if s is not None and s.dtype != torch.float32:
@@ -61,6 +61,7 @@ def build_plan(model: nn.Module) -> tuple[Tensor, list[Tensor]]:
         words[ABI["LIN_WEIGHT"]], words[ABI["LIN_DTYPE"]] = ptr(w), code[w.dtype]
         words[ABI["LIN_SCALE"]], words[ABI["LIN_BIAS"]] = ptr(s), ptr(b)
         words[ABI["LIN_BIAS_DTYPE"]] = code[b.dtype] if b is not None else 0
+        words[ABI["LIN_SUMS"]] = ptr(sums, (torch.int32,))
         return words
 
     def norm(ln: nn.Module) -> list[int]:
