@@ -116,10 +116,11 @@ class Int8Linear(nn.Module):
 
     def kernel_args(self) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None]:
         """(weight, scale, bias, sums) for quill.kernels.linear and the decode plan: sums, the weight's row sums
-        (made once per weight), where rows may be rounded to u8 (`u8_inputs`), else None."""
+        (made once per weight), where rows may be rounded to u8 (`u8_inputs`, and the loaded kernels do), else
+        None."""
         s = self.weight_scale
-        sums = self._sums.get(kernels.identity(self.weight), lambda: kernels.row_sums(self.weight)) \
-            if self.u8_inputs else None
+        u8 = self.u8_inputs and kernels.available() and kernels.u8_rows(self.in_features)
+        sums = self._sums.get(kernels.identity(self.weight), lambda: kernels.row_sums(self.weight)) if u8 else None
         return self.weight, s if s.dtype == torch.float32 else s.float(), self.bias, sums
 
     def dequantized(self, dtype: torch.dtype) -> Tensor:
@@ -137,8 +138,8 @@ class Int8Linear(nn.Module):
         w, s, b, sums = self.kernel_args()
         gemm = _int8_gemm_serves(x)
         # on u8 rows the kernel and the u8 GEMM give the same bits, and the int16 paths would round otherwise
-        u8 = sums is not None and kernels.available() and kernels.u8_rows(self.in_features)
-        others = {"u8gemm": self._u8_gemm} if u8 else {"i8gemm": self._panel_gemm, "torch": self._dequantized_forward}
+        others = ({"u8gemm": self._u8_gemm} if sums is not None
+                  else {"i8gemm": self._panel_gemm, "torch": self._dequantized_forward})
         if gemm and _fbgemm_competes():
             others["fbgemm"] = self._gemm
         y = kernels.project(x, w, b, s, others=others, inexact=("fbgemm",), act=act, residual=residual,
