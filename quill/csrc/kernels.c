@@ -224,11 +224,14 @@ static inline void narrow(void* dst, int dt, int64_t i0, const float* src, int64
    feeds four FMAs (batched decode is compute-bound). Every group of four activation rows runs on one block of
    three weight rows before the next block is read, each group prefetching ahead, so the weights stream from
    memory at an even pace while the FMAs run from L1 (one pass per group over the task's rows left memory
-   idle during the later passes). */
+   idle during the later passes). From 16 rows on, group g prefetches only every G-th 16-element chunk (the
+   g-th of G groups): each line is asked for once and the prefetches still spread over all the passes (every
+   group asking for every line spent issue slots on lines in cache; the first group alone, in bursts, fell
+   behind the stream). */
 #define DEFINE_ROWS4(SUF, WT, VLOAD, SLOAD)                                                                 \
 static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int64_t n0, int64_t n1,         \
                         float* acc, int64_t ldacc) {                                                       \
-    const int64_t K8 = K & ~(int64_t)7;                                                                      \
+    const int64_t K8 = K & ~(int64_t)7, groups = M4 < 16 ? 1 : M4 / 4;                                     \
     int64_t n = n0;                                                                                          \
     for (; n + 3 <= n1; n += 3)                                                                              \
     for (int64_t m = 0; m < M4; m += 4) {                                                                    \
@@ -236,8 +239,10 @@ static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int6
         const WT *w0 = W + n * K, *w1 = w0 + K, *w2 = w1 + K;                                                \
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0;                        \
         __m256 c0 = a0, c1 = a0, c2 = a0, d0 = a0, d1 = a0, d2 = a0;                                         \
+        int64_t turn = M4 < 16 ? 0 : m / 4;  /* chunks before this group's next prefetch */                  \
         for (int64_t k = 0; k < K8; k += 8) {                                                                \
-            if (PFW && (k & 15) == 0) {                                                                      \
+            if (PFW && (k & 15) == 0 && turn-- == 0) {                                                       \
+                turn = groups - 1;                                                                           \
                 _mm_prefetch((const char*)(w0 + PFW * K + k), PFH);                                          \
                 _mm_prefetch((const char*)(w1 + PFW * K + k), PFH);                                          \
                 _mm_prefetch((const char*)(w2 + PFW * K + k), PFH);                                          \
