@@ -427,12 +427,20 @@ def _column_median(r: dict, col: str) -> float | None:
     return r["prefill_tok_s"] if col == "prefill-512" else r["batched_tok_s"].get(int(col.split("-")[1]))
 
 
+def _columns(batches) -> list[str]:
+    """The columns the goals and the paired table compare, in the report's order."""
+    return ["decode", "prefill-512"] + [f"batch-{b}" for b in batches if b > 1]
+
+
 def best_peers(results: list[dict], precision: str) -> dict[str, dict]:
     """For each column the peer at `precision` with the highest median there: the one Quill is set against."""
     best: dict[str, dict] = {}
     for r in results:
-        for col in r["round_medians"] if _is_peer(r, precision) else ():
-            if _column_median(r, col) and (col not in best or _column_median(r, col) > _column_median(best[col], col)):
+        if not _is_peer(r, precision):
+            continue
+        for col in r["round_medians"]:
+            value = _column_median(r, col)
+            if value and (col not in best or value > _column_median(best[col], col)):
                 best[col] = r
     return best
 
@@ -460,7 +468,7 @@ def check_goals(results: list[dict], batches, quality: dict | None = None) -> di
         if not q:
             continue
         best = best_peers(results, p)
-        for col in ["decode", "prefill-512"] + [f"batch-{b}" for b in batches if b > 1]:
+        for col in _columns(batches):
             ok = at_least(q, col, best.get(col), col, 1)  # issue 25: at least the best peer at the same precision
             if ok is not None:
                 g[f"{p} {col} >= best peer"] = ok
@@ -526,11 +534,10 @@ def format_report(rep: dict) -> str:
         for q in quills:
             lines.append(f"| {q['system']} | " + " | ".join(f"{q['prefill_tok_s'] / p['prefill_tok_s']:.2f}x"
                                                           for p in peers) + " |")
-    columns = ["decode", "prefill-512"] + [f"batch-{b}" for b in batches if b > 1]
     rows = []
     for q in quills:
         best = best_peers(res, q["precision"])
-        for col in columns:
+        for col in _columns(batches):
             ratios = round_ratios(q, col, best[col], col) if col in best and col in q["round_medians"] else []
             if ratios:
                 rows.append(f"| {q['system']} | {col} | {best[col]['system']} | {statistics.median(ratios):.2f}x | "

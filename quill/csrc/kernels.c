@@ -571,9 +571,9 @@ static void quantize_u8(const float* r, int64_t K, uint8_t* q, float* scale, int
 /* int8 weights against u8 activations (quantize_u8: a scale and a zero point a row) with vpdpbusd: 64
    products an instruction, twice vpdpwssd's, and the weights meet the instruction as stored (no widening).
    A weight row's own sum, for the zero point, is the caller's (ws[n], computed once per weight: a vpdpbusd
-   against ones here cost one more instruction for every MR). acc = sum_k (q_k - zp) w_k is exact (K <= QK_U8_MAX_K) and rounded to fp32 once, so a row gets the same
-   bits whichever rows share its call (a decode step's result does not depend on its batch). MR rows (4, 2, 1)
-   against NR weight rows (4 or 1). */
+   against ones here cost one more instruction for every MR). acc = sum_k (q_k - zp) w_k is exact
+   (K <= QK_U8_MAX_K) and rounded to fp32 once, so a row gets the same bits whichever rows share its call (a
+   decode step's result does not depend on its batch). MR rows (4, 2, 1) against NR weight rows (4 or 1). */
 static inline __attribute__((always_inline)) void u8_block(const uint8_t* x, int64_t K, const int32_t* zp,
                                                            const int8_t* W, const int32_t* ws, int64_t n, int64_t n0,
                                                            float* acc, int64_t ldacc, const int MR, const int NR) {
@@ -1071,8 +1071,8 @@ static void read_switches(void) {  /* the environment's switches above, read onc
 }
 
 /* Whether rows of K columns that meet int8 weights are rounded to u8 (rows_u8) where the caller gives the weight
-   rows' sums: the
-   AVX-512 VNNI builds, unless QUILL_INT8_U8=0 or QUILL_INT8_FLOAT=1, for K within the exact integer sums. */
+   rows' sums: the AVX-512 VNNI builds, unless QUILL_INT8_U8=0 or QUILL_INT8_FLOAT=1, for K within the exact
+   integer sums. */
 static int rows_u8_serve(int64_t K) {
 #ifdef QUILL_AVX512
     return int8_u8 && !int8_float && K <= QK_U8_MAX_K;
