@@ -193,9 +193,10 @@ def measure(spec: ModelSpec, inputs: list[int], outputs: list[int], instructions
 
 
 def settle_paths(job: dict, env: dict[str, str]) -> None:
-    """Run `job`'s calls once natively, in the counted worker's environment `env` (its kernel variant; one
-    thread), so that the multi-row paths they need (quill.kernels.tune) are chosen and cached as a native run
-    chooses them, and no counted cell that first uses a shape class counts its timing.
+    """Run `job`'s calls natively, in the counted worker's environment `env` (its kernel variant; one thread),
+    so that the multi-row paths they need (quill.kernels.tune) are chosen and cached as a native run chooses
+    them, and no counted cell that first uses a shape class counts its timing. Twice: the tuner keeps a choice
+    only after a second timing in a later process, which would otherwise be the counted worker.
 
     Left to a callgrind worker, the paths would also be timed under valgrind, whose emulation slows some far
     more than others (those whose time natively is their arithmetic: valgrind emulates every fused
@@ -206,8 +207,9 @@ def settle_paths(job: dict, env: dict[str, str]) -> None:
     from quill.kernels import tune
 
     if tune.enabled():
-        subprocess.run([sys.executable, "-m", "quill.costtable", json.dumps({**job, "native": True})],
-                       env=env, check=True)
+        for _ in range(2):
+            subprocess.run([sys.executable, "-m", "quill.costtable", json.dumps({**job, "native": True})],
+                           env=env, check=True)
 
 
 def _worker(job: dict) -> None:

@@ -98,6 +98,7 @@ def test_paths_are_settled_natively_for_the_counted_worker(folder, tmp_path, mon
     assert saved["machine"]["threads"] == 1 and saved["machine"]["isa"] == callgrind.worker_environment().get(
         "QUILL_ISA", saved["machine"]["isa"])
     classes = {key.split("rows<=")[1].split()[0] for key in saved["choices"] if "rows<=" in key}
+    assert saved["trials"] == {}  # the second native run confirmed every choice: the counted worker times none
     assert classes == {str(row_class(9)), str(row_class(3)), str(row_class(4))}  # 9; the no-cache 3 and 3 + 1
 
 

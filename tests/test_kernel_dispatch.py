@@ -1,5 +1,6 @@
 """Choosing the kernel build for the CPU (flags parser, QUILL_ISA), building every variant warning-free, and the
-multi-row path tuner (its choice keeps results within the speed paths' tolerances; a bad cache is rebuilt).
+multi-row path tuner (its choice keeps results within the speed paths' tolerances; it is kept after a second
+timing; a bad cache is rebuilt).
 
 The /proc/cpuinfo lines below are those of an AMD EPYC 7763 (Zen 3: AVX2 only), an AMD EPYC 9654 (Zen 4:
 AVX-512 with VNNI and BF16) and an Intel Xeon of family 6 model 106 (Ice Lake-SP, under KVM: AVX-512 with VNNI,
@@ -8,7 +9,12 @@ no BF16), as Linux lists them.
 
 from __future__ import annotations
 
+import functools
+import gc
 import json
+import os
+import time
+import weakref
 
 import pytest
 import torch
@@ -246,7 +252,7 @@ def test_batched_decode_may_split_into_halves(tuning):
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
-@pytest.mark.parametrize("damage", ["corrupt", "foreign", "wrong-shape", "stale"])
+@pytest.mark.parametrize("damage", ["corrupt", "foreign", "wrong-shape", "stale", "bad-trial"])
 def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     torch.manual_seed(0)
     layer = Int8Linear.from_linear(torch.nn.Linear(64, 40))
@@ -254,7 +260,8 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     tuning.parent.mkdir(parents=True, exist_ok=True)
     rivals = "[quill,u8gemm]" if kernels.u8_rows(64) else "[quill,i8gemm,torch]"
     key = f"linear w=int8 x=float32 40x64 rows<=32 {rivals}"  # the key 20 rows look up
-    bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name), "choices": {key: "no-such-path"}}
+    bogus = {"format": tune.FORMAT, "machine": tune.machine(kernels.variant().name), "choices": {key: "no-such-path"},
+             "trials": {}}
     if damage == "corrupt":
         tuning.write_bytes(b"\x00{not json")
     elif damage == "foreign":
@@ -262,8 +269,10 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
                                       "choices": {key: "torch"}}))
     elif damage == "wrong-shape":
         tuning.write_text(json.dumps({**bogus, "choices": ["quill"]}))
-    else:  # this machine's file naming a path that no longer exists: timed again
+    elif damage == "stale":  # this machine's file naming a path that no longer exists: timed again
         tuning.write_text(json.dumps(bogus))
+    else:  # a choice whose first timing does not parse: timed afresh, not confirmed with it
+        tuning.write_text(json.dumps({**bogus, "choices": {key: "quill"}, "trials": {key: {"times": "fast"}}}))
     with torch.inference_mode():
         got = layer(x)
     exact = torch.nn.functional.linear(x, layer.dequantized(torch.float32), layer.bias)
@@ -271,6 +280,7 @@ def test_a_bad_tuning_cache_is_ignored_and_rebuilt(tuning, damage):
     data = json.loads(tuning.read_text())
     assert data["machine"] == tune.machine(kernels.variant().name)
     assert list(data["choices"].values()) and set(data["choices"].values()) <= {"quill", "i8gemm", "u8gemm", "fbgemm", "torch"}
+    assert data["trials"][key]["pid"] == os.getpid()  # a first timing, made now
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
@@ -304,6 +314,64 @@ def test_only_the_chosen_path_keeps_its_packed_weight(tuning, monkeypatch):
             continue  # a candidate not offered here (fbgemm's; the u8 GEMM's, or the int16 ones on u8 rows)
         assert {n for n, c in copies.items() if c.made} == {winner} & copies.keys(), winner
         assert sum(c.made for c in copies.values()) <= 1 and len(named) >= 2
+
+
+@pytest.mark.parametrize("first", ["this process", "a previous process"])
+def test_a_choice_is_kept_after_a_second_timing(tuning, monkeypatch, first):
+    """A first timing's choice serves at once and is not timed again early; at its first use CONFIRM_AFTER
+    seconds on (or at once in a later process) the candidates are timed again and each counts its best of both,
+    so a slow spell in one timing does not decide; what the first choice made is released if it lost. A
+    confirmed choice is read back from the file and never timed again (the clock stood in for)."""
+    isa, candidates = kernels.variant().name, {"a": lambda: None, "b": lambda: None}
+    scripted, timings, released = iter([{"a": 2.0, "b": 1.5}, {"a": 1.0, "b": 1.6}]), [], []
+
+    def fake_time(cands, key):
+        timings.append(key)
+        return {n: (t, [functools.partial(released.append, (len(timings), n))]) for n, t in next(scripted).items()}
+
+    monkeypatch.setattr(tune, "_time", fake_time)
+    if first == "this process":
+        assert tune.choose(isa, "k", candidates, "a") == "b" and released == [(1, "a")]
+        assert tune.choose(isa, "k", candidates, "a") == "b" and len(timings) == 1  # not due yet
+        monkeypatch.setattr(tune, "CONFIRM_AFTER", 0.0)
+    else:
+        next(scripted)
+        tuning.parent.mkdir(parents=True, exist_ok=True)
+        tuning.write_text(json.dumps({"format": tune.FORMAT, "machine": tune.machine(isa), "choices": {"k": "b"},
+                                      "trials": {"k": {"times": {"a": 2.0, "b": 1.5}, "pid": os.getpid() + 1,
+                                                       "at": time.time()}}}))
+    saved = json.loads(tuning.read_text())
+    assert saved["choices"] == {"k": "b"} and saved["trials"]["k"]["times"] == {"a": 2.0, "b": 1.5}
+    assert tune.choose(isa, "k", candidates, "a") == "a"  # best of both: a 1.0 s, b 1.5 s
+    second = len(timings)
+    # the second timing's loser, and in this process also the first timing's loser and its dropped choice
+    assert sorted(released) == ([(1, "a"), (1, "b"), (2, "b")] if first == "this process" else [(1, "b")])
+    saved = json.loads(tuning.read_text())
+    assert saved["choices"] == {"k": "a"} and saved["trials"] == {}
+    tune.forget()
+    assert tune.choose(isa, "k", candidates, "b") == "a" and len(timings) == second
+
+
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+def test_a_layer_dropped_before_its_choice_is_confirmed_is_freed(tuning, monkeypatch):
+    """The tuner keeps, until the second timing, how to release what the chosen path made; it must not keep
+    the layer's packed copies alive after the layer is gone (Quill's int8 or u8 GEMM made to win: it packs)."""
+    timed = tune._time
+
+    def packing_wins(candidates, key):
+        return {n: (0.0 if n in ("i8gemm", "u8gemm") else 1.0, made)
+                for n, (_, made) in timed(candidates, key).items()}
+
+    monkeypatch.setattr(tune, "_time", packing_wins)
+    torch.manual_seed(0)
+    layer = Int8Linear.from_linear(torch.nn.Linear(64, 40))
+    with torch.inference_mode():
+        layer(torch.randn(120, 64))
+    assert layer._panels.made or layer._u8_panels.made
+    copies = [weakref.ref(c) for c in (layer._panels, layer._u8_panels, layer._packed, layer._sums)]
+    del layer
+    gc.collect()
+    assert all(ref() is None for ref in copies)
 
 
 def test_candidates_take_turns_and_one_without_a_backend_is_left_out():
