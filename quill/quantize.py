@@ -171,8 +171,8 @@ class Int8Linear(nn.Module):
         """Long inputs on Quill's u8 x int8 GEMM (AVX-512 VNNI): activations rounded to 8 bits with a scale and a
         zero point a row, as the int8 peers round them, at twice the int16 GEMM's rate (docs/performance.md,
         "Quality"). The weight's packed copy is made on first use and remade when it changes."""
-        packed = self._u8_panels.get(self._weights_key(), lambda: kernels.pack_u8i8(self.weight))
-        _, s, b, _ = self.kernel_args()
+        _, s, b, sums = self.kernel_args()
+        packed = self._u8_panels.get(self._weights_key(), lambda: kernels.pack_u8i8(self.weight, sums))
         return kernels.gemm_u8i8(x, packed, s, b, self.out_features, act, residual)
 
     def _gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:

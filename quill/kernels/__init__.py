@@ -299,11 +299,11 @@ def _checked_sums(sums: Tensor, n: int) -> Tensor:
     return sums
 
 
-def pack_u8i8(weight: Tensor) -> tuple[Tensor, Tensor]:
+def pack_u8i8(weight: Tensor, sums: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """An int8 weight [N, K] as `gemm_u8i8` reads it: its panels (quill.h's QK_U8_*) and its `row_sums` (N padded
-    as the panels are)."""
+    as the panels are; `sums`, where the caller keeps them already)."""
     panels = _pack(weight, _ABI["U8_PANEL"], _ABI["U8_GROUP"], _ABI["U8_KSTEP"])
-    sums = row_sums(weight)
+    sums = row_sums(weight) if sums is None else _checked_sums(sums, weight.shape[0])
     return panels, torch.nn.functional.pad(sums, (0, panels.shape[0] * panels.shape[2] - sums.shape[0]))
 
 
