@@ -28,8 +28,10 @@ CPU has it) when their packages are installed. A peer that is not installed is l
 
 How: each family runs in a worker process of its own (bench/worker.py: their thread pools - torch's
 OpenMP, ORT's, ggml's - must not share a process), driven round by round from here so that load from other
-processes falls on all of them alike; the order rotates from round to round, so no system is always
-measured first (after the previous round's heaviest work) or last. Every system runs at the thread count (1
+processes falls on all of them alike, column by column (every system's decode, then every system's prefill,
+then each batch size), so that the two samples a ratio pairs were taken within a minute of each other; the
+order rotates from round to round, so no system is always measured first (after the previous round's heaviest
+work) or last. Every system runs at the thread count (1
 or all cores) that was faster for it in the warm-up, chosen separately for decode, batched decode and
 prefill. Tables report medians of `--runs` rounds; the goals compare two systems (or two columns) round by
 round, by the median of the rounds' ratios (`paired_ratio`). Results go to docs/benchmarks/ as JSON, Markdown and a
@@ -310,11 +312,11 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             for n in thread_choices:
                 tried[n] = r.prefill(long_prompt, threads=n)
                 if tried[n] > SLOW_S:
-                    slow.add((r.name, "prefill"))
+                    slow.add((r.name, "prefill-512"))
                     break
             r.threads["prefill"] = min(tried, key=tried.get)
             if min(tried.values()) > SLOW_S:
-                slow.add((r.name, "prefill"))
+                slow.add((r.name, "prefill-512"))
             log(f"  {r.name}: decode {r.threads['decode']} thread(s), batched {r.threads['batch']}, "
                 f"prefill {r.threads['prefill']}")
         for i in range(runs):
@@ -334,17 +336,19 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                         s.bounded.append((new - 1) / seconds)
                     if seconds > SLOW_S:
                         slow.add((r.name, "decode"))
-            for r in order:
-                s = samples[r.name]
-                if i == 0 or (r.name, "prefill") not in slow:
-                    s.add("prefill-512", i, PREFILL_LEN / r.prefill(long_prompt))
-                for b in batches:
-                    if b > 1 and r.batching and (i == 0 or (r.name, f"batch{b}") not in slow):
-                        t1 = time.perf_counter()
-                        s.add(f"batch-{b}", i,
-                              b * (new_batched - 1) / r.decode(prompt, new_batched, b, threads=r.threads["batch"]))
-                        if time.perf_counter() - t1 > SLOW_S:
-                            slow.add((r.name, f"batch{b}"))
+            for col in _columns(batches)[1:]:
+                for r in order:  # a column's systems one after another: the samples a ratio pairs are close
+                    if (i > 0 and (r.name, col) in slow) or (col != "prefill-512" and not r.batching):
+                        continue
+                    t1 = time.perf_counter()
+                    if col == "prefill-512":
+                        samples[r.name].add(col, i, PREFILL_LEN / r.prefill(long_prompt))
+                    else:
+                        b = int(col.split("-")[1])
+                        samples[r.name].add(col, i, b * (new_batched - 1) / r.decode(prompt, new_batched, b,
+                                                                                     threads=r.threads["batch"]))
+                    if time.perf_counter() - t1 > SLOW_S:
+                        slow.add((r.name, col))
             log(f"round {i + 1}/{runs}: {time.perf_counter() - t0:.0f} s, load {os.getloadavg()[0]:.1f}")
         quality, profile = {}, {}
         for r in runners:

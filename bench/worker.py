@@ -10,6 +10,7 @@ family's runners do, so the llama.cpp worker never loads them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -40,6 +41,9 @@ def worker_main(family: str, cfg_json: str) -> None:
     """A worker process: build the family's runners, then answer JSON-line requests on the original stdout."""
     if family == "quill":
         os.environ["QUILL_PROFILE"] = "1"  # per-part timing of decode steps (a few clock reads per layer)
+        # the path tuner's timings and choices go to the worker's log: a run's speed can be traced to them
+        logging.basicConfig(stream=sys.stderr, format="%(asctime)s %(name)s: %(message)s")
+        logging.getLogger("quill.kernels.tune").setLevel(logging.INFO)
     proto = os.fdopen(os.dup(1), "w", buffering=1)
     os.dup2(2, 1)  # anything the libraries print goes to stderr, never into the protocol
     runners = {r.name: r for r in _local_runners(family, json.loads(cfg_json))}
