@@ -31,9 +31,9 @@ OpenMP, ORT's, ggml's - must not share a process), driven round by round from he
 processes falls on all of them alike, column by column (every system's decode, then every system's prefill,
 then each batch size), so that the two samples a ratio pairs were taken within a minute of each other; the
 order rotates from round to round, so no system is always measured first (after the previous round's heaviest
-work) or last. Every system runs at the thread count (1
-or all cores) that was faster for it in the warm-up, chosen separately for decode, batched decode and
-prefill; one untimed pass of the multi-row work follows the warm-up. Tables report medians of `--runs` rounds; the goals compare two systems (or two columns) round by
+work) or last. Every system runs at the thread count (1 or all cores) that was faster for it in the warm-up,
+chosen separately for decode, batched decode and prefill; one untimed pass of the multi-row work follows the
+warm-up. Tables report medians of `--runs` rounds; the goals compare two systems (or two columns) round by
 round, by the median of the rounds' ratios (`paired_ratio`). Results go to docs/benchmarks/ as JSON, Markdown and a
 PNG chart, one set per kernel variant (decode-MODEL-avx2.*, decode-MODEL-avx512.*, decode-MODEL-avx512bf16.*: each CPU
 kind keeps its own table).
@@ -355,7 +355,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     if col == "prefill-512":
                         samples[r.name].add(col, i, PREFILL_LEN / r.prefill(long_prompt))
                     else:
-                        b = int(col.split("-")[1])
+                        b = _batch(col)
                         samples[r.name].add(col, i, b * (new_batched - 1) / r.decode(prompt, new_batched, b,
                                                                                      threads=r.threads["batch"]))
                     if time.perf_counter() - t1 > SLOW_S:
@@ -439,12 +439,17 @@ def _is_peer(r: dict, precision: str) -> bool:
 def _column_median(r: dict, col: str) -> float | None:
     if col == "decode":
         return r["decode_tok_s"]
-    return r["prefill_tok_s"] if col == "prefill-512" else r["batched_tok_s"].get(int(col.split("-")[1]))
+    return r["prefill_tok_s"] if col == "prefill-512" else r["batched_tok_s"].get(_batch(col))
 
 
 def _columns(batches) -> list[str]:
     """The columns the goals and the paired table compare, in the report's order."""
     return ["decode", "prefill-512"] + [f"batch-{b}" for b in batches if b > 1]
+
+
+def _batch(col: str) -> int:
+    """The batch size of a "batch-B" column."""
+    return int(col.split("-")[1])
 
 
 def best_peers(results: list[dict], precision: str) -> dict[str, dict]:
