@@ -45,7 +45,14 @@ def constants() -> dict[str, int]:
 
 def cache_dir() -> Path:
     """Where compiled kernels (and the path tuner's choices) live: $QUILL_CACHE_DIR, else the user cache."""
-    base = os.environ.get("QUILL_CACHE_DIR")
+    env = os.environ
+    return _cache_dir(env.get("QUILL_CACHE_DIR"), env.get("XDG_CACHE_HOME"), env.get("HOME"))
+
+
+@cache
+def _cache_dir(base: str | None, xdg_cache: str | None, home: str | None) -> Path:
+    """Memoised on the variables the answer depends on: the path tuner asks before every multi-row product, and
+    platformdirs takes as long as a small product."""
     if base:
         return Path(base)
     import platformdirs
