@@ -1167,8 +1167,16 @@ int quill_rows_u8(int64_t K) {
    every row block of the task meets in turn. A chunk's lanes sum at most 256 pair products
    (256 * 2 * 32767 * 127 < 2^31), then are rounded to fp32 and added up chunk by chunk in the same order by
    both variants, so they give the same bits. */
+/* Rows a task of a GEMM takes: Mp rows (a multiple of the register block's mr) in as few tasks of at most `most`
+   rows (a multiple of mr) as will do, as even as whole blocks allow. A task passes over its panel group's weights
+   once, so a short last task (513 rows in tasks of 120: four and one of 33) paid a whole pass for a few rows. */
+static inline int64_t task_rows(int64_t Mp, int64_t mr, int64_t most) {
+    const int64_t tasks = (Mp + most - 1) / most, blocks = Mp / mr;
+    return (blocks + tasks - 1) / tasks * mr;
+}
+
 #define I8G_KC 512   /* K columns per chunk: 256 pairs */
-#define I8G_MB 120   /* activation rows per task (a multiple of I8G_MR): its fp32 sums stay in L1/L2 */
+#define I8G_MB 120   /* activation rows per task at most (a multiple of I8G_MR): its fp32 sums stay in L1/L2 */
 #ifdef QUILL_AVX512
 #define I8G_PANEL QK_I8_PANEL_AVX512
 #define I8G_GROUP QK_I8_GROUP_AVX512
@@ -1179,7 +1187,7 @@ int quill_rows_u8(int64_t K) {
 #define I8G_NC (I8G_PANEL * I8G_GROUP)
 struct gemm_i8_job {
     const float* x; int64_t M, Mp, K, Kp; const int8_t* Wp; const float* scale; const void* bias; int bdt;
-    const void* residual; void* y; int ydt; int64_t ldy, N, ngroups; int act; int16_t* xq; float* xs;
+    const void* residual; void* y; int ydt; int64_t ldy, N, ngroups, mb; int act; int16_t* xq; float* xs;
 };
 
 #ifdef QUILL_AVX512
@@ -1260,11 +1268,11 @@ static void gemm_i8_quant_task(void* ctx, int64_t t) {
     }
 }
 
-/* Task t: rows [I8G_MB * (t / ngroups), +I8G_MB) against the panel group t % ngroups. */
+/* Task t: rows [mb * (t / ngroups), +mb) against the panel group t % ngroups. */
 static void gemm_i8_task(void* ctx, int64_t t) {
     const struct gemm_i8_job* j = (const struct gemm_i8_job*)ctx;
-    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * I8G_MB;
-    const int64_t mb = j->Mp - m0 < I8G_MB ? j->Mp - m0 : I8G_MB, Kp = j->Kp, pstride = Kp * I8G_PANEL;
+    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * j->mb;
+    const int64_t mb = j->Mp - m0 < j->mb ? j->Mp - m0 : j->mb, Kp = j->Kp, pstride = Kp * I8G_PANEL;
     const int8_t* w = j->Wp + g * I8G_GROUP * pstride;
     float f[I8G_MB * I8G_NC];
     memset(f, 0, (size_t)mb * I8G_NC * sizeof(float));
@@ -1295,9 +1303,10 @@ int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* 
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, NULL, NULL, 0, 0.f, buf);
     struct gemm_i8_job job = {xf, M, Mp, K, Kp, Wp, scale, bias, bdt, residual, y, ydt, ldy, N,
-                              (N + I8G_NC - 1) / I8G_NC, act, (int16_t*)(buf + M * K), buf + M * K + (Mp * Kp + 1) / 2};
+                              (N + I8G_NC - 1) / I8G_NC, task_rows(Mp, I8G_MR, I8G_MB), act, (int16_t*)(buf + M * K),
+                              buf + M * K + (Mp * Kp + 1) / 2};
     pool_run(gemm_i8_quant_task, &job, (Mp + 7) / 8, nthreads);
-    pool_run(gemm_i8_task, &job, (Mp + I8G_MB - 1) / I8G_MB * job.ngroups, nthreads);
+    pool_run(gemm_i8_task, &job, (Mp + job.mb - 1) / job.mb * job.ngroups, nthreads);
     return 0;
 }
 
@@ -1311,13 +1320,13 @@ int quill_gemm_i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t* 
    lane starts at -zp * (the column's weight sum) and adds K products of at most 255 * 127, within int32 for
    K <= QK_U8_MAX_K, so y = s_row * scale[n] * sum + bias[n] with one rounding to fp32. */
 #define UG_MR 6    /* rows a register block: 24 accumulators, 4 weight vectors and a broadcast of 32 registers */
-#define UG_MB 120  /* activation rows per task (a multiple of UG_MR) */
+#define UG_MB 120  /* activation rows per task at most (a multiple of UG_MR) */
 #define UG_NC (QK_U8_PANEL * QK_U8_GROUP)
 
 #ifdef QUILL_AVX512
 struct gemm_u8_job {
     const float* x; int64_t M, Mp, K, Kp; const int8_t* Wp; const int32_t* colsum; const float* scale;
-    const void* bias; int bdt; const void* residual; void* y; int ydt; int64_t ldy, N, ngroups; int act;
+    const void* bias; int bdt; const void* residual; void* y; int ydt; int64_t ldy, N, ngroups, mb; int act;
     uint8_t* xq; float* xs; int32_t* zp;
 };
 
@@ -1332,11 +1341,11 @@ static void gemm_u8_quant_task(void* ctx, int64_t t) {
     }
 }
 
-/* Task t: rows [UG_MB * (t / ngroups), +UG_MB) against the panel group t % ngroups, all of K in registers. */
+/* Task t: rows [mb * (t / ngroups), +mb) against the panel group t % ngroups, all of K in registers. */
 static void gemm_u8_task(void* ctx, int64_t t) {
     const struct gemm_u8_job* j = (const struct gemm_u8_job*)ctx;
-    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * UG_MB, Kp = j->Kp, pstride = Kp * QK_U8_PANEL;
-    const int64_t mb = j->Mp - m0 < UG_MB ? j->Mp - m0 : UG_MB;
+    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * j->mb, Kp = j->Kp, pstride = Kp * QK_U8_PANEL;
+    const int64_t mb = j->Mp - m0 < j->mb ? j->Mp - m0 : j->mb;
     const int64_t n0 = g * UG_NC, nn = j->N - n0 < UG_NC ? j->N - n0 : UG_NC;
     const int8_t* w = j->Wp + g * QK_U8_GROUP * pstride;
     __m512i cs[QK_U8_GROUP];
@@ -1390,9 +1399,10 @@ int quill_gemm_u8i8(const void* x, int xdt, int64_t M, int64_t ldx, const int8_t
     const float* xf = prepare_x(x, xdt, M, ldx, K, NULL, NULL, 0, 0.f, buf);
     float* xs = buf + M * K + (Mp * Kp + 3) / 4;
     struct gemm_u8_job job = {xf, M, Mp, K, Kp, Wp, colsum, scale, bias, bdt, residual, y, ydt, ldy, N,
-                              (N + UG_NC - 1) / UG_NC, act, (uint8_t*)(buf + M * K), xs, (int32_t*)(xs + Mp)};
+                              (N + UG_NC - 1) / UG_NC, task_rows(Mp, UG_MR, UG_MB), act, (uint8_t*)(buf + M * K), xs,
+                              (int32_t*)(xs + Mp)};
     pool_run(gemm_u8_quant_task, &job, (Mp + 7) / 8, nthreads);
-    pool_run(gemm_u8_task, &job, (Mp + UG_MB - 1) / UG_MB * job.ngroups, nthreads);
+    pool_run(gemm_u8_task, &job, (Mp + job.mb - 1) / job.mb * job.ngroups, nthreads);
     return 0;
 #else
     (void)x; (void)xdt; (void)M; (void)ldx; (void)Wp; (void)colsum; (void)scale; (void)bias; (void)bdt;
@@ -1419,11 +1429,11 @@ int quill_has_gemm_u8i8(void) {
    16 horizontal sums per block that rows_bf16dp pays are gone. */
 #if HAVE_BF16DP
 #define BG_MR 6    /* rows a register block: 24 accumulators, 4 weight vectors and a broadcast of 32 registers */
-#define BG_MB 120  /* activation rows per task (a multiple of BG_MR): their bf16 copy stays in L2 */
+#define BG_MB 120  /* activation rows per task at most (a multiple of BG_MR): their bf16 copy stays in L2 */
 #define BG_NC (QK_BF16_PANEL * QK_BF16_GROUP)
 struct gemm_bf16_job {
     const void* x; int xdt; int64_t M, Mp, ldx, K, Kp; const uint16_t* Wp; const void* bias; int bdt;
-    const void* residual; void* y; int ydt; int64_t ldy, N, ngroups; int act; uint16_t* xb;
+    const void* residual; void* y; int ydt; int64_t ldy, N, ngroups, mb; int act; uint16_t* xb;
 };
 
 /* Rows [8t, 8t + 8) of the activations to bf16, K zero-padded to Kp (rows past M, the block's padding, zeros). */
@@ -1439,11 +1449,11 @@ static void gemm_bf16_round_task(void* ctx, int64_t t) {
     }
 }
 
-/* Task t: rows [BG_MB * (t / ngroups), +BG_MB) against the panel group t % ngroups. */
+/* Task t: rows [mb * (t / ngroups), +mb) against the panel group t % ngroups. */
 static void gemm_bf16_task(void* ctx, int64_t t) {
     const struct gemm_bf16_job* j = (const struct gemm_bf16_job*)ctx;
-    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * BG_MB, Kp = j->Kp, pstride = Kp * QK_BF16_PANEL;
-    const int64_t mb = j->Mp - m0 < BG_MB ? j->Mp - m0 : BG_MB;
+    const int64_t g = t % j->ngroups, m0 = t / j->ngroups * j->mb, Kp = j->Kp, pstride = Kp * QK_BF16_PANEL;
+    const int64_t mb = j->Mp - m0 < j->mb ? j->Mp - m0 : j->mb;
     const int64_t n0 = g * BG_NC, nn = j->N - n0 < BG_NC ? j->N - n0 : BG_NC;
     const uint16_t* w = j->Wp + g * QK_BF16_GROUP * pstride;
     for (int64_t m = 0; m < mb; m += BG_MR) {
@@ -1484,9 +1494,9 @@ int quill_gemm_bf16(const void* x, int xdt, int64_t M, int64_t ldx, const uint16
     float* buf = scratch((Mp * Kp + 1) / 2);
     if (!buf) return -1;
     struct gemm_bf16_job job = {x, xdt, M, Mp, ldx, K, Kp, Wp, bias, bdt, residual, y, ydt, ldy, N,
-                                (N + BG_NC - 1) / BG_NC, act, (uint16_t*)buf};
+                                (N + BG_NC - 1) / BG_NC, task_rows(Mp, BG_MR, BG_MB), act, (uint16_t*)buf};
     pool_run(gemm_bf16_round_task, &job, (Mp + 7) / 8, nthreads);
-    pool_run(gemm_bf16_task, &job, (Mp + BG_MB - 1) / BG_MB * job.ngroups, nthreads);
+    pool_run(gemm_bf16_task, &job, (Mp + job.mb - 1) / job.mb * job.ngroups, nthreads);
     return 0;
 #else
     (void)x; (void)xdt; (void)M; (void)ldx; (void)Wp; (void)bias; (void)bdt; (void)residual; (void)y; (void)ydt;
