@@ -1156,6 +1156,15 @@ int quill_rows_u8(int64_t K) {
     return rows_u8_serve(K);
 }
 
+/* Rows a task of the GEMMs below (int8, u8, bf16) takes: Mp rows (a multiple of the register block's mr) in as
+   few tasks of at most `most` rows (a multiple of mr) as will do, as even as whole blocks allow. A task passes
+   over its panel group's weights once, so a short last task (513 rows in tasks of 120: four and one of 33) paid
+   a whole pass for a few rows. */
+static inline int64_t task_rows(int64_t Mp, int64_t mr, int64_t most) {
+    const int64_t tasks = (Mp + most - 1) / most, blocks = Mp / mr;
+    return (blocks + tasks - 1) / tasks * mr;
+}
+
 /* ---- int8 weights against many activation rows (prefill): a register-blocked GEMM ------------------------
    Activations are rounded to int16 with one scale a row (quantize_i16, as the decode path: near exact), the
    weights repacked once (quill.kernels.pack_i8) into panels of I8G_PANEL output columns: panel p holds, for
@@ -1167,14 +1176,6 @@ int quill_rows_u8(int64_t K) {
    every row block of the task meets in turn. A chunk's lanes sum at most 256 pair products
    (256 * 2 * 32767 * 127 < 2^31), then are rounded to fp32 and added up chunk by chunk in the same order by
    both variants, so they give the same bits. */
-/* Rows a task of a GEMM takes: Mp rows (a multiple of the register block's mr) in as few tasks of at most `most`
-   rows (a multiple of mr) as will do, as even as whole blocks allow. A task passes over its panel group's weights
-   once, so a short last task (513 rows in tasks of 120: four and one of 33) paid a whole pass for a few rows. */
-static inline int64_t task_rows(int64_t Mp, int64_t mr, int64_t most) {
-    const int64_t tasks = (Mp + most - 1) / most, blocks = Mp / mr;
-    return (blocks + tasks - 1) / tasks * mr;
-}
-
 #define I8G_KC 512   /* K columns per chunk: 256 pairs */
 #define I8G_MB 120   /* activation rows per task at most (a multiple of I8G_MR): its fp32 sums stay in L1/L2 */
 #ifdef QUILL_AVX512
