@@ -956,31 +956,43 @@ static void linear_task(void* ctx, int64_t t) {
     }
 }
 
-/* LayerNorm of one fp32 row in place (two passes, biased variance, as torch), then the affine transform (weight
-   lnw, bias lnb or none, dtype lndt); vectorised: before a decode projection it runs on the calling thread. */
-static void layer_norm_row(float* r, int64_t K, const void* lnw, const void* lnb, int lndt, float eps) {
-    const int64_t K8 = K & ~(int64_t)7;
-    __m256 vs = _mm256_setzero_ps();
+/* LayerNorm of one fp32 row x into r (r may be x): two passes for the moments (biased variance, as torch),
+   then the affine transform (weight lnw, bias lnb or none, dtype lndt); four partial sums a pass, so the
+   adds do not wait on each other. Vectorised: before a decode projection it runs on the calling thread. */
+static void layer_norm_row(const float* x, float* r, int64_t K, const void* lnw, const void* lnb, int lndt,
+                           float eps) {
+    const int64_t K8 = K & ~(int64_t)7, K32 = K & ~(int64_t)31;
+    __m256 s0 = _mm256_setzero_ps(), s1 = s0, s2 = s0, s3 = s0;
     int64_t k = 0;
-    for (; k < K8; k += 8) vs = _mm256_add_ps(vs, _mm256_loadu_ps(r + k));
-    double sum = hsum(vs);
-    for (; k < K; k++) sum += r[k];
+    for (; k < K32; k += 32) {
+        s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + k)); s1 = _mm256_add_ps(s1, _mm256_loadu_ps(x + k + 8));
+        s2 = _mm256_add_ps(s2, _mm256_loadu_ps(x + k + 16)); s3 = _mm256_add_ps(s3, _mm256_loadu_ps(x + k + 24));
+    }
+    for (; k < K8; k += 8) s0 = _mm256_add_ps(s0, _mm256_loadu_ps(x + k));
+    double sum = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; k < K; k++) sum += x[k];
     const float mu = (float)(sum / (double)K);
     const __m256 vmu = _mm256_set1_ps(mu);
-    __m256 vv = _mm256_setzero_ps();
-    for (k = 0; k < K8; k += 8) {
-        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(r + k), vmu);
-        vv = _mm256_fmadd_ps(d, d, vv);
+    s0 = s1 = s2 = s3 = _mm256_setzero_ps();
+    for (k = 0; k < K32; k += 32) {
+        const __m256 d0 = _mm256_sub_ps(_mm256_loadu_ps(x + k), vmu), d1 = _mm256_sub_ps(_mm256_loadu_ps(x + k + 8), vmu);
+        const __m256 d2 = _mm256_sub_ps(_mm256_loadu_ps(x + k + 16), vmu), d3 = _mm256_sub_ps(_mm256_loadu_ps(x + k + 24), vmu);
+        s0 = _mm256_fmadd_ps(d0, d0, s0); s1 = _mm256_fmadd_ps(d1, d1, s1);
+        s2 = _mm256_fmadd_ps(d2, d2, s2); s3 = _mm256_fmadd_ps(d3, d3, s3);
     }
-    double var = hsum(vv);
-    for (; k < K; k++) { const double d = r[k] - mu; var += d * d; }
+    for (; k < K8; k += 8) {
+        const __m256 d = _mm256_sub_ps(_mm256_loadu_ps(x + k), vmu);
+        s0 = _mm256_fmadd_ps(d, d, s0);
+    }
+    double var = hsum(_mm256_add_ps(_mm256_add_ps(s0, s1), _mm256_add_ps(s2, s3)));
+    for (; k < K; k++) { const double d = x[k] - mu; var += d * d; }
     const float rstd = (float)(1.0 / sqrt(var / (double)K + (double)eps));
     const __m256 vr = _mm256_set1_ps(rstd);
     for (k = 0; k < K8; k += 8) {
-        const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(r + k), vmu), vr);
+        const __m256 n = _mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(x + k), vmu), vr);
         _mm256_storeu_ps(r + k, _mm256_fmadd_ps(n, vld(lnw, lndt, k), lnb ? vld(lnb, lndt, k) : _mm256_setzero_ps()));
     }
-    for (; k < K; k++) r[k] = (r[k] - mu) * rstd * ld(lnw, lndt, k) + (lnb ? ld(lnb, lndt, k) : 0.f);
+    for (; k < K; k++) r[k] = (x[k] - mu) * rstd * ld(lnw, lndt, k) + (lnb ? ld(lnb, lndt, k) : 0.f);
 }
 
 /* Activation rows as fp32 (row stride K), LayerNorm'ed when lnw is given; NULL when out of memory. */
@@ -989,7 +1001,7 @@ static const float* prepare_x(const void* x, int xdt, int64_t M, int64_t ldx, in
     if (xdt == F32 && ldx == K && !lnw) return (const float*)x;
     for (int64_t m = 0; m < M; m++) {
         widen(buf + m * K, x, xdt, m * ldx, K);
-        if (lnw) layer_norm_row(buf + m * K, K, lnw, lnb, lndt, eps);
+        if (lnw) layer_norm_row(buf + m * K, buf + m * K, K, lnw, lnb, lndt, eps);
     }
     return buf;
 }
@@ -1002,10 +1014,13 @@ static void ln_task(void* ctx, int64_t t) {
     struct ln_job* j = (struct ln_job*)ctx;
     float* r = scratch(j->K);
     if (!r) { j->err = -1; return; }
-    for (int64_t m = t * LN_ROWS; m < (t + 1) * LN_ROWS && m < j->M; m++) {
-        widen(r, j->x, j->xdt, m * j->ldx, j->K);
-        layer_norm_row(r, j->K, j->w, j->b, j->wdt, j->eps);
-        narrow(j->y, j->ydt, m * j->ldy, r, j->K);
+    for (int64_t m = t * LN_ROWS; m < (t + 1) * LN_ROWS && m < j->M; m++) {  /* fp32 rows are read and */
+        const float* x = r;                                                     /* written where they are */
+        if (j->xdt == F32) x = (const float*)j->x + m * j->ldx;
+        else widen(r, j->x, j->xdt, m * j->ldx, j->K);
+        float* y = j->ydt == F32 ? (float*)j->y + m * j->ldy : r;
+        layer_norm_row(x, y, j->K, j->w, j->b, j->wdt, j->eps);
+        if (j->ydt != F32) narrow(j->y, j->ydt, m * j->ldy, r, j->K);
     }
 }
 int quill_layer_norm(const void* x, int xdt, int64_t ldx, void* y, int ydt, int64_t ldy, int64_t M, int64_t K,
