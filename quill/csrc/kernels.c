@@ -1054,9 +1054,9 @@ void quill_convert(const void* src, int sdt, const int64_t* sstride, void* dst, 
     pool_run(convert_task, &job, shape[0] * shape[1], n >= (1 << 16) ? nthreads : 1);
 }
 
-/* One activation row as int16 with one symmetric scale (largest |value| -> 32767), rounded to nearest even
-   like lrintf; vectorised because it runs on the calling thread before every int8 projection. */
-static void quantize_i16(const float* r, int64_t K, int16_t* q, float* scale) {
+/* One activation row as int16 with one symmetric scale (largest |value| -> qmax, at most 32767), rounded to
+   nearest even like lrintf; vectorised because it runs on the calling thread before every int8 projection. */
+static void quantize_i16(const float* r, int64_t K, int16_t* q, float* scale, float qmax) {
     const __m256 abs_mask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7fffffff));
     __m256 vmx = _mm256_setzero_ps();
     int64_t k = 0;
@@ -1065,7 +1065,7 @@ static void quantize_i16(const float* r, int64_t K, int16_t* q, float* scale) {
     _mm256_storeu_ps(lanes, vmx);
     for (int i = 0; i < 8; i++) mx = lanes[i] > mx ? lanes[i] : mx;
     for (; k < K; k++) mx = fabsf(r[k]) > mx ? fabsf(r[k]) : mx;
-    const float sc = mx > 0.f ? mx / 32767.f : 1.f, inv = 1.f / sc;
+    const float sc = mx > 0.f ? mx / qmax : 1.f, inv = 1.f / sc;
     *scale = sc;
     const __m256 vinv = _mm256_set1_ps(inv);
     for (k = 0; k + 16 <= K; k += 16) {
@@ -1126,7 +1126,7 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     } else if (wdt == I8 && !int8_float) {  /* each activation row to int16 (symmetric, per row) */
         xq = (int16_t*)(buf + M * K);
         xs = buf + M * K + (M * K + 1) / 2;
-        for (int64_t m = 0; m < M; m++) quantize_i16(xf + m * K, K, xq + m * K, xs + m);
+        for (int64_t m = 0; m < M; m++) quantize_i16(xf + m * K, K, xq + m * K, xs + m, 32767.f);
     }
     uint16_t* xb = NULL;
 #if HAVE_BF16DP
@@ -1170,6 +1170,18 @@ int quill_rows_u8(int64_t K) {
     read_switches();
     return rows_u8_serve(K);
 }
+
+/* One int16 row's pair of columns k, k + 1 (broadcast) against three vectors of int16 pairs u0..u2, summed into
+   three int32 accumulators (vpmaddwd, then vpaddd: AVX2 has no fused form). */
+#define I16_ROW3(a0, a1, a2, xr)                                                                             \
+    do {                                                                                                     \
+        int32_t pair_;                                                                                       \
+        memcpy(&pair_, (xr) + k, 4);                                                                         \
+        const __m256i v_ = _mm256_set1_epi32(pair_);                                                         \
+        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(v_, u0));                                                \
+        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(v_, u1));                                                \
+        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(v_, u2));                                                \
+    } while (0)
 
 /* Rows a task of the GEMMs below (int8, u8, bf16) takes: Mp rows (a multiple of the register block's mr) in as
    few tasks of at most `most` rows (a multiple of mr) as will do, as even as whole blocks allow. A task passes
@@ -1238,15 +1250,6 @@ static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, in
 #define I8G_MR 3  /* rows a register block: 9 accumulators, 3 weight vectors, a broadcast and vpmaddwd's product
                      in 16 registers (4 rows spilled accumulators: no fused accumulate without VNNI) */
 #define I8G_ROWS_OUTER 0  /* a chunk's weights (12 KB) stay in L1 while every row block of the task meets them */
-#define I8G_ROW(a0, a1, a2, xr)                                                                              \
-    do {                                                                                                     \
-        int32_t pair_;                                                                                       \
-        memcpy(&pair_, (xr) + k, 4);                                                                         \
-        const __m256i v_ = _mm256_set1_epi32(pair_);                                                         \
-        a0 = _mm256_add_epi32(a0, _mm256_madd_epi16(v_, u0));                                                \
-        a1 = _mm256_add_epi32(a1, _mm256_madd_epi16(v_, u1));                                                \
-        a2 = _mm256_add_epi32(a2, _mm256_madd_epi16(v_, u2));                                                \
-    } while (0)
 static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, int64_t Kp, const int8_t* w,
                                                             int64_t pstride, int64_t k0, int64_t k1, float* f) {
     _Static_assert(I8G_GROUP == 3 && I8G_PANEL == 8, "the AVX2 block names three panels of 8 columns");
@@ -1257,9 +1260,9 @@ static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, in
         const __m256i u0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w0 + k * I8G_PANEL)));
         const __m256i u1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w1 + k * I8G_PANEL)));
         const __m256i u2 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i*)(w2 + k * I8G_PANEL)));
-        I8G_ROW(a0, a1, a2, x0);
-        I8G_ROW(b0, b1, b2, x1);
-        I8G_ROW(c0, c1, c2, x2);
+        I16_ROW3(a0, a1, a2, x0);
+        I16_ROW3(b0, b1, b2, x1);
+        I16_ROW3(c0, c1, c2, x2);
         /* the accumulators stay in registers (without it GCC spilled three and copied the rest each pair) */
         __asm__("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(b0), "+x"(b1), "+x"(b2), "+x"(c0), "+x"(c1), "+x"(c2));
     }
@@ -1270,7 +1273,6 @@ static inline __attribute__((always_inline)) void i8g_chunk(const int16_t* x, in
             _mm256_storeu_ps(o, _mm256_add_ps(_mm256_loadu_ps(o), _mm256_cvtepi32_ps(acc[3 * r + c])));
         }
 }
-#undef I8G_ROW
 #endif
 
 /* Rows [8t, 8t + 8) of the activations to int16 (rows past M, the block's padding, are zeros). */
@@ -1278,7 +1280,7 @@ static void gemm_i8_quant_task(void* ctx, int64_t t) {
     const struct gemm_i8_job* j = (const struct gemm_i8_job*)ctx;
     for (int64_t m = 8 * t; m < 8 * t + 8 && m < j->Mp; m++) {
         int16_t* q = j->xq + m * j->Kp;
-        if (m < j->M) quantize_i16(j->x + m * j->K, j->K, q, j->xs + m);
+        if (m < j->M) quantize_i16(j->x + m * j->K, j->K, q, j->xs + m, 32767.f);
         else { memset(q, 0, (size_t)j->K * sizeof(int16_t)); j->xs[m] = 0.f; }
         memset(q + j->K, 0, (size_t)(j->Kp - j->K) * sizeof(int16_t));
     }
@@ -1690,27 +1692,40 @@ static void causal_exp(float* s, int64_t L, int64_t W, int64_t p0, float* z) {
         for (int64_t i = 0; i < l - p0; i++) s[l * W + i] = 0.f;  /* took e^-87 each: below fp32's resolution) */
 }
 
+/* The bound of the integer scores' int16 queries and keys for D dims: D products of two values up to it sum
+   exactly in int32 (vpmaddwd's pairs, then int32 adds). */
+static float attn_qmax(int64_t D) {
+    const double m = floor(sqrt(2147483647.0 / (double)D));
+    return (float)(m < 32767.0 ? m : 32767.0);
+}
+
+/* Keys as int16 for the prefill attention's integer scores: each key of each head (a row of D, any float dtype)
+   scaled so that its largest |value| becomes attn_qmax(D), rounded to nearest even. k: element (b, h, l, d) at
+   b*ksb + h*ksh + l*ksl + d; kq [B, H, L, D] and ks [B, H, L] contiguous. One task per (b, h). */
+struct keys_job { const void* k; int kdt; int64_t ksb, ksh, ksl, H, L, D; int16_t* kq; float* ks; _Atomic int err; };
+static void keys_task(void* ctx, int64_t t) {
+    struct keys_job* j = (struct keys_job*)ctx;
+    float* r = scratch(j->D);
+    if (!r) { j->err = -1; return; }
+    const int64_t b = t / j->H, h = t % j->H, D = j->D;
+    const float qmax = attn_qmax(D);
+    for (int64_t l = 0; l < j->L; l++) {
+        widen(r, j->k, j->kdt, b * j->ksb + h * j->ksh + l * j->ksl, D);
+        quantize_i16(r, D, j->kq + (t * j->L + l) * D, j->ks + t * j->L + l, qmax);
+    }
+}
+
 #define PQ 24
 struct prefill_job {
     const float *q, *k, *v; float* out;
+    const int16_t* kq; const float* ks;  /* the keys as int16 (keys_task) where not NULL; else k */
     int64_t H, T, D, start, nqb;
     int64_t qsb, qsh, qst, ksb, ksh, ksl, vsb, vsh, vsl;
     float scale; _Atomic int err;
 };
 
-static void prefill_task(void* ctx, int64_t t) {
-    struct prefill_job* j = (struct prefill_job*)ctx;
-    const int64_t D = j->D, qb = t % j->nqb, h = t / j->nqb % j->H, b = t / j->nqb / j->H;
-    const int64_t i0 = qb * PQ, nq = j->T - i0 < PQ ? j->T - i0 : PQ;
-    const int64_t p0 = j->start + i0, L = p0 + nq;  /* query i sits at position p0 + i and sees keys 0..p0 + i */
-    float* buf = scratch(PQ * D + PQ * L + PQ);     /* + PQ: the last six-row group reads past the block's end */
-    if (!buf) { j->err = -1; return; }
-    float *qt = buf, *s = buf + PQ * D;             /* q^T [D, PQ] pre-scaled; scores, then weights [L, PQ] */
-    const float* q = j->q + b * j->qsb + h * j->qsh + i0 * j->qst;
-    for (int64_t d = 0; d < D; d++)
-        for (int64_t i = 0; i < PQ; i++) qt[d * PQ + i] = i < nq ? q[i * j->qst + d] * j->scale : 0.f;
-    const float* kb = j->k + b * j->ksb + h * j->ksh;
-    const int64_t ksl = j->ksl;
+/* A query block's scores s [L keys][PQ queries] in fp32: q^T qt [D, PQ] pre-scaled, keys kb (row stride ksl). */
+static void scores_f32(const float* qt, const float* kb, int64_t ksl, int64_t L, int64_t D, float* s) {
     int64_t l = 0;
     for (; l + 4 <= L; l += 4) {
         const float *k0 = kb + l * ksl, *k1 = k0 + ksl, *k2 = k1 + ksl, *k3 = k2 + ksl;
@@ -1745,6 +1760,76 @@ static void prefill_task(void* ctx, int64_t t) {
         }
         _mm256_storeu_ps(s + l * PQ, a0); _mm256_storeu_ps(s + l * PQ + 8, a1); _mm256_storeu_ps(s + l * PQ + 16, a2);
     }
+}
+
+/* The same scores from int16 queries and keys (vpmaddwd: twice the products of an FMA an instruction): qt holds
+   the queries' pairs of dims, [D/2][PQ][2], qs their scales times the softmax scale; kq the keys [L][D] with
+   their scales ks. Exact integer dot products, then one rounding to fp32. */
+static inline __m256 scale_dot(__m256i acc, const float* qs, float ks) {
+    return _mm256_mul_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(acc), _mm256_loadu_ps(qs)), _mm256_set1_ps(ks));
+}
+static void scores_i16(const int16_t* qt, const float* qs, const int16_t* kq, const float* ks, int64_t L, int64_t D,
+                       float* s) {
+    int64_t l = 0;
+    for (; l + 3 <= L; l += 3) {  /* three keys against the block's 24 queries: 9 accumulators, as the int8 GEMM */
+        const int16_t *x0 = kq + l * D, *x1 = x0 + D, *x2 = x1 + D;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0, c0 = a0, c1 = a0, c2 = a0;
+        for (int64_t k = 0; k < D; k += 2) {
+            const __m256i* qd = (const __m256i*)(qt + k * PQ);
+            const __m256i u0 = _mm256_loadu_si256(qd), u1 = _mm256_loadu_si256(qd + 1), u2 = _mm256_loadu_si256(qd + 2);
+            I16_ROW3(a0, a1, a2, x0);
+            I16_ROW3(b0, b1, b2, x1);
+            I16_ROW3(c0, c1, c2, x2);
+            __asm__("" : "+x"(a0), "+x"(a1), "+x"(a2), "+x"(b0), "+x"(b1), "+x"(b2), "+x"(c0), "+x"(c1), "+x"(c2));
+        }
+        const __m256i acc[9] = {a0, a1, a2, b0, b1, b2, c0, c1, c2};
+        for (int i = 0; i < 9; i++)
+            _mm256_storeu_ps(s + (l + i / 3) * PQ + i % 3 * 8, scale_dot(acc[i], qs + i % 3 * 8, ks[l + i / 3]));
+    }
+    for (; l < L; l++) {
+        const int16_t* x0 = kq + l * D;
+        __m256i a0 = _mm256_setzero_si256(), a1 = a0, a2 = a0;
+        for (int64_t k = 0; k < D; k += 2) {
+            const __m256i* qd = (const __m256i*)(qt + k * PQ);
+            const __m256i u0 = _mm256_loadu_si256(qd), u1 = _mm256_loadu_si256(qd + 1), u2 = _mm256_loadu_si256(qd + 2);
+            I16_ROW3(a0, a1, a2, x0);
+        }
+        for (int i = 0; i < 3; i++) _mm256_storeu_ps(s + l * PQ + i * 8, scale_dot(i ? i == 1 ? a1 : a2 : a0, qs + i * 8, ks[l]));
+    }
+}
+
+static void prefill_task(void* ctx, int64_t t) {
+    struct prefill_job* j = (struct prefill_job*)ctx;
+    const int64_t D = j->D, qb = t % j->nqb, h = t / j->nqb % j->H, b = t / j->nqb / j->H;
+    const int64_t i0 = qb * PQ, nq = j->T - i0 < PQ ? j->T - i0 : PQ;
+    const int64_t p0 = j->start + i0, L = p0 + nq;  /* query i sits at position p0 + i and sees keys 0..p0 + i */
+    /* + PQ: the last six-row group reads past the block's end; + PQ + D: the integer path's scales and row */
+    float* buf = scratch(PQ * D + PQ * L + 2 * PQ + D);
+    if (!buf) { j->err = -1; return; }
+    float *qt = buf, *s = buf + PQ * D;             /* q^T [D, PQ] pre-scaled; scores, then weights [L, PQ] */
+    const float* q = j->q + b * j->qsb + h * j->qsh + i0 * j->qst;
+    if (j->kq) {  /* q^T as int16 pairs [D/2][PQ][2], one scale a query */
+        float* qs = s + PQ * L + PQ;
+        int16_t* row = (int16_t*)(qs + PQ);
+        int16_t* qt2 = (int16_t*)qt;
+        const float qmax = attn_qmax(D);
+        for (int64_t i = 0; i < PQ; i++) {
+            if (i < nq) {
+                quantize_i16(q + i * j->qst, D, row, qs + i, qmax);
+                qs[i] *= j->scale;
+            } else {
+                memset(row, 0, (size_t)D * sizeof(int16_t));
+                qs[i] = 0.f;
+            }
+            for (int64_t d = 0; d < D; d += 2) memcpy(qt2 + d * PQ + 2 * i, row + d, 4);
+        }
+        scores_i16(qt2, qs, j->kq + (b * j->H + h) * (j->start + j->T) * D, j->ks + (b * j->H + h) * (j->start + j->T),
+                   L, D, s);
+    } else {
+        for (int64_t d = 0; d < D; d++)
+            for (int64_t i = 0; i < PQ; i++) qt[d * PQ + i] = i < nq ? q[i * j->qst + d] * j->scale : 0.f;
+        scores_f32(qt, j->k + b * j->ksb + h * j->ksh, j->ksl, L, D, s);
+    }
     float inv[PQ];
     causal_exp(s, L, PQ, p0, inv);
     for (int i = 0; i < PQ; i++) inv[i] = 1.f / inv[i];
@@ -1756,7 +1841,7 @@ static void prefill_task(void* ctx, int64_t t) {
         for (int64_t d = 0; d < D; d += 16) {
             __m256 a0 = _mm256_setzero_ps(), a1 = a0, b0 = a0, b1 = a0, c0 = a0, c1 = a0;
             __m256 e0 = a0, e1 = a0, f0 = a0, f1 = a0, g0 = a0, g1 = a0;
-            for (l = 0; l < Li; l++) {
+            for (int64_t l = 0; l < Li; l++) {
                 const float *vl = vb + l * vsl + d, *p = s + l * PQ + i;
                 const __m256 u0 = _mm256_loadu_ps(vl), u1 = _mm256_loadu_ps(vl + 8);
                 __m256 c = _mm256_broadcast_ss(p);
@@ -1778,18 +1863,31 @@ static void prefill_task(void* ctx, int64_t t) {
     }
 }
 
-/* Causal attention of T queries at positions start..start+T-1 over keys 0..start+T-1, all fp32.
-   q: element (b, h, t, d) at b*qsb + h*qsh + t*qst + d; k and v likewise with their strides (keys l = 0..);
-   out: [B, T, H, D] contiguous. D a multiple of 16. Returns -1 when out of memory. */
+/* Causal attention of T queries at positions start..start+T-1 over keys 0..start+T-1: q and v fp32, k of dtype
+   kdt. fp32 keys give fp32 scores; keys of a half dtype (a bf16 or int8 model's cache, already rounded to 8 or
+   11 bits) give integer scores from int16 queries and keys, one scale a row (keys_task), at twice
+   the FMA's rate. q: element (b, h, t, d) at b*qsb + h*qsh + t*qst + d; k and v likewise with their strides
+   (keys l = 0..); out: [B, T, H, D] contiguous. D a multiple of 16. Returns -1 when out of memory. */
 int quill_attn_prefill(const float* q, int64_t qsb, int64_t qsh, int64_t qst,
-                       const float* k, int64_t ksb, int64_t ksh, int64_t ksl,
+                       const void* k, int kdt, int64_t ksb, int64_t ksh, int64_t ksl,
                        const float* v, int64_t vsb, int64_t vsh, int64_t vsl,
                        int64_t B, int64_t H, int64_t T, int64_t D, int64_t start, float scale, float* out,
                        int nthreads) {
-    const int64_t nqb = (T + PQ - 1) / PQ;
-    struct prefill_job job = {q, k, v, out, H, T, D, start, nqb, qsb, qsh, qst, ksb, ksh, ksl, vsb, vsh, vsl,
-                              scale, 0};
+    const int64_t nqb = (T + PQ - 1) / PQ, L = start + T;
+    int16_t* kq = NULL;
+    float* ks = NULL;
+    if (kdt != F32) {
+        kq = (int16_t*)malloc((size_t)(B * H * L * D) * sizeof(int16_t));
+        ks = (float*)malloc((size_t)(B * H * L) * sizeof(float));
+        struct keys_job keys = {k, kdt, ksb, ksh, ksl, H, L, D, kq, ks, 0};
+        if (kq && ks) pool_run(keys_task, &keys, B * H, nthreads);
+        if (!kq || !ks || keys.err) { free(kq); free(ks); return -1; }
+    }
+    struct prefill_job job = {q, (const float*)k, v, out, kq, ks, H, T, D, start, nqb, qsb, qsh, qst, ksb, ksh, ksl,
+                              vsb, vsh, vsl, scale, 0};
     pool_run(prefill_task, &job, B * H * nqb, nthreads);
+    free(kq);
+    free(ks);
     return job.err;
 }
 

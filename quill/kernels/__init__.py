@@ -85,7 +85,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_has_gemm_u8i8.restype = C
     lib.quill_attn_decode.argtypes = [P, C, I, I, I, I, P, P, C, I, I, I, P, I, ctypes.c_float, P, I, C]
     lib.quill_attn_decode.restype = C
-    lib.quill_attn_prefill.argtypes = [P, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
+    lib.quill_attn_prefill.argtypes = [P, I, I, I, P, C, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C]
     lib.quill_attn_prefill.restype = C
     lib.quill_attn_prefill_bf16.argtypes = [P, C, I, I, I, P, I, I, I, P, I, I, I, I, I, I, I, I, ctypes.c_float, P, C, C]
     lib.quill_attn_prefill_bf16.restype = C
@@ -527,9 +527,9 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
     q: [B, H, T, D]; k, v: [B, H, start+T, D] (views of the cache or of the fused qkv projection), float CPU
     inference tensors with a contiguous last dim and D a multiple of 16. bf16 keys and values (a bf16 or int8
     model's cache) run on vdpbf16ps where the CPU has it (`has_gemm_bf16`): q rounded to bf16, the softmax
-    weights too, sums in fp32; the result has q's dtype. Otherwise the kernel computes in fp32 (bf16/fp16
-    inputs upcast first: a small cost beside what it saves over torch's bf16 flash attention,
-    docs/performance.md) and the result is fp32.
+    weights too, sums in fp32; the result has q's dtype. Otherwise the result is fp32: fp32 keys give fp32
+    scores, bf16/fp16 keys integer ones (queries and keys as int16 with one scale a row, twice the FMA's
+    products an instruction); the softmax and its sum over the values are fp32 (bf16/fp16 values upcast first).
     """
     B, H, T, D = q.shape
     if D % 16 or k.shape != (B, H, start + T, D) or v.shape != k.shape or not _serves(q, k, v):
@@ -540,11 +540,11 @@ def attn_prefill(q: Tensor, k: Tensor, v: Tensor, start: int, scale: float) -> T
             q.data_ptr(), DTYPE_CODES[q.dtype], *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(),
             *v.stride()[:3], B, H, T, D, start, scale, out.data_ptr(), DTYPE_CODES[out.dtype], torch.get_num_threads())
     else:
-        q, k, v = (_float(t) for t in (q, k, v))
+        q, v = _float(q), _float(v)
         out = torch.empty(B, T, H, D)
         rc = _lib.quill_attn_prefill(
-            q.data_ptr(), *q.stride()[:3], k.data_ptr(), *k.stride()[:3], v.data_ptr(), *v.stride()[:3],
-            B, H, T, D, start, scale, out.data_ptr(), torch.get_num_threads())
+            q.data_ptr(), *q.stride()[:3], k.data_ptr(), DTYPE_CODES[k.dtype], *k.stride()[:3], v.data_ptr(),
+            *v.stride()[:3], B, H, T, D, start, scale, out.data_ptr(), torch.get_num_threads())
     if rc:
         raise MemoryError("quill_attn_prefill: out of memory")
     return out
