@@ -1809,7 +1809,8 @@ static void scores_i16(const int16_t* qt, const float* qs, const int16_t* kq, co
             const __m256i u0 = _mm256_loadu_si256(qd), u1 = _mm256_loadu_si256(qd + 1), u2 = _mm256_loadu_si256(qd + 2);
             I16_ROW3(a0, a1, a2, x0);
         }
-        for (int i = 0; i < 3; i++) _mm256_storeu_ps(s + l * PQ + i * 8, scale_dot(i ? i == 1 ? a1 : a2 : a0, qs + i * 8, ks[l]));
+        const __m256i acc[3] = {a0, a1, a2};
+        for (int i = 0; i < 3; i++) _mm256_storeu_ps(s + l * PQ + i * 8, scale_dot(acc[i], qs + i * 8, ks[l]));
     }
 }
 
@@ -1898,8 +1899,8 @@ int quill_attn_prefill(const float* q, int64_t qsb, int64_t qsh, int64_t qst,
         if (kq && ks) pool_run(keys_task, &keys, B * H, nthreads);
         if (!kq || !ks || keys.err) { free(kq); free(ks); return -1; }
     }
-    struct prefill_job job = {q, (const float*)k, v, out, kq, ks, H, T, D, start, nqb, qsb, qsh, qst, ksb, ksh, ksl,
-                              vsb, vsh, vsl, scale, 0};
+    struct prefill_job job = {q, kq ? NULL : (const float*)k, v, out, kq, ks, H, T, D, start, nqb, qsb, qsh, qst,
+                              ksb, ksh, ksl, vsb, vsh, vsl, scale, 0};
     pool_run(prefill_task, &job, B * H * nqb, nthreads);
     free(kq);
     free(ks);
