@@ -66,8 +66,8 @@ class Linear(nn.Linear):
 
     - quill.kernels' matrix-vector kernel, which reads the weight once at memory speed: always for one row,
       and for more rows (prompts, batched decode outside the fused step) where it beats the GEMMs (MKL's
-      through F.linear; for fp32 oneDNN's; for bf16 weights on AVX-512 BF16 Quill's own) on this machine
-      (quill.kernels.tune times them per shape class);
+      through F.linear; for fp32 oneDNN's; for fp32 activations Quill's fp32 GEMM; for bf16 weights on
+      AVX-512 BF16 Quill's bf16 GEMM) on this machine (quill.kernels.tune times them per shape class);
     - longer bf16/fp16 inputs on CPUs without a half GEMM (AVX2), and fp32 inputs against half weights on
       every CPU: computed in fp32. torch's fallback bf16 GEMM is far slower than MKL's fp32 one, and its half
       GEMM rounds the output to half (docs/performance.md); converting the weight costs one pass over it.
@@ -89,6 +89,8 @@ class Linear(nn.Linear):
         others = {"torch": functools.partial(self._torch_forward, upcast_from=2)}
         if x.dtype == w.dtype == torch.float32 and _ONEDNN_LINEAR:
             others["onednn"] = self._onednn_forward
+        if x.dtype == torch.float32 and w.dtype in kernels.FLOAT_DTYPES:
+            others["f32gemm"] = self._f32_gemm
         if w.dtype == torch.bfloat16 and x.dtype in (torch.float32, torch.bfloat16) and kernels.has_gemm_bf16():
             others["bf16gemm"] = self._panel_gemm
         y = kernels.project(x, w, self.bias, others=others, act=act, residual=residual)
@@ -104,6 +106,11 @@ class Linear(nn.Linear):
         attr, algorithm = _ONEDNN_ACTIVATIONS[act]
         return epilogue(torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, attr, [], algorithm), None,
                         residual)
+
+    def _f32_gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
+        """fp32 rows on Quill's fp32 GEMM, which reads the weight in place (half weights widened as it packs
+        each task's columns): a candidate beside MKL's and oneDNN's, which scale worse on some CPUs' cores."""
+        return kernels.gemm_f32(x, self.weight, self.bias, act, residual)
 
     def _panel_gemm(self, x: Tensor, act: str | None = None, residual: Tensor | None = None) -> Tensor:
         """bf16 weights against many rows on Quill's bf16 GEMM (rows rounded to bf16 as the kernel's bf16 rows

@@ -56,6 +56,7 @@ static inline e512bh E_cvtne2(e512 a, e512 b) { e512bh r; for (int j = 0; j < 16
 static inline e512 E_div_ps(e512 a, e512 b) { return a / b; }
 static inline e512 E_mul_ps(e512 a, e512 b) { return a * b; }
 static inline e512 E_set1_ps(float a) { e512 r; for (int i = 0; i < 16; i++) r[i] = a; return r; }
+static inline e512 E_fmadd_ps(e512 a, e512 b, e512 c) { e512 r; for (int i = 0; i < 16; i++) r[i] = fmaf(a[i], b[i], c[i]); return r; }
 static inline e512i E_permutexvar_epi16(e512i idx, e512i a) {
     int16_t i[32], s[32], d[32]; memcpy(i, &idx, 64); memcpy(s, &a, 64);
     for (int j = 0; j < 32; j++) d[j] = s[i[j] & 31];
@@ -110,3 +111,4 @@ static inline e512i E_set_epi16(short e31, short e30, short e29, short e28, shor
 #define _mm512_set_epi16 E_set_epi16
 #define _mm512_mul_ps E_mul_ps
 #define _mm512_set1_ps E_set1_ps
+#define _mm512_fmadd_ps E_fmadd_ps

@@ -217,7 +217,8 @@ def test_tuned_paths_agree_with_the_torch_path(tuning):
     # on u8 rows (AVX-512 VNNI) the u8 GEMM is the kernel's one rival (the same bits); elsewhere the int16 paths
     rivals = {"[quill,u8gemm]"} if kernels.u8_rows(96) else {"[quill,i8gemm,torch]"}
     assert {k.split()[-1] for k in int8} == rivals
-    assert all(choices[k] in ("quill", "torch", "onednn", "bf16gemm", "fbgemm", "i8gemm", "u8gemm") for k in prefill + int8)
+    assert all(choices[k] in ("quill", "torch", "onednn", "f32gemm", "bf16gemm", "fbgemm", "i8gemm", "u8gemm")
+               for k in prefill + int8)
 
 
 @pytest.mark.skipif(not model_module._ONEDNN_LINEAR, reason="torch built without oneDNN's linear op")
@@ -235,6 +236,26 @@ def test_the_onednn_candidate_equals_f_linear(bias):
                 assert rel_err(f(y), layer._onednn_forward(x, act)) <= 1e-6, act
             residual = torch.randn(y.shape)
             assert rel_err(residual + y, layer._onednn_forward(x, None, residual)) <= 1e-6
+
+
+@pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")
+@pytest.mark.usefixtures("kernel_isa")
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16])
+def test_the_f32_gemm_candidate_equals_f_linear(wdtype):
+    """Quill's fp32 GEMM as the projections call it: the product of F.linear on the fp32 weight for 2-d and 3-d
+    inputs, with or without bias, and with each activation or a residual added as it writes the output."""
+    torch.manual_seed(0)
+    for bias in (True, False):
+        layer = model_module.Linear(96, 80, bias=bias).to(wdtype)
+        w, b = layer.weight.float(), None if layer.bias is None else layer.bias.float()
+        with torch.inference_mode():
+            for x in (torch.randn(20, 96), torch.randn(3, 40, 96)):
+                y = torch.nn.functional.linear(x, w, b)
+                assert rel_err(y, layer._f32_gemm(x)) <= 1e-6
+                for act, f in model_module.ACTIVATIONS.items():
+                    assert rel_err(f(y), layer._f32_gemm(x, act)) <= 1e-6, act
+                residual = torch.randn(y.shape)
+                assert rel_err(residual + y, layer._f32_gemm(x, None, residual)) <= 1e-6
 
 
 @pytest.mark.skipif(not kernels.available(), reason="quill kernels unavailable")

@@ -13,6 +13,7 @@ Tolerances are relative to the largest logit magnitude (`rel_err`):
 from __future__ import annotations
 
 import ctypes
+import functools
 import dataclasses
 import itertools
 from pathlib import Path
@@ -333,10 +334,32 @@ def test_bf16_gemm_matches_an_exact_reference(kernel_isa, xdtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_f32_gemm_matches_a_float64_reference(kernel_isa, wdtype):
+    """The fp32 GEMM (weights read in place and widened into 16-column panels, 6-row register blocks, K in chunks
+    of 256) against float64 products with the same weights: fp32 sums only (1e-5 of the largest output); rows
+    not a multiple of the block, N not a multiple of a panel or a task's two, K not a multiple of the 8 x 8
+    transposes or of a chunk, rows with a stride of their own, bias of either dtype or none. Activations that
+    are not fp32 are refused."""
+    torch.manual_seed(0)
+    for m, k, n, bias_dtype in [(1, 8, 24, None), (5, 37, 29, torch.float32), (13, 300, 70, torch.bfloat16),
+                                (130, 601, 50, torch.float32), (257, 1030, 33, None)]:
+        x = torch.randn(m, k + 3)[:, 1:k + 1]
+        w = torch.randn(n, k).to(wdtype)
+        bias = None if bias_dtype is None else torch.randn(n).to(bias_dtype)
+        out = kernels.gemm_f32(x, w, bias)
+        assert out.dtype == torch.float32 and out.shape == (m, n)
+        exact = x.double() @ w.double().T + (0 if bias is None else bias.double())
+        assert (out.double() - exact).abs().max() <= 1e-5 * exact.abs().max()
+    with pytest.raises(ValueError, match="float32"):
+        kernels.gemm_f32(torch.randn(4, 8).to(torch.bfloat16), torch.randn(16, 8), None)
+
+
+@needs_kernels
 @pytest.mark.parametrize("act", [None, "gelu_new", "gelu", "relu"])
 def test_fused_epilogues_equal_the_separate_passes(kernel_isa, act):
-    """An activation and a residual added as the products write their outputs (the row kernel, the int8, u8 and
-    bf16 GEMMs, as a prefill's MLP and projections call them) give the bits of the plain product followed by
+    """An activation and a residual added as the products write their outputs (the row kernel, the int8, u8,
+    bf16 and fp32 GEMMs, as a prefill's MLP and projections call them) give the bits of the plain product followed by
     the activation kernel and torch's add, in fp32; in bf16, one rounding instead of two."""
     torch.manual_seed(0)
     m, k, n = 45, 72, 100
@@ -351,6 +374,10 @@ def test_fused_epilogues_equal_the_separate_passes(kernel_isa, act):
         products["u8 GEMM"] = lambda x, **e: kernels.gemm_u8i8(x, kernels.pack_u8i8(w8), scale, bias, n, **e)
     for dtype in (torch.float32, torch.bfloat16):
         x, residual = torch.randn(m, k).to(dtype), torch.randn(m, n).to(dtype)
+        if dtype == torch.float32:  # fp32 activations only
+            products["fp32 GEMM"] = lambda x, **e: kernels.gemm_f32(x, wb, bias, **e)
+        else:
+            products.pop("fp32 GEMM")
         for name, product in products.items():
             plain = product(x).float()
             if act is not None:
@@ -425,24 +452,26 @@ def test_thread_pool_gives_every_thread_count_the_same_result():
     """The pool splits a job into one range per thread and lets threads steal from each other's ranges; every
     output element is still computed by one task, so 2-4 threads (also with a second Python thread calling at
     the same time, which runs its job alone) must equal one thread bit for bit, over many jobs of different
-    sizes."""
+    sizes. The fp32 GEMM's tasks also change width with the thread count (4 panels at one thread, 1 at four)."""
     import threading
 
     torch.manual_seed(0)
-    jobs = [(torch.randn(m, 256), torch.randn(n, 256).to(dt), None) for m, n, dt in
+    jobs = [functools.partial(kernels.linear, torch.randn(m, 256), torch.randn(n, 256).to(dt)) for m, n, dt in
             [(1, 1000, torch.float32), (3, 777, torch.bfloat16), (1, 4099, torch.float32), (8, 515, torch.float16)]]
-    jobs.append((torch.randn(2, 256), torch.randint(-127, 128, (2001, 256), dtype=torch.int8), torch.rand(2001)))
+    jobs.append(functools.partial(kernels.linear, torch.randn(2, 256),
+                                  torch.randint(-127, 128, (2001, 256), dtype=torch.int8), scale=torch.rand(2001)))
+    jobs.append(functools.partial(kernels.gemm_f32, torch.randn(200, 300), torch.randn(515, 300), None))
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        want = [kernels.linear(x, w, scale=s) for x, w, s in jobs]
+        want = [job() for job in jobs]
         for n in (2, 3, 4):
             torch.set_num_threads(n)
             results: list[list[torch.Tensor]] = [[], []]
 
             def work(i: int) -> None:
                 for _ in range(20):
-                    results[i].extend(kernels.linear(x, w, scale=s) for x, w, s in jobs)
+                    results[i].extend(job() for job in jobs)
 
             side = threading.Thread(target=work, args=(1,))
             side.start()

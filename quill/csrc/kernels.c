@@ -1540,6 +1540,164 @@ int quill_gemm_bf16(const void* x, int xdt, int64_t M, int64_t ldx, const uint16
 
 int quill_has_gemm_bf16(void) { return HAVE_BF16DP; }
 
+/* ---- float weights against many fp32 activation rows (prefill, batched rows): a register-blocked GEMM ------
+   BLIS's loop order on nn.Linear's layout. A task owns up to FG_MAX_PANELS panels of FG_NR output columns for
+   every row (fewer where that leaves under FG_TASKS_A_THREAD tasks a thread) and walks K in chunks of FG_KC.
+   It widens each chunk of its weight rows into a k-major copy of its own (column k's FG_NR weights side by
+   side: two vectors meet one broadcast activation value), so the model keeps one copy of its weights and the
+   activation rows are read in place. A panel's chunk stays in L1 while the blocks of FG_MR rows of a group
+   of FG_MC rows (their chunk in L2) meet it in turn, each block summing the chunk in registers from zero and
+   adding them to the rows' sums (a chain of FG_KC + K / FG_KC additions a sum instead of K). Every output sums
+   its chunks in K's order whatever the task split, so the thread count never changes a bit. The epilogue runs
+   once all of K is in. */
+#ifdef QUILL_AVX512
+#define FG_MR 8   /* rows a register block: 16 accumulators, 2 weight vectors and a broadcast of 32 registers */
+#define FG_LANES 16
+#define FG_KC 128 /* K columns a chunk: a panel's chunk is 16 KB */
+typedef __m512 fgvec;
+#define FG_LOAD _mm512_loadu_ps
+#define FG_STORE _mm512_storeu_ps
+#define FG_SET1 _mm512_set1_ps
+#define FG_FMA _mm512_fmadd_ps
+#define FG_ADD _mm512_add_ps
+#define FG_ZERO _mm512_setzero_ps
+#else
+#define FG_MR 6   /* rows a register block: 12 accumulators, 2 weight vectors and a broadcast of 16 registers */
+#define FG_LANES 8
+#define FG_KC 256 /* K columns a chunk: a panel's chunk is 16 KB */
+typedef __m256 fgvec;
+#define FG_LOAD _mm256_loadu_ps
+#define FG_STORE _mm256_storeu_ps
+#define FG_SET1 _mm256_set1_ps
+#define FG_FMA _mm256_fmadd_ps
+#define FG_ADD _mm256_add_ps
+#define FG_ZERO _mm256_setzero_ps
+#endif
+#define FG_NR (2 * FG_LANES)  /* output columns a panel: two vectors */
+#define FG_MC 96  /* rows a pass over a panel's chunk: their chunk of K stays in L2 */
+#define FG_MAX_PANELS 4
+#define FG_TASKS_A_THREAD 8
+struct gemm_f32_job {
+    const float* x; int64_t M, ldx, K; const void* W; int wdt; const void* bias; int bdt; const void* residual;
+    void* y; int ydt; int64_t ldy, N, nc; int act; _Atomic int err;
+};
+
+/* The eight vectors r[0..7] transposed in place (r[i] lane j <- r[j] lane i). */
+static inline void transpose8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    for (int i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    for (int i = 0; i < 2; i++)
+        for (int h = 0; h < 2; h++) {
+            const __m256 a = t[4 * i + h], b = t[4 * i + 2 + h];
+            u[4 * i + h] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(1, 0, 1, 0));
+            u[4 * i + 2 + h] = _mm256_shuffle_ps(a, b, _MM_SHUFFLE(3, 2, 3, 2));
+        }
+    /* u[0..3]: lanes 0-3 of columns 0, 1 (rows 0-3), u[4..7] rows 4-7: halves joined across the two groups */
+    const int order[4] = {0, 2, 1, 3};
+    for (int i = 0; i < 4; i++) {
+        r[order[i]] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);
+        r[order[i] + 4] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31);
+    }
+}
+
+/* panel[k * FG_NR + i] = W[n0 + i, k0 + k] as fp32 for k < kc and the panel's rows (rows past N: zeros), eight
+   rows by eight columns a transpose. */
+static void fg_pack(const void* W, int wdt, int64_t K, int64_t N, int64_t n0, int64_t k0, int64_t kc, float* panel) {
+    for (int64_t i0 = 0; i0 < FG_NR; i0 += 8) {
+        const int64_t rows = N - n0 - i0 < 8 ? N - n0 - i0 : 8, row0 = (n0 + i0) * K + k0;
+        int64_t k = 0;
+        if (rows == 8)
+            for (; k + 8 <= kc; k += 8) {
+                __m256 r[8];
+                for (int i = 0; i < 8; i++) r[i] = vld(W, wdt, row0 + i * K + k);
+                transpose8(r);
+                for (int i = 0; i < 8; i++) _mm256_storeu_ps(panel + (k + i) * FG_NR + i0, r[i]);
+            }
+        for (; k < kc; k++)
+            for (int64_t i = 0; i < 8; i++) panel[k * FG_NR + i0 + i] = i < rows ? ld(W, wdt, row0 + i * K + k) : 0.f;
+    }
+}
+
+/* mr (1..FG_MR) rows at x (row stride ldx) against the panel chunk p of kc columns, added to (first: stored
+   in) the rows' sums acc[r * lda + c]. */
+static inline __attribute__((always_inline)) void fg_block(const float* x, int64_t ldx, const float* p, int64_t kc,
+                                                           int mr, float* acc, int64_t lda, int first) {
+    fgvec a[FG_MR][2];
+    for (int r = 0; r < mr; r++) a[r][0] = a[r][1] = FG_ZERO();
+    for (int64_t k = 0; k < kc; k++) {
+        const fgvec w0 = FG_LOAD(p + k * FG_NR), w1 = FG_LOAD(p + k * FG_NR + FG_LANES);
+        for (int r = 0; r < mr; r++) {
+            const fgvec v = FG_SET1(x[r * ldx + k]);
+            a[r][0] = FG_FMA(v, w0, a[r][0]);
+            a[r][1] = FG_FMA(v, w1, a[r][1]);
+        }
+    }
+    for (int r = 0; r < mr; r++)
+        for (int h = 0; h < 2; h++) {
+            float* o = acc + r * lda + FG_LANES * h;
+            FG_STORE(o, first ? a[r][h] : FG_ADD(FG_LOAD(o), a[r][h]));
+        }
+}
+
+/* Task t: output columns [nc t, +nc) for every row. */
+static void gemm_f32_task(void* ctx, int64_t t) {
+    struct gemm_f32_job* j = (struct gemm_f32_job*)ctx;
+    const int64_t K = j->K, M = j->M, c0 = t * j->nc, nn = j->N - c0 < j->nc ? j->N - c0 : j->nc;
+    const int64_t np = (nn + FG_NR - 1) / FG_NR, lda = np * FG_NR;
+    float* panels = scratch(np * FG_KC * FG_NR + M * lda);
+    if (!panels) { j->err = 1; return; }
+    float* acc = panels + np * FG_KC * FG_NR;
+    for (int64_t k0 = 0; k0 < K; k0 += FG_KC) {
+        const int64_t kc = K - k0 < FG_KC ? K - k0 : FG_KC;
+        for (int64_t p = 0; p < np; p++)
+            fg_pack(j->W, j->wdt, K, j->N, c0 + p * FG_NR, k0, kc, panels + p * FG_KC * FG_NR);
+        for (int64_t m0 = 0; m0 < M; m0 += FG_MC) {
+            const int64_t m1 = M - m0 < FG_MC ? M : m0 + FG_MC;
+            for (int64_t p = 0; p < np; p++) {
+                const float* chunk = panels + p * FG_KC * FG_NR;
+                for (int64_t m = m0; m < m1; m += FG_MR) {
+                    const float* x = j->x + m * j->ldx + k0;
+                    float* a = acc + m * lda + p * FG_NR;
+                    switch (m1 - m < FG_MR ? m1 - m : FG_MR) {  /* a copy of the block per row count */
+#if FG_MR == 8
+                        case 8: fg_block(x, j->ldx, chunk, kc, 8, a, lda, k0 == 0); break;
+                        case 7: fg_block(x, j->ldx, chunk, kc, 7, a, lda, k0 == 0); break;
+#endif
+                        case 6: fg_block(x, j->ldx, chunk, kc, 6, a, lda, k0 == 0); break;
+                        case 5: fg_block(x, j->ldx, chunk, kc, 5, a, lda, k0 == 0); break;
+                        case 4: fg_block(x, j->ldx, chunk, kc, 4, a, lda, k0 == 0); break;
+                        case 3: fg_block(x, j->ldx, chunk, kc, 3, a, lda, k0 == 0); break;
+                        case 2: fg_block(x, j->ldx, chunk, kc, 2, a, lda, k0 == 0); break;
+                        default: fg_block(x, j->ldx, chunk, kc, 1, a, lda, k0 == 0); break;
+                    }
+                }
+            }
+        }
+    }
+    for (int64_t m = 0; m < M; m++) {
+        scale_bias(acc + m * lda, nn, 1.f, NULL, j->bias, j->bdt, c0);
+        finish_row(acc + m * lda, nn, j->act, j->residual, j->y, j->ydt, m * j->ldy + c0);
+    }
+}
+
+/* y[m, n] = (residual[m, n] +) act(sum_k x[m, k] W[n, k] + bias[n]) with x: [M, K] fp32 (row stride ldx), W:
+   [N, K] fp32, bf16 or fp16 (wdt) as nn.Linear keeps it, y and residual: [M, N], row stride ldy, dtype ydt.
+   Returns -1 when out of memory, -3 for activations that are not fp32. */
+int quill_gemm_f32(const void* x, int xdt, int64_t M, int64_t ldx, const void* W, int wdt, const void* bias,
+                   int bdt, const void* residual, void* y, int ydt, int64_t ldy, int64_t N, int64_t K, int act,
+                   int nthreads) {
+    if (xdt != F32) return -3;
+    if (M <= 0 || N <= 0) return 0;
+    int64_t np = N / (FG_NR * FG_TASKS_A_THREAD * (nthreads > 0 ? nthreads : 1));
+    np = np < 1 ? 1 : np > FG_MAX_PANELS ? FG_MAX_PANELS : np;
+    struct gemm_f32_job job = {(const float*)x, M, ldx, K, W, wdt, bias, bdt, residual, y, ydt, ldy, N, np * FG_NR, act, 0};
+    pool_run(gemm_f32_task, &job, (N + job.nc - 1) / job.nc, nthreads);
+    return job.err ? -1 : 0;
+}
+
 struct attn_job {
     const void* qkv; int dt; int64_t H, D, ldq; void *kc, *vc; int cdt; int64_t sb, sh, sl; const int64_t* pos;
     int64_t pos0; float scale; void* out; int64_t ldo; _Atomic int err;

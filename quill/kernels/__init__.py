@@ -75,6 +75,8 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.quill_rows_u8.restype = C
     lib.quill_gemm_i8.argtypes = [P, C, I, I, P, P, P, C, P, P, C, I, I, I, C, C]
     lib.quill_gemm_i8.restype = C
+    lib.quill_gemm_f32.argtypes = [P, C, I, I, P, C, P, C, P, P, C, I, I, I, C, C]
+    lib.quill_gemm_f32.restype = C
     lib.quill_gemm_bf16.argtypes = [P, C, I, I, P, P, C, P, P, C, I, I, I, C, C]
     lib.quill_gemm_bf16.restype = C
     lib.quill_has_gemm_bf16.argtypes = []
@@ -347,6 +349,18 @@ def gemm_i8(x: Tensor, packed: Tensor, scale: Tensor, bias: Tensor | None, n: in
         raise ValueError(f"weights packed in panels of {packed.shape[2]} columns; the {_variant.name} kernels read "
                          f"{i8_panels()[0]}: pack them again (pack_i8)")
     return _gemm("quill_gemm_i8", x, (packed.data_ptr(), scale.data_ptr()), bias, n, act, residual, "int8 GEMM")
+
+
+def gemm_f32(x: Tensor, weight: Tensor, bias: Tensor | None, act: str | None = None,
+             residual: Tensor | None = None) -> Tensor:
+    """`(residual +) act(x @ W.T + bias)` for many fp32 rows x [..., K], W [N, K] float (fp32, bf16 or fp16, as
+    nn.Linear keeps it: no packed copy) on Quill's fp32 GEMM; fp32 sums and output."""
+    if x.dtype != torch.float32:
+        raise ValueError(f"quill_gemm_f32: activations of dtype {x.dtype}; it takes torch.float32")
+    if weight.dtype not in FLOAT_DTYPES or not weight.is_contiguous():
+        raise ValueError("quill_gemm_f32: the weight must be a contiguous float tensor")
+    return _gemm("quill_gemm_f32", x, (weight.data_ptr(), DTYPE_CODES[weight.dtype]), bias, weight.shape[0], act,
+                 residual, "fp32 GEMM")
 
 
 def has_gemm_bf16() -> bool:
@@ -762,5 +776,5 @@ def bits_ids(bits: Tensor, nbits: int, out: Tensor) -> Tensor | None:
     return out[:count] if count <= out.numel() else None
 
 
-__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "pack_u8i8", "gemm_u8i8", "has_gemm_u8i8", "U8_MAX_K", "project", "activate_", "layer_norm", "copy_", "attn_decode", "attn_prefill", "decode_step", "decode_greedy", "Interrupt", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
+__all__ = ["available", "observed", "rows", "linear", "identity", "PackedCopy", "i8_panels", "pack_i8", "gemm_i8", "gemm_f32", "pack_bf16", "gemm_bf16", "has_gemm_bf16", "pack_u8i8", "gemm_u8i8", "has_gemm_u8i8", "U8_MAX_K", "project", "activate_", "layer_norm", "copy_", "attn_decode", "attn_prefill", "decode_step", "decode_greedy", "Interrupt", "argmax_rows", "mask_bits", "argmax_bits", "bits_ids", "single_threaded", "DEFAULT_ROWS", "FLOAT_DTYPES", "reload",
            "variant", "system_report"]
