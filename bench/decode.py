@@ -320,8 +320,12 @@ def run_benchmark(args: argparse.Namespace) -> dict:
             log(f"  {r.name}: decode {r.threads['decode']} thread(s), batched {r.threads['batch']}, "
                 f"prefill {r.threads['prefill']}")
         # one untimed prefill and short batched decodes at the chosen thread counts: first-use work that comes
-        # late (Quill's path tuner times each choice again a minute after its first timing) falls here, not in
-        # round 1's samples
+        # late falls here, not in round 1's samples. Quill's path tuner times each choice again CONFIRM_AFTER
+        # seconds after its first timing (in the warm-up above), so the pass waits that long where it tunes:
+        # with few systems the warm-up ended sooner, and the second timings fell into round 1's prefill
+        from quill.kernels import tune
+        if tune.enabled():
+            time.sleep(tune.CONFIRM_AFTER)
         t0 = time.perf_counter()
         for r in runners:
             if (r.name, "prefill-512") not in slow:
