@@ -318,13 +318,13 @@ def test_only_the_chosen_path_keeps_its_packed_weight(tuning, monkeypatch):
         copies = {"_panel_gemm": layer._panels, "_u8_gemm": layer._u8_panels, "_gemm": layer._packed}
         named = []
 
-        def fake_time(candidates, key):
+        def fake_time(candidates, key, before=None):
             def name(fn):
                 return getattr(getattr(fn, "func", fn), "__name__", "")
 
             named.extend(name(fn) for fn in candidates.values())
             return {n: (0.0 if name(candidates[n]) == winner else 1.0, made)
-                    for n, (_, made) in timed(candidates, key).items()}
+                    for n, (_, made) in timed(candidates, key, before).items()}
 
         monkeypatch.setattr(tune, "_time", fake_time)
         tune.forget()
@@ -346,7 +346,7 @@ def test_a_choice_is_kept_after_a_second_timing(tuning, monkeypatch, first):
     isa, candidates = kernels.variant().name, {"a": lambda: None, "b": lambda: None}
     scripted, timings, released = iter([{"a": 2.0, "b": 1.5}, {"a": 1.0, "b": 1.6}]), [], []
 
-    def fake_time(cands, key):
+    def fake_time(cands, key, before=None):
         timings.append(key)
         return {n: (t, [functools.partial(released.append, (len(timings), n))]) for n, t in next(scripted).items()}
 
@@ -379,9 +379,9 @@ def test_a_layer_dropped_before_its_choice_is_confirmed_is_freed(tuning, monkeyp
     the layer's packed copies alive after the layer is gone (Quill's int8 or u8 GEMM made to win: it packs)."""
     timed = tune._time
 
-    def packing_wins(candidates, key):
+    def packing_wins(candidates, key, before=None):
         return {n: (0.0 if n in ("i8gemm", "u8gemm") else 1.0, made)
-                for n, (_, made) in timed(candidates, key).items()}
+                for n, (_, made) in timed(candidates, key, before).items()}
 
     monkeypatch.setattr(tune, "_time", packing_wins)
     torch.manual_seed(0)
@@ -397,8 +397,9 @@ def test_a_layer_dropped_before_its_choice_is_confirmed_is_freed(tuning, monkeyp
 
 def test_candidates_take_turns_and_one_without_a_backend_is_left_out():
     """The timed calls alternate between the candidates (a warm-up round, then REPEATS rounds), so a slow spell
-    of the machine meets them all; a candidate that raises NotImplementedError (a backend torch lacks) is left
-    out and what it made is released at once; the others' releases come back with their times."""
+    of the machine meets them all, each after the untimed `before` work; a candidate that raises
+    NotImplementedError (a backend torch lacks) is left out and what it made is released at once; the others'
+    releases come back with their times."""
     calls, released = [], []
 
     def path(name: str, fails: bool = False):
@@ -409,8 +410,9 @@ def test_candidates_take_turns_and_one_without_a_backend_is_left_out():
                 raise NotImplementedError("no such backend")
         return run
 
-    timed = tune._time({"a": path("a"), "b": path("b"), "c": path("c", fails=True)}, "k")
-    assert calls == ["a", "b", "c"] + ["a", "b"] * tune.REPEATS
+    timed = tune._time({"a": path("a"), "b": path("b"), "c": path("c", fails=True)}, "k",
+                       before=lambda: calls.append("before"))
+    assert calls == [c for name in ["a", "b", "c"] + ["a", "b"] * tune.REPEATS for c in ("before", name)]
     assert set(timed) == {"a", "b"} and released == ["c"]
     assert all(t >= 0 and len(made) == tune.REPEATS + 1 for t, made in timed.values())
 
@@ -429,7 +431,8 @@ def test_an_inexact_path_must_be_clearly_faster_to_win(tuning, monkeypatch):
     """fbgemm's 7-bit activations cost accuracy: the tuner takes it only when more than INEXACT_MARGIN times
     faster than the fastest exact candidate (timings stand in for the clock here)."""
     cost = {"exact": 1.0, "inexact": 0.0}
-    monkeypatch.setattr(tune, "_time", lambda candidates, key: {n: (cost[fn()], []) for n, fn in candidates.items()})
+    monkeypatch.setattr(tune, "_time",
+                        lambda candidates, key, before=None: {n: (cost[fn()], []) for n, fn in candidates.items()})
     paths = {"exact": lambda: "exact", "inexact": lambda: "inexact"}
     cost["inexact"] = 1.05 / tune.INEXACT_MARGIN  # faster, not by the margin
     assert tune.choose("avx2", "a", paths, "exact", inexact=("inexact",)) == "exact"

@@ -442,10 +442,23 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
         key = (f"linear w={str(weight.dtype)[6:]} x={str(x.dtype)[6:]} {weight.shape[0]}x{weight.shape[1]} "
                f"rows<={tune.row_class(m)}{epilogue} [{','.join(candidates)}]")
         default = "quill" if m <= DEFAULT_ROWS else next(iter(others))
-        path = tune.choose(_variant.name, key, candidates, default, inexact)
+        path = tune.choose(_variant.name, key, candidates, default, inexact, before=_pool_job)
         if path != "quill":
             return candidates[path]()
     return own()
+
+
+_pool_probe: list[Tensor] = []  # the buffer of _pool_job, made on its first use
+
+
+def _pool_job() -> None:
+    """About a millisecond of work on Quill's pool (a GELU over 2^20 floats), run before each candidate a product
+    times: in a prefill every product follows Quill's kernels (LayerNorm, attention), so a candidate on torch's
+    threads starts with them asleep there, and none may start beside torch's workers still spinning after the
+    previous candidate's call, which only the tuner's order would put there (docs/performance.md)."""
+    if not _pool_probe:
+        _pool_probe.append(torch.zeros(1 << 20))
+    activate_(_pool_probe[0], "gelu_new")
 
 
 def _serves(*ts: Tensor) -> bool:

@@ -4,7 +4,8 @@ A product of several activation rows with a weight (prefill, batched decode) has
 depends on the CPU: Quill's kernels (the weight read once, all rows against it), torch's GEMM (MKL/oneDNN) and,
 for int8 weights, fbgemm's int8 GEMM; a batched decode step can also run as two calls of half the rows. The
 first use of a shape class times each candidate briefly (one warm-up call, then the best of a few, the
-candidates taking turns) and keeps the fastest, where a candidate that rounds more than the others (fbgemm's)
+candidates taking turns, each call after a short untimed job on Quill's pool as in a prefill) and keeps the
+fastest, where a candidate that rounds more than the others (fbgemm's)
 must beat the exact ones by INEXACT_MARGIN, and what a losing candidate made for itself while it was timed (a
 weight packed into its GEMM's layout) is released, so only the paths that serve keep copies. A choice serves
 at once but is kept for good only after a second timing, at its first use CONFIRM_AFTER seconds later or in a
@@ -172,11 +173,13 @@ def _weakly(release: Callable[[], None]) -> Callable[[], None]:
     return call
 
 
-def _time(candidates: dict[str, Callable[[], object]], key: str) -> dict[str, tuple[float, list[Callable[[], None]]]]:
+def _time(candidates: dict[str, Callable[[], object]], key: str,
+          before: Callable[[], object] | None = None) -> dict[str, tuple[float, list[Callable[[], None]]]]:
     """Each candidate's fastest of REPEATS calls after a warm-up call, with the releases of what it made meanwhile;
     a candidate whose backend this build of torch lacks (it raises RuntimeError/NotImplementedError) is left out.
     The candidates take turns (each round calls every one once), so a slow spell of a shared machine falls on
-    all of them rather than on whichever was being timed then."""
+    all of them rather than on whichever was being timed then. `before`, where given, runs untimed before each
+    call: the work a call follows where it serves (choose's docstring)."""
     outer = getattr(_timing, "made", None)
     made: dict[str, list[Callable[[], None]]] = {name: [] for name in candidates}
     best = {name: float("inf") for name in candidates}
@@ -185,6 +188,8 @@ def _time(candidates: dict[str, Callable[[], object]], key: str) -> dict[str, tu
             for name, fn in candidates.items():
                 if name not in best:
                     continue
+                if before is not None:
+                    before()
                 _timing.made = made[name]
                 t0 = time.perf_counter()
                 try:
@@ -216,11 +221,14 @@ def _table(path: Path, isa: str) -> _Table:
 
 
 def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], default: str,
-           inexact: Collection[str] = ()) -> str:
+           inexact: Collection[str] = (), before: Callable[[], object] | None = None) -> str:
     """The name of the fastest of `candidates` (name -> a call running that path once) for shape class `key`:
     cached for this machine, else timed now (and once more later, see the module's docstring) and saved. Those
     named in `inexact` count as INEXACT_MARGIN times slower than measured (they must be that much faster than
-    the exact ones to win). With QUILL_TUNE=0, `default`."""
+    the exact ones to win). `before` runs untimed before each timed call: what the call follows where it
+    serves, so that no candidate starts beside what the previous one left running (torch's OpenMP workers spin
+    after a torch call; a Quill GEMM right after an MKL one measured 2-25% slower than after a Quill one).
+    With QUILL_TUNE=0, `default`."""
     if not enabled() or len(candidates) == 1:
         return default
     path = cache_file(isa)
@@ -230,7 +238,7 @@ def choose(isa: str, key: str, candidates: dict[str, Callable[[], object]], defa
     confirming = chosen in candidates and trial is not None
     if chosen in candidates and not (confirming and trial.due()):
         return chosen
-    timed = _time(candidates, key)
+    timed = _time(candidates, key, before)
     times = {name: t for name, (t, _) in timed.items()}
     if confirming:  # each candidate's best of both timings: a slow spell in one of them does not decide
         times = {name: min(t, trial.times.get(name, t)) for name, t in times.items()}
