@@ -448,7 +448,10 @@ def project(x: Tensor, weight: Tensor, bias: Tensor | None = None, scale: Tensor
     return own()
 
 
-_pool_probe: list[Tensor] = []  # the buffer of _pool_job, made on its first use
+@functools.cache
+def _pool_buffer() -> Tensor:
+    """The 2^20 floats _pool_job works on (4 MB), made on its first use."""
+    return torch.zeros(1 << 20)
 
 
 def _pool_job() -> None:
@@ -456,9 +459,7 @@ def _pool_job() -> None:
     times: in a prefill every product follows Quill's kernels (LayerNorm, attention), so a candidate on torch's
     threads starts with them asleep there, and none may start beside torch's workers still spinning after the
     previous candidate's call, which only the tuner's order would put there (docs/performance.md)."""
-    if not _pool_probe:
-        _pool_probe.append(torch.zeros(1 << 20))
-    activate_(_pool_probe[0], "gelu_new")
+    activate_(_pool_buffer(), "gelu_new")
 
 
 def _serves(*ts: Tensor) -> bool:
