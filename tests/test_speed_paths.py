@@ -336,11 +336,11 @@ def test_bf16_gemm_matches_an_exact_reference(kernel_isa, xdtype):
 @needs_kernels
 @pytest.mark.parametrize("wdtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_f32_gemm_matches_a_float64_reference(kernel_isa, wdtype):
-    """The fp32 GEMM (weights read in place and widened into 16-column panels, 6-row register blocks, K in chunks
-    of 256) against float64 products with the same weights: fp32 sums only (1e-5 of the largest output); rows
-    not a multiple of the block, N not a multiple of a panel or a task's two, K not a multiple of the 8 x 8
-    transposes or of a chunk, rows with a stride of their own, bias of either dtype or none. Activations that
-    are not fp32 are refused."""
+    """The fp32 GEMM (weights read in place and widened into panels of two vectors' columns, register blocks of
+    6 rows on AVX2 and 8 on AVX-512, K in chunks) against float64 products with the same weights: fp32 sums only
+    (1e-5 of the largest output); rows not a multiple of the block, N not a multiple of a panel, K not a
+    multiple of the 8 x 8 transposes or of a chunk, rows with a stride of their own, bias of either dtype or
+    none. Activations that are not fp32 are refused."""
     torch.manual_seed(0)
     for m, k, n, bias_dtype in [(1, 8, 24, None), (5, 37, 29, torch.float32), (13, 300, 70, torch.bfloat16),
                                 (130, 601, 50, torch.float32), (257, 1030, 33, None)]:
@@ -452,7 +452,8 @@ def test_thread_pool_gives_every_thread_count_the_same_result():
     """The pool splits a job into one range per thread and lets threads steal from each other's ranges; every
     output element is still computed by one task, so 2-4 threads (also with a second Python thread calling at
     the same time, which runs its job alone) must equal one thread bit for bit, over many jobs of different
-    sizes. The fp32 GEMM's tasks also change width with the thread count (4 panels at one thread, 1 at four)."""
+    sizes. The fp32 GEMM's tasks also change width with the thread count (more panels a task at one thread
+    than at four)."""
     import threading
 
     torch.manual_seed(0)
