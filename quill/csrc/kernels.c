@@ -219,19 +219,42 @@ static inline void narrow(void* dst, int dt, int64_t i0, const float* src, int64
     for (; i < n; i++) st(dst, dt, i0 + i, src[i]);
 }
 
+/* rows4_bf16 widens 16 weights a step from one 32-byte load: as 8 fp32 lanes, the load's even columns are the
+   lanes shifted left by 16, its odd columns the lanes shifted right, then left, by 16 (three instructions for
+   16 weights where a load-and-widen of 8 takes two; beside the FMAs of batched bf16 decode that work slows
+   it, and it needs no constant register). Its activation rows come split to match (split_pairs): in every
+   16-column step the 8 even columns, then the 8 odd ones; columns past the last whole step stay in place. */
+static void split_pairs(const float* x, int64_t K, float* xp) {
+    const int64_t K16 = K & ~(int64_t)15;
+    for (int64_t k = 0; k < K16; k += 16)
+        for (int64_t i = 0; i < 8; i++) { xp[k + i] = x[k + 2 * i]; xp[k + 8 + i] = x[k + 2 * i + 1]; }
+    for (int64_t k = K16; k < K; k++) xp[k] = x[k];
+}
+static inline __m256 bf16_half(const uint16_t* p, int odd) {  /* the even (odd = 0) or odd columns of 16 at p */
+    __m256i q = _mm256_loadu_si256((const __m256i*)p);
+    if (odd) q = _mm256_srli_epi32(q, 16);
+    return _mm256_castsi256_ps(_mm256_slli_epi32(q, 16));
+}
+#define HALF_F32(p, h) VLOAD_F32(p)
+#define HALF_F16(p, h) VLOAD_F16(p)
+#define HALF_I8(p, h) VLOAD_I8(p)
+#define HALF_BF16(p, h) bf16_half(p, h)
+
 /* Activation rows x[M4, K] (M4 a multiple of 4) against weight rows W[n0:n1, K], three weight rows at a time
    against four activation rows: a register block of 12 fp32 accumulators, so each converted weight vector
-   feeds four FMAs (batched decode is compute-bound). Every group of four activation rows runs on one block of
-   three weight rows before the next block is read, each group prefetching ahead, so the weights stream from
-   memory at an even pace while the FMAs run from L1 (one pass per group over the task's rows left memory
-   idle during the later passes). From 16 rows on, group g prefetches only every G-th 16-element chunk (the
-   g-th of G groups): each line is asked for once and the prefetches still spread over all the passes (every
-   group asking for every line spent issue slots on lines in cache; the first group alone, in bursts, fell
-   behind the stream). */
-#define DEFINE_ROWS4(SUF, WT, VLOAD, SLOAD)                                                                 \
+   feeds four FMAs (batched decode is compute-bound). A step covers 8 * HALVES columns, HALF(w, h) giving
+   the weights that meet activation columns [8 h, 8 h + 8) of the step (HALVES = 2: rows4_bf16's split rows;
+   its 12 accumulators, 3 weight vectors and an activation fill the 16 registers, so the odd half loads its
+   weights again from L1). Every group of four activation rows runs on one block of three weight rows before
+   the next block is read, each group prefetching ahead, so the weights stream from memory at an even pace
+   while the FMAs run from L1 (one pass per group over the task's rows left memory idle during the later
+   passes). From 16 rows on, group g prefetches only every G-th 16-element chunk (the g-th of G groups): each
+   line is asked for once and the prefetches still spread over all the passes (every group asking for every
+   line spent issue slots on lines in cache; the first group alone, in bursts, fell behind the stream). */
+#define DEFINE_ROWS4(SUF, WT, HALF, SLOAD, HALVES)                                                          \
 static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int64_t n0, int64_t n1,         \
                         float* acc, int64_t ldacc) {                                                       \
-    const int64_t K8 = K & ~(int64_t)7, groups = M4 < 16 ? 1 : M4 / 4;                                     \
+    const int64_t KS = K & ~(int64_t)(8 * HALVES - 1), groups = M4 < 16 ? 1 : M4 / 4;                      \
     int64_t n = n0;                                                                                          \
     for (; n + 3 <= n1; n += 3)                                                                              \
     for (int64_t m = 0; m < M4; m += 4) {                                                                    \
@@ -240,26 +263,29 @@ static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int6
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, b0 = a0, b1 = a0, b2 = a0;                        \
         __m256 c0 = a0, c1 = a0, c2 = a0, d0 = a0, d1 = a0, d2 = a0;                                         \
         int64_t turn = M4 < 16 ? 0 : m / 4;  /* chunks before this group's next prefetch */                  \
-        for (int64_t k = 0; k < K8; k += 8) {                                                                \
+        for (int64_t k = 0; k < KS; k += 8 * HALVES) {                                                       \
             if (PFW && (k & 15) == 0 && turn-- == 0) {                                                       \
                 turn = groups - 1;                                                                           \
                 _mm_prefetch((const char*)(w0 + PFW * K + k), PFH);                                          \
                 _mm_prefetch((const char*)(w1 + PFW * K + k), PFH);                                          \
                 _mm_prefetch((const char*)(w2 + PFW * K + k), PFH);                                          \
             }                                                                                                \
-            const __m256 u0 = VLOAD(w0 + k), u1 = VLOAD(w1 + k), u2 = VLOAD(w2 + k);                         \
-            __m256 v = _mm256_loadu_ps(x0 + k);                                                              \
-            a0 = _mm256_fmadd_ps(v, u0, a0); a1 = _mm256_fmadd_ps(v, u1, a1); a2 = _mm256_fmadd_ps(v, u2, a2); \
-            v = _mm256_loadu_ps(x1 + k);                                                                     \
-            b0 = _mm256_fmadd_ps(v, u0, b0); b1 = _mm256_fmadd_ps(v, u1, b1); b2 = _mm256_fmadd_ps(v, u2, b2); \
-            v = _mm256_loadu_ps(x2 + k);                                                                     \
-            c0 = _mm256_fmadd_ps(v, u0, c0); c1 = _mm256_fmadd_ps(v, u1, c1); c2 = _mm256_fmadd_ps(v, u2, c2); \
-            v = _mm256_loadu_ps(x3 + k);                                                                     \
-            d0 = _mm256_fmadd_ps(v, u0, d0); d1 = _mm256_fmadd_ps(v, u1, d1); d2 = _mm256_fmadd_ps(v, u2, d2); \
+            for (int h = 0; h < HALVES; h++) {                                                               \
+                const __m256 u0 = HALF(w0 + k, h), u1 = HALF(w1 + k, h), u2 = HALF(w2 + k, h);               \
+                const int64_t o = k + 8 * h;                                                                 \
+                __m256 v = _mm256_loadu_ps(x0 + o);                                                          \
+                a0 = _mm256_fmadd_ps(v, u0, a0); a1 = _mm256_fmadd_ps(v, u1, a1); a2 = _mm256_fmadd_ps(v, u2, a2); \
+                v = _mm256_loadu_ps(x1 + o);                                                                 \
+                b0 = _mm256_fmadd_ps(v, u0, b0); b1 = _mm256_fmadd_ps(v, u1, b1); b2 = _mm256_fmadd_ps(v, u2, b2); \
+                v = _mm256_loadu_ps(x2 + o);                                                                 \
+                c0 = _mm256_fmadd_ps(v, u0, c0); c1 = _mm256_fmadd_ps(v, u1, c1); c2 = _mm256_fmadd_ps(v, u2, c2); \
+                v = _mm256_loadu_ps(x3 + o);                                                                 \
+                d0 = _mm256_fmadd_ps(v, u0, d0); d1 = _mm256_fmadd_ps(v, u1, d1); d2 = _mm256_fmadd_ps(v, u2, d2); \
+            }                                                                                                \
         }                                                                                                    \
         float s[12] = {hsum(a0), hsum(a1), hsum(a2), hsum(b0), hsum(b1), hsum(b2),                           \
                        hsum(c0), hsum(c1), hsum(c2), hsum(d0), hsum(d1), hsum(d2)};                          \
-        for (int64_t k = K8; k < K; k++) {                                                                   \
+        for (int64_t k = KS; k < K; k++) {                                                                   \
             const float u0 = SLOAD(w0 + k), u1 = SLOAD(w1 + k), u2 = SLOAD(w2 + k);                          \
             const float xs[4] = {x0[k], x1[k], x2[k], x3[k]};                                                \
             for (int r = 0; r < 4; r++) { s[3 * r] += xs[r] * u0; s[3 * r + 1] += xs[r] * u1; s[3 * r + 2] += xs[r] * u2; } \
@@ -272,13 +298,15 @@ static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int6
         const float *x0 = x + m * K, *x1 = x0 + K, *x2 = x1 + K, *x3 = x2 + K;                               \
         const WT* w0 = W + n * K;                                                                            \
         __m256 a0 = _mm256_setzero_ps(), b0 = a0, c0 = a0, d0 = a0;                                         \
-        for (int64_t k = 0; k < K8; k += 8) {                                                                \
-            const __m256 u0 = VLOAD(w0 + k);                                                                 \
-            a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + k), u0, a0); b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + k), u0, b0); \
-            c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + k), u0, c0); d0 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + k), u0, d0); \
-        }                                                                                                    \
+        for (int64_t k = 0; k < KS; k += 8 * HALVES)                                                         \
+            for (int h = 0; h < HALVES; h++) {                                                               \
+                const __m256 u0 = HALF(w0 + k, h);                                                           \
+                const int64_t o = k + 8 * h;                                                                 \
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(x0 + o), u0, a0); b0 = _mm256_fmadd_ps(_mm256_loadu_ps(x1 + o), u0, b0); \
+                c0 = _mm256_fmadd_ps(_mm256_loadu_ps(x2 + o), u0, c0); d0 = _mm256_fmadd_ps(_mm256_loadu_ps(x3 + o), u0, d0); \
+            }                                                                                                \
         float s[4] = {hsum(a0), hsum(b0), hsum(c0), hsum(d0)};                                               \
-        for (int64_t k = K8; k < K; k++) {                                                                   \
+        for (int64_t k = KS; k < K; k++) {                                                                   \
             const float u0 = SLOAD(w0 + k);                                                                  \
             s[0] += x0[k] * u0; s[1] += x1[k] * u0; s[2] += x2[k] * u0; s[3] += x3[k] * u0;                  \
         }                                                                                                    \
@@ -287,13 +315,14 @@ static void rows4_##SUF(const float* x, int64_t M4, int64_t K, const WT* W, int6
 }
 
 /* Dot products of activation rows x[M, K] (fp32, row stride K) with weight rows W[n0:n1, K], results into
-   acc[m * ldacc + (n - n0)]. Weight rows are read once per four activation rows (rows4), then per pair. */
+   acc[m * ldacc + (n - n0)]. Weight rows are read once per four activation rows (rows4, on x4: the first
+   M & ~3 rows of x as rows4 reads them), then per pair. */
 #define DEFINE_ROWS(SUF, WT, VLOAD, SLOAD)                                                                  \
-static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_t n0, int64_t n1,            \
-                       float* acc, int64_t ldacc) {                                                        \
+static void rows_##SUF(const float* x, const float* x4, int64_t M, int64_t K, const WT* W, int64_t n0,       \
+                       int64_t n1, float* acc, int64_t ldacc) {                                            \
     const int64_t K8 = K & ~(int64_t)7;                                                                        \
     int64_t m = M & ~(int64_t)3;                                                                             \
-    if (m) rows4_##SUF(x, m, K, W, n0, n1, acc, ldacc);                                                      \
+    if (m) rows4_##SUF(x4, m, K, W, n0, n1, acc, ldacc);                                                     \
     for (; m < M; m += 2) {                                                                                  \
         const float* x0 = x + m * K;                                                                         \
         float* r0 = acc + m * ldacc;                                                                         \
@@ -360,10 +389,10 @@ static void rows_##SUF(const float* x, int64_t M, int64_t K, const WT* W, int64_
     }                                                                                                        \
 }
 
-DEFINE_ROWS4(f32, float, VLOAD_F32, SLOAD_F32)
-DEFINE_ROWS4(bf16, uint16_t, VLOAD_BF16, SLOAD_BF16)
-DEFINE_ROWS4(f16, uint16_t, VLOAD_F16, SLOAD_F16)
-DEFINE_ROWS4(i8, int8_t, VLOAD_I8, SLOAD_I8)
+DEFINE_ROWS4(f32, float, HALF_F32, SLOAD_F32, 1)
+DEFINE_ROWS4(bf16, uint16_t, HALF_BF16, SLOAD_BF16, 2)
+DEFINE_ROWS4(f16, uint16_t, HALF_F16, SLOAD_F16, 1)
+DEFINE_ROWS4(i8, int8_t, HALF_I8, SLOAD_I8, 1)
 DEFINE_ROWS(f32, float, VLOAD_F32, SLOAD_F32)
 DEFINE_ROWS(bf16, uint16_t, VLOAD_BF16, SLOAD_BF16)
 DEFINE_ROWS(f16, uint16_t, VLOAD_F16, SLOAD_F16)
@@ -936,7 +965,8 @@ struct linear_job {
     const int16_t* xq; const float* xs;  /* int8 weights: activations as int16 with one scale per row, */
     const uint8_t* xu; const int32_t* zp; /* or (AVX-512 VNNI) as u8 with a scale and a zero point per row, */
     const int32_t* wsum;                  /* against the weight rows' sums */
-    const uint16_t* xb;                  /* bf16 weights on AVX-512 BF16 (rows_bf16dp): x rounded to bf16 */
+    const uint16_t* xb;                  /* bf16 weights on AVX-512 BF16 (rows_bf16dp): x rounded to bf16, */
+    const float* xp;                     /* or from four rows on (rows4_bf16): x's rows split in pairs */
 };
 
 static void linear_task(void* ctx, int64_t t) {
@@ -947,20 +977,20 @@ static void linear_task(void* ctx, int64_t t) {
         const int64_t mb = j->M - m0 < 32 ? j->M - m0 : 32;
         const float* xm = j->x + m0 * K;
         switch (j->wdt) {
-            case F32: rows_f32(xm, mb, K, (const float*)j->W, n0, n1, acc, 64); break;
+            case F32: rows_f32(xm, xm, mb, K, (const float*)j->W, n0, n1, acc, 64); break;
             case BF16:
 #if HAVE_BF16DP
                 if (j->xb) { rows_bf16dp(j->xb + m0 * K, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break; }
 #endif
-                rows_bf16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64);
+                rows_bf16(xm, j->xp ? j->xp + m0 * K : NULL, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64);
                 break;
-            case F16: rows_f16(xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
+            case F16: rows_f16(xm, xm, mb, K, (const uint16_t*)j->W, n0, n1, acc, 64); break;
             default:
 #ifdef QUILL_AVX512
                 if (j->xu) { rows_u8(j->xu + m0 * K, j->zp + m0, mb, K, (const int8_t*)j->W, j->wsum, n0, n1, acc, 64); break; }
 #endif
                 if (j->xq) rows_i8q(j->xq + m0 * K, mb, K, K, (const int8_t*)j->W, n0, n1, acc, 64);
-                else rows_i8(xm, mb, K, (const int8_t*)j->W, n0, n1, acc, 64);
+                else rows_i8(xm, xm, mb, K, (const int8_t*)j->W, n0, n1, acc, 64);
                 break;
         }
         for (int64_t m = 0; m < mb; m++) {
@@ -1119,11 +1149,13 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     if (M <= 0 || N <= 0) return 0;
     /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or u8 rows [M, K],
        their scales [M] and zero points [M], or (bf16 weights on AVX-512 BF16, bf16 activations or two rows and
-       more) bf16 rows [M, K] */
+       more) bf16 rows [M, K], or (other bf16 weights, four rows and more) fp32 rows [M, K] split in pairs */
     read_switches();
     const int u8 = wsum && wdt == I8 && rows_u8_serve(K);
     const int bf16dp = HAVE_BF16DP && wdt == BF16 && (xdt == BF16 || M >= 2);
-    const int64_t extra = u8 ? (M * K + 3) / 4 + 2 * M : wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2 : 0;
+    const int pairs = wdt == BF16 && !bf16dp && M >= 4;
+    const int64_t extra = u8 ? (M * K + 3) / 4 + 2 * M : wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2
+                        : pairs ? M * K : 0;
     float* buf = scratch(M * K + extra);
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, lnw, lnb, lndt, eps, buf);
@@ -1150,6 +1182,11 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
         to_bf16(xf, M * K, xb);
     }
 #endif
+    float* xp = NULL;
+    if (pairs) {  /* each activation row split to match rows4_bf16's widened weights */
+        xp = buf + M * K;
+        for (int64_t m = 0; m < M; m++) split_pairs(xf + m * K, K, xp + m * K);
+    }
     const int64_t wsz = dsize(wdt);
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
     /* whole register blocks per task: 4 rows (int8 on AVX-512, and any weights at batch 1 where any count
@@ -1159,7 +1196,7 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     chunk = chunk < unit ? unit : (chunk + unit - 1) / unit * unit;
     if (chunk > 64) chunk = 64 / unit * unit;           /* acc in linear_task holds 64 columns */
     struct linear_job job = {xf, M, K, W, wdt, scale, bias, bdt, residual, y, ydt, ldy, N, chunk, act, xq, xs, xu, zp,
-                             wsum, xb};
+                             wsum, xb, xp};
     const int64_t tasks = (N + chunk - 1) / chunk;
     pool_run(linear_task, &job, tasks, M * N * K >= (1 << 16) ? nthreads : 1);
     return 0;
