@@ -335,8 +335,10 @@ def _gemm(entry: str, x: Tensor, weights: tuple[int, ...], bias: Tensor | None, 
                              x2.shape[1], ACTIVATIONS[act], torch.get_num_threads())
     if rc == -2:
         raise RuntimeError(f"{entry}: the {_variant.name} kernels have no {what}")
-    if rc:
+    if rc == -1:
         raise MemoryError(f"{entry}: out of memory")
+    if rc:  # -3: an input the entry does not take (a dtype, a K too long), which its wrapper checks first
+        raise ValueError(f"{entry}: inputs it does not take (x {tuple(x.shape)} {x.dtype}; code {rc})")
     return out.view(*x.shape[:-1], n)
 
 
