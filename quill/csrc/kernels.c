@@ -1149,13 +1149,14 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     if (M <= 0 || N <= 0) return 0;
     /* scratch: fp32 rows [M, K], then (int8 weights) int16 rows [M, K] and their scales [M], or u8 rows [M, K],
        their scales [M] and zero points [M], or (bf16 weights on AVX-512 BF16, bf16 activations or two rows and
-       more) bf16 rows [M, K], or (other bf16 weights, four rows and more) fp32 rows [M, K] split in pairs */
+       more) bf16 rows [M, K], or (other bf16 weights, four rows and more) the first M & ~3 fp32 rows, rows4's,
+       split in pairs */
     read_switches();
     const int u8 = wsum && wdt == I8 && rows_u8_serve(K);
     const int bf16dp = HAVE_BF16DP && wdt == BF16 && (xdt == BF16 || M >= 2);
     const int pairs = wdt == BF16 && !bf16dp && M >= 4;
     const int64_t extra = u8 ? (M * K + 3) / 4 + 2 * M : wdt == I8 ? (M * K + 1) / 2 + M : bf16dp ? (M * K + 1) / 2
-                        : pairs ? M * K : 0;
+                        : pairs ? (M & ~(int64_t)3) * K : 0;
     float* buf = scratch(M * K + extra);
     if (!buf) return -1;
     const float* xf = prepare_x(x, xdt, M, ldx, K, lnw, lnb, lndt, eps, buf);
@@ -1183,9 +1184,9 @@ static int linear_run(const void* x, int xdt, int64_t M, int64_t ldx, const void
     }
 #endif
     float* xp = NULL;
-    if (pairs) {  /* each activation row split to match rows4_bf16's widened weights */
+    if (pairs) {  /* the rows rows4_bf16 takes (those of whole 4-row groups) split to match its widened weights */
         xp = buf + M * K;
-        for (int64_t m = 0; m < M; m++) split_pairs(xf + m * K, K, xp + m * K);
+        for (int64_t m = 0; m < (M & ~(int64_t)3); m++) split_pairs(xf + m * K, K, xp + m * K);
     }
     const int64_t wsz = dsize(wdt);
     int64_t chunk = (task_bytes / wsz + K - 1) / K;     /* about task_bytes of weights per task */
